@@ -1,0 +1,184 @@
+"""The project's own small masked-diffusion transformer (a "tiny LLaDA").
+
+A bidirectional transformer that predicts the token behind every ``[MASK]`` position, built from
+LLaDA's block recipe (Nie et al. 2025, arXiv 2502.09992): pre-norm RMSNorm, rotary position
+embeddings, SwiGLU feed-forward, no causal mask. It is a transformers ``PreTrainedModel`` with its
+own config class; importing this module registers both with ``AutoConfig`` and
+``AutoModelForMaskedLM`` so ``from_pretrained(local_dir)`` loads it, weights in safetensors.
+
+Positions come from ``position_ids`` (the sampler passes ``cumsum(attention_mask) - 1``), so a
+left-padded prompt sees the same positions as the same prompt alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+MODEL_TYPE = "diffpo-mdm"
+
+
+class DiffpoConfig(PretrainedConfig):
+    """Hyper-parameters of :class:`DiffpoForMaskedLM`; ``mask_token_id`` marks masked positions."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        vocab_size: int = 128,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: int = 352,
+        max_position_embeddings: int = 512,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        mask_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.mask_token_id = mask_token_id
+        super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).type_as(x) * self.weight
+
+
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (b, 1, l, head_dim) for RoPE (Su et al. 2021) at the given positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    angles = position_ids.float()[..., None] * inv_freq  # b, l, head_dim/2
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # b, 1, l, head_dim
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by the position angle: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: bidirectional self-attention then SwiGLU."""
+
+    def __init__(self, config: DiffpoConfig):
+        super().__init__()
+        d, h = config.hidden_size, config.num_attention_heads
+        self.num_heads, self.head_dim = h, d // h
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        self.mlp_norm = RMSNorm(d, config.rms_norm_eps)
+        self.gate = nn.Linear(d, config.intermediate_size, bias=False)
+        self.up = nn.Linear(d, config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_bias):
+        b, l, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # no causal mask
+        x = x + self.out(y.transpose(1, 2).reshape(b, l, d))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class DiffpoForMaskedLM(PreTrainedModel):
+    """Masked-diffusion denoiser: token ids (with mask tokens) -> logits over the vocabulary."""
+
+    config_class = DiffpoConfig
+    base_model_prefix = "diffpo"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+
+    def __init__(self, config: DiffpoConfig):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        """``labels`` (-100 = ignore) gives the mean cross-entropy over the labelled positions."""
+        b, l = input_ids.shape
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        attn_bias = None
+        if attention_mask is not None:
+            # b, 1, 1, l: padded keys are never attended to
+            attn_bias = attention_mask.bool()[:, None, None, :]
+        cos, sin = rotary_tables(position_ids, self.config.hidden_size // self.config.num_attention_heads,
+                                 self.config.rope_theta)
+        x = self.embed(input_ids)
+        hidden = [x] if output_hidden_states else None
+        for block in self.blocks:
+            x = block(x, cos, sin, attn_bias)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None)
+
+
+AutoConfig.register(MODEL_TYPE, DiffpoConfig, exist_ok=True)
+AutoModelForMaskedLM.register(DiffpoConfig, DiffpoForMaskedLM, exist_ok=True)

@@ -1,0 +1,418 @@
+"""The one batched diffusion sampler: a step function over an explicit batch state.
+
+Every row of a :class:`BatchState` is a left-padded prompt followed by its generation region of
+``gen_length`` mask tokens (rows with a shorter ``gen_length`` than the widest are right-padded with
+attention off, so they see exactly what they would see alone). Generation is semi-autoregressive in
+blocks of ``block_length`` (LLaDA, arXiv 2502.09992, sec. 2.4): each :func:`denoise_step` runs one
+forward pass over the unfinished rows and commits, in each row's current block, the masked tokens
+chosen by that row's ``sampler``:
+
+``steps``       LLaDA's low-confidence remasking: ``steps`` forward passes in all, split evenly over
+                the blocks; at each, the ``k`` most confident predictions are committed, ``k`` following
+                LLaDA's schedule (block size // steps-per-block, the remainder going to the first steps).
+``confidence``  Fast-dLLM's parallel decoding (Wu et al. 2025, arXiv 2505.22618): commit every masked
+                token whose confidence is >= ``threshold`` (at least the most confident one).
+``eb``          The entropy-bounded sampler (Ben-Hamu et al. 2025, arXiv 2505.24857): sort the block's
+                masked tokens by entropy H(1) <= H(2) <= ...; commit the largest prefix k with
+                sum_{i<=k} H(i) - max_{i<=k} H(i) <= ``threshold`` (gamma), at least one token.
+
+Confidence and entropy are those of the model's predictive distribution softmax(logits); tokens are
+drawn from the sampling distribution softmax(logits / temperature) cut to ``top_p`` (argmax when the
+temperature is 0), and the log-probability of each committed token under that distribution is
+recorded with its commit step: the trajectory that RL needs. Each row has its own seeded generator, so
+a row's output does not depend on the rest of the batch.
+
+A row finishes when its text is determined: every block is committed, or an EOS is committed with no
+mask before it (the positions after it are then filled with EOS; their ``commit_step`` stays -1).
+Finished rows take no further forward passes. :func:`generate` loops the step for evaluation and RL
+rollouts; the server's batcher calls :func:`denoise_step` itself and adds or drops rows between steps
+with :meth:`BatchState.concat` and :meth:`BatchState.select`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from diffpo_serve.dllm.loading import model_logits
+
+SAMPLERS = ("steps", "confidence", "eb")
+DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one prompt is decoded; the same names are used by the CLI and the HTTP API."""
+
+    sampler: str = "steps"
+    gen_length: int = 16
+    block_length: int | None = None  # None: one block of gen_length
+    steps: int | None = None  # `steps` sampler: total forward passes (None: gen_length, one token per step)
+    threshold: float | None = None  # `confidence`: min confidence; `eb`: gamma. None: DEFAULT_THRESHOLD
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def resolved(self) -> "SamplingParams":
+        """Fill defaults and validate; raises ValueError with a message fit for an API user."""
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        if self.gen_length < 1:
+            raise ValueError(f"gen_length must be >= 1; got {self.gen_length}")
+        block = self.block_length or self.gen_length
+        if block < 1:
+            raise ValueError(f"block_length must be >= 1; got {block}")
+        block = min(block, self.gen_length)
+        num_blocks = -(-self.gen_length // block)
+        steps = self.steps if self.steps is not None else self.gen_length
+        if self.sampler != "steps":
+            steps = None  # only the `steps` sampler has a fixed number of passes
+        elif steps < num_blocks or steps % num_blocks:
+            raise ValueError(f"steps must be a positive multiple of the number of blocks "
+                             f"({num_blocks} = ceil(gen_length / block_length)); got {steps}")
+        threshold = DEFAULT_THRESHOLD[self.sampler] if self.threshold is None else float(self.threshold)
+        if not threshold >= 0 or threshold != threshold or threshold == float("inf"):
+            raise ValueError(f"threshold must be a finite number >= 0; got {self.threshold}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0; got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        return replace(self, block_length=block, steps=steps, threshold=threshold)
+
+
+@dataclass
+class BatchState:
+    """Everything the sampler knows about a batch; every per-row field has the batch as dim 0.
+
+    The canvas is ``[left padding | prompt | generation region | right padding]`` with the prompt
+    region ``prompt_width`` wide for all rows, so generation position j of any row is canvas column
+    ``prompt_width + j``.
+    """
+
+    canvas: torch.Tensor  # b, l  token ids; masked positions hold mask_id
+    attention_mask: torch.Tensor  # b, l  bool: False for padding
+    prompt_width: int
+    gen_length: torch.Tensor  # b
+    block_length: torch.Tensor  # b
+    steps_per_block: torch.Tensor  # b
+    sampler: torch.Tensor  # b  index into SAMPLERS
+    threshold: torch.Tensor  # b  float
+    temperature: torch.Tensor  # b  float
+    top_p: torch.Tensor  # b  float
+    block: torch.Tensor  # b  current block index
+    block_step: torch.Tensor  # b  forward passes taken in the current block
+    nfe: torch.Tensor  # b  forward passes this row took part in
+    finished: torch.Tensor  # b  bool
+    commit_step: torch.Tensor  # b, gen_width  step (0-based, the row's own count) of each commit; -1 = none
+    logprob: torch.Tensor  # b, gen_width  log-prob of the committed token under the sampling distribution
+    generators: list = field(default_factory=list)  # per row: torch.Generator or None (greedy)
+    mask_id: int = 0
+    eos_id: int = 0
+    pad_id: int = 0
+    stop_at_eos: bool = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.canvas.shape[0]
+
+    @property
+    def gen_width(self) -> int:
+        return self.canvas.shape[1] - self.prompt_width
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """b, gen_width view of the generation region (right padding holds pad_id)."""
+        return self.canvas[:, self.prompt_width:]
+
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def select(self, rows) -> "BatchState":
+        """A new state with only the given rows (index tensor or list), e.g. to drop finished ones."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.canvas.device)
+        kept = {k: v[rows] for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        state = replace(self, **kept, generators=[self.generators[i] for i in rows.tolist()])
+        return state._trimmed()
+
+    def _trimmed(self) -> "BatchState":
+        """Drop padding columns no row needs (prompt columns on the left, gen columns on the right)."""
+        if self.batch_size == 0:
+            return self
+        prompt_used = self.attention_mask[:, :self.prompt_width].any(0).nonzero()
+        left = int(prompt_used[0]) if len(prompt_used) else self.prompt_width
+        right = int(self.gen_length.max())
+        cols = slice(left, self.prompt_width + right)
+        return replace(self, canvas=self.canvas[:, cols], attention_mask=self.attention_mask[:, cols],
+                       prompt_width=self.prompt_width - left, commit_step=self.commit_step[:, :right],
+                       logprob=self.logprob[:, :right])
+
+    @staticmethod
+    def concat(states: list["BatchState"]) -> "BatchState":
+        """Stack states into one batch, re-padding prompts (left) and generation regions (right)."""
+        states = [s for s in states if s.batch_size] or states[:1]
+        pw = max(s.prompt_width for s in states)
+        gw = max(s.gen_width for s in states)
+        first = states[0]
+        parts: dict[str, list] = {k: [] for k, v in vars(first).items() if isinstance(v, torch.Tensor)}
+        for s in states:
+            left, right = pw - s.prompt_width, gw - s.gen_width
+            b = s.batch_size
+            dev = s.canvas.device
+            parts["canvas"].append(torch.cat([s.canvas.new_full((b, left), s.pad_id), s.canvas,
+                                              s.canvas.new_full((b, right), s.pad_id)], 1))
+            parts["attention_mask"].append(torch.cat([torch.zeros(b, left, dtype=torch.bool, device=dev),
+                                                      s.attention_mask,
+                                                      torch.zeros(b, right, dtype=torch.bool, device=dev)], 1))
+            parts["commit_step"].append(torch.cat([s.commit_step, s.commit_step.new_full((b, right), -1)], 1))
+            parts["logprob"].append(torch.cat([s.logprob, s.logprob.new_zeros((b, right))], 1))
+            for k in parts:
+                if k not in ("canvas", "attention_mask", "commit_step", "logprob"):
+                    parts[k].append(getattr(s, k))
+        merged = {k: torch.cat(v, 0) for k, v in parts.items()}
+        return replace(first, **merged, prompt_width=pw, generators=[g for s in states for g in s.generators])
+
+
+def init_state(
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    *,
+    mask_id: int,
+    eos_id: int,
+    pad_id: int,
+    device: str | torch.device = "cpu",
+    stop_at_eos: bool = True,
+) -> BatchState:
+    """Build the state for a list of token-id prompts, each with its own (or one shared) params."""
+    if not prompts:
+        raise ValueError("no prompts")
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+    params = [p.resolved() for p in params]
+    b = len(prompts)
+    pw = max(len(p) for p in prompts)
+    gw = max(p.gen_length for p in params)
+    canvas = torch.full((b, pw + gw), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, pw + gw), dtype=torch.bool)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        if len(prompt):
+            canvas[i, pw - len(prompt):pw] = torch.as_tensor(prompt, dtype=torch.long)
+        attention[i, pw - len(prompt):pw + p.gen_length] = True
+        canvas[i, pw:pw + p.gen_length] = mask_id
+    generators = []
+    for p in params:
+        if p.temperature > 0:
+            g = torch.Generator()
+            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ())))
+            generators.append(g)
+        else:
+            generators.append(None)
+
+    def col(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    num_blocks = [-(-p.gen_length // p.block_length) for p in params]
+    return BatchState(
+        canvas=canvas.to(device), attention_mask=attention.to(device), prompt_width=pw,
+        gen_length=col([p.gen_length for p in params], torch.long),
+        block_length=col([p.block_length for p in params], torch.long),
+        steps_per_block=col([p.steps // n if p.steps else p.block_length for p, n in zip(params, num_blocks)],
+                            torch.long),
+        sampler=col([SAMPLERS.index(p.sampler) for p in params], torch.long),
+        threshold=col([p.threshold for p in params], torch.float),
+        temperature=col([p.temperature for p in params], torch.float),
+        top_p=col([p.top_p for p in params], torch.float),
+        block=torch.zeros(b, dtype=torch.long, device=device),
+        block_step=torch.zeros(b, dtype=torch.long, device=device),
+        nfe=torch.zeros(b, dtype=torch.long, device=device),
+        finished=torch.zeros(b, dtype=torch.bool, device=device),
+        commit_step=torch.full((b, gw), -1, dtype=torch.long, device=device),
+        logprob=torch.zeros((b, gw), dtype=torch.float, device=device),
+        generators=generators, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_at_eos=stop_at_eos,
+    )
+
+
+# ----------------------------------------------------------------------------- the maths, pure functions
+
+def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """log q(x) of the sampling distribution: softmax(logits / T) restricted to the top-p nucleus.
+
+    logits (b, n, V); temperature, top_p (b,). Rows with T = 0 use T = 1 here (their token is the
+    argmax; its log-prob is then reported under the model's own distribution).
+    """
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    logq = torch.log_softmax(logits.float() / t[:, None, None], dim=-1)
+    if bool((top_p < 1).any()):
+        sorted_logq, order = logq.sort(dim=-1, descending=True)
+        probs = sorted_logq.exp()
+        # keep the smallest prefix whose mass reaches top_p (the first token always)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p[:, None, None]
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logq = torch.log_softmax(logq.masked_fill(drop, float("-inf")), dim=-1)
+    return logq
+
+
+def transfer_counts(block_size: torch.Tensor, steps_per_block: torch.Tensor, block_step: torch.Tensor) -> torch.Tensor:
+    """LLaDA's schedule: tokens committed at step s of a block of n masks decoded in S steps.
+
+    n // S each, plus one for the first n % S steps; at least one.
+    """
+    base = block_size // steps_per_block
+    extra = (block_step < block_size % steps_per_block).long()
+    return (base + extra).clamp(min=1)
+
+
+def _ranks(scores: torch.Tensor, candidates: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank (0 = best) of every candidate position by score; non-candidates rank last. Also the order."""
+    fill = float("-inf") if descending else float("inf")
+    order = scores.masked_fill(~candidates, fill).argsort(dim=-1, descending=descending, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                             .expand_as(order).contiguous())
+    return ranks, order
+
+
+def select_commits(
+    confidence: torch.Tensor,
+    entropy: torch.Tensor,
+    candidates: torch.Tensor,
+    sampler: torch.Tensor,
+    threshold: torch.Tensor,
+    num_transfer: torch.Tensor,
+) -> torch.Tensor:
+    """Which candidate positions each row commits now (b, n bool); rows with a candidate commit >= 1.
+
+    confidence, entropy, candidates: (b, n); sampler (index into SAMPLERS), threshold, num_transfer: (b,).
+    """
+    conf_rank, _ = _ranks(confidence, candidates, descending=True)
+    top1 = (conf_rank == 0) & candidates
+    steps_sel = (conf_rank < num_transfer[:, None]) & candidates
+    conf_sel = ((confidence >= threshold[:, None]) & candidates) | top1
+    # EB: sorted ascending by entropy, prefix k allowed while sum_{i<k} H(i) <= gamma
+    ent_rank, ent_order = _ranks(entropy, candidates, descending=False)
+    sorted_h = entropy.gather(-1, ent_order).masked_fill(~candidates.gather(-1, ent_order), 0.0)
+    exclusive = sorted_h.cumsum(-1) - sorted_h
+    within = exclusive.gather(-1, ent_rank) <= threshold[:, None]  # back to position order
+    eb_sel = (within & candidates) | ((ent_rank == 0) & candidates)
+    code = sampler[:, None]
+    return torch.where(code == 0, steps_sel, torch.where(code == 1, conf_sel, eb_sel))
+
+
+# ----------------------------------------------------------------------------- the step
+
+@dataclass
+class StepOutput:
+    """What one step did: the rows that ran (indices into the state) and what each committed."""
+
+    rows: torch.Tensor  # r  rows that took part in this forward pass
+    committed: torch.Tensor  # r, gen_width  bool: positions committed at this step
+    newly_finished: torch.Tensor  # r  bool
+
+
+@torch.no_grad()
+def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
+    """One forward pass over the unfinished rows of ``state``; updates the state in place."""
+    rows = (~state.finished).nonzero().squeeze(-1)
+    pw, gw = state.prompt_width, state.gen_width
+    if len(rows) == 0:
+        return StepOutput(rows, state.commit_step.new_zeros((0, gw), dtype=torch.bool),
+                          state.finished.new_zeros(0))
+    canvas = state.canvas[rows]
+    attention = state.attention_mask[rows]
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model_logits(model, canvas, attention, positions)[:, pw:].float()  # r, gw, V
+
+    gen = canvas[:, pw:]
+    j = torch.arange(gw, device=gen.device)
+    block_start = state.block[rows] * state.block_length[rows]
+    block_end = torch.minimum(block_start + state.block_length[rows], state.gen_length[rows])
+    in_block = (j >= block_start[:, None]) & (j < block_end[:, None])
+    candidates = (gen == state.mask_id) & in_block
+
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp).sum(-1)
+    temperature, top_p = state.temperature[rows], state.top_p[rows]
+    logq = sampling_logprobs(logits, temperature, top_p)
+    tokens = logits.argmax(-1)
+    for i, r in enumerate(rows.tolist()):
+        g = state.generators[r]
+        if g is not None and state.temperature[r] > 0:
+            drawn = torch.multinomial(logq[i].exp().cpu(), 1, generator=g).squeeze(-1)
+            tokens[i] = drawn.to(tokens.device)
+    confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
+    token_logprob = logq.gather(-1, tokens[..., None]).squeeze(-1)
+
+    num_transfer = transfer_counts(block_end - block_start, state.steps_per_block[rows], state.block_step[rows])
+    commit = select_commits(confidence, entropy, candidates, state.sampler[rows], state.threshold[rows],
+                            num_transfer)
+
+    step_index = state.nfe[rows]
+    gen = torch.where(commit, tokens, gen)
+    commit_step = torch.where(commit, step_index[:, None], state.commit_step[rows])
+    logprob = torch.where(commit, token_logprob, state.logprob[rows])
+    nfe = step_index + 1
+    block, block_step = state.block[rows], state.block_step[rows] + 1
+
+    masked = gen == state.mask_id
+    block_done = ~(masked & in_block).any(-1)
+    block = torch.where(block_done, block + 1, block)
+    block_step = torch.where(block_done, torch.zeros_like(block_step), block_step)
+    all_done = block * state.block_length[rows] >= state.gen_length[rows]
+    if state.stop_at_eos:
+        mask_before = masked.long().cumsum(-1) - masked.long()
+        eos_done = ((gen == state.eos_id) & (mask_before == 0)).any(-1)
+        gen = torch.where(eos_done[:, None] & masked, torch.full_like(gen, state.eos_id), gen)
+        all_done = all_done | eos_done
+
+    state.canvas[rows, pw:] = gen
+    state.commit_step[rows] = commit_step
+    state.logprob[rows] = logprob
+    state.nfe[rows] = nfe
+    state.block[rows] = block
+    state.block_step[rows] = block_step
+    state.finished[rows] = all_done
+    return StepOutput(rows=rows, committed=commit, newly_finished=all_done)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate`; ``commit_step``/``logprob`` are the RL trajectory."""
+
+    sequences: torch.Tensor  # b, gen_width  generated ids (EOS-filled after a stop; pad past gen_length)
+    nfe: torch.Tensor  # b  forward passes each row took part in
+    commit_step: torch.Tensor | None = None  # b, gen_width  step at which each token was committed (-1: filled)
+    logprob: torch.Tensor | None = None  # b, gen_width  behaviour log-prob of each committed token
+    gen_length: torch.Tensor | None = None  # b
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    *,
+    mask_id: int,
+    eos_id: int,
+    pad_id: int,
+    stop_at_eos: bool = True,
+    return_trajectory: bool = False,
+    on_step=None,
+) -> GenerationOutput:
+    """Decode a batch of token-id prompts to completion with :func:`denoise_step`.
+
+    ``on_step(state, step_output)`` is called after every step (progress, streaming, inspection).
+    """
+    device = next(model.parameters()).device
+    state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, device=device,
+                       stop_at_eos=stop_at_eos)
+    while not bool(state.finished.all()):
+        out = denoise_step(model, state)
+        if on_step is not None:
+            on_step(state, out)
+    result = GenerationOutput(sequences=state.generated.clone(), nfe=state.nfe.clone(), gen_length=state.gen_length)
+    if return_trajectory:
+        result.commit_step, result.logprob = state.commit_step.clone(), state.logprob.clone()
+    return result

@@ -1,0 +1,69 @@
+"""``diffpo-train eval``: the JSON summary line, scoring, and errors on bad input."""
+
+import json
+
+import pytest
+
+from conftest import tiny_model
+from diffpo_serve.dllm.loading import load_model
+from diffpo_serve.dllm.sampler import SamplingParams
+from training.cli import main
+from training.evaluate import evaluate
+from training.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("model")
+    tiny_model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("sampler", ["steps", "confidence", "eb"])
+def test_eval_prints_summary_json_last(model_dir, capsys, sampler):
+    code = main(["eval", "--model", str(model_dir), "--task", "countdown", "--limit", "12", "--batch-size", "5",
+                 "--sampler", sampler, "--block-length", "8", "--steps", "8"])
+    assert code == 0
+    summary = last_json(capsys)
+    for key in ("task", "n", "accuracy", "exact", "mean_nfe", "tokens_per_second", "sampler", "threshold"):
+        assert key in summary
+    assert summary["n"] == 12 and summary["sampler"] == sampler
+    assert 1 <= summary["mean_nfe"] <= 16
+    if sampler == "steps":
+        assert summary["mean_nfe"] <= 8
+
+
+def test_eval_scores_with_the_task_reward(model_dir):
+    """Each row's reward is the task's reward of the decoded completion."""
+    loaded = load_model(model_dir)
+    data = get_task("sudoku").make_dataset("test", 6, seed=1)
+    result = evaluate(loaded, "sudoku", data, SamplingParams(gen_length=16), progress=False)
+    task = get_task("sudoku")
+    for row, ex in zip(result.rows, data):
+        assert row["reward"] == task.reward(row["completion"], ex)
+    assert result.accuracy == pytest.approx(sum(r["reward"] for r in result.rows) / 6)
+
+
+def test_eval_reads_public_files(model_dir, tmp_path, capsys):
+    csv = tmp_path / "sudoku.csv"
+    csv.write_text("Puzzle,Solution\n1234341221434300,1234341221434321\n0234341221434321,1234341221434321\n")
+    assert main(["eval", "--model", str(model_dir), "--task", "sudoku", "--data", str(csv)]) == 0
+    assert last_json(capsys)["n"] == 2
+
+
+def test_malformed_data_file_names_file_and_line(model_dir, tmp_path, capsys):
+    bad = tmp_path / "countdown.jsonl"
+    bad.write_text('{"input": "1,2,3", "output": "6"}\n{"input": "1,2,3", "output": \n')
+    assert main(["eval", "--model", str(model_dir), "--task", "countdown", "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "countdown.jsonl" in err and "line 2" in err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--task", "sudoku", "--limit", "1"]) == 2
+    assert "nope" in capsys.readouterr().err

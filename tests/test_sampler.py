@@ -1,0 +1,255 @@
+"""The shared sampler against brute-force references and its batching guarantees."""
+
+import pytest
+import torch
+
+from conftest import EOS, MASK, PAD, tiny_model
+from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, generate, init_state,
+                                       sampling_logprobs, select_commits, transfer_counts)
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
+IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
+
+
+def run(model, prompts, params, **kw):
+    return generate(model, prompts, params, **IDS, **kw)
+
+
+# ----------------------------------------------------------------------------- reference: LLaDA's algorithm
+
+def llada_reference(model, prompt, gen_length, block_length, steps):
+    """LLaDA's published low-confidence remasking (arXiv 2502.09992, Alg. 2), greedy, one row, plain loops."""
+    x = torch.tensor([prompt + [MASK] * gen_length])
+    p = len(prompt)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for b in range(num_blocks):
+        lo, hi = p + b * block_length, p + (b + 1) * block_length
+        n_masked = int((x[0, lo:hi] == MASK).sum())
+        counts = [n_masked // steps_per_block + (s < n_masked % steps_per_block) for s in range(steps_per_block)]
+        for s in range(steps_per_block):
+            with torch.no_grad():
+                logits = model(input_ids=x).logits[0]
+            x0 = logits.argmax(-1)
+            conf = torch.softmax(logits.float(), -1).gather(-1, x0[:, None]).squeeze(-1)
+            best = []
+            for j in range(lo, hi):
+                if x[0, j] == MASK:
+                    best.append((-float(conf[j]), j))
+            for _, j in sorted(best)[:counts[s]]:
+                x[0, j] = x0[j]
+    return x[0, p:]
+
+
+@pytest.mark.parametrize("gen_length,block_length,steps", [(16, 16, 16), (16, 8, 8), (16, 4, 8), (12, 4, 6)])
+def test_steps_matches_llada_reference(model, gen_length, block_length, steps):
+    params = SamplingParams(sampler="steps", gen_length=gen_length, block_length=block_length, steps=steps)
+    out = run(model, PROMPTS, params, stop_at_eos=False)
+    for i, prompt in enumerate(PROMPTS):
+        assert out.sequences[i].tolist() == llada_reference(model, prompt, gen_length, block_length, steps).tolist()
+    assert out.nfe.tolist() == [steps] * len(PROMPTS)
+
+
+# ----------------------------------------------------------------------------- batching invariance
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(sampler="steps", gen_length=16, block_length=8, steps=8),
+    SamplingParams(sampler="confidence", gen_length=16, block_length=8, threshold=0.5),
+    SamplingParams(sampler="eb", gen_length=16, block_length=4, threshold=0.5),
+    SamplingParams(sampler="eb", gen_length=12, block_length=12, threshold=2.0),
+])
+def test_greedy_batch_equals_alone(model, params):
+    batched = run(model, PROMPTS, params)
+    for i, prompt in enumerate(PROMPTS):
+        alone = run(model, [prompt], params)
+        assert batched.sequences[i].tolist() == alone.sequences[0].tolist()
+        assert batched.nfe[i] == alone.nfe[0]
+
+
+def test_mixed_params_in_one_batch_equal_alone(model):
+    params = [SamplingParams(sampler="steps", gen_length=8, steps=4),
+              SamplingParams(sampler="eb", gen_length=16, block_length=4, threshold=0.3),
+              SamplingParams(sampler="confidence", gen_length=12, block_length=6, threshold=0.7),
+              SamplingParams(sampler="eb", gen_length=16, temperature=1.0, seed=7)]
+    batched = run(model, PROMPTS, params)
+    for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
+        alone = run(model, [prompt], p)
+        n = p.gen_length
+        assert batched.sequences[i, :n].tolist() == alone.sequences[0, :n].tolist()
+        assert (batched.sequences[i, n:] == PAD).all()
+        assert batched.nfe[i] == alone.nfe[0]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    params = SamplingParams(sampler="eb", gen_length=16, block_length=8, threshold=0.5, temperature=1.0, seed=123)
+    a = run(model, PROMPTS, params)
+    b = run(model, PROMPTS, params)
+    assert torch.equal(a.sequences, b.sequences)
+    alone = run(model, [PROMPTS[2]], params)
+    assert torch.equal(alone.sequences[0], a.sequences[2])
+    other_seed = run(model, [PROMPTS[2]], SamplingParams(**{**params.__dict__, "seed": 124}))
+    assert not torch.equal(other_seed.sequences[0], a.sequences[2])
+
+
+# ----------------------------------------------------------------------------- strategies
+
+def test_eb_gamma_zero_commits_one_token_per_step(model):
+    out = run(model, PROMPTS, SamplingParams(sampler="eb", gen_length=16, block_length=8, threshold=0.0),
+              stop_at_eos=False, return_trajectory=True)
+    assert out.nfe.tolist() == [16] * len(PROMPTS)
+    for row in out.commit_step:
+        assert sorted(row.tolist()) == list(range(16))
+
+
+def test_eb_huge_gamma_commits_a_block_per_pass(model):
+    out = run(model, PROMPTS, SamplingParams(sampler="eb", gen_length=16, block_length=8, threshold=1e9),
+              stop_at_eos=False, return_trajectory=True)
+    assert out.nfe.tolist() == [2] * len(PROMPTS)
+    assert (out.commit_step[:, :8] == 0).all() and (out.commit_step[:, 8:] == 1).all()
+
+
+def test_confidence_threshold_extremes(model):
+    all_at_once = run(model, PROMPTS, SamplingParams(sampler="confidence", gen_length=16, threshold=0.0),
+                      stop_at_eos=False)
+    assert all_at_once.nfe.tolist() == [1] * len(PROMPTS)
+    one_each = run(model, PROMPTS, SamplingParams(sampler="confidence", gen_length=16, threshold=1.01),
+                   stop_at_eos=False)
+    assert one_each.nfe.tolist() == [16] * len(PROMPTS)
+
+
+def test_select_commits_by_hand():
+    conf = torch.tensor([[0.9, 0.2, 0.6, 0.8, 0.1]] * 3)
+    ent = torch.tensor([[0.1, 2.0, 0.3, 0.2, 5.0]] * 3)
+    cand = torch.tensor([[True, True, True, True, False]] * 3)
+    sampler = torch.tensor([0, 1, 2])
+    # steps: top-2 confidence; confidence >= 0.7; eb: sorted H 0.1, 0.2, 0.3, 2.0 -> prefix sums
+    # excluding the max: 0, 0.1, 0.3, 0.6 -> gamma 0.35 allows three tokens
+    sel = select_commits(conf, ent, cand, sampler, torch.tensor([0.0, 0.7, 0.35]), torch.tensor([2, 0, 0]))
+    assert sel.tolist() == [[True, False, False, True, False],
+                            [True, False, False, True, False],
+                            [True, False, True, True, False]]
+    # at least one token even when nothing passes the threshold
+    sel = select_commits(conf, ent, cand, sampler, torch.tensor([0.0, 0.99, 0.0]), torch.tensor([1, 0, 0]))
+    assert sel.sum(-1).tolist() == [1, 1, 1] and sel[:, 0].all()
+
+
+def test_transfer_counts_follow_llada_schedule():
+    n, s = torch.tensor([10] * 4), torch.tensor([4] * 4)
+    counts = transfer_counts(n, s, torch.arange(4))
+    assert counts.tolist() == [3, 3, 2, 2] and counts.sum() == 10
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
+    logq = sampling_logprobs(logits, torch.tensor([1.0]), torch.tensor([0.7]))
+    probs = logq.exp()[0, 0]
+    assert torch.allclose(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    assert torch.allclose(sampling_logprobs(logits, torch.tensor([0.0]), torch.tensor([1.0])).exp(),
+                          torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
+
+
+# ----------------------------------------------------------------------------- trajectory and stopping
+
+def test_trajectory_logprobs_match_a_replay(model):
+    """Rebuild each step's canvas from commit steps; the model must give the recorded log-probs."""
+    params = SamplingParams(sampler="eb", gen_length=12, block_length=4, threshold=0.8, temperature=0.8, top_p=0.95,
+                            seed=5)
+    out = run(model, PROMPTS[:2], params, stop_at_eos=False, return_trajectory=True)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        steps, seq = out.commit_step[i], out.sequences[i]
+        assert (steps >= 0).all() and int(steps.max()) == out.nfe[i] - 1
+        for s in range(int(out.nfe[i])):
+            canvas = torch.where(steps < s, seq, torch.full_like(seq, MASK))
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + canvas.tolist()])).logits[:, len(prompt):]
+            logq = sampling_logprobs(logits, torch.tensor([0.8]), torch.tensor([0.95]))[0]
+            now = steps == s
+            expected = logq[now].gather(-1, seq[now][:, None]).squeeze(-1)
+            assert torch.allclose(out.logprob[i][now], expected, atol=1e-5)
+
+
+class EosAfter(torch.nn.Module):
+    """A fake denoiser: confidently predicts token 40 + position until `stop`, EOS from there on."""
+
+    def __init__(self, stop_by_first_token: dict[int, int], vocab: int = 104):
+        super().__init__()
+        self.stop = stop_by_first_token
+        self.vocab = vocab
+        self.batch_sizes = []
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        self.batch_sizes.append(input_ids.shape[0])
+        b, l = input_ids.shape
+        logits = torch.zeros(b, l, self.vocab)
+        for r in range(b):
+            first = int(input_ids[r][attention_mask[r]][0])
+            start = int(attention_mask[r].long().argmax()) + int(attention_mask[r].sum())  # past the row's tokens
+            plen = [len(p) for p in PROMPTS if p[0] == first][0]
+            gen0 = int(attention_mask[r].long().argmax()) + plen
+            for j in range(gen0, l):
+                k = j - gen0
+                logits[r, j, EOS if k >= self.stop[first] else 40 + k] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_rows_stop_at_eos_and_leave_the_batch():
+    fake = EosAfter({5: 3, 10: 9, 12: 16, 30: 1})
+    out = run(fake, PROMPTS, SamplingParams(sampler="steps", gen_length=16, block_length=4, steps=16),
+              return_trajectory=True)
+    # one token per step, left to right by confidence ties -> a row stops once its EOS is committed
+    # with nothing masked before it; the rest is filled with EOS and never scored
+    for i, stop in enumerate([3, 9, 16, 1]):
+        seq = out.sequences[i].tolist()
+        assert seq[:stop] == [40 + k for k in range(stop)]
+        assert all(t == EOS for t in seq[stop:])
+        assert MASK not in seq
+    assert out.nfe.tolist() == [4, 10, 16, 2]
+    assert (out.commit_step[0, 4:] == -1).all()
+    # forward passes shrink as rows finish: 4 rows, then 3 after step 2, 2 after 4, 1 after 10
+    assert fake.batch_sizes == [4, 4, 3, 3, 2, 2, 2, 2, 2, 2] + [1] * 6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_mask_left_in_output(seed):
+    model = tiny_model(seed=seed, init=0.2)
+    torch.manual_seed(seed)
+    for sampler in ("steps", "confidence", "eb"):
+        params = [SamplingParams(sampler=sampler, gen_length=g, block_length=b, temperature=t, seed=seed)
+                  for g, b, t in [(16, 4, 1.0), (8, 8, 0.0), (12, 5, 1.5), (5, 2, 0.5)]]
+        params = [SamplingParams(**{**p.__dict__, "steps": -(-p.gen_length // p.block_length) * 2})
+                  if sampler == "steps" else p for p in params]
+        out = run(model, PROMPTS, params)
+        assert not (out.sequences == MASK).any()
+
+
+# ----------------------------------------------------------------------------- state surgery for the server
+
+def test_rows_join_and_leave_between_steps(model):
+    """Stepping a concatenated state (rows joining mid-flight) equals decoding each request alone."""
+    p1 = SamplingParams(sampler="eb", gen_length=16, block_length=8, threshold=0.5)
+    p2 = SamplingParams(sampler="steps", gen_length=8, steps=8)
+    state = init_state(PROMPTS[:2], p1, **IDS)
+    denoise_step(model, state)
+    denoise_step(model, state)
+    joined = BatchState.concat([state, init_state(PROMPTS[2:], p2, **IDS)])
+    while not joined.finished.all():
+        denoise_step(model, joined)
+        done = joined.finished.nonzero().squeeze(-1).tolist()
+        if 0 in done and joined.batch_size == 4:  # drop a finished row, as the server does
+            joined = joined.select([1, 2, 3])
+    expected = [run(model, [p], pp) for p, pp in zip(PROMPTS, [p1, p1, p2, p2])]
+    for row, exp in zip(range(joined.batch_size), expected[-joined.batch_size:]):
+        n = int(joined.gen_length[row])
+        assert joined.generated[row, :n].tolist() == exp.sequences[0, :n].tolist()
+        assert joined.nfe[row] == exp.nfe[0]
+
+
+@pytest.mark.parametrize("bad,word", [
+    (dict(sampler="fast"), "sampler"), (dict(gen_length=0), "gen_length"), (dict(block_length=-1), "block_length"),
+    (dict(gen_length=16, block_length=4, steps=6), "steps"), (dict(threshold=-1.0), "threshold"),
+    (dict(threshold=float("nan")), "threshold"), (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
+])
+def test_invalid_params_are_refused(bad, word):
+    with pytest.raises(ValueError, match=word):
+        SamplingParams(**bad).resolved()

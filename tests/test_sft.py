@@ -1,0 +1,100 @@
+"""Masked-diffusion SFT: the loss against hand computations, training, checkpoints and resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.sft as sft
+from training.checkpoint import CheckpointError, load_trainer_state
+from training.config import SFTConfig
+from training.sft import forward_mask, lr_at, masked_diffusion_loss, train_sft
+
+
+def test_loss_by_hand():
+    # two rows, three completion positions, vocabulary of 2 with uniform logits: CE = ln 2 everywhere
+    logits = torch.zeros(2, 3, 2)
+    targets = torch.tensor([[0, 1, 0], [1, 1, 1]])
+    masked = torch.tensor([[True, False, True], [False, False, True]])
+    t = torch.tensor([0.5, 0.25])
+    ln2 = math.log(2)
+    # inv_t: (2 ln2 / 0.5 + 1 ln2 / 0.25) / 6 completion tokens
+    assert masked_diffusion_loss(logits, targets, masked, t, "inv_t").item() == pytest.approx((4 + 4) * ln2 / 6)
+    assert masked_diffusion_loss(logits, targets, masked, t, "masked_mean").item() == pytest.approx(ln2)
+    # a perfect prediction costs nothing
+    sure = torch.nn.functional.one_hot(targets, 2).float() * 100
+    assert masked_diffusion_loss(sure, targets, masked, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_forward_mask_rate_follows_t():
+    g = torch.Generator().manual_seed(0)
+    completion = torch.ones(4000, 64, dtype=torch.bool)
+    completion[:, 48:] = False  # positions outside the completion are never masked
+    t, masked = forward_mask(completion, g)
+    assert not masked[:, 48:].any()
+    assert 0 < t.min() and t.max() <= 1
+    rate = masked[:, :48].float().mean(1)
+    assert torch.corrcoef(torch.stack([rate, t]))[0, 1] > 0.95
+    assert abs(rate.mean() - 0.5) < 0.02
+
+
+def test_lr_schedule():
+    cfg = SFTConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def small_cfg(out, **kw):
+    base = dict(output_dir=str(out), train_examples=64, max_steps=6, batch_size=8, lr=3e-3, warmup_steps=2,
+                save_every=3, log_every=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, loss_weighting="masked_mean")
+    return SFTConfig(**{**base, **kw})
+
+
+def test_sft_trains_and_output_dir_is_a_model(tmp_path):
+    from diffpo_serve.dllm.loading import load_model
+    out = train_sft(small_cfg(tmp_path / "run", max_steps=40, save_every=20, log_every=10))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10, 20, 30, 40]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    loaded = load_model(out)
+    assert loaded.mask_id == loaded.tokenizer.mask_token_id
+    assert load_trainer_state(out / "checkpoint")["step"] == 39
+
+
+def test_resume_after_a_kill_continues_the_same_run(tmp_path, monkeypatch):
+    straight = train_sft(small_cfg(tmp_path / "straight"))
+
+    real_save = sft.save_checkpoint
+    calls = []
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        calls.append(kw["step"])
+        raise KeyboardInterrupt  # the process is killed right after its first checkpoint
+
+    monkeypatch.setattr(sft, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(small_cfg(tmp_path / "killed"))
+    assert calls == [2]
+    monkeypatch.setattr(sft, "save_checkpoint", real_save)
+    resumed = train_sft(small_cfg(tmp_path / "killed", resume=True))
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]  # no step logged twice, none lost
+
+
+def test_corrupt_trainer_state_is_named(tmp_path):
+    out = train_sft(small_cfg(tmp_path / "run", max_steps=3, save_every=3))
+    state = out / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="trainer_state.pt.*corrupt"):
+        train_sft(small_cfg(tmp_path / "run", max_steps=6, resume=True))

@@ -1,0 +1,1 @@
+"""diffpo training: tasks, SFT, RL, evaluation."""

@@ -1,0 +1,83 @@
+"""Atomic training checkpoints: model, tokenizer, optimiser, scheduler, RNG state and step.
+
+A checkpoint is a directory written under a temporary name and renamed into place, so a run killed
+mid-save leaves the previous checkpoint intact. ``--resume`` loads it and continues at ``step + 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names the file and the problem."""
+
+
+def atomic_dir(target: Path, write) -> None:
+    """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``target``, replacing it atomically-ish.
+
+    The old directory is renamed aside before the new one is renamed in, and removed after; at every
+    moment either the old or the new complete directory exists under a known name.
+    """
+    target = Path(target)
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(directory: Path, *, model, tokenizer, step: int, optimizer=None, scheduler=None,
+                    extra: dict | None = None) -> None:
+    """Write a complete checkpoint of a training run to ``directory`` (atomically)."""
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
+                    "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state(),
+                    "extra": extra or {}}, tmp / STATE_FILE)
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+
+    atomic_dir(Path(directory), write)
+
+
+def recover_interrupted(directory: Path) -> None:
+    """If a save was interrupted between its two renames, put the previous checkpoint back."""
+    directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.exists():
+        os.replace(old, directory)
+
+
+def load_trainer_state(directory: Path) -> dict:
+    """The optimiser/scheduler/RNG/step dict of a checkpoint, with a clear error when unreadable."""
+    recover_interrupted(directory)
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no trainer state to resume from (was the run ever checkpointed?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle errors, ...
+        raise CheckpointError(f"{path}: corrupt trainer state: {type(e).__name__}: {e}") from e

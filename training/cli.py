@@ -1,0 +1,45 @@
+"""The ``diffpo-train`` command line: ``sft`` and ``eval`` subcommands built from training.config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from training.config import EvalConfig, SFTConfig, add_arguments, from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffpo-train", description="Train and evaluate masked diffusion LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_arguments(sub.add_parser("sft", help="masked-diffusion supervised fine-tuning",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter), SFTConfig)
+    add_arguments(sub.add_parser("eval", help="accuracy and NFE on a task",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter), EvalConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from diffpo_serve.dllm.loading import ModelLoadError
+    from training.checkpoint import CheckpointError
+    from training.tasks import DataFileError
+    try:
+        if args.command == "sft":
+            from training.sft import train_sft
+            print(train_sft(from_args(SFTConfig, args)))
+        elif args.command == "eval":
+            from training.evaluate import run_eval
+            run_eval(from_args(EvalConfig, args))
+    except (ModelLoadError, CheckpointError, DataFileError) as e:
+        print(f"diffpo-train {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"diffpo-train {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

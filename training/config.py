@@ -1,0 +1,88 @@
+"""Typed configuration of every ``diffpo-train`` command, with help text; argparse is built from it.
+
+Field names are the CLI flags (``gen_length`` -> ``--gen-length``); nothing parses argv at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import get_type_hints
+
+
+def option(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SFTConfig:
+    """Masked-diffusion supervised fine-tuning (LLaDA, arXiv 2502.09992, sec. 2.3)."""
+
+    output_dir: str = option("runs/sft", "directory for the trained model and its checkpoints")
+    model: str | None = option(None, "model directory to fine-tune; default: a new tiny model from --hidden-size etc.")
+    tasks: str = option("sudoku,countdown", "comma-separated tasks mixed in equal parts")
+    train_examples: int = option(50_000, "examples generated per task for the training pool")
+    gen_length: int = option(16, "completion length in tokens (answer + EOS padding)")
+    max_steps: int = option(6000, "optimiser steps")
+    batch_size: int = option(128, "sequences per step (per process)")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = option(200, "linear warm-up steps")
+    min_lr_ratio: float = option(0.1, "cosine decay ends at lr * min_lr_ratio")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    loss_weighting: str = option("inv_t", "inv_t: LLaDA's sum of masked CE / t over all completion tokens; "
+                                 "masked_mean: mean CE over masked positions", choices=["inv_t", "masked_mean"])
+    seed: int = option(0, "seed for data order, masking and initialisation")
+    save_every: int = option(500, "steps between checkpoints")
+    log_every: int = option(50, "steps between metric lines")
+    eval_every: int = option(0, "steps between quick greedy evaluations (0: off)")
+    resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
+    hidden_size: int = option(128, "new model: width")
+    num_hidden_layers: int = option(4, "new model: layers")
+    num_attention_heads: int = option(4, "new model: attention heads")
+    intermediate_size: int = option(352, "new model: SwiGLU hidden width")
+
+
+@dataclass
+class EvalConfig:
+    """Accuracy and NFE of a model on a task's test split or data file."""
+
+    task: str = option("countdown", "task name (sudoku, countdown, gsm8k, math500)")
+    data: str | None = option(None, "data file (sudoku CSV, countdown/gsm8k/math500 JSONL); default: generated test split")
+    model: str | None = option(None, "model directory; default: the bundled model")
+    sampler: str = option("steps", "unmasking strategy", choices=["steps", "confidence", "eb"])
+    threshold: float | None = option(None, "confidence threshold or EB gamma (default per sampler)")
+    gen_length: int | None = option(None, "tokens to generate (default: the task's)")
+    block_length: int | None = option(None, "semi-autoregressive block length (default: gen_length)")
+    steps: int | None = option(None, "`steps` sampler: forward passes (default: gen_length)")
+    temperature: float = option(0.0, "sampling temperature (0: greedy)")
+    batch_size: int = option(64, "prompts decoded together")
+    limit: int | None = option(None, "evaluate only the first N examples")
+    num_examples: int = option(1000, "size of the generated test split when --data is not given")
+    seed: int = option(0, "seed of the generated test split and of sampling")
+    mask_id: int | None = option(None, "override the model's mask token id")
+    trust_remote_code: bool = option(False, "allow model directories that ship their own code (LLaDA, Dream)")
+    device: str = option("cpu", "torch device")
+    output: str | None = option(None, "also write per-example results as JSONL here")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--flag`` per dataclass field, typed and with the field's help text."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"help": f.metadata.get("help", ""), "default": f.default}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        typ = hints[f.name]
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            base = [t for t in getattr(typ, "__args__", (typ,)) if t is not type(None)][0]
+            kw["type"] = base
+        parser.add_argument(flag, **kw)
+
+
+def from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

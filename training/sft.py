@@ -1,0 +1,167 @@
+"""``diffpo-train sft``: masked-diffusion supervised fine-tuning.
+
+Forward process (LLaDA, arXiv 2502.09992, eq. 3-5): draw t ~ U(0, 1] per sequence, mask every
+completion token independently with probability t (the prompt is never masked) and train the model
+to predict the masked tokens. Two estimates of the loss are offered:
+
+``inv_t``        LLaDA's: sum over masked positions of CE / t, divided by the completion length;
+                 an upper bound on the negative log-likelihood.
+``masked_mean``  the mean CE over the masked positions; same minimiser, lower variance at small t,
+                 and on our tiny model it leaves the early plateau much sooner (shared/FACTS.md).
+
+Runs under accelerate (``accelerate launch -m training.cli sft ...`` for several processes), with a
+progress bar, JSONL metrics, periodic atomic checkpoints and ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from diffpo_serve.dllm.loading import load_model
+from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
+from diffpo_serve.dllm.tokenizer import build_tokenizer
+from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state
+from training.config import SFTConfig
+from training.data import encode_examples, left_pad, sft_pool
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint"
+
+
+def forward_mask(completion_mask: torch.Tensor, generator: torch.Generator, eps: float = 1e-3):
+    """Sample t ~ U(eps, 1] per row and a mask of the completion positions, each kept with prob. t."""
+    b, n = completion_mask.shape
+    t = eps + (1 - eps) * (1 - torch.rand(b, generator=generator))
+    masked = (torch.rand(b, n, generator=generator) < t[:, None]) & completion_mask
+    return t, masked
+
+
+def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
+                          weighting: str = "inv_t") -> torch.Tensor:
+    """Loss of the masked-diffusion objective on one batch.
+
+    logits (b, n, V) at the completion positions, targets (b, n), masked (b, n) bool, t (b,).
+    """
+    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # b, n
+    ce = ce * masked
+    if weighting == "inv_t":
+        return (ce / t[:, None]).sum() / targets.numel()
+    if weighting == "masked_mean":
+        return ce.sum() / masked.sum().clamp(min=1)
+    raise ValueError(f"unknown loss weighting {weighting!r}")
+
+
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    """Linear warm-up then cosine decay to ``lr * min_lr_ratio`` (multiplier of the peak lr)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def new_model(cfg: SFTConfig):
+    tokenizer = build_tokenizer()
+    config = DiffpoConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                          num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                          intermediate_size=cfg.intermediate_size, mask_token_id=tokenizer.mask_token_id,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return DiffpoForMaskedLM(config), tokenizer
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Run SFT; returns the output directory, itself a loadable model directory."""
+    accelerator = Accelerator()
+    out = Path(cfg.output_dir)
+    ckpt = out / CHECKPOINT
+    torch.manual_seed(cfg.seed)
+    recover_interrupted(ckpt)
+    start = 0
+    if cfg.resume and ckpt.exists():
+        loaded = load_model(ckpt)
+        model, tokenizer = loaded.model.train(), loaded.tokenizer
+        state = load_trainer_state(ckpt)
+        start = state["step"] + 1
+    elif cfg.model:
+        loaded = load_model(cfg.model)
+        model, tokenizer, state = loaded.model.train(), loaded.tokenizer, None
+    else:
+        if cfg.resume:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt)
+        (model, tokenizer), state = new_model(cfg), None
+    mask_id = model.config.mask_token_id if getattr(model.config, "mask_token_id", None) is not None \
+        else tokenizer.mask_token_id
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    pool = sft_pool(cfg.tasks.split(","), cfg.train_examples, cfg.seed)
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts, completions = encode_examples(encode, pool["prompt"], pool["answer"], cfg.gen_length, eos_id)
+    completions = torch.tensor(completions, dtype=torch.long)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    metrics_file = out / "metrics.jsonl"
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="sft",
+               disable=not accelerator.is_local_main_process)
+    window, t0 = [], time.time()
+    for step in bar:
+        # the batch and its mask depend only on (seed, step, rank): a resumed run sees the same data
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * accelerator.num_processes
+                                          + accelerator.process_index)
+        idx = torch.randint(0, len(prompts), (cfg.batch_size,), generator=g)
+        p_ids, p_attn = left_pad([prompts[i] for i in idx.tolist()], pad_id)
+        targets = completions[idx]
+        t, masked = forward_mask(torch.ones_like(targets, dtype=torch.bool), g)
+        noisy = torch.where(masked, torch.full_like(targets, mask_id), targets)
+        input_ids = torch.cat([p_ids, noisy], 1).to(accelerator.device)
+        attention = torch.cat([p_attn, torch.ones_like(targets, dtype=torch.bool)], 1).to(accelerator.device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p_ids.shape[1]:]
+        loss = masked_diffusion_loss(logits, targets.to(logits.device), masked.to(logits.device),
+                                     t.to(logits.device), cfg.loss_weighting)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            acc = ((logits.argmax(-1) == targets.to(logits.device)) & masked.to(logits.device)).sum() \
+                / masked.sum().clamp(min=1)
+        window.append((loss.item(), acc.item(), float(grad_norm)))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            loss_m, acc_m, gn = (sum(x) / len(window) for x in zip(*window))
+            record = {"step": step + 1, "loss": round(loss_m, 5), "masked_token_acc": round(acc_m, 4),
+                      "grad_norm": round(gn, 4), "lr": scheduler.get_last_lr()[0],
+                      "steps_per_second": round(len(window) / (time.time() - t0), 3)}
+            bar.set_postfix(loss=f"{loss_m:.4f}", acc=f"{acc_m:.3f}")
+            if accelerator.is_main_process:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            window, t0 = [], time.time()
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt, model=accelerator.unwrap_model(model), tokenizer=tokenizer, step=step,
+                                optimizer=optimizer, scheduler=scheduler)
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        final.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,18 @@
+"""Task registry: each task module (sudoku, countdown, gsm8k, math500) exposes
+NAME, GEN_LENGTH, make_dataset, load_file, reward and uses common.extract_answer."""
+
+from types import ModuleType
+
+from . import countdown, gsm8k, math500, sudoku
+from .common import DataFileError, extract_answer
+
+TASKS: dict[str, ModuleType] = {m.NAME: m for m in (sudoku, countdown, gsm8k, math500)}
+
+__all__ = ["TASKS", "get_task", "DataFileError", "extract_answer"]
+
+
+def get_task(name: str) -> ModuleType:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
