@@ -1,10 +1,15 @@
 """Shared fixtures: tiny models built in-process (nothing is downloaded)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
 from diffpo_serve.dllm.tokenizer import build_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ holds the LLaDA reference
 
 MASK, PAD, EOS = 1, 0, 2
 

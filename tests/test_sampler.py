@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from benchmarks.llada_reference import llada_generate
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, generate, init_state,
                                        sampling_logprobs, select_commits, transfer_counts)
@@ -17,36 +18,14 @@ def run(model, prompts, params, **kw):
 
 # ----------------------------------------------------------------------------- reference: LLaDA's algorithm
 
-def llada_reference(model, prompt, gen_length, block_length, steps):
-    """LLaDA's published low-confidence remasking (arXiv 2502.09992, Alg. 2), greedy, one row, plain loops."""
-    x = torch.tensor([prompt + [MASK] * gen_length])
-    p = len(prompt)
-    num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-    for b in range(num_blocks):
-        lo, hi = p + b * block_length, p + (b + 1) * block_length
-        n_masked = int((x[0, lo:hi] == MASK).sum())
-        counts = [n_masked // steps_per_block + (s < n_masked % steps_per_block) for s in range(steps_per_block)]
-        for s in range(steps_per_block):
-            with torch.no_grad():
-                logits = model(input_ids=x).logits[0]
-            x0 = logits.argmax(-1)
-            conf = torch.softmax(logits.float(), -1).gather(-1, x0[:, None]).squeeze(-1)
-            best = []
-            for j in range(lo, hi):
-                if x[0, j] == MASK:
-                    best.append((-float(conf[j]), j))
-            for _, j in sorted(best)[:counts[s]]:
-                x[0, j] = x0[j]
-    return x[0, p:]
-
-
 @pytest.mark.parametrize("gen_length,block_length,steps", [(16, 16, 16), (16, 8, 8), (16, 4, 8), (12, 4, 6)])
 def test_steps_matches_llada_reference(model, gen_length, block_length, steps):
     params = SamplingParams(sampler="steps", gen_length=gen_length, block_length=block_length, steps=steps)
     out = run(model, PROMPTS, params, stop_at_eos=False)
     for i, prompt in enumerate(PROMPTS):
-        assert out.sequences[i].tolist() == llada_reference(model, prompt, gen_length, block_length, steps).tolist()
+        expected = llada_generate(model, prompt, gen_length=gen_length, block_length=block_length, steps=steps,
+                                  mask_id=MASK)
+        assert out.sequences[i].tolist() == expected.tolist()
     assert out.nfe.tolist() == [steps] * len(PROMPTS)
 
 

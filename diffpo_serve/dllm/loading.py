@@ -104,8 +104,8 @@ def load_model(
     """Load model, tokenizer and special ids from ``path`` (default: the bundled model).
 
     ``mask_id`` overrides the mask token id found in the config or tokenizer. Raises
-    :class:`ModelLoadError` naming the path for a missing directory, missing mask token or
-    unreadable weights.
+    :class:`ModelLoadError` naming the path for a missing directory, unreadable config, missing
+    mask token, or unreadable or incomplete weights.
     """
     path = Path(path if path is not None else default_model_path()).expanduser()
     if not path.exists():

@@ -114,7 +114,6 @@ class DiffpoForMaskedLM(PreTrainedModel):
     config_class = DiffpoConfig
     base_model_prefix = "diffpo"
     _no_split_modules = ["Block"]
-    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
 
     def __init__(self, config: DiffpoConfig):
         super().__init__(config)

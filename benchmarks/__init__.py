@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure and write their tables and plots under docs/."""
