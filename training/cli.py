@@ -1,4 +1,4 @@
-"""The ``diffpo-train`` command line: ``sft`` and ``eval`` subcommands built from training.config."""
+"""The ``diffpo-train`` command line: ``sft``, ``rl`` and ``eval`` subcommands built from training.config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from training.config import EvalConfig, SFTConfig, add_arguments, from_args
+from training.config import EvalConfig, RLConfig, SFTConfig, add_arguments, from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("sft", help="masked-diffusion supervised fine-tuning",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter), SFTConfig)
+    add_arguments(sub.add_parser("rl", help="RL post-training: d1 or DiFFPO",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter), RLConfig)
     add_arguments(sub.add_parser("eval", help="accuracy and NFE on a task",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter), EvalConfig)
     return parser
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sft":
             from training.sft import train_sft
             print(train_sft(from_args(SFTConfig, args)))
+        elif args.command == "rl":
+            from training.rl import train_rl
+            print(train_rl(from_args(RLConfig, args)).output_dir)
         elif args.command == "eval":
             from training.evaluate import run_eval
             run_eval(from_args(EvalConfig, args))

@@ -45,6 +45,49 @@ class SFTConfig:
 
 
 @dataclass
+class RLConfig:
+    """RL post-training with verifiable rewards: d1's diffu-GRPO or DiFFPO (arXiv 2510.02212).
+
+    Defaults are d1's published LLaDA settings scaled to the tiny model: G = 8 (theirs 6),
+    mu = 4 (theirs 8-12), eps = 0.5, beta = 0.04, p_mask = 0.15; lr 3e-5 was stable here (FACTS.md).
+    """
+
+    algo: str = option("diffpo", "likelihood surrogate: d1 (one-pass mean-field) or diffpo "
+                       "(two-stage with truncated importance weights)", choices=["d1", "diffpo"])
+    output_dir: str = option("runs/rl", "directory for the trained model, checkpoints and metrics.jsonl")
+    model: str | None = option(None, "model directory to post-train; default: the bundled model")
+    tasks: str = option("countdown", "comma-separated tasks; each step draws its prompts from their train splits")
+    train_examples: int = option(20_000, "training prompts generated per task")
+    num_generations: int = option(8, "G: completions per prompt (one group)")
+    prompts_per_step: int = option(16, "prompts per step (per process)")
+    num_iterations: int = option(4, "mu: inner optimisation steps on each batch of rollouts")
+    epsilon: float = option(0.5, "eps: ratio clip range [1 - eps, 1 + eps]")
+    beta: float = option(0.04, "beta: weight of the k3 KL to the frozen reference model (0: no reference)")
+    p_mask: float = option(0.15, "p_mask: probability of masking each prompt token in the likelihood passes")
+    C: float = option(2.0, "C: cap of the truncated importance weight (diffpo)")
+    lr: float = option(3e-5, "learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    scale_std: bool = option(False, "divide advantages by the group std")
+    temperature: float = option(1.0, "rollout sampling temperature")
+    sampler: str = option("steps", "rollout sampler", choices=["steps", "confidence", "eb"])
+    threshold: float | None = option(None, "rollout sampler threshold (confidence / eb)")
+    gen_length: int | None = option(None, "tokens per completion (default: the task's)")
+    block_length: int | None = option(None, "rollout block length (default: gen_length)")
+    steps: int | None = option(None, "rollout forward passes for the steps sampler (default: gen_length)")
+    max_steps: int = option(300, "RL steps (each: rollouts, then mu optimiser steps)")
+    seed: int = option(0, "seed for prompts, rollouts, masks and tau")
+    save_every: int = option(50, "steps between checkpoints")
+    log_every: int = option(1, "steps between metric lines")
+    eval_every: int = option(0, "steps between greedy evaluations on the test split (0: off)")
+    eval_examples: int = option(256, "test prompts per task for --eval-every")
+    lora_r: int = option(0, "LoRA rank (0: train all weights; needs peft)")
+    lora_alpha: int = option(16, "LoRA alpha")
+    resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
+    device: str | None = option(None, "torch device (default: accelerate's choice)")
+
+
+@dataclass
 class EvalConfig:
     """Accuracy and NFE of a model on a task's test split or data file."""
 

@@ -9,7 +9,8 @@ to predict the masked tokens. Two estimates of the loss are offered:
 ``masked_mean``  the mean CE over the masked positions; same minimiser, lower variance at small t,
                  and on our tiny model it leaves the early plateau much sooner (shared/FACTS.md).
 
-Runs under accelerate (``accelerate launch -m training.cli sft ...`` for several processes), with a
+Runs under accelerate (``accelerate launch --multi_gpu --num_processes N -m training.cli sft ...`` for
+several processes; on CPU they use gloo), with a
 progress bar, JSONL metrics, periodic atomic checkpoints and ``--resume``.
 """
 

@@ -158,11 +158,12 @@ _FORWARD_ARGS: dict[type, frozenset[str]] = {}
 def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (b, l, V) of any loaded model; passes only the arguments its ``forward`` accepts."""
-    accepted = _FORWARD_ARGS.get(type(model))
+    inner = getattr(model, "module", model)  # DistributedDataParallel and similar wrappers
+    accepted = _FORWARD_ARGS.get(type(inner))
     if accepted is None:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(inner.forward).parameters
         accepted = frozenset(params) | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params.values()) else set())
-        _FORWARD_ARGS[type(model)] = accepted
+        _FORWARD_ARGS[type(inner)] = accepted
     kwargs = {"attention_mask": attention_mask}
     if position_ids is not None and "position_ids" in accepted:
         kwargs["position_ids"] = position_ids

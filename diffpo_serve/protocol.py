@@ -1,0 +1,332 @@
+"""The wire format: OpenAI-compatible request and response models, and the one error envelope.
+
+Request models list OpenAI's fields in OpenAI's order (``/v1/completions``, ``/v1/chat/completions``);
+the server's own diffusion extras are fenced off at the end of each request under "diffusion
+extras" and carry the sampler's own names (``sampler``, ``threshold``, ``block_length``, ``steps``;
+see :class:`diffpo_serve.dllm.sampler.SamplingParams`). With the ``openai`` client they are passed
+through ``extra_body``. Unknown fields are accepted and ignored (the server logs their names), as
+vLLM does. Typed fields are strict: ``"16"`` is not an integer and ``true`` is not a number.
+
+Responses are OpenAI's objects plus documented extension fields:
+
+* every choice carries ``nfe`` (forward passes the choice took) and ``threshold`` (the confidence
+  threshold or EB gamma its row was decoded with; ``null`` for the ``steps`` sampler, which has none);
+* ``usage.nfe`` is the sum of the choices' ``nfe``.
+
+``usage.completion_tokens`` counts real tokens: up to and including the EOS or the token that
+completed a stop string, never the rest of the fixed-size canvas.
+
+Every error, whatever its origin, is the envelope ``{"error": {"message", "type", "param", "code"}}``
+built from :class:`APIError`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# ----------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error with its HTTP status, raised anywhere in the server and rendered as the envelope."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def unavailable(message: str, code: str, retry_after: int = 1) -> APIError:
+    """503 with ``Retry-After``: queue full, model loading, or server draining."""
+    return APIError(503, message, type="service_unavailable_error", code=code,
+                    headers={"Retry-After": str(retry_after)})
+
+
+# ----------------------------------------------------------------------------- requests
+
+STRICT_INT = dict(strict=True)
+FINITE = dict(strict=True, allow_inf_nan=False)
+MAX_STOP_STRINGS = 16
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool | None = Field(None, strict=True)
+
+
+class _GenerationFields(BaseModel):
+    """Fields shared by both endpoints; subclasses re-declare them in OpenAI's order."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _check_stop(cls, v):
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else list(v)
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings; got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    def stop_strings(self) -> list[str]:
+        return list(getattr(self, "stop", None) or [])
+
+    def include_usage(self) -> bool:
+        opts = getattr(self, "stream_options", None)
+        return bool(opts and opts.include_usage)
+
+
+_SAMPLER_HELP = ("diffusion extra: decoding strategy. `steps` (LLaDA low-confidence remasking, NFE = steps), "
+                 "`confidence` (Fast-dLLM: commit tokens with confidence >= threshold), `eb` (entropy-bounded: "
+                 "commit while the summed entropy stays <= threshold), `learned` (threshold from the model's "
+                 "threshold head; only for models that have one). Default: the server's --default-sampler.")
+_THRESHOLD_HELP = ("diffusion extra: `confidence` minimum confidence or `eb` gamma; overrides the sampler "
+                   "default (confidence 0.9, eb 0.3) and a learned head. Ignored by `steps`.")
+_BLOCK_HELP = "diffusion extra: semi-autoregressive block length in tokens (default: one block of max_tokens)."
+_STEPS_HELP = ("diffusion extra: `steps` sampler only: total forward passes, a multiple of the number of "
+               "blocks (default: max_tokens, one token per pass).")
+
+Sampler = Literal["steps", "confidence", "eb", "learned"]
+
+
+class CompletionRequest(_GenerationFields):
+    """``POST /v1/completions``. ``prompt``: a string, a list of strings, token ids, or lists of ids."""
+
+    model: str = Field(strict=True)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(None, ge=1, **STRICT_INT)
+    echo: bool | None = Field(False, strict=True)
+    frequency_penalty: float | None = Field(0.0, **FINITE)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0, **STRICT_INT)
+    max_tokens: int | None = Field(None, ge=1, **STRICT_INT)
+    n: int = Field(1, ge=1, le=128, **STRICT_INT)
+    presence_penalty: float | None = Field(0.0, **FINITE)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, **STRICT_INT)
+    stop: str | list[str] | None = None
+    stream: bool | None = Field(False, strict=True)
+    stream_options: StreamOptions | None = None
+    suffix: str | None = Field(None, strict=True)
+    temperature: float | None = Field(None, ge=0, **FINITE)
+    top_p: float | None = Field(None, gt=0, le=1, **FINITE)
+    user: str | None = Field(None, strict=True)
+
+    # --- diffusion extras (not in OpenAI's API; the sampler's own names) ---------------------------
+    sampler: Sampler | None = Field(None, description=_SAMPLER_HELP)
+    threshold: float | None = Field(None, ge=0, description=_THRESHOLD_HELP, **FINITE)
+    block_length: int | None = Field(None, ge=1, description=_BLOCK_HELP, **STRICT_INT)
+    steps: int | None = Field(None, ge=1, description=_STEPS_HELP, **STRICT_INT)
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
+            raise ValueError("token-id prompts must not be empty")
+        return v
+
+    def gen_length(self) -> int | None:
+        return self.max_tokens
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text"]
+    text: str = Field(strict=True)
+
+
+class ChatMessage(BaseModel):
+    """One input message; ``content`` is a string or a list of text parts (other parts are refused)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, strict=True)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(strict=True)
+
+
+class ChatCompletionRequest(_GenerationFields):
+    """``POST /v1/chat/completions``.
+
+    Messages are rendered with the tokenizer's chat template when it has one; otherwise (our tiny
+    character-level model) the prompt is the content of the last ``user`` message.
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(strict=True)
+    frequency_penalty: float | None = Field(0.0, **FINITE)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = Field(False, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, **STRICT_INT)
+    max_tokens: int | None = Field(None, ge=1, **STRICT_INT)
+    n: int = Field(1, ge=1, le=128, **STRICT_INT)
+    presence_penalty: float | None = Field(0.0, **FINITE)
+    response_format: ResponseFormat | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, **STRICT_INT)
+    stop: str | list[str] | None = None
+    stream: bool | None = Field(False, strict=True)
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, **FINITE)
+    tool_choice: Any = None
+    tools: list[Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, **STRICT_INT)
+    top_p: float | None = Field(None, gt=0, le=1, **FINITE)
+    user: str | None = Field(None, strict=True)
+
+    # --- diffusion extras (not in OpenAI's API; the sampler's own names) ---------------------------
+    sampler: Sampler | None = Field(None, description=_SAMPLER_HELP)
+    threshold: float | None = Field(None, ge=0, description=_THRESHOLD_HELP, **FINITE)
+    block_length: int | None = Field(None, ge=1, description=_BLOCK_HELP, **STRICT_INT)
+    steps: int | None = Field(None, ge=1, description=_STEPS_HELP, **STRICT_INT)
+
+    def gen_length(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ----------------------------------------------------------------------------- responses
+
+FinishReason = Literal["stop", "length"]
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    nfe: int = Field(description="extension: forward passes, summed over the choices")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+    nfe: int = Field(description="extension: forward passes this choice took")
+    threshold: float | None = Field(description="extension: threshold / gamma used; null for `steps`")
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    nfe: int | None = None  # extension, on the choice's last chunk
+    threshold: float | None = None  # extension, on the choice's last chunk
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None
+    nfe: int = Field(description="extension: forward passes this choice took")
+    threshold: float | None = Field(description="extension: threshold / gamma used; null for `steps`")
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    nfe: int | None = None  # extension, on the choice's last chunk
+    threshold: float | None = None  # extension, on the choice's last chunk
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "diffpo"
+    root: str | None = None
+    max_model_len: int | None = Field(None, description="extension: prompt + completion tokens the model fits")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

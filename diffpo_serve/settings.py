@@ -1,0 +1,118 @@
+"""Server settings: one typed dataclass, filled from flags, then ``DIFFPO_*`` variables, then defaults.
+
+Every field ``name`` is the flag ``--name-with-dashes`` and the environment variable
+``DIFFPO_NAME`` (``max_batch_size`` -> ``--max-batch-size`` / ``DIFFPO_MAX_BATCH_SIZE``). Nothing here
+reads argv at import; :func:`diffpo_serve.cli.main` does, and ``create_app`` takes a
+:class:`ServerSettings` directly (tests build one in code).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from diffpo_serve.dllm.sampler import SAMPLERS
+
+ENV_PREFIX = "DIFFPO_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def option(default: Any, help: str) -> Any:
+    """A settings field with its help text (shown by ``diffpo-serve --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``diffpo-serve`` can be told; see ``diffpo-serve --help``."""
+
+    model: str | None = option(None, "model directory (default: the bundled model)")
+    served_model_name: str | None = option(None, "name clients pass as `model` (default: the directory name)")
+    host: str = option("127.0.0.1", "address to bind (0.0.0.0 to listen on every interface)")
+    port: int = option(8000, "TCP port")
+    api_key: str | None = option(None, "if set, /v1/* requires `Authorization: Bearer <key>`")
+    max_batch_size: int = option(32, "most rows (prompts x n) decoded together in one forward pass")
+    max_queue: int = option(256, "most requests waiting for a slot; beyond it: 503 + Retry-After")
+    request_timeout: float = option(300.0, "seconds a request may wait and run before it fails (504)")
+    drain_timeout: float = option(60.0, "seconds SIGTERM waits for running requests before exiting")
+    max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)")
+    max_rows_per_request: int = option(128, "most rows one request may ask for (prompts x n)")
+    default_max_tokens: int | None = option(
+        None, "gen_length when a request sets no max_tokens (default: the model's generation_config "
+              "max_new_tokens, else 16)")
+    default_sampler: str = option("steps", f"sampler when a request names none ({', '.join(SAMPLERS)})")
+    default_temperature: float = option(0.0, "temperature when a request sets none (0: greedy)")
+    device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
+    dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's)")
+    trust_remote_code: bool = option(False, "allow models that ship their own modelling code")
+    mask_id: int | None = option(None, "mask token id (default: from the config or tokenizer)")
+    log_level: str = option("info", "log level (debug, info, warning, error)")
+
+    def validated(self) -> "ServerSettings":
+        """Check ranges; raises ValueError naming the setting."""
+        checks = [
+            (self.max_batch_size >= 1, "max_batch_size must be >= 1"),
+            (self.max_queue >= 0, "max_queue must be >= 0"),
+            (self.request_timeout > 0, "request_timeout must be > 0"),
+            (self.drain_timeout >= 0, "drain_timeout must be >= 0"),
+            (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
+            (self.max_rows_per_request >= 1, "max_rows_per_request must be >= 1"),
+            (self.default_max_tokens is None or self.default_max_tokens >= 1, "default_max_tokens must be >= 1"),
+            (self.default_sampler in SAMPLERS, f"default_sampler must be one of {', '.join(SAMPLERS)}"),
+            (self.default_temperature >= 0, "default_temperature must be >= 0"),
+            (0 < self.port < 65536, "port must be in 1..65535"),
+            (self.dtype in (None, "float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "ServerSettings":
+        """Defaults, then ``DIFFPO_*`` variables, then ``overrides``; raises ValueError on a bad value."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = parse_value(f.name, field_type(f.name), raw)
+        return replace(cls(), **values, **overrides).validated()
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def field_type(name: str) -> type:
+    """The base type of a field (``int`` for ``int | None``)."""
+    hint = typing.get_type_hints(ServerSettings)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def is_optional(name: str) -> bool:
+    hint = typing.get_type_hints(ServerSettings)[name]
+    return type(None) in typing.get_args(hint)
+
+
+def parse_value(name: str, typ: type, raw: str) -> Any:
+    """Convert a string from the environment; empty means None for optional settings."""
+    if raw == "" and is_optional(name):
+        return None
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{env_name(name)}: expected a boolean (1/0, true/false), got {raw!r}")
+    try:
+        return typ(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(name)}: expected {typ.__name__}, got {raw!r}") from None

@@ -1,0 +1,208 @@
+"""RL post-training: the estimators against brute force, the loss by hand, and the trainer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.rl as rl
+from conftest import EOS, MASK, PAD, tiny_model
+from diffpo_serve.dllm.sampler import SamplingParams, generate
+from training.config import RLConfig
+from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
+from training.loss import group_advantages, policy_loss, truncated_is_weight
+from training.rl import train_rl
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+
+
+@pytest.fixture(scope="module")
+def trajectory():
+    """Rollouts of a tiny model with EOS stops, so some positions are fills (commit_step -1)."""
+    model = tiny_model(seed=3, init=0.3)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    out = generate(model, prompts, [SamplingParams("eb", 10, block_length=5, threshold=0.5, temperature=1.0, seed=s)
+                                    for s in range(len(prompts))], mask_id=MASK, eos_id=EOS, pad_id=PAD,
+                   return_trajectory=True)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    attention = ids != PAD
+    return model, prompts, ids, attention, out
+
+
+def test_two_stage_with_tau_at_last_step_is_d1(trajectory):
+    model, _, ids, attention, out = trajectory
+    masked = prompt_mask(attention, 0.3, torch.Generator().manual_seed(0))
+    one_pass = mean_field_logprobs(model, ids, attention, out.sequences, masked, MASK)
+    two_stage = two_stage_logprobs(model, ids, attention, out.sequences, out.commit_step, out.nfe, masked, MASK)
+    mask = scored(out.commit_step)
+    assert torch.equal(one_pass[mask], two_stage[mask])
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2])
+    old = one_pass.detach() - 0.1
+    d1, _ = policy_loss(one_pass, old, adv, mask, epsilon=0.2, beta=0.04, logp_ref=old + 0.05)
+    diffpo, _ = policy_loss(two_stage, old, adv, mask, epsilon=0.2, beta=0.04, logp_ref=old + 0.05,
+                            is_weight=torch.ones_like(old), is_cap=2.0)
+    assert d1.item() == diffpo.item()
+
+
+def brute_force_logprob(model, prompt, prompt_masked, canvas, position, token):
+    """log p(token at `position` | [prompt with masks ; canvas]) from one unpadded forward pass."""
+    p = [MASK if m else t for t, m in zip(prompt, prompt_masked)]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + canvas])).logits[0, len(prompt) + position]
+    return torch.log_softmax(logits.float(), -1)[token].item()
+
+
+def test_estimators_match_brute_force(trajectory):
+    model, prompts, ids, attention, out = trajectory
+    masked = prompt_mask(attention, 0.3, torch.Generator().manual_seed(1))
+    tau = draw_tau(out.nfe, torch.Generator().manual_seed(2))
+    assert ((tau >= 1) & (tau <= out.nfe)).all()
+    one_pass = mean_field_logprobs(model, ids, attention, out.sequences, masked, MASK)
+    two_stage = two_stage_logprobs(model, ids, attention, out.sequences, out.commit_step, tau, masked, MASK)
+    checked_late = 0
+    for i, prompt in enumerate(prompts):
+        pm = masked[i, ids.shape[1] - len(prompt):].tolist()
+        seq, steps = out.sequences[i].tolist(), out.commit_step[i].tolist()
+        z_tau = [t if 0 <= s < tau[i] else MASK for t, s in zip(seq, steps)]
+        for j, (token, s) in enumerate(zip(seq, steps)):
+            if s < 0:
+                continue
+            all_mask = brute_force_logprob(model, prompt, pm, [MASK] * len(seq), j, token)
+            assert one_pass[i, j].item() == pytest.approx(all_mask, abs=1e-5)
+            expected = all_mask if s < tau[i] else brute_force_logprob(model, prompt, pm, z_tau, j, token)
+            checked_late += s >= tau[i]
+            assert two_stage[i, j].item() == pytest.approx(expected, abs=1e-5)
+    assert checked_late > 0  # pass B was exercised
+
+
+def test_prompt_mask_only_masks_real_prompt_tokens():
+    attention = torch.tensor([[False, True, True, True]] * 2000)
+    m = prompt_mask(attention, 0.25, torch.Generator().manual_seed(0))
+    assert not m[:, 0].any()
+    assert abs(m[:, 1:].float().mean().item() - 0.25) < 0.02
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv, zero = group_advantages(rewards, 4)
+    assert adv.tolist() == [0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+    assert zero == 1
+    scaled, _ = group_advantages(rewards, 4, scale_std=True)
+    assert scaled[:4].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-3)
+
+
+def test_truncated_is_weight():
+    old = torch.log(torch.tensor([0.5, 0.5, 0.1]))
+    behaviour = torch.log(torch.tensor([0.5, 0.1, 0.5]))
+    assert truncated_is_weight(old, behaviour, 2.0).tolist() == pytest.approx([1.0, 2.0, 0.2])
+
+
+def test_policy_loss_and_clip_fractions_by_hand():
+    # four tokens of one sequence, advantage +1, eps = 0.2: ratios 1.0, 1.5 (clipped), 0.5, 1.1
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.0, 1.5, 0.5, 1.1]])).requires_grad_()
+    w = torch.tensor([[1.0, 2.0, 0.5, 2.0]])
+    loss, stats = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 4, dtype=torch.bool), epsilon=0.2,
+                              is_weight=w, is_cap=2.0)
+    # -mean(w * min(r, clip(r))) = -(1*1 + 2*1.2 + 0.5*0.5 + 2*1.1) / 4
+    assert loss.item() == pytest.approx(-(1 + 2.4 + 0.25 + 2.2) / 4)
+    assert stats.ratio_clip_fraction == pytest.approx(0.25)
+    assert stats.is_clip_fraction == pytest.approx(0.5)
+    loss.backward()
+    assert logp.grad[0, 1] == 0  # the clipped token gets no gradient
+    # negative advantage: the low ratio 0.5 is clipped to 0.8 and is the active (smaller) term
+    _, stats = policy_loss(logp.detach(), old, torch.tensor([-1.0]), torch.ones(1, 4, dtype=torch.bool),
+                           epsilon=0.2)
+    assert stats.ratio_clip_fraction == pytest.approx(0.25)
+
+
+def test_kl_k3_by_hand():
+    logp = torch.log(torch.tensor([[0.5]]))
+    ref = torch.log(torch.tensor([[0.25]]))
+    loss, stats = policy_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 1, dtype=torch.bool), epsilon=0.2,
+                              beta=1.0, logp_ref=ref)
+    r = torch.log(torch.tensor(0.5))  # ref - theta = log 0.5
+    assert stats.kl == pytest.approx(float(torch.exp(r) - r - 1))
+    assert loss.item() == pytest.approx(stats.kl)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("base")
+    tiny_model(seed=0, init=0.1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def rl_cfg(base, out, **kw):
+    base_kw = dict(model=str(base), output_dir=str(out), tasks="sudoku", train_examples=64, num_generations=4,
+                   prompts_per_step=2, num_iterations=2, max_steps=4, save_every=2, lr=1e-2, gen_length=16,
+                   steps=8, seed=0)
+    return RLConfig(**{**base_kw, **kw})
+
+
+@pytest.mark.parametrize("algo", ["d1", "diffpo"])
+def test_training_changes_every_parameter(base_dir, tmp_path, algo):
+    out = train_rl(rl_cfg(base_dir, tmp_path / algo, algo=algo, max_steps=3, save_every=3, scale_std=True)).output_dir
+    before, after = load_file(base_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert unchanged == []
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("reward", "accuracy", "mean_nfe", "kl", "ratio_clip_fraction", "is_clip_fraction",
+                "zero_variance_groups", "grad_norm", "rollouts_per_second"):
+        assert key in records[-1]
+
+
+def test_resume_after_a_kill_replays_the_same_run(base_dir, tmp_path, monkeypatch):
+    straight = train_rl(rl_cfg(base_dir, tmp_path / "straight")).output_dir
+    real_save = rl.save_checkpoint
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(rl_cfg(base_dir, tmp_path / "killed"))
+    monkeypatch.setattr(rl, "save_checkpoint", real_save)
+    resumed = train_rl(rl_cfg(base_dir, tmp_path / "killed", resume=True)).output_dir
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_lora_trains_adapters_and_exports_a_plain_model(base_dir, tmp_path):
+    from diffpo_serve.dllm.loading import load_model
+    out = train_rl(rl_cfg(base_dir, tmp_path / "lora", lora_r=4, max_steps=2, save_every=2, beta=0.0)).output_dir
+    loaded = load_model(out)  # merged: loads like any model
+    before, after = load_file(base_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["blocks.0.qkv.weight"], after["blocks.0.qkv.weight"])
+    assert torch.equal(before["embed.weight"], after["embed.weight"])  # not a LoRA target
+    assert loaded.mask_id == MASK
+
+
+def test_two_processes_train_in_sync(base_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (DDP over gloo): both ranks end in sync."""
+    script = Path(__file__).with_name("ddp_worker.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(base_dir),
+           str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sums = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sums[0]["world"] == 2
+    assert sums[0]["checksums"] == sums[1]["checksums"]
+    assert sums[0]["checksums"] != sums[0]["initial"]
+    records = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["rollouts"] == 2 * 2 * 4 * 2  # steps x prompts x G x processes

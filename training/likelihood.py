@@ -1,0 +1,79 @@
+"""Surrogate log-likelihoods of a completion under a masked dLLM, for policy-gradient training.
+
+A masked dLLM has no tractable sequence likelihood, so RL on it scores tokens with cheap surrogates:
+
+``mean_field`` (d1's diffu-GRPO, Zhao et al. 2025, arXiv 2504.12216): one forward pass on
+    [prompt with each token masked w.p. ``p_mask`` ; completion fully masked]; every completion token
+    is scored by the per-position marginal log p(y_j | masked prompt, all-mask completion).
+``two_stage`` (DiFFPO, arXiv 2510.02212, the "two-times mean-field" surrogate): a time tau is drawn
+    among the rollout's own sampling steps 1..K and the rollout's intermediate state z_tau (the tokens
+    committed at steps <= tau) is taken from its trajectory. Pass A, on [masked prompt ; all masks],
+    scores the tokens committed at steps <= tau; pass B, on [masked prompt ; z_tau], scores the tokens
+    committed after tau. Every completion token is scored exactly once; tau = K is d1's estimate.
+
+Commit steps follow the sampler's convention: ``commit_step`` is 0-based (the token was committed by
+the forward pass numbered commit_step + 1), and -1 marks positions the sampler filled with EOS after
+the text was complete; those are never scored (``scored`` below).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffpo_serve.dllm.loading import model_logits
+
+
+def prompt_mask(prompt_attention: torch.Tensor, p_mask: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """d1's random prompt masking: each real prompt token is masked independently with prob. p_mask."""
+    draw = torch.rand(prompt_attention.shape, generator=generator, device="cpu").to(prompt_attention.device)
+    return (draw < p_mask) & prompt_attention
+
+
+def draw_tau(num_steps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """tau ~ Uniform{1, ..., K} per row, K = the row's number of sampling steps (its NFE)."""
+    u = torch.rand(num_steps.shape, generator=generator, device="cpu").to(num_steps.device)
+    return (u * num_steps).floor().long().clamp(max=num_steps - 1) + 1
+
+
+def scored(commit_step: torch.Tensor) -> torch.Tensor:
+    """Completion positions that carry a sampled token (not an EOS fill or padding)."""
+    return commit_step >= 0
+
+
+def _token_logprobs(model, prompt_ids, prompt_attention, canvas, completion, mask_id, masked_prompt):
+    """log p(completion_j | [masked prompt ; canvas]) at every completion position j (b, n)."""
+    noisy_prompt = torch.where(masked_prompt, torch.full_like(prompt_ids, mask_id), prompt_ids)
+    ids = torch.cat([noisy_prompt, canvas], 1)
+    attention = torch.cat([prompt_attention, torch.ones_like(canvas, dtype=torch.bool)], 1)
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model_logits(model, ids, attention, positions)[:, prompt_ids.shape[1]:].float()
+    return torch.log_softmax(logits, -1).gather(-1, completion[..., None]).squeeze(-1)
+
+
+def mean_field_logprobs(model, prompt_ids, prompt_attention, completion, masked_prompt, mask_id) -> torch.Tensor:
+    """d1's one-pass estimate: (b, n) log-probs of every completion token from an all-mask completion."""
+    return _token_logprobs(model, prompt_ids, prompt_attention, torch.full_like(completion, mask_id), completion,
+                           mask_id, masked_prompt)
+
+
+def two_stage_logprobs(model, prompt_ids, prompt_attention, completion, commit_step, tau, masked_prompt,
+                       mask_id) -> torch.Tensor:
+    """DiFFPO's two-stage estimate: (b, n) log-probs, tokens committed at steps <= tau from pass A,
+    the rest from pass B conditioned on the rollout's own z_tau. ``tau`` (b,) is 1-based.
+
+    Both passes run as one forward call (rows needing no pass B are not repeated), which keeps a
+    single forward per backward under DistributedDataParallel.
+    """
+    early = scored(commit_step) & (commit_step < tau[:, None])  # committed by the first tau passes
+    late = scored(commit_step) & ~early
+    rows = late.any(-1).nonzero().squeeze(-1)
+    all_masked = torch.full_like(completion, mask_id)
+    z_tau = torch.where(early[rows], completion[rows], all_masked[rows])
+    logp_all = _token_logprobs(model, torch.cat([prompt_ids, prompt_ids[rows]]),
+                               torch.cat([prompt_attention, prompt_attention[rows]]),
+                               torch.cat([all_masked, z_tau]), torch.cat([completion, completion[rows]]), mask_id,
+                               torch.cat([masked_prompt, masked_prompt[rows]]))
+    b = completion.shape[0]
+    logp = logp_all[:b].clone()
+    logp[rows] = torch.where(late[rows], logp_all[b:], logp[rows])
+    return logp

@@ -1,0 +1,199 @@
+"""``diffpo-train rl``: RL post-training of a masked dLLM, d1 (diffu-GRPO) or DiFFPO, in one trainer.
+
+Each step: draw prompts, sample G completions per prompt with the shared sampler (recording commit
+steps and behaviour log-probs), score them with the task reward, centre the rewards per group, then
+take mu optimiser steps on the clipped objective of :mod:`training.loss`. The two algorithms differ
+only in the likelihood surrogate (:mod:`training.likelihood`) and the importance weight:
+
+  d1      one-pass mean-field log-probs, w = 1;
+  diffpo  two-stage log-probs at a tau drawn from the rollout's own steps, w = min(C, pi_old/pi_behaviour).
+
+A fresh prompt mask (and tau) is drawn for each inner step and shared by the current, old and
+reference models. Every random draw is seeded by (seed, step, process), so ``--resume`` after a kill
+replays exactly the steps after the last checkpoint. Runs under accelerate (DDP on CPU via gloo with
+``accelerate launch --multi_gpu --num_processes 2``, which falls back to gloo on a machine without
+GPUs); optional LoRA adapters via peft.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from diffpo_serve.dllm.loading import load_model
+from diffpo_serve.dllm.sampler import SamplingParams
+from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint
+from training.config import RLConfig
+from training.evaluate import evaluate
+from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
+from training.loss import group_advantages, policy_loss, truncated_is_weight
+from training.rollout import rollout
+from training.tasks import get_task
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint"
+LORA_TARGETS = ["qkv", "out", "gate", "up", "down"]  # our model; other models use peft's "all-linear"
+
+
+def surrogate_logprobs(model, batch, masked_prompt, tau, mask_id):
+    """d1's one-pass estimate when ``tau`` is None, else DiFFPO's two-stage estimate."""
+    if tau is None:
+        return mean_field_logprobs(model, batch.prompt_ids, batch.prompt_attention, batch.completion, masked_prompt,
+                                   mask_id)
+    return two_stage_logprobs(model, batch.prompt_ids, batch.prompt_attention, batch.completion, batch.commit_step,
+                              tau, masked_prompt, mask_id)
+
+
+def _wrap_lora(model, cfg: RLConfig):
+    from peft import LoraConfig, get_peft_model
+    targets = LORA_TARGETS if getattr(model.config, "model_type", "") == "diffpo-mdm" else "all-linear"
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets))
+
+
+def _export(model, tokenizer, out: Path, lora: bool) -> None:
+    """Write a plain loadable model (LoRA merged) to ``out``."""
+    plain = copy.deepcopy(model).merge_and_unload() if lora else model
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _example_pool(cfg: RLConfig, split: str, n: int) -> list[dict]:
+    pool = []
+    for name in cfg.tasks.split(","):
+        pool += [{**ex, "task": name} for ex in get_task(name).make_dataset(split, n, cfg.seed)]
+    return pool
+
+
+def _reward(text: str, example: dict) -> float:
+    return get_task(example["task"]).reward(text, example)
+
+
+@dataclass
+class RLRun:
+    output_dir: Path  # a loadable model directory
+    model: torch.nn.Module  # this process's trained model (unwrapped; LoRA not merged)
+
+
+def train_rl(cfg: RLConfig) -> RLRun:
+    """Run RL post-training; the output directory is a loadable model."""
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / CHECKPOINT
+    recover_interrupted(ckpt)
+    resuming = cfg.resume and ckpt.exists()
+    base = load_model(cfg.model)
+    tokenizer, mask_id = base.tokenizer, base.mask_id
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model = copy.deepcopy(base.model).eval().requires_grad_(False).to(accelerator.device)
+    state = None
+    if cfg.lora_r:
+        if resuming:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(base.model, ckpt, is_trainable=True)
+        else:
+            model = _wrap_lora(base.model, cfg)
+    else:
+        model = load_model(ckpt).model if resuming else base.model
+    if resuming:
+        state = load_trainer_state(ckpt)
+    elif cfg.resume:
+        log.warning("--resume: no checkpoint in %s, starting from %s", ckpt, base.path)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    loaded = replace(base, model=unwrapped)
+
+    gen_length = cfg.gen_length or max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
+    params = SamplingParams(cfg.sampler, gen_length, block_length=cfg.block_length, steps=cfg.steps,
+                            threshold=cfg.threshold, temperature=cfg.temperature).resolved()
+    pool = _example_pool(cfg, "train", cfg.train_examples)
+    eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
+        if cfg.eval_every else {}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rl_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    start = state["step"] + 1 if state else 0
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"rl {cfg.algo}",
+               disable=not accelerator.is_local_main_process)
+    diffpo = cfg.algo == "diffpo"
+    for step in bar:
+        t0 = time.perf_counter()
+        step_seed = (cfg.seed * 1_000_003 + step) * world + rank
+        g = torch.Generator().manual_seed(step_seed)
+        idx = torch.randint(0, len(pool), (cfg.prompts_per_step,), generator=g).tolist()
+        batch = rollout(unwrapped, loaded, [pool[i] for i in idx], _reward, cfg.num_generations, params,
+                        seed=step_seed * 100_000)
+        rollout_seconds = time.perf_counter() - t0
+        advantages, zero_var = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_std)
+        advantages = advantages.to(batch.completion.device)
+        token_mask = scored(batch.commit_step)
+
+        # per inner step: the prompt mask, tau and the old/reference log-probs, all before any update
+        draws = []
+        with torch.no_grad():
+            for _ in range(cfg.num_iterations):
+                masked_prompt = prompt_mask(batch.prompt_attention, cfg.p_mask, g)
+                tau = draw_tau(batch.nfe, g) if diffpo else None
+                old = surrogate_logprobs(unwrapped, batch, masked_prompt, tau, mask_id)
+                ref = surrogate_logprobs(ref_model, batch, masked_prompt, tau, mask_id) if ref_model else None
+                w = truncated_is_weight(old, batch.behaviour_logprob, cfg.C) if diffpo else None
+                draws.append((masked_prompt, tau, old, ref, w))
+
+        stats, grad_norms = [], []
+        for masked_prompt, tau, old, ref, w in draws:
+            logp = surrogate_logprobs(model, batch, masked_prompt, tau, mask_id)
+            loss, s = policy_loss(logp, old, advantages, token_mask, epsilon=cfg.epsilon, beta=cfg.beta,
+                                  logp_ref=ref, is_weight=w, is_cap=cfg.C if diffpo else None)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
+            optimizer.step()
+            stats.append(s)
+
+        local = torch.tensor([batch.rewards.mean(), batch.exact.mean(), batch.nfe.float().mean(), zero_var],
+                             device=accelerator.device)
+        reward, exact, nfe, zero = accelerator.reduce(local, "mean").tolist()
+        record = {"step": step + 1, "rollouts": (step + 1) * cfg.prompts_per_step * cfg.num_generations * world,
+                  "reward": round(reward, 4), "accuracy": round(exact, 4), "mean_nfe": round(nfe, 3),
+                  "zero_variance_groups": zero * world,
+                  "loss": round(sum(s.loss for s in stats) / len(stats), 5),
+                  "kl": round(sum(s.kl for s in stats) / len(stats), 6),
+                  "ratio_clip_fraction": round(sum(s.ratio_clip_fraction for s in stats) / len(stats), 5),
+                  "is_clip_fraction": round(sum(s.is_clip_fraction for s in stats) / len(stats), 5),
+                  "mean_is_weight": round(sum(s.mean_is_weight for s in stats) / len(stats), 4),
+                  "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
+                  "rollouts_per_second": round(len(batch.texts) * world / rollout_seconds, 2),
+                  "step_seconds": round(time.perf_counter() - t0, 3)}
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            if accelerator.is_main_process:
+                for task, data in eval_sets.items():
+                    r = evaluate(loaded, task, data, replace(params, temperature=0.0, seed=None), progress=False)
+                    record[f"eval_{task}_accuracy"] = round(r.accuracy, 4)
+                    record[f"eval_{task}_exact"] = round(r.exact, 4)
+                    record[f"eval_{task}_mean_nfe"] = round(r.mean_nfe, 3)
+            model.train()
+        bar.set_postfix(reward=f"{reward:.3f}", nfe=f"{nfe:.1f}")
+        if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or any(k.startswith("eval_")
+                                                                                  for k in record)):
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt, model=unwrapped, tokenizer=tokenizer, step=step, optimizer=optimizer)
+                _export(unwrapped, tokenizer, out, bool(cfg.lora_r))
+    accelerator.wait_for_everyone()
+    return RLRun(out, unwrapped)

@@ -1,0 +1,51 @@
+"""RL rollouts: G completions per prompt from the shared sampler, with their trajectories and rewards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffpo_serve.dllm.loading import LoadedModel
+from diffpo_serve.dllm.sampler import SamplingParams, generate
+from training.data import left_pad
+
+
+@dataclass
+class RolloutBatch:
+    """B = prompts x G rows, grouped: rows [g*G, (g+1)*G) answer prompt g."""
+
+    prompt_ids: torch.Tensor  # B, P  left-padded
+    prompt_attention: torch.Tensor  # B, P  bool
+    completion: torch.Tensor  # B, n  generated ids
+    commit_step: torch.Tensor  # B, n  0-based step of each commit, -1 = EOS fill / padding
+    behaviour_logprob: torch.Tensor  # B, n  log-prob under the sampling distribution when committed
+    nfe: torch.Tensor  # B
+    rewards: torch.Tensor  # B
+    texts: list[str]
+    num_generations: int
+
+    @property
+    def exact(self) -> torch.Tensor:
+        return (self.rewards >= 1.0).float()
+
+
+@torch.no_grad()
+def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], reward_fn, num_generations: int,
+            params: SamplingParams, seed: int) -> RolloutBatch:
+    """Sample ``num_generations`` completions for each example (each row seeded ``seed + row``)."""
+    prompts = [loaded.encode(ex["prompt"]) for ex in examples for _ in range(num_generations)]
+    row_params = [SamplingParams(**{**params.__dict__, "seed": seed + i}) for i in range(len(prompts))]
+    was_training = model.training
+    model.eval()
+    out = generate(model, prompts, row_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id,
+                   return_trajectory=True)
+    model.train(was_training)
+    texts = [loaded.decode(seq)[0] for seq in out.sequences.tolist()]
+    rewards = torch.tensor([reward_fn(t, ex) for t, ex in zip(texts, (e for e in examples for _ in
+                                                                        range(num_generations)))])
+    prompt_ids, prompt_attention = left_pad(prompts, loaded.pad_id)
+    return RolloutBatch(prompt_ids=prompt_ids.to(out.sequences.device),
+                        prompt_attention=prompt_attention.to(out.sequences.device), completion=out.sequences,
+                        commit_step=out.commit_step, behaviour_logprob=out.logprob, nfe=out.nfe, rewards=rewards,
+                        texts=texts, num_generations=num_generations)
