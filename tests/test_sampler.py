@@ -232,3 +232,13 @@ def test_rows_join_and_leave_between_steps(model):
 def test_invalid_params_are_refused(bad, word):
     with pytest.raises(ValueError, match=word):
         SamplingParams(**bad).resolved()
+
+
+def test_saturated_logits_still_make_progress():
+    """Probabilities that underflow to 0 must not give NaN entropies (which once stalled `eb`)."""
+    model = tiny_model(seed=1, init=3.0)
+    for sampler in ("eb", "confidence", "steps"):
+        out = run(model, PROMPTS, SamplingParams(sampler=sampler, gen_length=16, block_length=8, threshold=0.001),
+                  stop_at_eos=False)
+        assert not (out.sequences == MASK).any()
+        assert (out.nfe <= 16).all()

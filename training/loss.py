@@ -87,3 +87,19 @@ def policy_loss(
             mean_is_weight=float((w * mask).sum() / n),
         )
     return loss, stats
+
+
+# ----------------------------------------------------------------------------- the learned threshold (DiFFPO "fast")
+
+def sampler_reward(reward: torch.Tensor, nfe: torch.Tensor, nfe_max: float, lam: float) -> torch.Tensor:
+    """r = reward * (1 - lam * NFE / NFE_max): correctness first, then fewer forward passes.
+
+    A wrong answer earns nothing however fast it was, so speed is never bought with accuracy.
+    """
+    return reward * (1 - lam * nfe.float() / nfe_max)
+
+
+def threshold_head_loss(log_prob: torch.Tensor, advantages: torch.Tensor, entropy: torch.Tensor,
+                        entropy_coef: float) -> torch.Tensor:
+    """Group-relative REINFORCE for the head: -mean(A * log pi(gamma | prompt)) - c * mean(H(pi))."""
+    return -(advantages.detach() * log_prob).mean() - entropy_coef * entropy.mean()

@@ -82,6 +82,16 @@ class RLRun:
     model: torch.nn.Module  # this process's trained model (unwrapped; LoRA not merged)
 
 
+def _evaluate(loaded, eval_sets: dict, params: SamplingParams) -> dict:
+    """Greedy accuracy, exact rate and NFE on each task's held-out prompts, with the rollout sampler."""
+    record = {}
+    for task, data in eval_sets.items():
+        r = evaluate(loaded, task, data, replace(params, temperature=0.0, seed=None), progress=False)
+        record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
+                       f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})
+    return record
+
+
 def train_rl(cfg: RLConfig) -> RLRun:
     """Run RL post-training; the output directory is a loadable model."""
     accelerator = Accelerator(cpu=cfg.device == "cpu")
@@ -129,6 +139,10 @@ def train_rl(cfg: RLConfig) -> RLRun:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"rl {cfg.algo}",
                disable=not accelerator.is_local_main_process)
     diffpo = cfg.algo == "diffpo"
+    if cfg.eval_every and start == 0 and accelerator.is_main_process:  # the starting point of the curve
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": 0, "rollouts": 0, **_evaluate(loaded, eval_sets, params)}) + "\n")
+        model.train()
     for step in bar:
         t0 = time.perf_counter()
         step_seed = (cfg.seed * 1_000_003 + step) * world + rank
@@ -179,11 +193,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
                   "step_seconds": round(time.perf_counter() - t0, 3)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             if accelerator.is_main_process:
-                for task, data in eval_sets.items():
-                    r = evaluate(loaded, task, data, replace(params, temperature=0.0, seed=None), progress=False)
-                    record[f"eval_{task}_accuracy"] = round(r.accuracy, 4)
-                    record[f"eval_{task}_exact"] = round(r.exact, 4)
-                    record[f"eval_{task}_mean_nfe"] = round(r.mean_nfe, 3)
+                record.update(_evaluate(loaded, eval_sets, params))
             model.train()
         bar.set_postfix(reward=f"{reward:.3f}", nfe=f"{nfe:.1f}")
         if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or any(k.startswith("eval_")

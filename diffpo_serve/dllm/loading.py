@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from diffpo_serve.dllm import model as _own_model  # noqa: F401  (registers our config and model)
+from diffpo_serve.dllm.threshold_head import ThresholdHeadError, load_head
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "bundled_model"
 
@@ -42,6 +43,7 @@ class LoadedModel:
     path: str
     name: str
     max_length: int
+    threshold_head: torch.nn.Module | None = None  # DiFFPO's learned per-prompt threshold, if the model has one
 
     @property
     def device(self) -> torch.device:
@@ -148,16 +150,23 @@ def load_model(
     pad_id = _first_id(tokenizer.pad_token_id, getattr(config, "pad_token_id", None), eos_id)
     max_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", 0)
                      or tokenizer.model_max_length)
+    try:
+        head = load_head(path, device=device)
+    except ThresholdHeadError as e:
+        raise ModelLoadError(str(e)) from e
     return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
-                       path=str(path), name=path.name, max_length=max_length)
+                       path=str(path), name=path.name, max_length=max_length, threshold_head=head)
 
 
 _FORWARD_ARGS: dict[type, frozenset[str]] = {}
 
 
 def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (b, l, V) of any loaded model; passes only the arguments its ``forward`` accepts."""
+                 position_ids: torch.Tensor | None = None, *, hidden: bool = False):
+    """Logits (b, l, V) of any loaded model; passes only the arguments its ``forward`` accepts.
+
+    With ``hidden=True`` returns ``(logits, last_hidden_state)``, the latter (b, l, d).
+    """
     inner = getattr(model, "module", model)  # DistributedDataParallel and similar wrappers
     accepted = _FORWARD_ARGS.get(type(inner))
     if accepted is None:
@@ -167,4 +176,7 @@ def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     kwargs = {"attention_mask": attention_mask}
     if position_ids is not None and "position_ids" in accepted:
         kwargs["position_ids"] = position_ids
-    return model(input_ids=input_ids, **kwargs).logits
+    if hidden:
+        kwargs["output_hidden_states"] = True
+    out = model(input_ids=input_ids, **kwargs)
+    return (out.logits, out.hidden_states[-1]) if hidden else out.logits

@@ -15,8 +15,13 @@ chosen by that row's ``sampler``:
 ``eb``          The entropy-bounded sampler (Ben-Hamu et al. 2025, arXiv 2505.24857): sort the block's
                 masked tokens by entropy H(1) <= H(2) <= ...; commit the largest prefix k with
                 sum_{i<=k} H(i) - max_{i<=k} H(i) <= ``threshold`` (gamma), at least one token.
+``learned``     ``eb`` with a per-prompt gamma chosen by the model's threshold head (DiFFPO) from the
+                prompt's features in the row's first forward pass: its mode, or a draw with the row's
+                generator when the state samples thresholds (RL rollouts). A given ``threshold``
+                overrides the head.
 
-Confidence and entropy are those of the model's predictive distribution softmax(logits); tokens are
+Confidence and entropy are those of the model's predictive distribution softmax(logits) (with the mask
+token excluded: a committed mask would never be unmasked); tokens are
 drawn from the sampling distribution softmax(logits / temperature) cut to ``top_p`` (argmax when the
 temperature is 0), and the log-probability of each committed token under that distribution is
 recorded with its commit step: the trajectory that RL needs. Each row has its own seeded generator, so
@@ -36,9 +41,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from diffpo_serve.dllm.loading import model_logits
+from diffpo_serve.dllm.threshold_head import prompt_features
 
-SAMPLERS = ("steps", "confidence", "eb")
-DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3}
+SAMPLERS = ("steps", "confidence", "eb", "learned")
+DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3, "learned": None}  # learned: the head's choice
+LEARNED = SAMPLERS.index("learned")
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class SamplingParams:
             raise ValueError(f"steps must be a positive multiple of the number of blocks "
                              f"({num_blocks} = ceil(gen_length / block_length)); got {steps}")
         threshold = DEFAULT_THRESHOLD[self.sampler] if self.threshold is None else float(self.threshold)
-        if not threshold >= 0 or threshold != threshold or threshold == float("inf"):
+        if threshold is not None and (not threshold >= 0 or threshold == float("inf")):
             raise ValueError(f"threshold must be a finite number >= 0; got {self.threshold}")
         if not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
@@ -97,7 +104,7 @@ class BatchState:
     block_length: torch.Tensor  # b
     steps_per_block: torch.Tensor  # b
     sampler: torch.Tensor  # b  index into SAMPLERS
-    threshold: torch.Tensor  # b  float
+    threshold: torch.Tensor  # b  float; NaN until the head has chosen (sampler `learned`)
     temperature: torch.Tensor  # b  float
     top_p: torch.Tensor  # b  float
     block: torch.Tensor  # b  current block index
@@ -106,7 +113,11 @@ class BatchState:
     finished: torch.Tensor  # b  bool
     commit_step: torch.Tensor  # b, gen_width  step (0-based, the row's own count) of each commit; -1 = none
     logprob: torch.Tensor  # b, gen_width  log-prob of the committed token under the sampling distribution
+    threshold_choice: torch.Tensor | None = None  # b  index into the head's grid, -1 = not chosen by the head
+    head_features: torch.Tensor | None = None  # b, d  prompt features the head saw (zeros until then)
     generators: list = field(default_factory=list)  # per row: torch.Generator or None (greedy)
+    head: torch.nn.Module | None = None  # the model's threshold head, for rows with sampler `learned`
+    sample_threshold: bool = False  # draw gamma from the head (RL) instead of taking its mode
     mask_id: int = 0
     eos_id: int = 0
     pad_id: int = 0
@@ -182,8 +193,13 @@ def init_state(
     pad_id: int,
     device: str | torch.device = "cpu",
     stop_at_eos: bool = True,
+    head: torch.nn.Module | None = None,
+    sample_threshold: bool = False,
 ) -> BatchState:
-    """Build the state for a list of token-id prompts, each with its own (or one shared) params."""
+    """Build the state for a list of token-id prompts, each with its own (or one shared) params.
+
+    ``head`` is the model's threshold head (needed by rows with sampler ``learned`` and no threshold).
+    """
     if not prompts:
         raise ValueError("no prompts")
     if isinstance(params, SamplingParams):
@@ -191,6 +207,8 @@ def init_state(
     if len(params) != len(prompts):
         raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
     params = [p.resolved() for p in params]
+    if head is None and any(p.threshold is None for p in params):
+        raise ValueError("sampler 'learned' needs a model with a threshold head; give a threshold to use eb")
     b = len(prompts)
     pw = max(len(p) for p in prompts)
     gw = max(p.gen_length for p in params)
@@ -221,7 +239,9 @@ def init_state(
         steps_per_block=col([p.steps // n if p.steps else p.block_length for p, n in zip(params, num_blocks)],
                             torch.long),
         sampler=col([SAMPLERS.index(p.sampler) for p in params], torch.long),
-        threshold=col([p.threshold for p in params], torch.float),
+        threshold=col([float("nan") if p.threshold is None else p.threshold for p in params], torch.float),
+        threshold_choice=torch.full((b,), -1, dtype=torch.long, device=device),
+        head_features=torch.zeros((b, head.hidden_size if head is not None else 0), device=device),
         temperature=col([p.temperature for p in params], torch.float),
         top_p=col([p.top_p for p in params], torch.float),
         block=torch.zeros(b, dtype=torch.long, device=device),
@@ -230,7 +250,8 @@ def init_state(
         finished=torch.zeros(b, dtype=torch.bool, device=device),
         commit_step=torch.full((b, gw), -1, dtype=torch.long, device=device),
         logprob=torch.zeros((b, gw), dtype=torch.float, device=device),
-        generators=generators, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_at_eos=stop_at_eos,
+        generators=generators, head=head, sample_threshold=sample_threshold, mask_id=mask_id, eos_id=eos_id,
+        pad_id=pad_id, stop_at_eos=stop_at_eos,
     )
 
 
@@ -284,6 +305,7 @@ def select_commits(
     """Which candidate positions each row commits now (b, n bool); rows with a candidate commit >= 1.
 
     confidence, entropy, candidates: (b, n); sampler (index into SAMPLERS), threshold, num_transfer: (b,).
+    ``learned`` rows select like ``eb`` (their threshold is the head's gamma).
     """
     conf_rank, _ = _ranks(confidence, candidates, descending=True)
     top1 = (conf_rank == 0) & candidates
@@ -300,6 +322,17 @@ def select_commits(
 
 
 # ----------------------------------------------------------------------------- the step
+
+def _choose_thresholds(state: BatchState, rows: torch.Tensor, prompt_hidden: torch.Tensor,
+                       prompt_attention: torch.Tensor) -> None:
+    """Ask the head for gamma of the given rows from their prompt features (first forward pass)."""
+    features = prompt_features(prompt_hidden, prompt_attention)
+    gens = [state.generators[r] for r in rows.tolist()] if state.sample_threshold else None
+    choice = state.head.choose(features, gens).to(rows.device)
+    state.threshold[rows] = state.head.grid.to(rows.device)[choice]
+    state.threshold_choice[rows] = choice
+    state.head_features[rows] = features.to(state.head_features.device)
+
 
 @dataclass
 class StepOutput:
@@ -321,7 +354,14 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     canvas = state.canvas[rows]
     attention = state.attention_mask[rows]
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model_logits(model, canvas, attention, positions)[:, pw:].float()  # r, gw, V
+    pending = state.threshold[rows].isnan()  # `learned` rows in their first pass: the head chooses gamma
+    if bool(pending.any()):
+        logits, hidden = model_logits(model, canvas, attention, positions, hidden=True)
+        _choose_thresholds(state, rows[pending], hidden[pending, :pw], attention[pending, :pw])
+    else:
+        logits = model_logits(model, canvas, attention, positions)
+    logits = logits[:, pw:].float()  # r, gw, V
+    logits[..., state.mask_id] = float("-inf")  # never 'predict' the mask token: a row could stall on it
 
     gen = canvas[:, pw:]
     j = torch.arange(gw, device=gen.device)
@@ -332,15 +372,16 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
 
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
-    entropy = -(probs * logp).sum(-1)
+    entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
     temperature, top_p = state.temperature[rows], state.top_p[rows]
     logq = sampling_logprobs(logits, temperature, top_p)
     tokens = logits.argmax(-1)
     for i, r in enumerate(rows.tolist()):
         g = state.generators[r]
         if g is not None and state.temperature[r] > 0:
-            drawn = torch.multinomial(logq[i].exp().cpu(), 1, generator=g).squeeze(-1)
-            tokens[i] = drawn.to(tokens.device)
+            n = int(state.gen_length[r])  # draw for the row's own positions only: the batch's width
+            drawn = torch.multinomial(logq[i, :n].exp().cpu(), 1, generator=g).squeeze(-1)  # must not matter
+            tokens[i, :n] = drawn.to(tokens.device)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
     token_logprob = logq.gather(-1, tokens[..., None]).squeeze(-1)
 
@@ -387,6 +428,9 @@ class GenerationOutput:
     commit_step: torch.Tensor | None = None  # b, gen_width  step at which each token was committed (-1: filled)
     logprob: torch.Tensor | None = None  # b, gen_width  behaviour log-prob of each committed token
     gen_length: torch.Tensor | None = None  # b
+    threshold: torch.Tensor | None = None  # b  the threshold each row used (the head's gamma for `learned`)
+    threshold_choice: torch.Tensor | None = None  # b  head grid index, -1 where the head did not choose
+    head_features: torch.Tensor | None = None  # b, d  what the head saw
 
 
 def generate(
@@ -400,19 +444,24 @@ def generate(
     stop_at_eos: bool = True,
     return_trajectory: bool = False,
     on_step=None,
+    head: torch.nn.Module | None = None,
+    sample_threshold: bool = False,
 ) -> GenerationOutput:
     """Decode a batch of token-id prompts to completion with :func:`denoise_step`.
 
     ``on_step(state, step_output)`` is called after every step (progress, streaming, inspection).
+    ``head``/``sample_threshold``: the threshold head for ``learned`` rows, and whether it samples.
     """
     device = next(model.parameters()).device
     state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, device=device,
-                       stop_at_eos=stop_at_eos)
+                       stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold)
     while not bool(state.finished.all()):
         out = denoise_step(model, state)
         if on_step is not None:
             on_step(state, out)
-    result = GenerationOutput(sequences=state.generated.clone(), nfe=state.nfe.clone(), gen_length=state.gen_length)
+    result = GenerationOutput(sequences=state.generated.clone(), nfe=state.nfe.clone(), gen_length=state.gen_length,
+                              threshold=state.threshold.clone(), threshold_choice=state.threshold_choice.clone(),
+                              head_features=state.head_features.clone())
     if return_trajectory:
         result.commit_step, result.logprob = state.commit_step.clone(), state.logprob.clone()
     return result

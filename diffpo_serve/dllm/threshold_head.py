@@ -1,0 +1,96 @@
+"""The learned per-prompt threshold: prompt features -> a distribution over the EB sampler's gamma.
+
+DiFFPO's "fast" half (arXiv 2510.02212): instead of one global entropy bound for every prompt, a
+small head reads the prompt and picks gamma for it, trained by RL to cut forward passes without
+losing accuracy.
+
+Features: the mean of the final hidden states over the real prompt tokens, taken from the
+sampler's own first forward pass (prompt + all-mask completion), detached, so choosing gamma costs
+no extra forward pass and no gradient reaches the model.
+
+Distribution: a categorical over a fixed log-spaced grid of gamma values. The accuracy/NFE trade-off
+is a step function of gamma with plateaus (a whole block committed at once above some gamma, one token
+per pass below another) and can be multi-modal across prompts, which a categorical represents exactly
+while a unimodal law on log gamma would smear it; the categorical also gives exact log-probs and
+entropy for REINFORCE and a well-defined mode for inference. The head samples during training and
+returns its mode at inference.
+
+Saved next to the model weights as ``threshold_head.safetensors`` + ``threshold_head.json`` and
+loaded with the model by ``load_model``; a model without a head works with fixed thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS, CONFIG = "threshold_head.safetensors", "threshold_head.json"
+DEFAULT_GRID = [round(float(g), 6) for g in torch.logspace(-3, 1, 13)]  # 0.001 ... 10, x2.15 apart
+
+
+class ThresholdHeadError(RuntimeError):
+    """A head file that cannot be read; the message names the file and the problem."""
+
+
+def prompt_features(hidden: torch.Tensor, prompt_attention: torch.Tensor) -> torch.Tensor:
+    """Mean final hidden state over the real prompt tokens: (b, l, d), (b, l) bool -> (b, d), detached."""
+    w = prompt_attention.to(hidden.dtype)[..., None]
+    return ((hidden * w).sum(1) / w.sum(1).clamp(min=1)).detach().float()
+
+
+class ThresholdHead(nn.Module):
+    """features (b, d) -> logits over ``grid`` (b, K)."""
+
+    def __init__(self, hidden_size: int, grid: list[float] | None = None, width: int = 64):
+        super().__init__()
+        self.hidden_size, self.width = hidden_size, width
+        self.register_buffer("grid", torch.tensor(grid or DEFAULT_GRID, dtype=torch.float))
+        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
+                                 nn.Linear(width, len(self.grid)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float())
+
+    def distribution(self, features: torch.Tensor) -> torch.distributions.Categorical:
+        return torch.distributions.Categorical(logits=self(features))
+
+    def log_prob(self, features: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self(features), -1).gather(-1, choice[:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def choose(self, features: torch.Tensor, generators: list | None = None) -> torch.Tensor:
+        """Grid indices (b,): the mode, or a draw with each row's generator where one is given."""
+        logits = self(features)
+        choice = logits.argmax(-1)
+        for i, g in enumerate(generators or []):
+            if g is not None:
+                probs = torch.softmax(logits[i].float(), -1).cpu()
+                choice[i] = torch.multinomial(probs, 1, generator=g).item()
+        return choice
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS))
+        (directory / CONFIG).write_text(json.dumps({"hidden_size": self.hidden_size, "width": self.width,
+                                                     "grid": self.grid.tolist()}, indent=1))
+
+
+def load_head(directory: str | Path, device: str | torch.device = "cpu") -> ThresholdHead | None:
+    """The head saved in a model directory, or None when it has none."""
+    directory = Path(directory)
+    if not (directory / CONFIG).exists() and not (directory / WEIGHTS).exists():
+        return None
+    try:
+        cfg = json.loads((directory / CONFIG).read_text())
+        head = ThresholdHead(int(cfg["hidden_size"]), [float(g) for g in cfg["grid"]], int(cfg.get("width", 64)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ThresholdHeadError(f"{directory / CONFIG}: unreadable threshold-head config: {e}") from e
+    try:
+        head.load_state_dict(load_file(str(directory / WEIGHTS)))
+    except Exception as e:  # safetensors errors, missing file, shape mismatch
+        raise ThresholdHeadError(f"{directory / WEIGHTS}: cannot load the threshold head: {e}") from e
+    return head.to(device).eval()

@@ -1,0 +1,114 @@
+"""The threshold head: sampling vs log-probs, its REINFORCE gradient, save/load and the `learned` sampler."""
+
+import pytest
+import torch
+
+from conftest import EOS, MASK, PAD, tiny_model
+from diffpo_serve.dllm.loading import ModelLoadError, load_model
+from diffpo_serve.dllm.sampler import SamplingParams, generate
+from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head, prompt_features
+from training.loss import sampler_reward, threshold_head_loss
+
+IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
+
+
+def always(head: ThresholdHead, k: int) -> ThresholdHead:
+    """Make the head pick grid index k for every prompt."""
+    with torch.no_grad():
+        last = head.net[-1]
+        last.weight.zero_()
+        last.bias.fill_(-50.0)
+        last.bias[k] = 50.0
+    return head
+
+
+def test_sampling_frequencies_match_log_probs():
+    torch.manual_seed(0)
+    head = ThresholdHead(8, grid=[0.01, 0.1, 1.0, 10.0])
+    features = torch.randn(1, 8).expand(4000, 8)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    draws = head.choose(features, gens)
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    probs = head.log_prob(features[:1].expand(4, 8), torch.arange(4)).exp()
+    assert torch.allclose(freq, probs, atol=0.03)
+    assert torch.allclose(head.distribution(features[:1]).probs[0], probs)
+    # no generators: the mode
+    assert (head.choose(features[:3]) == probs.argmax()).all()
+
+
+def test_reinforce_gradient_moves_probability_to_the_better_threshold():
+    torch.manual_seed(0)
+    head = ThresholdHead(4, grid=[0.01, 1.0, 10.0])
+    features = torch.randn(6, 4)
+    choice = torch.tensor([0, 1, 2, 0, 1, 2])
+    advantages = torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0, -1.0])  # gamma = 1.0 was the good choice
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    before = head.distribution(features).probs[:, 1]
+    for _ in range(5):
+        dist = head.distribution(features)
+        loss = threshold_head_loss(dist.log_prob(choice), advantages, dist.entropy(), entropy_coef=0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = head.distribution(features).probs[:, 1]
+    assert (after > before).all()
+
+
+def test_sampler_reward_never_pays_for_fast_and_wrong():
+    r = sampler_reward(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([16, 2, 16, 1]), 16, lam=0.5)
+    assert r.tolist() == pytest.approx([0.5, 0.9375, 0.0, 0.0])
+
+
+def test_prompt_features_ignore_padding():
+    hidden = torch.arange(12.0).view(1, 3, 4).expand(2, 3, 4).clone()
+    attention = torch.tensor([[False, True, True], [True, True, True]])
+    f = prompt_features(hidden, attention)
+    assert f[0].tolist() == [6.0, 7.0, 8.0, 9.0] and f[1].tolist() == [4.0, 5.0, 6.0, 7.0]
+
+
+@pytest.mark.parametrize("k", [0, 5, 12])
+def test_learned_with_a_fixed_head_equals_eb(k):
+    model = tiny_model(seed=1)
+    head = always(ThresholdHead(model.config.hidden_size), k)
+    gamma = float(head.grid[k])
+    learned = generate(model, PROMPTS, SamplingParams("learned", 16, block_length=8), head=head, **IDS)
+    eb = generate(model, PROMPTS, SamplingParams("eb", 16, block_length=8, threshold=gamma), **IDS)
+    assert torch.equal(learned.sequences, eb.sequences)
+    assert torch.equal(learned.nfe, eb.nfe)
+    assert learned.threshold_choice.tolist() == [k] * 4
+    assert torch.allclose(learned.threshold, torch.full((4,), gamma))
+
+
+def test_learned_needs_a_head_unless_a_threshold_overrides_it(model):
+    with pytest.raises(ValueError, match="threshold head"):
+        generate(model, PROMPTS, SamplingParams("learned", 8), **IDS)
+    override = generate(model, PROMPTS, SamplingParams("learned", 8, threshold=0.5), **IDS)
+    eb = generate(model, PROMPTS, SamplingParams("eb", 8, threshold=0.5), **IDS)
+    assert torch.equal(override.sequences, eb.sequences)
+
+
+def test_sampled_thresholds_are_seeded_per_row(model):
+    head = ThresholdHead(model.config.hidden_size)
+    params = [SamplingParams("learned", 8, temperature=1.0, seed=s) for s in range(4)]
+    a = generate(model, PROMPTS, params, head=head, sample_threshold=True, **IDS)
+    b = generate(model, PROMPTS[::-1], params[::-1], head=head, sample_threshold=True, **IDS)
+    assert a.threshold_choice.tolist() == b.threshold_choice.flip(0).tolist()
+    assert (a.head_features.abs().sum(-1) > 0).all()
+
+
+def test_head_saved_next_to_the_model_loads_with_it(tmp_path, tokenizer):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert load_model(tmp_path).threshold_head is None  # a model without a head still loads
+    head = ThresholdHead(model.config.hidden_size)
+    head.save(tmp_path)
+    loaded = load_model(tmp_path)
+    f = torch.randn(3, model.config.hidden_size)
+    assert torch.equal(loaded.threshold_head(f), head(f))
+    assert loaded.threshold_head.grid.tolist() == head.grid.tolist()
+    (tmp_path / "threshold_head.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="threshold_head.safetensors"):
+        load_model(tmp_path)
+    assert load_head(tmp_path / "nowhere") is None
