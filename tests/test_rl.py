@@ -206,3 +206,41 @@ def test_two_processes_train_in_sync(base_dir, tmp_path):
     assert sums[0]["checksums"] != sums[0]["initial"]
     records = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["rollouts"] == 2 * 2 * 4 * 2  # steps x prompts x G x processes
+
+
+def test_sampler_training_moves_only_the_head(base_dir, tmp_path):
+    from diffpo_serve.dllm.loading import load_model
+    out = train_rl(rl_cfg(base_dir, tmp_path / "sampler", train="sampler", max_steps=3, save_every=3,
+                          eval_every=3, eval_examples=8)).output_dir
+    before, after = load_file(base_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model is frozen
+    loaded = load_model(out)
+    assert loaded.threshold_head is not None
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "eval_sudoku_accuracy" in records[0]
+    assert {"sampler_reward", "head_loss", "head_entropy", "mean_threshold"} <= set(records[-1])
+    assert "kl" not in records[-1]
+
+
+def test_joint_training_moves_model_and_head_and_resumes(base_dir, tmp_path, monkeypatch):
+    from diffpo_serve.dllm.threshold_head import load_head
+    straight = train_rl(rl_cfg(base_dir, tmp_path / "joint", train="joint")).output_dir
+    before, after = load_file(base_dir / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert not any(torch.equal(before[k], after[k]) for k in before)
+    assert load_head(straight) is not None
+
+    real_save = rl.save_checkpoint
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(rl_cfg(base_dir, tmp_path / "killed", train="joint"))
+    monkeypatch.setattr(rl, "save_checkpoint", real_save)
+    resumed = train_rl(rl_cfg(base_dir, tmp_path / "killed", train="joint", resume=True)).output_dir
+    for name in ("model.safetensors", "threshold_head.safetensors"):
+        a, b = load_file(straight / name), load_file(resumed / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

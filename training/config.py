@@ -54,6 +54,11 @@ class RLConfig:
 
     algo: str = option("diffpo", "likelihood surrogate: d1 (one-pass mean-field) or diffpo "
                        "(two-stage with truncated importance weights)", choices=["d1", "diffpo"])
+    train: str = option("model", "what to train: model (the dLLM), sampler (only the threshold head, model "
+                        "frozen) or joint (both, from the same rollouts)", choices=["model", "sampler", "joint"])
+    lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
+    entropy_coef: float = option(0.01, "entropy bonus of the threshold head's REINFORCE loss")
+    head_lr: float = option(3e-3, "learning rate of the threshold head (AdamW)")
     output_dir: str = option("runs/rl", "directory for the trained model, checkpoints and metrics.jsonl")
     model: str | None = option(None, "model directory to post-train; default: the bundled model")
     tasks: str = option("countdown", "comma-separated tasks; each step draws its prompts from their train splits")
@@ -70,7 +75,8 @@ class RLConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     scale_std: bool = option(False, "divide advantages by the group std")
     temperature: float = option(1.0, "rollout sampling temperature")
-    sampler: str = option("steps", "rollout sampler", choices=["steps", "confidence", "eb"])
+    sampler: str = option("steps", "rollout sampler (sampler/joint training always use learned)",
+                          choices=["steps", "confidence", "eb", "learned"])
     threshold: float | None = option(None, "rollout sampler threshold (confidence / eb)")
     gen_length: int | None = option(None, "tokens per completion (default: the task's)")
     block_length: int | None = option(None, "rollout block length (default: gen_length)")
@@ -94,7 +100,8 @@ class EvalConfig:
     task: str = option("countdown", "task name (sudoku, countdown, gsm8k, math500)")
     data: str | None = option(None, "data file (sudoku CSV, countdown/gsm8k/math500 JSONL); default: generated test split")
     model: str | None = option(None, "model directory; default: the bundled model")
-    sampler: str = option("steps", "unmasking strategy", choices=["steps", "confidence", "eb"])
+    sampler: str = option("steps", "unmasking strategy (learned: the model's threshold head picks gamma)",
+                          choices=["steps", "confidence", "eb", "learned"])
     threshold: float | None = option(None, "confidence threshold or EB gamma (default per sampler)")
     gen_length: int | None = option(None, "tokens to generate (default: the task's)")
     block_length: int | None = option(None, "semi-autoregressive block length (default: gen_length)")

@@ -33,6 +33,7 @@ class EvalResult:
     block_length: int
     steps: int | None
     seconds: float
+    threshold_distribution: dict | None  # `learned`: how often each gamma was chosen
     rows: list  # per example: prompt, completion, reward, nfe
 
     def summary(self) -> dict:
@@ -54,13 +55,14 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
             SamplingParams(**{**params.__dict__, "seed": params.seed + start + i}) for i in range(len(chunk))]
         t0 = time.perf_counter()
         out = generate(loaded.model, prompts, chunk_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
-                       pad_id=loaded.pad_id)
+                       pad_id=loaded.pad_id, head=loaded.threshold_head)
         seconds += time.perf_counter() - t0
-        for ex, seq, nfe in zip(chunk, out.sequences, out.nfe.tolist()):
+        for ex, seq, nfe, thr in zip(chunk, out.sequences, out.nfe.tolist(), out.threshold.tolist()):
             ids = seq.tolist()
             text, _ = loaded.decode(ids)
             total_tokens += ids.index(loaded.eos_id) if loaded.eos_id in ids else params.gen_length
-            rows.append({"prompt": ex["prompt"], "completion": text, "reward": task.reward(text, ex), "nfe": nfe})
+            rows.append({"prompt": ex["prompt"], "completion": text, "reward": task.reward(text, ex), "nfe": nfe,
+                         "threshold": thr})
         bar.update(len(chunk))
     bar.close()
     n = len(rows)
@@ -68,9 +70,19 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
     return EvalResult(
         task=task_name, n=n, accuracy=sum(rewards) / max(n, 1), exact=sum(r >= 1.0 for r in rewards) / max(n, 1),
         mean_nfe=sum(r["nfe"] for r in rows) / max(n, 1), tokens_per_second=total_tokens / max(seconds, 1e-9),
-        sampler=params.sampler, threshold=params.threshold if params.sampler != "steps" else None,
+        sampler=params.sampler,
+        threshold=(sum(r["threshold"] for r in rows) / max(n, 1) if params.sampler == "learned" and
+                   params.threshold is None else params.threshold if params.sampler != "steps" else None),
         gen_length=params.gen_length, block_length=params.block_length,
-        steps=params.steps if params.sampler == "steps" else None, seconds=seconds, rows=rows)
+        steps=params.steps if params.sampler == "steps" else None, seconds=seconds, rows=rows,
+        threshold_distribution=_distribution([r["threshold"] for r in rows]) if params.sampler == "learned" else None)
+
+
+def _distribution(values: list[float]) -> dict:
+    counts: dict = {}
+    for v in values:
+        counts[f"{v:.4g}"] = counts.get(f"{v:.4g}", 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: float(kv[0])))
 
 
 def load_eval_data(cfg: EvalConfig):

@@ -2,7 +2,12 @@
 
 Each step: draw prompts, sample G completions per prompt with the shared sampler (recording commit
 steps and behaviour log-probs), score them with the task reward, centre the rewards per group, then
-take mu optimiser steps on the clipped objective of :mod:`training.loss`. The two algorithms differ
+take mu optimiser steps on the clipped objective of :mod:`training.loss`.
+
+``--train`` picks what learns (DiFFPO's "fast" half): ``model`` the dLLM as above; ``sampler`` only
+the threshold head (model frozen), by group-relative REINFORCE on r = reward * (1 - lambda NFE/NFE_max)
+over the G rollouts of a prompt, each of which drew its own gamma; ``joint`` both from the same
+rollouts (the model's loss uses each rollout's behaviour log-probs under its own gamma). The two algorithms differ
 only in the likelihood surrogate (:mod:`training.likelihood`) and the importance weight:
 
   d1      one-pass mean-field log-probs, w = 1;
@@ -30,11 +35,13 @@ from tqdm.auto import tqdm
 
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams
-from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint
+from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head
+from training.checkpoint import CheckpointError, load_trainer_state, recover_interrupted, save_checkpoint
 from training.config import RLConfig
 from training.evaluate import evaluate
 from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
-from training.loss import group_advantages, policy_loss, truncated_is_weight
+from training.loss import (group_advantages, policy_loss, sampler_reward, threshold_head_loss,
+                           truncated_is_weight)
 from training.rollout import rollout
 from training.tasks import get_task
 
@@ -58,11 +65,13 @@ def _wrap_lora(model, cfg: RLConfig):
     return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets))
 
 
-def _export(model, tokenizer, out: Path, lora: bool) -> None:
-    """Write a plain loadable model (LoRA merged) to ``out``."""
+def _export(model, tokenizer, out: Path, lora: bool, head=None) -> None:
+    """Write a plain loadable model (LoRA merged, threshold head beside it) to ``out``."""
     plain = copy.deepcopy(model).merge_and_unload() if lora else model
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if head is not None:
+        head.save(out)
 
 
 def _example_pool(cfg: RLConfig, split: str, n: int) -> list[dict]:
@@ -92,19 +101,34 @@ def _evaluate(loaded, eval_sets: dict, params: SamplingParams) -> dict:
     return record
 
 
+def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
+    """The threshold head to train (sampler/joint) or None; resumed, inherited from the model, or new."""
+    if cfg.train == "model":
+        return base.threshold_head
+    if resuming:
+        head = load_head(ckpt)
+        if head is None:
+            raise CheckpointError(f"{ckpt}: no threshold head to resume (was this a --train {cfg.train} run?)")
+        return head.train()
+    if base.threshold_head is not None:
+        return base.threshold_head.train()
+    torch.manual_seed(cfg.seed)  # a resumed run rebuilds nothing, but two fresh runs start alike
+    return ThresholdHead(base.model.config.hidden_size)
+
+
 def train_rl(cfg: RLConfig) -> RLRun:
-    """Run RL post-training; the output directory is a loadable model."""
+    """Run RL post-training; the output directory is a loadable model (with its head, if trained)."""
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / CHECKPOINT
     recover_interrupted(ckpt)
     resuming = cfg.resume and ckpt.exists()
+    train_model, train_head = cfg.train in ("model", "joint"), cfg.train in ("sampler", "joint")
     base = load_model(cfg.model)
     tokenizer, mask_id = base.tokenizer, base.mask_id
     ref_model = None
-    if cfg.beta > 0:
+    if cfg.beta > 0 and train_model:
         ref_model = copy.deepcopy(base.model).eval().requires_grad_(False).to(accelerator.device)
-    state = None
-    if cfg.lora_r:
+    if cfg.lora_r and train_model:
         if resuming:
             from peft import PeftModel
             model = PeftModel.from_pretrained(base.model, ckpt, is_trainable=True)
@@ -112,22 +136,34 @@ def train_rl(cfg: RLConfig) -> RLRun:
             model = _wrap_lora(base.model, cfg)
     else:
         model = load_model(ckpt).model if resuming else base.model
-    if resuming:
-        state = load_trainer_state(ckpt)
-    elif cfg.resume:
+    head = _setup_head(base, cfg, ckpt, resuming)
+    state = load_trainer_state(ckpt) if resuming else None
+    if cfg.resume and not resuming:
         log.warning("--resume: no checkpoint in %s, starting from %s", ckpt, base.path)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    model, optimizer = accelerator.prepare(model, optimizer)
+
+    optimizer = head_optimizer = None
+    if train_model:
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model = model.eval().requires_grad_(False).to(accelerator.device)
+    if train_head:
+        head_optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr)
+        if state is not None:
+            head_optimizer.load_state_dict(state["extra"]["head_optimizer"])
+        head, head_optimizer = accelerator.prepare(head, head_optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    loaded = replace(base, model=unwrapped)
+    head_unwrapped = accelerator.unwrap_model(head) if head is not None else None
+    loaded = replace(base, model=unwrapped, threshold_head=head_unwrapped)
 
     gen_length = cfg.gen_length or max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
-    params = SamplingParams(cfg.sampler, gen_length, block_length=cfg.block_length, steps=cfg.steps,
-                            threshold=cfg.threshold, temperature=cfg.temperature).resolved()
+    sampler = "learned" if train_head else cfg.sampler
+    params = SamplingParams(sampler, gen_length, block_length=cfg.block_length, steps=cfg.steps,
+                            threshold=None if train_head else cfg.threshold, temperature=cfg.temperature).resolved()
     pool = _example_pool(cfg, "train", cfg.train_examples)
     eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
         if cfg.eval_every else {}
@@ -136,65 +172,37 @@ def train_rl(cfg: RLConfig) -> RLRun:
         (out / "rl_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     start = state["step"] + 1 if state else 0
     rank, world = accelerator.process_index, accelerator.num_processes
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"rl {cfg.algo}",
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"rl {cfg.algo} {cfg.train}",
                disable=not accelerator.is_local_main_process)
-    diffpo = cfg.algo == "diffpo"
     if cfg.eval_every and start == 0 and accelerator.is_main_process:  # the starting point of the curve
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": 0, "rollouts": 0, **_evaluate(loaded, eval_sets, params)}) + "\n")
-        model.train()
     for step in bar:
         t0 = time.perf_counter()
         step_seed = (cfg.seed * 1_000_003 + step) * world + rank
         g = torch.Generator().manual_seed(step_seed)
         idx = torch.randint(0, len(pool), (cfg.prompts_per_step,), generator=g).tolist()
         batch = rollout(unwrapped, loaded, [pool[i] for i in idx], _reward, cfg.num_generations, params,
-                        seed=step_seed * 100_000)
+                        seed=step_seed * 100_000, head=head_unwrapped)
         rollout_seconds = time.perf_counter() - t0
-        advantages, zero_var = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_std)
-        advantages = advantages.to(batch.completion.device)
-        token_mask = scored(batch.commit_step)
+        record = {}
+        if train_model:
+            record.update(_model_update(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, g, mask_id))
+        if train_head:
+            record.update(_head_update(cfg, head, head_optimizer, accelerator, batch, gen_length))
 
-        # per inner step: the prompt mask, tau and the old/reference log-probs, all before any update
-        draws = []
-        with torch.no_grad():
-            for _ in range(cfg.num_iterations):
-                masked_prompt = prompt_mask(batch.prompt_attention, cfg.p_mask, g)
-                tau = draw_tau(batch.nfe, g) if diffpo else None
-                old = surrogate_logprobs(unwrapped, batch, masked_prompt, tau, mask_id)
-                ref = surrogate_logprobs(ref_model, batch, masked_prompt, tau, mask_id) if ref_model else None
-                w = truncated_is_weight(old, batch.behaviour_logprob, cfg.C) if diffpo else None
-                draws.append((masked_prompt, tau, old, ref, w))
-
-        stats, grad_norms = [], []
-        for masked_prompt, tau, old, ref, w in draws:
-            logp = surrogate_logprobs(model, batch, masked_prompt, tau, mask_id)
-            loss, s = policy_loss(logp, old, advantages, token_mask, epsilon=cfg.epsilon, beta=cfg.beta,
-                                  logp_ref=ref, is_weight=w, is_cap=cfg.C if diffpo else None)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
-            optimizer.step()
-            stats.append(s)
-
-        local = torch.tensor([batch.rewards.mean(), batch.exact.mean(), batch.nfe.float().mean(), zero_var],
-                             device=accelerator.device)
-        reward, exact, nfe, zero = accelerator.reduce(local, "mean").tolist()
+        _, zero_var = group_advantages(batch.rewards, cfg.num_generations)
+        local = torch.tensor([batch.rewards.mean(), batch.exact.mean(), batch.nfe.float().mean(), zero_var,
+                              batch.threshold.mean()], device=accelerator.device)
+        reward, exact, nfe, zero, threshold = accelerator.reduce(local, "mean").tolist()
         record = {"step": step + 1, "rollouts": (step + 1) * cfg.prompts_per_step * cfg.num_generations * world,
                   "reward": round(reward, 4), "accuracy": round(exact, 4), "mean_nfe": round(nfe, 3),
-                  "zero_variance_groups": zero * world,
-                  "loss": round(sum(s.loss for s in stats) / len(stats), 5),
-                  "kl": round(sum(s.kl for s in stats) / len(stats), 6),
-                  "ratio_clip_fraction": round(sum(s.ratio_clip_fraction for s in stats) / len(stats), 5),
-                  "is_clip_fraction": round(sum(s.is_clip_fraction for s in stats) / len(stats), 5),
-                  "mean_is_weight": round(sum(s.mean_is_weight for s in stats) / len(stats), 4),
-                  "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
+                  "mean_threshold": round(threshold, 5), "zero_variance_groups": zero * world, **record,
                   "rollouts_per_second": round(len(batch.texts) * world / rollout_seconds, 2),
                   "step_seconds": round(time.perf_counter() - t0, 3)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             if accelerator.is_main_process:
                 record.update(_evaluate(loaded, eval_sets, params))
-            model.train()
         bar.set_postfix(reward=f"{reward:.3f}", nfe=f"{nfe:.1f}")
         if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or any(k.startswith("eval_")
                                                                                   for k in record)):
@@ -203,7 +211,59 @@ def train_rl(cfg: RLConfig) -> RLRun:
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(ckpt, model=unwrapped, tokenizer=tokenizer, step=step, optimizer=optimizer)
-                _export(unwrapped, tokenizer, out, bool(cfg.lora_r))
+                extra = {"head_optimizer": head_optimizer.state_dict()} if head_optimizer else None
+                save_checkpoint(ckpt, model=unwrapped, tokenizer=tokenizer, step=step, optimizer=optimizer,
+                                extra=extra, head=head_unwrapped)
+                _export(unwrapped, tokenizer, out, bool(cfg.lora_r and train_model), head_unwrapped)
     accelerator.wait_for_everyone()
     return RLRun(out, unwrapped)
+
+
+def _model_update(cfg: RLConfig, model, unwrapped, ref_model, optimizer, accelerator, batch, g, mask_id) -> dict:
+    """mu clipped policy-gradient steps of the dLLM on one batch of rollouts; returns metrics."""
+    diffpo = cfg.algo == "diffpo"
+    advantages, _ = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_std)
+    advantages = advantages.to(batch.completion.device)
+    token_mask = scored(batch.commit_step)
+    # per inner step: the prompt mask, tau and the old/reference log-probs, all before any update
+    draws = []
+    with torch.no_grad():
+        for _ in range(cfg.num_iterations):
+            masked_prompt = prompt_mask(batch.prompt_attention, cfg.p_mask, g)
+            tau = draw_tau(batch.nfe, g) if diffpo else None
+            old = surrogate_logprobs(unwrapped, batch, masked_prompt, tau, mask_id)
+            ref = surrogate_logprobs(ref_model, batch, masked_prompt, tau, mask_id) if ref_model else None
+            w = truncated_is_weight(old, batch.behaviour_logprob, cfg.C) if diffpo else None
+            draws.append((masked_prompt, tau, old, ref, w))
+    stats, grad_norms = [], []
+    model.train()
+    for masked_prompt, tau, old, ref, w in draws:
+        logp = surrogate_logprobs(model, batch, masked_prompt, tau, mask_id)
+        loss, s = policy_loss(logp, old, advantages, token_mask, epsilon=cfg.epsilon, beta=cfg.beta,
+                              logp_ref=ref, is_weight=w, is_cap=cfg.C if diffpo else None)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
+        optimizer.step()
+        stats.append(s)
+
+    def mean(name):
+        return sum(getattr(s, name) for s in stats) / len(stats)
+
+    return {"loss": round(mean("loss"), 5), "kl": round(mean("kl"), 6),
+            "ratio_clip_fraction": round(mean("ratio_clip_fraction"), 5),
+            "is_clip_fraction": round(mean("is_clip_fraction"), 5), "mean_is_weight": round(mean("mean_is_weight"), 4),
+            "grad_norm": round(sum(grad_norms) / len(grad_norms), 4)}
+
+
+def _head_update(cfg: RLConfig, head, head_optimizer, accelerator, batch, gen_length: int) -> dict:
+    """One group-relative REINFORCE step of the threshold head on the rollouts' own gamma draws."""
+    r = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, gen_length, cfg.lam)
+    advantages, _ = group_advantages(r, cfg.num_generations)
+    dist = torch.distributions.Categorical(logits=head(batch.head_features))
+    loss = threshold_head_loss(dist.log_prob(batch.threshold_choice), advantages, dist.entropy(), cfg.entropy_coef)
+    head_optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    head_optimizer.step()
+    return {"sampler_reward": round(float(r.mean()), 4), "head_loss": round(loss.item(), 5),
+            "head_entropy": round(dist.entropy().mean().item(), 4)}

@@ -24,6 +24,9 @@ class RolloutBatch:
     rewards: torch.Tensor  # B
     texts: list[str]
     num_generations: int
+    threshold: torch.Tensor  # B  the threshold each row used
+    threshold_choice: torch.Tensor  # B  the head's grid index, -1 where the head did not choose
+    head_features: torch.Tensor  # B, d  the prompt features the head saw
 
     @property
     def exact(self) -> torch.Tensor:
@@ -32,14 +35,18 @@ class RolloutBatch:
 
 @torch.no_grad()
 def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], reward_fn, num_generations: int,
-            params: SamplingParams, seed: int) -> RolloutBatch:
-    """Sample ``num_generations`` completions for each example (each row seeded ``seed + row``)."""
+            params: SamplingParams, seed: int, head: torch.nn.Module | None = None) -> RolloutBatch:
+    """Sample ``num_generations`` completions for each example (each row seeded ``seed + row``).
+
+    With sampler ``learned`` each row draws its own gamma from ``head``, so a group shows the
+    accuracy/NFE trade-off of its prompt.
+    """
     prompts = [loaded.encode(ex["prompt"]) for ex in examples for _ in range(num_generations)]
     row_params = [SamplingParams(**{**params.__dict__, "seed": seed + i}) for i in range(len(prompts))]
     was_training = model.training
     model.eval()
     out = generate(model, prompts, row_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id,
-                   return_trajectory=True)
+                   return_trajectory=True, head=head, sample_threshold=True)
     model.train(was_training)
     texts = [loaded.decode(seq)[0] for seq in out.sequences.tolist()]
     rewards = torch.tensor([reward_fn(t, ex) for t, ex in zip(texts, (e for e in examples for _ in
@@ -48,4 +55,5 @@ def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], r
     return RolloutBatch(prompt_ids=prompt_ids.to(out.sequences.device),
                         prompt_attention=prompt_attention.to(out.sequences.device), completion=out.sequences,
                         commit_step=out.commit_step, behaviour_logprob=out.logprob, nfe=out.nfe, rewards=rewards,
-                        texts=texts, num_generations=num_generations)
+                        texts=texts, num_generations=num_generations, threshold=out.threshold,
+                        threshold_choice=out.threshold_choice, head_features=out.head_features)
