@@ -67,3 +67,18 @@ def test_malformed_data_file_names_file_and_line(model_dir, tmp_path, capsys):
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nope"), "--task", "sudoku", "--limit", "1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_eval_learned_reports_the_chosen_thresholds(tmp_path, tokenizer, capsys):
+    from diffpo_serve.dllm.threshold_head import ThresholdHead
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    ThresholdHead(model.config.hidden_size).save(tmp_path)
+    assert main(["eval", "--model", str(tmp_path), "--task", "countdown", "--limit", "10", "--sampler", "learned"]) == 0
+    summary = last_json(capsys)
+    dist = summary["threshold_distribution"]
+    assert sum(dist.values()) == 10
+    grid = ThresholdHead(8).grid.tolist()
+    assert all(any(abs(float(k) - g) / g < 1e-3 for g in grid) for k in dist)
+    assert min(map(float, dist)) <= summary["threshold"] <= max(map(float, dist))
