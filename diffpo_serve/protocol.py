@@ -63,6 +63,7 @@ def unavailable(message: str, code: str, retry_after: int = 1) -> APIError:
 STRICT_INT = dict(strict=True)
 FINITE = dict(strict=True, allow_inf_nan=False)
 MAX_STOP_STRINGS = 16
+MAX_EXTRA_INT = 1 << 20  # steps / block_length beyond any model's length are refused before reaching torch
 
 
 class StreamOptions(BaseModel):
@@ -134,8 +135,8 @@ class CompletionRequest(_GenerationFields):
     # --- diffusion extras (not in OpenAI's API; the sampler's own names) ---------------------------
     sampler: Sampler | None = Field(None, description=_SAMPLER_HELP)
     threshold: float | None = Field(None, ge=0, description=_THRESHOLD_HELP, **FINITE)
-    block_length: int | None = Field(None, ge=1, description=_BLOCK_HELP, **STRICT_INT)
-    steps: int | None = Field(None, ge=1, description=_STEPS_HELP, **STRICT_INT)
+    block_length: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_BLOCK_HELP, **STRICT_INT)
+    steps: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_STEPS_HELP, **STRICT_INT)
 
     @field_validator("prompt")
     @classmethod
@@ -211,8 +212,8 @@ class ChatCompletionRequest(_GenerationFields):
     # --- diffusion extras (not in OpenAI's API; the sampler's own names) ---------------------------
     sampler: Sampler | None = Field(None, description=_SAMPLER_HELP)
     threshold: float | None = Field(None, ge=0, description=_THRESHOLD_HELP, **FINITE)
-    block_length: int | None = Field(None, ge=1, description=_BLOCK_HELP, **STRICT_INT)
-    steps: int | None = Field(None, ge=1, description=_STEPS_HELP, **STRICT_INT)
+    block_length: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_BLOCK_HELP, **STRICT_INT)
+    steps: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_STEPS_HELP, **STRICT_INT)
 
     def gen_length(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

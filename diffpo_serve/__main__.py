@@ -1,0 +1,5 @@
+"""``python -m diffpo_serve``: the same as the ``diffpo-serve`` command."""
+
+from diffpo_serve.cli import main
+
+raise SystemExit(main())

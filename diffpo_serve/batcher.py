@@ -1,0 +1,365 @@
+"""Step-level continuous batching over the shared sampler: the queue, the decoding thread, the rows.
+
+One background thread owns the model and a :class:`~diffpo_serve.dllm.sampler.BatchState` holding
+every active row (a row is one prompt decoded once; a request with ``n`` choices over ``p`` prompts
+contributes ``n * p`` rows). The thread loops::
+
+    drop rows whose request was cancelled (client gone, stop string matched, timeout)
+    admit waiting rows up to max_batch_size     -> init_state + BatchState.concat  (rows join)
+    denoise_step(model, state)                  -> one forward pass over every active row
+    report rows whose block advanced or that finished, then drop finished rows -> state.select
+
+so requests with different prompts, lengths and sampling parameters share every forward pass, and a
+row's output is exactly what it would be alone (the sampler keeps per-row generators and padding
+that the row cannot see). A row's threshold is the request's, the sampler's default, or, for
+``learned`` rows, the model's threshold head's choice, made once per row inside the sampler's first
+forward pass for it (no extra pass); updates report the threshold each row really used.
+
+The asyncio side talks to the thread through :class:`RequestHandle`: :meth:`Batcher.submit` queues a
+request's rows (or raises :class:`QueueFull` / :class:`Draining`), and the thread delivers
+:class:`RowUpdate` / :class:`BatchFailure` events into the handle's ``asyncio.Queue`` with
+``loop.call_soon_threadsafe``. The thread never holds the lock during a forward pass, so the event
+loop never waits for the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from diffpo_serve.dllm.loading import LoadedModel
+from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, init_state
+from diffpo_serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue``."""
+
+
+class Draining(Exception):
+    """The batcher accepts no new work (shutting down)."""
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One row to decode: token-id prompt and (validated) sampling parameters."""
+
+    prompt: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    """A row's determined prefix: sent when its current block advances and when it finishes.
+
+    ``ids`` are the generated ids up to the first still-masked position (the whole ``gen_length``
+    once finished, EOS-filled after an EOS). ``threshold`` is the one the row is decoded with.
+    """
+
+    choice: int
+    ids: list[int]
+    finished: bool
+    nfe: int
+    sampler: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class BatchFailure:
+    """The request's rows were dropped by a failure on the decoding thread, or by shutdown."""
+
+    message: str
+    shutting_down: bool = False
+
+
+class RequestHandle:
+    """The asyncio side of one submitted request: its event queue and its cancellation flags."""
+
+    def __init__(self, rows: list[RowRequest], loop: asyncio.AbstractEventLoop, batcher: "Batcher"):
+        self.rows = rows
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._loop = loop
+        self._batcher = batcher
+        self.cancelled = False
+        self.cancelled_choices: set[int] = set()
+        self.next_row = 0  # admission cursor; only the decoding thread moves it
+
+    def cancel(self, choice: int | None = None) -> None:
+        """Drop every row of this request (or one choice) at the next step boundary."""
+        if choice is None:
+            self.cancelled = True
+        else:
+            self.cancelled_choices.add(choice)
+        self._batcher.wake()
+
+    def is_cancelled(self, choice: int) -> bool:
+        return self.cancelled or choice in self.cancelled_choices
+
+    def deliver(self, event) -> None:
+        """Called from the decoding thread."""
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class _Slot:
+    handle: RequestHandle
+    choice: int
+    params: SamplingParams  # as admitted (resolved)
+    reported_block: int = 0
+
+
+class Batcher:
+    """The decoding thread and its queue; see the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, max_queue: int = 256,
+                 metrics: ServerMetrics | None = None, step_fn=denoise_step):
+        self.loaded = loaded
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.step_fn = step_fn
+        self._device = loaded.device
+        self._cond = threading.Condition()
+        self._waiting: deque[RequestHandle] = deque()
+        self._waiting_rows = 0
+        self._slots: list[_Slot] = []  # aligned with the rows of self._state
+        self._admitting = 0
+        self._state: BatchState | None = None
+        self._draining = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ asyncio side
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="diffpo-batcher", daemon=True)
+            self._thread.start()
+
+    def submit(self, rows: list[RowRequest], loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request's rows; raises :class:`Draining` or :class:`QueueFull`.
+
+        A request that fits in the free batch capacity is always taken; otherwise it waits, and at
+        most ``max_queue`` requests wait.
+        """
+        if not rows:
+            raise ValueError("no rows")
+        handle = RequestHandle(rows, loop or asyncio.get_running_loop(), self)
+        with self._cond:
+            if self._draining or self._stopping:
+                raise Draining("the server is shutting down")
+            fits = len(self._slots) + self._admitting + self._waiting_rows + len(rows) <= self.max_batch_size
+            if not fits and self._queued_beyond_capacity() >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            self._waiting.append(handle)
+            self._waiting_rows += len(rows)
+            self._publish_queue()
+            self._cond.notify_all()
+        return handle
+
+    def _queued_beyond_capacity(self) -> int:
+        """Waiting requests that will not all fit in the batch at the next step (lock held)."""
+        free = self.max_batch_size - len(self._slots) - self._admitting
+        for i, handle in enumerate(self._waiting):
+            free -= len(handle.rows) - handle.next_row
+            if free < 0:
+                return len(self._waiting) - i
+        return 0
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, int | bool]:
+        return {"active_rows": len(self._slots) + self._admitting, "waiting_requests": len(self._waiting),
+                "draining": self._draining}
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; running and waiting ones continue."""
+        with self._cond:
+            self._draining = True
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new requests, wait until waiting and running rows are done, stop the thread.
+
+        Returns whether everything finished within ``timeout``; whatever is left then fails with a
+        shutdown error. Blocking: from asyncio call it through ``asyncio.to_thread``.
+        """
+        self.begin_drain()
+        with self._cond:
+            idle = self._cond.wait_for(lambda: not self._waiting and not self._slots and not self._admitting, timeout)
+        self.stop()
+        return idle
+
+    def stop(self) -> None:
+        """Stop the thread now; rows still queued or running get a :class:`BatchFailure`."""
+        with self._cond:
+            self._draining = self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._fail_everything("the server is shutting down", shutting_down=True)
+
+    # ------------------------------------------------------------------ decoding thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._waiting or self._slots)
+                if self._stopping:
+                    break
+            try:
+                self.run_once()
+            except Exception:  # a bug here must not leave requests hanging until their timeout
+                log.exception("batcher iteration failed; failing the running rows")
+                for handle in {id(s.handle): s.handle for s in self._slots}.values():
+                    handle.deliver(BatchFailure("internal error during decoding"))
+                self._keep([])
+                with self._cond:
+                    self._admitting = 0
+                    self._cond.notify_all()
+
+    def run_once(self) -> None:
+        """One iteration: drop cancelled rows, admit, step (the thread's loop body; tests call it by hand)."""
+        with self._cond:
+            admitted = self._take_admissible()
+            self._admitting = len(admitted)  # neither waiting nor running yet: drain() must not see idle
+        self._drop_cancelled()
+        if admitted:
+            self._admit(admitted)
+        with self._cond:
+            self._admitting = 0
+        if self._state is not None:
+            self._step()
+        with self._cond:
+            self._publish_queue()
+            self._cond.notify_all()  # wakes drain()
+
+    def _take_admissible(self) -> list[tuple[RequestHandle, int]]:
+        """Pop waiting rows, first come first served, into the free capacity (lock held)."""
+        free = self.max_batch_size - len(self._slots)
+        taken: list[tuple[RequestHandle, int]] = []
+        while self._waiting and free > 0:
+            handle = self._waiting[0]
+            while handle.next_row < len(handle.rows) and free > 0:
+                choice = handle.next_row
+                handle.next_row += 1
+                self._waiting_rows -= 1
+                if not handle.is_cancelled(choice):
+                    taken.append((handle, choice))
+                    free -= 1
+            if handle.cancelled:
+                self._waiting_rows -= len(handle.rows) - handle.next_row
+                handle.next_row = len(handle.rows)
+            if handle.next_row >= len(handle.rows):
+                self._waiting.popleft()
+        # cancelled requests further back leave the queue now rather than when they reach its head
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            self._waiting_rows -= len(handle.rows) - handle.next_row
+        return taken
+
+    def _admit(self, admitted: list[tuple[RequestHandle, int]]) -> None:
+        prompts = [h.rows[c].prompt for h, c in admitted]
+        try:
+            params = [h.rows[c].params.resolved() for h, c in admitted]
+            new = init_state(prompts, params, mask_id=self.loaded.mask_id, eos_id=self.loaded.eos_id,
+                             pad_id=self.loaded.pad_id, device=self._device, head=self.loaded.threshold_head)
+        except Exception:
+            log.exception("cannot admit %d rows", len(admitted))
+            for handle in {id(h): h for h, _ in admitted}.values():
+                handle.deliver(BatchFailure("internal error while starting the request"))
+            return
+        state = new if self._state is None else BatchState.concat([self._state, new])
+        with self._cond:  # the rows move from "admitting" to "running" at once
+            self._state = state
+            self._slots.extend(_Slot(h, c, p) for (h, c), p in zip(admitted, params))
+            self._admitting = 0
+        self._publish_rows()
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, s in enumerate(self._slots) if not s.handle.is_cancelled(s.choice)]
+        dropped = len(self._slots) - len(keep)
+        if dropped:
+            self._keep(keep)
+            if self.metrics:
+                self.metrics.cancelled_rows.inc(dropped)
+
+    def _keep(self, keep: list[int]) -> None:
+        if not keep:
+            self._state, self._slots = None, []
+        else:
+            self._state = self._state.select(keep)
+            self._slots = [self._slots[i] for i in keep]
+        self._publish_rows()
+
+    def _step(self) -> None:
+        state = self._state
+        start = time.perf_counter()
+        try:
+            out = self.step_fn(self.loaded.model, state)
+        except Exception:
+            log.exception("denoising step failed; failing the %d rows in the batch", state.batch_size)
+            for handle in {id(s.handle): s.handle for s in self._slots}.values():
+                handle.deliver(BatchFailure("internal error during decoding"))
+            self._keep([])
+            return
+        if self.metrics:
+            self.metrics.step_seconds.observe(time.perf_counter() - start)
+        rows = out.rows.tolist()
+        if not rows:
+            return
+        blocks = state.block[out.rows].tolist()
+        finished = state.finished[out.rows].tolist()
+        report = [(r, b, f) for r, b, f in zip(rows, blocks, finished) if f or b != self._slots[r].reported_block]
+        events: list[tuple[RequestHandle, RowUpdate]] = []
+        if report:
+            idx = torch.tensor([r for r, _, _ in report], device=state.canvas.device)
+            gen = state.generated[idx]
+            gen_length = state.gen_length[idx]
+            masked = (gen == state.mask_id).long()
+            determined = torch.minimum((masked.cumsum(-1) == 0).sum(-1), gen_length).tolist()
+            gen, nfe, thresholds = gen.tolist(), state.nfe[idx].tolist(), state.threshold[idx].tolist()
+            for k, (r, b, f) in enumerate(report):
+                slot = self._slots[r]
+                slot.reported_block = b
+                events.append((slot.handle, RowUpdate(
+                    choice=slot.choice, ids=gen[k][:determined[k]], finished=bool(f), nfe=int(nfe[k]),
+                    sampler=slot.params.sampler, threshold=float(thresholds[k]))))
+        if any(finished):  # finished rows leave before their results go out
+            done = set(r for r, f in zip(rows, finished) if f)
+            self._keep([i for i in range(len(self._slots)) if i not in done])
+        for handle, event in events:
+            handle.deliver(event)
+
+    def _fail_everything(self, message: str, shutting_down: bool = False) -> None:
+        with self._cond:
+            handles = {id(s.handle): s.handle for s in self._slots}
+            handles.update({id(h): h for h in self._waiting})
+            self._waiting.clear()
+            self._waiting_rows = 0
+            self._slots, self._state = [], None
+            self._publish_queue()
+            self._publish_rows()
+            self._cond.notify_all()
+        for handle in handles.values():
+            handle.deliver(BatchFailure(message, shutting_down=shutting_down))
+
+    def _publish_queue(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(len(self._waiting))
+
+    def _publish_rows(self) -> None:
+        if self.metrics:
+            self.metrics.running_rows.set(len(self._slots))

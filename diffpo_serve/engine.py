@@ -1,0 +1,412 @@
+"""The serving layer: OpenAI requests -> batcher rows -> OpenAI responses and SSE chunks. No FastAPI.
+
+:class:`Engine` owns what needs the model but not HTTP: the served model name, prompt rendering and
+tokenisation (the tokenizer's chat template when it has one, else the last user message), the checks
+that need the model (length, token ids, sampler availability, unsupported OpenAI features), and the
+sampling parameters of each row (choice ``i`` of a request with ``seed`` gets ``seed + i``).
+:class:`Generation` is one request in flight: it turns the batcher's row updates into text with stop
+strings, finish reasons and usage, as a whole response or as a stream of chunks.
+
+Streaming sends text when it is determined: the batcher reports a row when its current block
+advances (every earlier position is then committed) and when it finishes; the text of the committed
+prefix is sent minus any tail that could still become a stop string (and any incomplete UTF-8
+character), so nothing sent is ever taken back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import replace
+from typing import AsyncIterator
+
+from diffpo_serve.batcher import (BatchFailure, Batcher, Draining, QueueFull, RequestHandle, RowRequest,
+                                  RowUpdate)
+from diffpo_serve.dllm.loading import LoadedModel
+from diffpo_serve.dllm.sampler import SamplingParams
+from diffpo_serve.metrics import ServerMetrics
+from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice,
+                                   ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                   ChatMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
+                                   CompletionResponse, CompletionStreamChoice, CompletionStreamResponse,
+                                   DeltaMessage, ModelCard, ModelList, Usage, error_body, unavailable)
+from diffpo_serve.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+FALLBACK_GEN_LENGTH = 16
+
+
+def default_gen_length(loaded: LoadedModel, settings: ServerSettings) -> int:
+    """``--default-max-tokens``, else the model's ``generation_config.max_new_tokens``, else 16."""
+    if settings.default_max_tokens is not None:
+        return settings.default_max_tokens
+    gen_config = getattr(loaded.model, "generation_config", None)
+    value = getattr(gen_config, "max_new_tokens", None)
+    return int(value) if value else FALLBACK_GEN_LENGTH
+
+
+class Engine:
+    """Maps requests onto the batcher; one per loaded model."""
+
+    def __init__(self, loaded: LoadedModel, batcher: Batcher, settings: ServerSettings,
+                 metrics: ServerMetrics | None = None):
+        self.loaded = loaded
+        self.batcher = batcher
+        self.settings = settings
+        self.metrics = metrics
+        self.model_name = settings.served_model_name or loaded.name
+        self.default_gen_length = default_gen_length(loaded, settings)
+        self.created = int(time.time())
+        config = getattr(loaded.model, "config", None)
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or len(loaded.tokenizer))
+
+    # ------------------------------------------------------------------ models
+
+    def models(self) -> ModelList:
+        return ModelList(data=[self.model_card()])
+
+    def model_card(self, name: str | None = None) -> ModelCard:
+        if name is not None:
+            self.check_model(name)
+        return ModelCard(id=self.model_name, created=self.created, root=self.loaded.path,
+                         max_model_len=self.loaded.max_length)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    # ------------------------------------------------------------------ requests
+
+    def start_completion(self, req: CompletionRequest, endpoint: str = "/v1/completions") -> "Generation":
+        self.check_model(req.model)
+        _log_ignored(req)
+        unsupported = [("echo", bool(req.echo)), ("logprobs", req.logprobs is not None),
+                       ("suffix", bool(req.suffix)), ("best_of", req.best_of not in (None, req.n))]
+        self._refuse(unsupported, req)
+        return self._start("completion", req, self._completion_prompts(req.prompt), endpoint)
+
+    def start_chat(self, req: ChatCompletionRequest, endpoint: str = "/v1/chat/completions") -> "Generation":
+        self.check_model(req.model)
+        _log_ignored(req)
+        unsupported = [("logprobs", bool(req.logprobs)), ("top_logprobs", bool(req.top_logprobs)),
+                       ("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none", "auto")),
+                       ("response_format", req.response_format is not None and req.response_format.type != "text")]
+        self._refuse(unsupported, req)
+        return self._start("chat", req, [self._chat_prompt(req.messages)], endpoint)
+
+    def _refuse(self, unsupported: list[tuple[str, bool]], req) -> None:
+        unsupported += [("frequency_penalty", bool(req.frequency_penalty)),
+                        ("presence_penalty", bool(req.presence_penalty)), ("logit_bias", bool(req.logit_bias))]
+        for name, used in unsupported:
+            if used:
+                raise APIError(400, f"`{name}` is not supported by this diffusion server", param=name,
+                               code="unsupported_parameter")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+    def _completion_prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        prompts = []
+        for p in prompt:
+            ids = self.loaded.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            if isinstance(p, list) and not all(0 <= i < self.vocab_size for i in ids):
+                raise APIError(400, f"token ids must be in [0, {self.vocab_size})", param="prompt")
+            prompts.append(ids)
+        return prompts
+
+    def _chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """The chat template's rendering, else (no template) the content of the last user message."""
+        tokenizer = self.loaded.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                     tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # jinja errors: the template rejects these messages
+                raise APIError(400, f"the model's chat template rejects these messages: {e}",
+                               param="messages") from None
+        else:
+            users = [m for m in messages if m.role == "user"]
+            if not users:
+                raise APIError(400, "messages must contain a user message", param="messages")
+            text = users[-1].text()
+        ids = self.loaded.encode(text)
+        if not ids:
+            raise APIError(400, "the prompt is empty: the last user message has no content", param="messages")
+        return ids
+
+    def _sampling_params(self, req, gen_length: int, length_param: str) -> SamplingParams:
+        sampler = req.sampler or self.settings.default_sampler
+        if sampler == "learned" and req.threshold is None and self.loaded.threshold_head is None:
+            raise APIError(400, "sampler `learned` needs a model with a threshold head and this model has none; "
+                                "give `threshold` or use `steps`, `confidence` or `eb`",
+                           param="sampler", code="unsupported_sampler")
+        params = SamplingParams(
+            sampler=sampler, gen_length=gen_length, block_length=req.block_length, steps=req.steps,
+            threshold=req.threshold, top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=self.settings.default_temperature if req.temperature is None else req.temperature)
+        try:
+            params.resolved()
+        except ValueError as e:
+            field = str(e).split(" ", 1)[0]
+            raise APIError(400, str(e), param=length_param if field == "gen_length" else field) from None
+        return params
+
+    def _start(self, kind: str, req, prompts: list[list[int]], endpoint: str) -> "Generation":
+        length_param = ("max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None
+                        else "max_tokens")
+        gen_length = req.gen_length() or self.default_gen_length
+        if len(prompts) * req.n > self.settings.max_rows_per_request:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} exceeds the server's limit of "
+                                f"{self.settings.max_rows_per_request} choices per request", param="n")
+        limit = self.loaded.max_length
+        for p in prompts:
+            if len(p) + gen_length > limit:
+                param = "prompt" if len(p) >= limit and kind == "completion" else length_param
+                param = "messages" if len(p) >= limit and kind == "chat" else param
+                raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                                    f"requested {len(p) + gen_length} tokens ({len(p)} in the prompt, "
+                                    f"{gen_length} for the completion). Please reduce the prompt or "
+                                    f"{length_param}.", param=param, code="context_length_exceeded")
+        base = self._sampling_params(req, gen_length, length_param)
+        rows = [RowRequest(p, replace(base, seed=None if req.seed is None else (req.seed + i) % 2**64))
+                for p in prompts for i in range(req.n)]
+        try:
+            handle = self.batcher.submit(rows)
+        except QueueFull as e:
+            raise unavailable(f"{e}; retry later", code="queue_full") from None
+        except Draining:
+            raise unavailable("the server is shutting down", code="draining", retry_after=5) from None
+        return Generation(self, kind, req, prompts, handle, endpoint)
+
+
+def _log_ignored(req) -> None:
+    extra = sorted(req.model_extra or {})
+    if extra:
+        log.warning("ignoring unknown request fields: %s", ", ".join(extra))
+
+
+# ----------------------------------------------------------------------------- text of one choice
+
+def find_stop(text: str, stops: list[str]) -> tuple[int, int] | None:
+    """Earliest occurrence of any stop string: (position, length), or None."""
+    hits = [(i, len(s)) for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` not to send yet: a possible stop-string start, a partial char."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    while hold < len(text) and text[len(text) - hold - 1] == "\ufffd":
+        hold += 1
+    return hold
+
+
+class ChoiceText:
+    """Text, finish reason and token count of one choice, fed with its row's updates."""
+
+    def __init__(self, index: int, loaded: LoadedModel, stops: list[str]):
+        self.index = index
+        self._loaded = loaded
+        self._stops = stops
+        self.text = ""  # text so far that is safe to send (all of it once done)
+        self.sent = ""
+        self.done = False
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.nfe = 0
+        self.sampler = ""
+        self.threshold: float | None = None
+
+    def update(self, event: RowUpdate) -> str:
+        """Take a row update; return the text that can be sent now (may be empty)."""
+        self.nfe, self.sampler = event.nfe, event.sampler
+        self.threshold = None if event.sampler == "steps" else event.threshold
+        text, eos = self._loaded.decode(event.ids)
+        hit = find_stop(text, self._stops)
+        if hit is not None:
+            pos, length = hit
+            self.text, self.done, self.finish_reason = text[:pos], True, "stop"
+            self.completion_tokens = self._tokens_through(event.ids, pos + length)
+        elif event.finished:
+            self.text, self.done = text, True
+            self.finish_reason = "stop" if eos else "length"
+            self.completion_tokens = event.ids.index(self._loaded.eos_id) + 1 if eos else len(event.ids)
+        else:
+            self.text = text[:len(text) - held_back(text, self._stops)]
+        delta = self.text[len(self.sent):]
+        if len(self.text) > len(self.sent):
+            self.sent = self.text
+        return delta
+
+    def _tokens_through(self, ids: list[int], chars: int) -> int:
+        """Fewest leading tokens whose text reaches ``chars`` characters (binary search)."""
+        eos = self._loaded.eos_id
+        ids = ids[:ids.index(eos)] if eos in ids else ids
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self._loaded.decode(ids[:mid])[0]) >= chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
+
+# ----------------------------------------------------------------------------- one request in flight
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class Generation:
+    """A submitted request: consume it with :meth:`result` (one response) or :meth:`stream` (SSE)."""
+
+    def __init__(self, engine: Engine, kind: str, req, prompts: list[list[int]], handle: RequestHandle,
+                 endpoint: str):
+        self.engine = engine
+        self.kind = kind
+        self.endpoint = endpoint
+        self.prompts = prompts
+        self.handle = handle
+        self.include_usage = req.include_usage()
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = engine.model_name
+        stops = req.stop_strings()
+        self.choices = [ChoiceText(i, engine.loaded, stops) for i in range(len(handle.rows))]
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        self._deadline = self._started + engine.settings.request_timeout
+        self._first_text_seen = False
+        self._recorded = False
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    async def _updates(self) -> AsyncIterator[tuple[ChoiceText, str]]:
+        """Yield (choice, new text) as rows report, until every choice is done."""
+        metrics = self.engine.metrics
+        while not all(c.done for c in self.choices):
+            remaining = self._deadline - self._loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                event = await asyncio.wait_for(self.handle.events.get(), remaining)
+            except asyncio.TimeoutError:
+                self.handle.cancel()
+                raise APIError(504, f"the request did not finish within {self.engine.settings.request_timeout:g} "
+                                    "seconds", type="timeout_error", code="request_timeout") from None
+            if isinstance(event, BatchFailure):
+                if event.shutting_down:
+                    raise unavailable(event.message, code="draining", retry_after=5)
+                raise APIError(500, event.message, type="server_error", code="internal_error")
+            choice = self.choices[event.choice]
+            if choice.done:
+                continue
+            delta = choice.update(event)
+            if choice.done and not event.finished:
+                self.handle.cancel(event.choice)  # a stop string ended it: free the row now
+            if not self._first_text_seen and (delta or choice.done):
+                self._first_text_seen = True
+                if metrics:
+                    metrics.ttft.labels(self.endpoint).observe(self._loop.time() - self._started)
+            yield choice, delta
+        self._record()
+
+    def _record(self) -> None:
+        metrics = self.engine.metrics
+        if self._recorded or metrics is None:
+            return
+        self._recorded = True
+        usage = self.usage()
+        metrics.prompt_tokens.inc(usage.prompt_tokens)
+        metrics.completion_tokens.inc(usage.completion_tokens)
+        for c in self.choices:
+            metrics.nfe.labels(c.sampler).observe(c.nfe)
+            if c.threshold is not None:
+                metrics.threshold.labels(c.sampler).observe(c.threshold)
+
+    def usage(self) -> Usage:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(c.completion_tokens for c in self.choices)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     nfe=sum(c.nfe for c in self.choices))
+
+    async def result(self) -> CompletionResponse | ChatCompletionResponse:
+        """Wait for every choice and build the response (raises :class:`APIError`)."""
+        try:
+            async for _ in self._updates():
+                pass
+        finally:
+            self.handle.cancel()
+        common = dict(id=self.id, created=self.created, model=self.model, usage=self.usage())
+        if self.kind == "chat":
+            return ChatCompletionResponse(**common, choices=[
+                ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                           nfe=c.nfe, threshold=c.threshold) for c in self.choices])
+        return CompletionResponse(**common, choices=[
+            CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason, nfe=c.nfe,
+                             threshold=c.threshold) for c in self.choices])
+
+    async def stream(self) -> AsyncIterator[str]:
+        """SSE lines: (chat: a role delta per choice,) text chunks, the usage chunk, ``[DONE]``.
+
+        An error after the first chunk becomes ``data: {"error": {...}}`` followed by ``[DONE]``.
+        """
+        try:
+            if self.kind == "chat":
+                for c in self.choices:
+                    yield self._chunk(c, "", role=True)
+            async for choice, delta in self._updates():
+                if delta or choice.done:
+                    yield self._chunk(choice, delta)
+            if self.include_usage:
+                yield self._usage_chunk()
+        except APIError as e:
+            yield sse(e.body())
+        except Exception:
+            log.exception("stream %s failed", self.id)
+            yield sse(error_body("internal server error", type="server_error", code="internal_error"))
+        finally:
+            self.handle.cancel()
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, c: ChoiceText, delta: str, role: bool = False) -> str:
+        final = dict(finish_reason=c.finish_reason, nfe=c.nfe, threshold=c.threshold) if c.done else {}
+        if self.kind == "chat":
+            message = DeltaMessage(role="assistant", content="") if role else DeltaMessage(content=delta or None)
+            chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                        choices=[ChatStreamChoice(index=c.index, delta=message, **final)])
+        else:
+            chunk = CompletionStreamResponse(id=self.id, created=self.created, model=self.model,
+                                             choices=[CompletionStreamChoice(index=c.index, text=delta, **final)])
+        return self._dump(chunk)
+
+    def _usage_chunk(self) -> str:
+        cls = ChatCompletionChunk if self.kind == "chat" else CompletionStreamResponse
+        return self._dump(cls(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage()))
+
+    def _dump(self, chunk) -> str:
+        payload = chunk.model_dump()
+        if not self.include_usage:
+            payload.pop("usage", None)
+        if self.kind == "chat":
+            for choice in payload["choices"]:
+                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return sse(payload)
+

@@ -1,0 +1,381 @@
+"""The batcher and the serving layer without HTTP: joining, leaving, cancelling, draining, text and settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import EOS, MASK, PAD, tiny_model
+from diffpo_serve.batcher import BatchFailure, Batcher, Draining, QueueFull, RowRequest, RowUpdate
+from diffpo_serve.cli import build_parser, parse_settings
+from diffpo_serve.dllm.loading import LoadedModel
+from diffpo_serve.dllm.sampler import SamplingParams, generate
+from diffpo_serve.dllm.tokenizer import build_tokenizer
+from diffpo_serve.engine import ChoiceText, Engine, find_stop, held_back
+from diffpo_serve.metrics import ServerMetrics
+from diffpo_serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from diffpo_serve.settings import ServerSettings
+from test_server_support import scripted_loaded
+
+IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return LoadedModel(model=tiny_model(), tokenizer=build_tokenizer(), mask_id=MASK, pad_id=PAD, eos_id=EOS,
+                       path="<memory>", name="tiny", max_length=512)
+
+
+def drain_events(handle) -> list:
+    out = []
+    while not handle.events.empty():
+        out.append(handle.events.get_nowait())
+    return out
+
+
+def final_updates(handles) -> dict:
+    """choice -> last RowUpdate of each handle (events already delivered to the loop)."""
+    return [{e.choice: e for e in drain_events(h) if isinstance(e, RowUpdate) and e.finished} for h in handles]
+
+
+async def settle():
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+# ----------------------------------------------------------------------------- batching invariance
+
+def test_rows_joining_and_leaving_mid_flight_equal_alone(loaded):
+    """Requests arrive between steps with different params; every row equals its solo decode."""
+    requests = [
+        [RowRequest([5, 6, 7], SamplingParams(sampler="eb", gen_length=16, block_length=4, threshold=0.5))],
+        [RowRequest([10, 11], SamplingParams(sampler="steps", gen_length=8, steps=4)),
+         RowRequest([12, 13, 14, 15], SamplingParams(sampler="confidence", gen_length=12, block_length=6,
+                                                     threshold=0.7))],
+        [RowRequest([30], SamplingParams(sampler="eb", gen_length=24, block_length=8, temperature=1.0, seed=7))],
+        [RowRequest([40, 41, 42], SamplingParams(sampler="eb", gen_length=4, temperature=0.8, seed=1))],
+    ]
+
+    async def main():
+        batcher = Batcher(loaded, max_batch_size=3)
+        handles = []
+        for step in range(60):
+            if step in (0, 2, 3, 5):
+                handles.append(batcher.submit(requests[len(handles)]))
+            batcher.run_once()
+            assert batcher.stats()["active_rows"] <= 3
+        await settle()
+        return final_updates(handles)
+
+    results = asyncio.run(main())
+    for rows, finals in zip(requests, results):
+        assert sorted(finals) == list(range(len(rows)))
+        for choice, row in enumerate(rows):
+            alone = generate(loaded.model, [row.prompt], row.params, **IDS)
+            n = row.params.gen_length
+            assert finals[choice].ids == alone.sequences[0, :n].tolist()
+            assert finals[choice].nfe == int(alone.nfe[0])
+
+
+def test_seeded_row_is_batch_independent_next_to_wider_rows(loaded):
+    """Regression: a sampled row's draws must not depend on the batch's generation width."""
+    p = SamplingParams(sampler="eb", gen_length=8, temperature=1.0, seed=3)
+    wide = SamplingParams(sampler="eb", gen_length=32, temperature=1.0, seed=4)
+    alone = generate(loaded.model, [[5, 6, 7]], p, **IDS)
+    batched = generate(loaded.model, [[5, 6, 7], [9, 9]], [p, wide], **IDS)
+    assert batched.sequences[0, :8].tolist() == alone.sequences[0].tolist()
+
+
+def test_updates_come_per_block_with_determined_prefixes(loaded):
+    params = SamplingParams(sampler="eb", gen_length=16, block_length=4, threshold=0.0)
+
+    async def main():
+        batcher = Batcher(loaded)
+        handle = batcher.submit([RowRequest([5, 6], params)])
+        for _ in range(16):
+            batcher.run_once()
+        await settle()
+        return drain_events(handle)
+
+    events = asyncio.run(main())
+    lengths = [len(e.ids) for e in events]
+    assert lengths == sorted(lengths) and all(n % 4 == 0 or e.finished for n, e in zip(lengths, events))
+    assert events[-1].finished and all(not e.finished for e in events[:-1])
+    assert all(MASK not in e.ids for e in events)
+    for earlier, later in zip(events, events[1:]):
+        assert later.ids[:len(earlier.ids)] == earlier.ids  # nothing sent is ever revised
+
+
+# ----------------------------------------------------------------------------- admission, cancellation, failure
+
+def test_queue_limits_and_draining(loaded):
+    params = SamplingParams(gen_length=4)
+
+    async def main():
+        batcher = Batcher(loaded, max_batch_size=2, max_queue=1)
+        a = batcher.submit([RowRequest([5], params)] * 2)  # fills the batch
+        b = batcher.submit([RowRequest([6], params)])  # waits
+        with pytest.raises(QueueFull):
+            batcher.submit([RowRequest([7], params)])
+        batcher.begin_drain()
+        with pytest.raises(Draining):
+            batcher.submit([RowRequest([8], params)])
+        for _ in range(10):
+            batcher.run_once()
+        await settle()
+        return final_updates([a, b])
+
+    a, b = asyncio.run(main())
+    assert sorted(a) == [0, 1] and sorted(b) == [0]
+
+
+def test_cancelled_rows_leave_at_the_next_step(loaded):
+    params = SamplingParams(gen_length=16, steps=16)
+    metrics = ServerMetrics()
+
+    async def main():
+        batcher = Batcher(loaded, metrics=metrics)
+        keep = batcher.submit([RowRequest([5, 6], params)])
+        gone = batcher.submit([RowRequest([7, 8], params)] * 3)
+        batcher.run_once()
+        assert batcher.stats()["active_rows"] == 4
+        gone.cancel(choice=1)
+        batcher.run_once()
+        assert batcher.stats()["active_rows"] == 3
+        gone.cancel()
+        batcher.run_once()
+        assert batcher.stats()["active_rows"] == 1
+        waiting = batcher.submit([RowRequest([9], params)])
+        waiting.cancel()  # never admitted
+        batcher.run_once()
+        assert batcher.stats() == {"active_rows": 1, "waiting_requests": 0, "draining": False}
+        for _ in range(16):
+            batcher.run_once()
+        await settle()
+        return final_updates([keep])[0]
+
+    finals = asyncio.run(main())
+    assert list(finals) == [0]
+    assert metrics.cancelled_rows._value.get() == 3
+
+
+def test_a_failing_step_fails_its_requests_and_the_batcher_goes_on(loaded):
+    calls = []
+
+    def flaky_step(model, state):
+        from diffpo_serve.dllm.sampler import denoise_step
+        calls.append(state.batch_size)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return denoise_step(model, state)
+
+    async def main():
+        batcher = Batcher(loaded, step_fn=flaky_step)
+        first = batcher.submit([RowRequest([5], SamplingParams(gen_length=4))])
+        batcher.run_once()
+        second = batcher.submit([RowRequest([5], SamplingParams(gen_length=4))])
+        for _ in range(5):
+            batcher.run_once()
+        await settle()
+        return drain_events(first), drain_events(second)
+
+    first, second = asyncio.run(main())
+    assert len(first) == 1 and isinstance(first[0], BatchFailure) and "boom" not in first[0].message
+    assert second[-1].finished
+
+
+def test_learned_rows_take_the_heads_threshold_and_match_eb(loaded):
+    """`learned` rows get gamma from the model's head (in their first pass) and report it."""
+    from diffpo_serve.dllm.threshold_head import ThresholdHead
+    head = ThresholdHead(loaded.model.config.hidden_size)
+    with torch.no_grad():
+        head.net[-1].weight.zero_()
+        head.net[-1].bias.fill_(-50.0)
+        head.net[-1].bias[4] = 50.0
+    gamma = float(head.grid[4])
+    with_head = replace(loaded, threshold_head=head)
+
+    async def main():
+        batcher = Batcher(with_head)
+        handle = batcher.submit([RowRequest([5, 6], SamplingParams(sampler="learned", gen_length=8)),
+                                 RowRequest([5, 6, 7, 8], SamplingParams(sampler="eb", gen_length=8, threshold=0.7))])
+        for _ in range(20):
+            batcher.run_once()
+        await settle()
+        return final_updates([handle])[0]
+
+    finals = asyncio.run(main())
+    assert finals[0].threshold == pytest.approx(gamma) and finals[1].threshold == pytest.approx(0.7)
+    alone = generate(loaded.model, [[5, 6]], SamplingParams(sampler="eb", gen_length=8, threshold=gamma),
+                     mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
+    assert finals[0].ids == alone.sequences[0].tolist()
+    assert finals[0].nfe == int(alone.nfe[0])
+
+
+def test_drain_with_the_thread_waits_then_stops(loaded):
+    async def main():
+        batcher = Batcher(loaded)
+        batcher.start()
+        handle = batcher.submit([RowRequest([5, 6], SamplingParams(gen_length=16, steps=16))])
+        finished = await asyncio.to_thread(batcher.drain, 10)
+        await settle()
+        return finished, drain_events(handle), batcher
+
+    finished, events, batcher = asyncio.run(main())
+    assert finished and events[-1].finished
+    assert not batcher._thread.is_alive()
+
+
+def test_stop_fails_what_is_left(loaded):
+    async def main():
+        batcher = Batcher(loaded)
+        handle = batcher.submit([RowRequest([5], SamplingParams(gen_length=8))])
+        batcher.stop()
+        await settle()
+        return drain_events(handle)
+
+    (event,) = asyncio.run(main())
+    assert isinstance(event, BatchFailure) and event.shutting_down
+
+
+# ----------------------------------------------------------------------------- text: stop strings, holdback
+
+def test_find_stop_and_holdback():
+    assert find_stop("a+b=c", ["=", "+"]) == (1, 1)
+    assert find_stop("abc", ["x"]) is None
+    assert held_back("20+3", ["+32"]) == 2  # "+3" may still become "+32"
+    assert held_back("20+", ["+32", "0+5"]) == 2
+    assert held_back("abc", ["x"]) == 0
+    assert held_back("ab\ufffd", []) == 1  # an incomplete character waits
+
+
+def choice_events(loaded, text, finished=True):
+    ids = loaded.encode(text) + ([EOS] if finished else [])
+    return RowUpdate(choice=0, ids=ids, finished=finished, nfe=3, sampler="eb", threshold=0.3)
+
+
+def test_choice_text_counts_real_tokens():
+    loaded = scripted_loaded()
+    c = ChoiceText(0, loaded, ["+6"])
+    assert c.update(choice_events(loaded, "20+", finished=False)) == "20"  # "+" may start the stop string
+    assert c.update(choice_events(loaded, "20+3", finished=False)) == "+3"
+    assert c.update(choice_events(loaded, "20+32+62")) == "2"
+    assert (c.text, c.finish_reason, c.completion_tokens) == ("20+32", "stop", 7)  # through "+6"
+    plain = ChoiceText(0, loaded, [])
+    plain.update(choice_events(loaded, "20+32+62"))
+    assert (plain.text, plain.finish_reason, plain.completion_tokens) == ("20+32+62", "stop", 9)  # + EOS
+    full = ChoiceText(0, loaded, [])
+    full.update(RowUpdate(choice=0, ids=loaded.encode("1234"), finished=True, nfe=4, sampler="steps", threshold=0))
+    assert (full.finish_reason, full.completion_tokens, full.threshold) == ("length", 4, None)
+
+
+# ----------------------------------------------------------------------------- the engine without HTTP
+
+def run_engine(loaded, request, settings=None, stream=False):
+    async def main():
+        batcher = Batcher(loaded)
+        batcher.start()
+        engine = Engine(loaded, batcher, settings or ServerSettings())
+        try:
+            start = engine.start_chat if isinstance(request, ChatCompletionRequest) else engine.start_completion
+            generation = start(request)
+            if stream:
+                return [line async for line in generation.stream()]
+            return await generation.result()
+        finally:
+            batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_engine_completion_with_scripted_answers():
+    loaded = scripted_loaded({"countdown": "20+32+62"})
+    req = CompletionRequest(model="scripted", prompt=["countdown 32,62,20=114|", "sudoku 1|"], max_tokens=16)
+    r = run_engine(loaded, req)
+    assert [c.text for c in r.choices] == ["20+32+62", "ok"]
+    assert [c.finish_reason for c in r.choices] == ["stop", "stop"]
+    assert r.usage.completion_tokens == 9 + 3
+    assert [c.nfe for c in r.choices] == [9, 3]  # steps sampler: one token per pass, EOS ends the row
+
+
+def test_engine_stream_holds_back_stop_prefixes():
+    loaded = scripted_loaded({"countdown": "20+32+62"})
+    req = CompletionRequest(model="scripted", prompt="countdown 1|", max_tokens=16, block_length=2, stop=["+6"],
+                            stream=True, stream_options={"include_usage": True})
+    lines = run_engine(loaded, req, stream=True)
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert "".join(texts) == "20+32" and all("+" not in t[-1:] for t in texts[:-1])
+    assert chunks[-1]["usage"]["completion_tokens"] == 7 and chunks[-1]["choices"] == []
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_engine_chat_stream_and_default_max_tokens():
+    loaded = scripted_loaded({"h": "hello"})
+    req = ChatCompletionRequest(model="scripted", messages=[{"role": "user", "content": "hi|"}], stream=True)
+    chunks = [json.loads(line[6:]) for line in run_engine(loaded, req, stream=True)[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:]) == "hello"
+    assert "usage" not in chunks[-1]
+    short = ServerSettings(default_max_tokens=3)
+    r = run_engine(loaded, ChatCompletionRequest(model="scripted", messages=[{"role": "user", "content": "hi|"}]),
+                   settings=short)
+    assert r.choices[0].message.content == "hel" and r.choices[0].finish_reason == "length"
+
+
+def test_engine_validation_errors_name_the_param():
+    loaded = scripted_loaded(max_length=32)
+
+    def error(**kw):
+        with pytest.raises(APIError) as e:
+            run_engine(loaded, CompletionRequest(**{"model": "scripted", "prompt": "ab|", **kw}))
+        return e.value
+
+    assert error(model="other").status == 404
+    assert error(max_tokens=30).param == "max_tokens"
+    assert error(prompt="y" * 40).param == "prompt"
+    assert error(sampler="steps", max_tokens=8, block_length=4, steps=3).param == "steps"
+    assert error(sampler="learned").param == "sampler"
+    assert error(prompt=[[1000]]).param == "prompt"
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one():
+    loaded = scripted_loaded({"<": "templated"})
+    loaded.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                      "{% if add_generation_prompt %}|{% endif %}")
+    r = run_engine(loaded, ChatCompletionRequest(model="scripted", max_tokens=12,
+                                                 messages=[{"role": "user", "content": "hi"}]))
+    assert r.choices[0].message.content == "templated"
+    assert r.usage.prompt_tokens == len(loaded.encode("<user>hi|"))
+
+
+# ----------------------------------------------------------------------------- settings and flags
+
+def test_settings_from_env_and_flags():
+    env = {"DIFFPO_PORT": "9001", "DIFFPO_API_KEY": "secret", "DIFFPO_TRUST_REMOTE_CODE": "yes",
+           "DIFFPO_MASK_ID": "", "DIFFPO_MAX_QUEUE": "3"}
+    s = ServerSettings.from_env(env)
+    assert (s.port, s.api_key, s.trust_remote_code, s.mask_id, s.max_queue) == (9001, "secret", True, None, 3)
+    flags = parse_settings(["--port", "9002", "--no-trust-remote-code", "--max-batch-size", "4"], environ=env)
+    assert (flags.port, flags.trust_remote_code, flags.max_batch_size, flags.api_key) == (9002, False, 4, "secret")
+    with pytest.raises(ValueError, match="DIFFPO_PORT"):
+        ServerSettings.from_env({"DIFFPO_PORT": "http"})
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServerSettings(max_batch_size=0).validated()
+    with pytest.raises(SystemExit):
+        parse_settings(["--default-sampler", "fast"], environ={})
+    assert "secret" not in build_parser(s).format_help()
+
+
+def test_importing_the_server_never_imports_training():
+    import subprocess
+    import sys
+    code = ("import sys, diffpo_serve.api, diffpo_serve.cli, diffpo_serve.engine; "
+            "assert not [m for m in sys.modules if m == 'training' or m.startswith('training.')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert torch.get_num_threads() >= 1
