@@ -44,6 +44,7 @@ def sweep(loaded, task_name: str, data, batch_size: int) -> list[dict]:
 
 
 def plot(rows: list[dict], tasks: list[str], path):
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2))
     for ax, task in zip(axes, tasks):
         for sampler, style in [("steps", "o-"), ("confidence", "s--"), ("eb", "^-")]:
