@@ -31,3 +31,20 @@ def model():
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+@pytest.fixture
+def kill_after_checkpoint(monkeypatch):
+    """``disarm = arm(module)``: the module's next checkpoint save completes, then the run "is killed"."""
+
+    def arm(module):
+        real = module.save_checkpoint
+
+        def save_then_die(*args, **kw):
+            real(*args, **kw)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+        return lambda: monkeypatch.setattr(module, "save_checkpoint", real)
+
+    return arm

@@ -161,18 +161,12 @@ def test_training_changes_every_parameter(base_dir, tmp_path, algo):
         assert key in records[-1]
 
 
-def test_resume_after_a_kill_replays_the_same_run(base_dir, tmp_path, monkeypatch):
+def test_resume_after_a_kill_replays_the_same_run(base_dir, tmp_path, kill_after_checkpoint):
     straight = train_rl(rl_cfg(base_dir, tmp_path / "straight")).output_dir
-    real_save = rl.save_checkpoint
-
-    def save_then_die(*args, **kw):
-        real_save(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(rl, "save_checkpoint", save_then_die)
+    disarm = kill_after_checkpoint(rl)
     with pytest.raises(KeyboardInterrupt):
         train_rl(rl_cfg(base_dir, tmp_path / "killed"))
-    monkeypatch.setattr(rl, "save_checkpoint", real_save)
+    disarm()
     resumed = train_rl(rl_cfg(base_dir, tmp_path / "killed", resume=True)).output_dir
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     for k in a:
@@ -222,23 +216,17 @@ def test_sampler_training_moves_only_the_head(base_dir, tmp_path):
     assert "kl" not in records[-1]
 
 
-def test_joint_training_moves_model_and_head_and_resumes(base_dir, tmp_path, monkeypatch):
+def test_joint_training_moves_model_and_head_and_resumes(base_dir, tmp_path, kill_after_checkpoint):
     from diffpo_serve.dllm.threshold_head import load_head
     straight = train_rl(rl_cfg(base_dir, tmp_path / "joint", train="joint")).output_dir
     before, after = load_file(base_dir / "model.safetensors"), load_file(straight / "model.safetensors")
     assert not any(torch.equal(before[k], after[k]) for k in before)
     assert load_head(straight) is not None
 
-    real_save = rl.save_checkpoint
-
-    def save_then_die(*args, **kw):
-        real_save(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(rl, "save_checkpoint", save_then_die)
+    disarm = kill_after_checkpoint(rl)
     with pytest.raises(KeyboardInterrupt):
         train_rl(rl_cfg(base_dir, tmp_path / "killed", train="joint"))
-    monkeypatch.setattr(rl, "save_checkpoint", real_save)
+    disarm()
     resumed = train_rl(rl_cfg(base_dir, tmp_path / "killed", train="joint", resume=True)).output_dir
     for name in ("model.safetensors", "threshold_head.safetensors"):
         a, b = load_file(straight / name), load_file(resumed / name)

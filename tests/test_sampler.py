@@ -163,7 +163,6 @@ class EosAfter(torch.nn.Module):
         logits = torch.zeros(b, l, self.vocab)
         for r in range(b):
             first = int(input_ids[r][attention_mask[r]][0])
-            start = int(attention_mask[r].long().argmax()) + int(attention_mask[r].sum())  # past the row's tokens
             plen = [len(p) for p in PROMPTS if p[0] == first][0]
             gen0 = int(attention_mask[r].long().argmax()) + plen
             for j in range(gen0, l):

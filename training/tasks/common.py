@@ -93,3 +93,23 @@ def require_rows(path: Any, rows: list) -> None:
     if not rows:
         raise file_error(path, None, "file contains no examples")
 
+
+
+def load_question_answer_jsonl(path: Any, instruction: str, clean_answer, question_keys=("question",)):
+    """JSONL of question/answer pairs (gsm8k, math500) -> columns prompt (question + instruction),
+    answer (``clean_answer`` of the reference) and question."""
+    import datasets
+    cols: dict[str, list] = {"prompt": [], "answer": [], "question": []}
+    for lineno, obj in read_jsonl(path):
+        question = get_field(path, lineno, obj, *question_keys).strip()
+        answer = get_field(path, lineno, obj, "answer", kinds=(str, int, float))
+        cols["prompt"].append(f"{question}\n{instruction}")
+        cols["answer"].append(clean_answer(str(answer)))
+        cols["question"].append(question)
+    require_rows(path, cols["prompt"])
+    return datasets.Dataset.from_dict(cols)
+
+
+def no_generator(name: str, split: str, n: int):
+    check_split(split, n)
+    raise ValueError(f"{name} has no procedural generator; it needs --data FILE (JSONL with question/answer)")

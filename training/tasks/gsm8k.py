@@ -7,7 +7,7 @@ import re
 
 import datasets
 
-from .common import check_split, extract_answer, get_field, read_jsonl, require_rows
+from .common import extract_answer, load_question_answer_jsonl, no_generator
 
 NAME = "gsm8k"
 GEN_LENGTH = 256
@@ -32,20 +32,11 @@ def reference_answer(answer: str) -> str:
 
 
 def make_dataset(split: str, n: int, seed: int = 0) -> datasets.Dataset:
-    check_split(split, n)
-    raise ValueError(f"{NAME} has no procedural generator; it needs --data FILE (JSONL with question/answer)")
+    no_generator(NAME, split, n)
 
 
 def load_file(path) -> datasets.Dataset:
-    cols: dict[str, list] = {"prompt": [], "answer": [], "question": []}
-    for lineno, obj in read_jsonl(path):
-        question = get_field(path, lineno, obj, "question").strip()
-        answer = get_field(path, lineno, obj, "answer", kinds=(str, int, float))
-        cols["prompt"].append(f"{question}\n{INSTRUCTION}")
-        cols["answer"].append(reference_answer(str(answer)))
-        cols["question"].append(question)
-    require_rows(path, cols["prompt"])
-    return datasets.Dataset.from_dict(cols)
+    return load_question_answer_jsonl(path, INSTRUCTION, reference_answer, question_keys=("question",))
 
 
 def reward(completion: str, example: dict) -> float:

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import datasets
 
-from .common import check_split, extract_answer, get_field, read_jsonl, require_rows
+from .common import extract_answer, load_question_answer_jsonl, no_generator
 
 NAME = "math500"
 GEN_LENGTH = 256
@@ -86,21 +86,12 @@ def is_equiv(pred: str, gold: str) -> bool:
 
 
 def make_dataset(split: str, n: int, seed: int = 0) -> datasets.Dataset:
-    check_split(split, n)
-    raise ValueError(f"{NAME} has no procedural generator; it needs --data FILE (JSONL with question/answer)")
+    no_generator(NAME, split, n)
 
 
 def load_file(path) -> datasets.Dataset:
     """JSONL with 'question' (or 'problem', as in the public MATH-500 release) and 'answer'."""
-    cols: dict[str, list] = {"prompt": [], "answer": [], "question": []}
-    for lineno, obj in read_jsonl(path):
-        question = get_field(path, lineno, obj, "question", "problem").strip()
-        answer = get_field(path, lineno, obj, "answer", kinds=(str, int, float))
-        cols["prompt"].append(f"{question}\n{INSTRUCTION}")
-        cols["answer"].append(str(answer).strip())
-        cols["question"].append(question)
-    require_rows(path, cols["prompt"])
-    return datasets.Dataset.from_dict(cols)
+    return load_question_answer_jsonl(path, INSTRUCTION, str.strip, question_keys=("question", "problem"))
 
 
 def reward(completion: str, example: dict) -> float:
