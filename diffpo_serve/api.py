@@ -1,7 +1,8 @@
 """The HTTP layer: ``create_app(settings)`` builds the FastAPI app; routes stay thin.
 
 Owns: the routes (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models[/{id}]``, ``/health``,
-``/metrics``), the lifecycle (:class:`ServerRuntime`: the model loads in the background after startup,
+``/metrics``, and the browser playground at ``/`` and ``/playground``: one static page, open like
+``/health``, that calls the API from the same origin), the lifecycle (:class:`ServerRuntime`: the model loads in the background after startup,
 so ``/health`` answers 503 while loading; shutdown drains the batcher), the gate in front of the app
 (API key, body size limit, per-request metrics) and the exception handlers that render every error
 (validation, malformed JSON, unknown route, anything unexpected) as the one OpenAI error envelope.
@@ -16,6 +17,7 @@ import hmac
 import logging
 import time
 from email.message import Message
+from pathlib import Path
 from typing import Callable
 
 import anyio
@@ -23,7 +25,7 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from diffpo_serve.batcher import Batcher
 from diffpo_serve.dllm.loading import LoadedModel, load_model
@@ -35,6 +37,8 @@ from diffpo_serve.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ServerSettings], LoadedModel]
+
+PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
 def load_from_settings(settings: ServerSettings) -> LoadedModel:
@@ -392,5 +396,11 @@ def create_app(settings: ServerSettings | None = None, *, loader: Loader | None 
     async def metrics_endpoint():
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/playground", include_in_schema=False)
+    async def playground():
+        # the page itself is open (the Gate only guards /v1); it asks for the key when the API does
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
 
     return app

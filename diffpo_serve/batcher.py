@@ -8,6 +8,7 @@ contributes ``n * p`` rows). The thread loops::
     admit waiting rows up to max_batch_size     -> init_state + BatchState.concat  (rows join)
     denoise_step(model, state)                  -> one forward pass over every active row
     report rows whose block advanced or that finished, then drop finished rows -> state.select
+    (rows that asked for steps: first a StepUpdate from StepOutput.committed, every step)
 
 so requests with different prompts, lengths and sampling parameters share every forward pass, and a
 row's output is exactly what it would be alone (the sampler keeps per-row generators and padding
@@ -17,7 +18,8 @@ forward pass for it (no extra pass); updates report the threshold each row reall
 
 The asyncio side talks to the thread through :class:`RequestHandle`: :meth:`Batcher.submit` queues a
 request's rows (or raises :class:`QueueFull` / :class:`Draining`), and the thread delivers
-:class:`RowUpdate` / :class:`BatchFailure` events into the handle's ``asyncio.Queue`` with
+:class:`RowUpdate` / :class:`BatchFailure` events (and, for rows submitted with ``return_steps``,
+one :class:`StepUpdate` per forward pass, before that pass's RowUpdate) into the handle's ``asyncio.Queue`` with
 ``loop.call_soon_threadsafe``. The thread never holds the lock during a forward pass, so the event
 loop never waits for the model.
 """
@@ -53,6 +55,7 @@ class RowRequest:
 
     prompt: list[int]
     params: SamplingParams
+    return_steps: bool = False  # also deliver a StepUpdate for each forward pass of this row
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,30 @@ class RowUpdate:
     ids: list[int]
     finished: bool
     nfe: int
+    sampler: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    """One forward pass of a row that asked for steps, from the step's ``StepOutput.committed``.
+
+    ``positions`` (generation-region offsets) were committed at this pass with ``token_ids``;
+    ``filled_positions`` are masks after an EOS that became EOS when the row finished (not commits).
+    ``block`` is the block the pass worked on, ``[block_start, block_end)`` its positions.
+    """
+
+    choice: int
+    step: int
+    nfe: int
+    block: int
+    block_start: int
+    block_end: int
+    gen_length: int
+    positions: list[int]
+    token_ids: list[int]
+    filled_positions: list[int]
+    finished: bool
     sampler: str
     threshold: float
 
@@ -116,6 +143,7 @@ class _Slot:
     choice: int
     params: SamplingParams  # as admitted (resolved)
     reported_block: int = 0
+    return_steps: bool = False
 
 
 class Batcher:
@@ -284,7 +312,8 @@ class Batcher:
         state = new if self._state is None else BatchState.concat([self._state, new])
         with self._cond:  # the rows move from "admitting" to "running" at once
             self._state = state
-            self._slots.extend(_Slot(h, c, p) for (h, c), p in zip(admitted, params))
+            self._slots.extend(_Slot(h, c, p, return_steps=h.rows[c].return_steps)
+                               for (h, c), p in zip(admitted, params))
             self._admitting = 0
         self._publish_rows()
 
@@ -307,6 +336,7 @@ class Batcher:
     def _step(self) -> None:
         state = self._state
         start = time.perf_counter()
+        blocks_before = state.block.clone() if any(s.return_steps for s in self._slots) else None
         try:
             out = self.step_fn(self.loaded.model, state)
         except Exception:
@@ -323,7 +353,9 @@ class Batcher:
         blocks = state.block[out.rows].tolist()
         finished = state.finished[out.rows].tolist()
         report = [(r, b, f) for r, b, f in zip(rows, blocks, finished) if f or b != self._slots[r].reported_block]
-        events: list[tuple[RequestHandle, RowUpdate]] = []
+        events: list[tuple[RequestHandle, StepUpdate | RowUpdate]] = []
+        if blocks_before is not None:
+            events += self._step_updates(state, out, rows, blocks_before)
         if report:
             idx = torch.tensor([r for r, _, _ in report], device=state.canvas.device)
             gen = state.generated[idx]
@@ -342,6 +374,49 @@ class Batcher:
             self._keep([i for i in range(len(self._slots)) if i not in done])
         for handle, event in events:
             handle.deliver(event)
+
+    def _step_updates(self, state: BatchState, out, rows: list[int],
+                      blocks_before: torch.Tensor) -> list[tuple[RequestHandle, StepUpdate]]:
+        """The StepUpdates of this step's rows that asked for them (state already stepped)."""
+        picked = [k for k, r in enumerate(rows) if self._slots[r].return_steps]
+        if not picked:
+            return []
+        device = state.canvas.device
+        k_idx = torch.tensor(picked, device=device)
+        idx = out.rows[k_idx]
+        committed = out.committed[k_idx]
+        gen = state.generated[idx]
+        gen_length = state.gen_length[idx]
+        j = torch.arange(state.gen_width, device=device)
+        finished = state.finished[idx]
+        # masks that the finishing EOS turned into EOS: never committed, inside the row, not masked
+        filled = (finished[:, None] & (state.commit_step[idx] == -1) & (j[None, :] < gen_length[:, None])
+                  & (gen != state.mask_id))
+        block_length = state.block_length[idx]
+        block = blocks_before[idx]
+        start = block * block_length
+        end = torch.minimum(start + block_length, gen_length)
+        committed_at: list[list[int]] = [[] for _ in picked]
+        token_at: list[list[int]] = [[] for _ in picked]
+        for (k, pos), token in zip(committed.nonzero().tolist(), gen[committed].tolist()):  # both row-major
+            committed_at[k].append(pos)
+            token_at[k].append(token)
+        filled_at: list[list[int]] = [[] for _ in picked]
+        for k, pos in filled.nonzero().tolist():
+            filled_at[k].append(pos)
+        nfe, thresholds = state.nfe[idx].tolist(), state.threshold[idx].tolist()
+        block, start, end = block.tolist(), start.tolist(), end.tolist()
+        gen_length, finished = gen_length.tolist(), finished.tolist()
+        updates = []
+        for k, i in enumerate(picked):
+            slot = self._slots[rows[i]]
+            updates.append((slot.handle, StepUpdate(
+                choice=slot.choice, step=int(nfe[k]) - 1, nfe=int(nfe[k]), block=int(block[k]),
+                block_start=int(start[k]), block_end=int(end[k]), gen_length=int(gen_length[k]),
+                positions=committed_at[k], token_ids=token_at[k],
+                filled_positions=filled_at[k], finished=bool(finished[k]), sampler=slot.params.sampler,
+                threshold=float(thresholds[k]))))
+        return updates
 
     def _fail_everything(self, message: str, shutting_down: bool = False) -> None:
         with self._cond:

@@ -11,6 +11,11 @@ Streaming sends text when it is determined: the batcher reports a row when its c
 advances (every earlier position is then committed) and when it finishes; the text of the committed
 prefix is sent minus any tail that could still become a stop string (and any incomplete UTF-8
 character), so nothing sent is ever taken back.
+
+Step events (``return_steps``, streamed completions only): the batcher also reports each forward pass
+of such rows (:class:`~diffpo_serve.batcher.StepUpdate`, before that pass's row update), and the
+stream turns each into a ``text_completion.step`` chunk with the committed positions, their ids and
+texts. They come from the same batched decoder as every other row; nothing is decoded twice.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ from dataclasses import replace
 from typing import AsyncIterator
 
 from diffpo_serve.batcher import (BatchFailure, Batcher, Draining, QueueFull, RequestHandle, RowRequest,
-                                  RowUpdate)
+                                  RowUpdate, StepUpdate)
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.metrics import ServerMetrics
 from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice,
                                    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                    ChatMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
-                                   CompletionResponse, CompletionStreamChoice, CompletionStreamResponse,
+                                   CompletionResponse, CompletionStepChoice, CompletionStepChunk,
+                                   CompletionStreamChoice, CompletionStreamResponse,
                                    DeltaMessage, ModelCard, ModelList, Usage, error_body, unavailable)
 from diffpo_serve.settings import ServerSettings
 
@@ -88,6 +94,8 @@ class Engine:
         unsupported = [("echo", bool(req.echo)), ("logprobs", req.logprobs is not None),
                        ("suffix", bool(req.suffix)), ("best_of", req.best_of not in (None, req.n))]
         self._refuse(unsupported, req)
+        if req.return_steps and not req.stream:
+            raise APIError(400, "return_steps is only allowed when stream is true", param="return_steps")
         return self._start("completion", req, self._completion_prompts(req.prompt), endpoint)
 
     def start_chat(self, req: ChatCompletionRequest, endpoint: str = "/v1/chat/completions") -> "Generation":
@@ -178,7 +186,9 @@ class Engine:
                                     f"{gen_length} for the completion). Please reduce the prompt or "
                                     f"{length_param}.", param=param, code="context_length_exceeded")
         base = self._sampling_params(req, gen_length, length_param)
-        rows = [RowRequest(p, replace(base, seed=None if req.seed is None else (req.seed + i) % 2**64))
+        return_steps = kind == "completion" and bool(req.return_steps)
+        rows = [RowRequest(p, replace(base, seed=None if req.seed is None else (req.seed + i) % 2**64),
+                           return_steps=return_steps)
                 for p in prompts for i in range(req.n)]
         try:
             handle = self.batcher.submit(rows)
@@ -187,6 +197,13 @@ class Engine:
         except Draining:
             raise unavailable("the server is shutting down", code="draining", retry_after=5) from None
         return Generation(self, kind, req, prompts, handle, endpoint)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """The text of each token on its own, special tokens included (for step events)."""
+        if not ids:
+            return []
+        return self.loaded.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                                  clean_up_tokenization_spaces=False)
 
 
 def _log_ignored(req) -> None:
@@ -298,8 +315,11 @@ class Generation:
     def cancel(self) -> None:
         self.handle.cancel()
 
-    async def _updates(self) -> AsyncIterator[tuple[ChoiceText, str]]:
-        """Yield (choice, new text) as rows report, until every choice is done."""
+    async def _updates(self) -> AsyncIterator[tuple[ChoiceText, str | StepUpdate]]:
+        """Yield (choice, new text) as rows report, until every choice is done.
+
+        For rows that asked for steps, also (choice, StepUpdate) for each of their forward passes.
+        """
         metrics = self.engine.metrics
         while not all(c.done for c in self.choices):
             remaining = self._deadline - self._loop.time()
@@ -317,6 +337,9 @@ class Generation:
                 raise APIError(500, event.message, type="server_error", code="internal_error")
             choice = self.choices[event.choice]
             if choice.done:
+                continue
+            if isinstance(event, StepUpdate):
+                yield choice, event
                 continue
             delta = choice.update(event)
             if choice.done and not event.finished:
@@ -350,7 +373,7 @@ class Generation:
     async def result(self) -> CompletionResponse | ChatCompletionResponse:
         """Wait for every choice and build the response (raises :class:`APIError`)."""
         try:
-            async for _ in self._updates():
+            async for _ in self._updates():  # no step events: return_steps needs a stream
                 pass
         finally:
             self.handle.cancel()
@@ -373,7 +396,9 @@ class Generation:
                 for c in self.choices:
                     yield self._chunk(c, "", role=True)
             async for choice, delta in self._updates():
-                if delta or choice.done:
+                if isinstance(delta, StepUpdate):
+                    yield self._step_chunk(choice, delta)
+                elif delta or choice.done:
                     yield self._chunk(choice, delta)
             if self.include_usage:
                 yield self._usage_chunk()
@@ -396,6 +421,16 @@ class Generation:
             chunk = CompletionStreamResponse(id=self.id, created=self.created, model=self.model,
                                              choices=[CompletionStreamChoice(index=c.index, text=delta, **final)])
         return self._dump(chunk)
+
+    def _step_chunk(self, c: ChoiceText, step: StepUpdate) -> str:
+        chunk = CompletionStepChunk(id=self.id, created=self.created, model=self.model, choices=[
+            CompletionStepChoice(
+                index=c.index, step=step.step, nfe=step.nfe, block=step.block, block_start=step.block_start,
+                block_end=step.block_end, gen_length=step.gen_length, positions=step.positions,
+                token_ids=step.token_ids, tokens=self.engine.token_texts(step.token_ids),
+                filled_positions=step.filled_positions, eos_token_id=self.engine.loaded.eos_id,
+                finished=step.finished, threshold=None if step.sampler == "steps" else step.threshold)])
+        return sse(chunk.model_dump())
 
     def _usage_chunk(self) -> str:
         cls = ChatCompletionChunk if self.kind == "chat" else CompletionStreamResponse

@@ -13,6 +13,12 @@ Responses are OpenAI's objects plus documented extension fields:
   threshold or EB gamma its row was decoded with; ``null`` for the ``steps`` sampler, which has none);
 * ``usage.nfe`` is the sum of the choices' ``nfe``.
 
+Step events (``/v1/completions`` only, fenced): a streamed request with the diffusion extra
+``"return_steps": true`` also gets one :class:`CompletionStepChunk` (``object:
+"text_completion.step"``) per forward pass of each choice, carrying the positions the sampler
+committed at that pass, their token ids and texts, and the block it worked on. Requests without the
+flag never see them; ``return_steps`` without ``stream`` is a 400.
+
 ``usage.completion_tokens`` counts real tokens: up to and including the EOS or the token that
 completed a stop string, never the rest of the fixed-size canvas.
 
@@ -107,6 +113,10 @@ _BLOCK_HELP = "diffusion extra: semi-autoregressive block length in tokens (defa
 _STEPS_HELP = ("diffusion extra: `steps` sampler only: total forward passes, a multiple of the number of "
                "blocks (default: max_tokens, one token per pass).")
 
+_RETURN_STEPS_HELP = ("diffusion extra, /v1/completions with stream=true only: also stream one "
+                      "`text_completion.step` chunk per forward pass of each choice (positions committed at "
+                      "that pass, their token ids and texts, the current block).")
+
 Sampler = Literal["steps", "confidence", "eb", "learned"]
 
 
@@ -137,6 +147,7 @@ class CompletionRequest(_GenerationFields):
     threshold: float | None = Field(None, ge=0, description=_THRESHOLD_HELP, **FINITE)
     block_length: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_BLOCK_HELP, **STRICT_INT)
     steps: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_STEPS_HELP, **STRICT_INT)
+    return_steps: bool | None = Field(None, strict=True, description=_RETURN_STEPS_HELP)
 
     @field_validator("prompt")
     @classmethod
@@ -270,6 +281,44 @@ class CompletionStreamResponse(BaseModel):
     model: str
     choices: list[CompletionStreamChoice]
     usage: Usage | None = None
+
+
+class CompletionStepChoice(BaseModel):
+    """One forward pass of one choice (extension; only streamed with ``return_steps``).
+
+    ``positions`` are 0-based offsets in the choice's generation region (``gen_length`` long) that
+    the sampler committed at this pass, with their ``token_ids`` and per-token ``tokens`` (texts,
+    special tokens included). When an EOS ends the choice with masks after it, those masks become
+    EOS without being committed: they are listed in ``filled_positions`` (token ``eos_token_id``).
+    Replaying every step of a choice onto an all-mask canvas gives its final ids; there is one step
+    per forward pass, so a choice's step count equals its ``nfe``.
+    """
+
+    index: int
+    text: str = ""  # always empty: the text arrives in the ordinary chunks
+    logprobs: None = None
+    finish_reason: None = None
+    step: int = Field(description="0-based index of this forward pass of the choice (= nfe - 1)")
+    nfe: int = Field(description="forward passes of the choice so far, this one included")
+    block: int = Field(description="index of the block this pass worked on")
+    block_start: int = Field(description="first position of that block")
+    block_end: int = Field(description="end (exclusive) of that block")
+    gen_length: int
+    positions: list[int]
+    token_ids: list[int]
+    tokens: list[str]
+    filled_positions: list[int]
+    eos_token_id: int
+    finished: bool = Field(description="the choice's text is determined after this pass")
+    threshold: float | None = Field(description="threshold / gamma the choice is decoded with; null for `steps`")
+
+
+class CompletionStepChunk(BaseModel):
+    id: str
+    object: Literal["text_completion.step"] = "text_completion.step"
+    created: int
+    model: str
+    choices: list[CompletionStepChoice]
 
 
 class AssistantMessage(BaseModel):
