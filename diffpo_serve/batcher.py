@@ -368,7 +368,7 @@ class Batcher:
                 slot.reported_block = b
                 events.append((slot.handle, RowUpdate(
                     choice=slot.choice, ids=gen[k][:determined[k]], finished=bool(f), nfe=int(nfe[k]),
-                    sampler=slot.params.sampler, threshold=float(thresholds[k]))))
+                    sampler=slot.params.sampler, threshold=round(float(thresholds[k]), 6))))
         if any(finished):  # finished rows leave before their results go out
             done = set(r for r, f in zip(rows, finished) if f)
             self._keep([i for i in range(len(self._slots)) if i not in done])
@@ -415,7 +415,7 @@ class Batcher:
                 block_start=int(start[k]), block_end=int(end[k]), gen_length=int(gen_length[k]),
                 positions=committed_at[k], token_ids=token_at[k],
                 filled_positions=filled_at[k], finished=bool(finished[k]), sampler=slot.params.sampler,
-                threshold=float(thresholds[k]))))
+                threshold=round(float(thresholds[k]), 6))))
         return updates
 
     def _fail_everything(self, message: str, shutting_down: bool = False) -> None:

@@ -98,3 +98,20 @@ def test_corrupt_trainer_state_is_named(tmp_path):
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="trainer_state.pt.*corrupt"):
         train_sft(small_cfg(tmp_path / "run", max_steps=6, resume=True))
+
+
+def test_two_processes_share_one_run(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: one DDP run (rank 0 alone logs and saves)."""
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.cli", "sft",
+           "--output-dir", str(out), "--max-steps", "4", "--train-examples", "64", "--hidden-size", "32",
+           "--num-hidden-layers", "2", "--num-attention-heads", "2", "--intermediate-size", "64",
+           "--batch-size", "8", "--log-every", "2", "--save-every", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # two processes that each believed they were rank 0 would log every line twice
+    assert load_trainer_state(out / "checkpoint")["step"] == 3

@@ -118,7 +118,8 @@ def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
 
 def train_rl(cfg: RLConfig) -> RLRun:
     """Run RL post-training; the output directory is a loadable model (with its head, if trained)."""
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    # on a machine without CUDA, cpu=True is what makes a multi-process launch use gloo DDP
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available()))
     out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / CHECKPOINT
     recover_interrupted(ckpt)
     resuming = cfg.resume and ckpt.exists()

@@ -80,7 +80,7 @@ def new_model(cfg: SFTConfig):
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the output directory, itself a loadable model directory."""
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else a CPU DDP launch runs rank 0 twice
     out = Path(cfg.output_dir)
     ckpt = out / CHECKPOINT
     torch.manual_seed(cfg.seed)
