@@ -1,0 +1,121 @@
+"""Server load test: locust against diffpo-serve, side by side with the offline batched decoder.
+
+In one invocation, on the same model and the same kind of prompts (half sudoku, half countdown;
+eb sampler, gamma 0.3, block_length 4, 16 tokens, greedy: the locustfile's defaults):
+  1. the offline batched decoder (``generate``) at the server's batch size: output tokens/s;
+  2. ``diffpo-serve --max-batch-size B`` under ``locust -u USERS`` for SECONDS: req/s, output
+     tokens/s, latency and TTFT percentiles, failures;
+  3. the same server with ``--max-batch-size 1`` (one request at a time) under the same load.
+Output tokens are completion tokens up to and including EOS, as the server's usage counts them.
+Writes docs/results/server_load.{md,json}. Needs locust (``pip install -e .[load]``).
+
+    python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import machine, markdown_table, save
+from diffpo_serve.dllm.loading import load_model
+from diffpo_serve.dllm.sampler import SamplingParams, generate
+from training.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(max_batch_size: int):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "diffpo_serve", "--port", str(port), "--max-batch-size",
+                             str(max_batch_size), "--max-queue", "4096", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the server did not become healthy")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def run_locust(url: str, users: int, seconds: int) -> dict:
+    cmd = ["locust", "-f", str(ROOT / "clients" / "locustfile.py"), "--headless", "-u", str(users), "-r",
+           str(users), "-t", f"{seconds}s", "--host", url, "--only-summary"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120).stdout
+    grab = lambda pat: re.search(pat, out).groups()  # noqa: E731
+    n, _, failed = grab(r"requests\s+(\d+) in ([\d.]+)s \((\d+) failed\)")
+    p50, p90, p99 = grab(r"latency p50/p90/p99\s+(\d+) / (\d+) / (\d+) ms")
+    t50, t90, t99 = grab(r"TTFT p50/p90/p99\s+(\d+) / (\d+) / (\d+) ms")
+    return {"requests": int(n), "req_s": float(grab(r"requests/s\s+([\d.]+)")[0]),
+            "output_tok_s": float(grab(r"output tokens/s\s+([\d.]+)")[0]), "p50_ms": int(p50), "p90_ms": int(p90),
+            "p99_ms": int(p99), "ttft_p50_ms": int(t50), "ttft_p99_ms": int(t99), "failures": int(failed)}
+
+
+def offline(batch_size: int, n: int) -> dict:
+    loaded = load_model()
+    prompts = [loaded.encode(ex["prompt"]) for t in ("sudoku", "countdown")
+               for ex in get_task(t).make_dataset("test", n // 2, seed=1)]
+    params = SamplingParams("eb", 16, block_length=4, threshold=0.3)
+    t0, tokens = time.perf_counter(), 0
+    for i in range(0, len(prompts), batch_size):
+        out = generate(loaded.model, prompts[i:i + batch_size], params, mask_id=loaded.mask_id,
+                       eos_id=loaded.eos_id, pad_id=loaded.pad_id)
+        for seq in out.sequences.tolist():
+            tokens += seq.index(loaded.eos_id) + 1 if loaded.eos_id in seq else len(seq)
+    seconds = time.perf_counter() - t0
+    return {"requests": len(prompts), "req_s": len(prompts) / seconds, "output_tok_s": tokens / seconds}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=32)
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--offline-prompts", type=int, default=2048)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("DIFFPO_LOCUST_SAMPLER", "eb")
+    rows = [{"system": f"offline generate(), batch {args.batch_size}", **offline(args.batch_size,
+                                                                                 args.offline_prompts)}]
+    for b, name in ((args.batch_size, f"diffpo-serve --max-batch-size {args.batch_size}"),
+                    (1, "diffpo-serve --max-batch-size 1 (one at a time)")):
+        with server(b) as url:
+            rows.append({"system": name, **run_locust(url, args.users, args.seconds)})
+        print(rows[-1], flush=True)
+    served, single, off = rows[1]["output_tok_s"], rows[2]["output_tok_s"], rows[0]["output_tok_s"]
+    text = (f"# Server load test\n\nBundled model; locust ({args.users} users, {args.seconds} s, "
+            f"clients/locustfile.py: mixed sudoku/countdown prompts, completion and chat, streaming and not; eb "
+            f"gamma 0.3, block_length 4, 16 tokens) vs the offline batched decoder on {args.offline_prompts} "
+            f"prompts of the same tasks and settings; one run each, all in one invocation. Locust runs on the "
+            f"same 2 cores as the server. Machine: {machine()}.\n\n"
+            + markdown_table(rows, ["system", "requests", "req_s", "output_tok_s", "p50_ms", "p90_ms", "p99_ms",
+                                    "ttft_p50_ms", "ttft_p99_ms", "failures"])
+            + f"\n\nServer / offline output tokens/s: **{served / off:.2f}**; batched / one-at-a-time server: "
+            f"**{served / single:.1f}x**.\n")
+    print(save("server_load", text, rows))
+
+
+if __name__ == "__main__":
+    main()
