@@ -29,8 +29,9 @@ def encode_examples(encode, prompts: list[str], answers: list[str], gen_length: 
     prompt_ids, completion_ids = [], []
     cut = 0
     for p, a in zip(prompts, answers):
-        c = encode(a)[:gen_length]
-        cut += len(encode(a)) > gen_length
+        full = encode(a)
+        cut += len(full) > gen_length
+        c = full[:gen_length]
         prompt_ids.append(encode(p))
         completion_ids.append(c + [eos_id] * (gen_length - len(c)))
     if cut:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -52,7 +52,7 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
         chunk = examples[start:start + batch_size]
         prompts = [loaded.encode(ex["prompt"]) for ex in chunk]
         chunk_params = params if params.seed is None else [
-            SamplingParams(**{**params.__dict__, "seed": params.seed + start + i}) for i in range(len(chunk))]
+            replace(params, seed=params.seed + start + i) for i in range(len(chunk))]
         t0 = time.perf_counter()
         out = generate(loaded.model, prompts, chunk_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
                        pad_id=loaded.pad_id, head=loaded.threshold_head)

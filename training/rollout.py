@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,16 +41,17 @@ def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], r
     With sampler ``learned`` each row draws its own gamma from ``head``, so a group shows the
     accuracy/NFE trade-off of its prompt.
     """
-    prompts = [loaded.encode(ex["prompt"]) for ex in examples for _ in range(num_generations)]
-    row_params = [SamplingParams(**{**params.__dict__, "seed": seed + i}) for i in range(len(prompts))]
+    encoded = [loaded.encode(ex["prompt"]) for ex in examples]
+    prompts = [ids for ids in encoded for _ in range(num_generations)]
+    row_examples = [ex for ex in examples for _ in range(num_generations)]
+    row_params = [replace(params, seed=seed + i) for i in range(len(prompts))]
     was_training = model.training
     model.eval()
     out = generate(model, prompts, row_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id,
                    return_trajectory=True, head=head, sample_threshold=True)
     model.train(was_training)
     texts = [loaded.decode(seq)[0] for seq in out.sequences.tolist()]
-    rewards = torch.tensor([reward_fn(t, ex) for t, ex in zip(texts, (e for e in examples for _ in
-                                                                        range(num_generations)))])
+    rewards = torch.tensor([reward_fn(t, ex) for t, ex in zip(texts, row_examples)])
     prompt_ids, prompt_attention = left_pad(prompts, loaded.pad_id)
     return RolloutBatch(prompt_ids=prompt_ids.to(out.sequences.device),
                         prompt_attention=prompt_attention.to(out.sequences.device), completion=out.sequences,
