@@ -3,9 +3,15 @@
 For each model directory given: greedy full steps, an EB gamma sweep, and, when the model has a
 threshold head, the ``learned`` sampler (the head's mode per prompt), on the same generated test
 prompts of each task. One plot per task; the learned points should lie above the fixed-gamma front
-of the same model. Writes docs/results/pareto.{md,json,png}.
+of the same model. A third panel is mixed traffic (equal parts of each task, the situation a server
+is in): a global gamma must suit the hardest task there, while the head picks per prompt; its points
+are the per-task results averaged, exact because a greedy row decodes the same in any batch.
+Writes docs/results/pareto.{md,json,png}.
 
     python -m benchmarks.pareto --models sft=diffpo_serve/bundled_model,head=runs/sampler-head [--n 1000]
+
+``NAME@TASK=DIR`` evaluates a model on one task only (e.g. task-specific RL runs under one name):
+``d1@countdown=runs/bench_rl/countdown-d1-s0,d1@sudoku=runs/bench_rl/sudoku-d1-s0``.
 """
 
 from __future__ import annotations
@@ -27,59 +33,98 @@ from training.tasks import get_task  # noqa: E402
 GAMMAS = [0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", required=True, help="comma-separated NAME=DIR pairs")
-    ap.add_argument("--tasks", default="sudoku,countdown")
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=128)
-    args = ap.parse_args(argv)
-    models = [m.split("=", 1) for m in args.models.split(",")]
-    tasks = args.tasks.split(",")
-    data = {t: get_task(t).make_dataset("test", args.n, seed=0) for t in tasks}
-    rows, t0 = [], time.time()
-    for name, path in models:
-        loaded = load_model(path)
-        for task in tasks:
-            gen = get_task(task).GEN_LENGTH
-            configs = [SamplingParams("steps", gen)] + [SamplingParams("eb", gen, threshold=g) for g in GAMMAS]
-            if loaded.threshold_head is not None:
-                configs.append(SamplingParams("learned", gen))
-            for p in configs:
-                r = evaluate(loaded, task, data[task], p, batch_size=args.batch_size, progress=False)
-                setting = {"steps": "steps=16", "eb": f"eb {p.threshold}", "learned": "learned"}[p.sampler]
-                rows.append({"model": name, "task": task, "setting": setting, "accuracy": r.accuracy,
-                             "exact": r.exact, "mean_nfe": r.mean_nfe,
-                             "thresholds": r.threshold_distribution or ""})
-                print(rows[-1], flush=True)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2))
-    for ax, task in zip(axes, tasks):
-        for k, (name, _) in enumerate(models):
+def parse_models(spec: str, tasks: list[str]) -> list[tuple[str, str, str]]:
+    """``NAME=DIR`` (every task) or ``NAME@TASK=DIR`` (one task) -> [(name, task, dir)]."""
+    entries = []
+    for item in spec.split(","):
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise SystemExit(f"--models: expected NAME=DIR or NAME@TASK=DIR, got {item!r}")
+        name, _, task = key.partition("@")
+        if task and task not in tasks:
+            raise SystemExit(f"--models: task {task!r} of {item!r} is not one of --tasks {','.join(tasks)}")
+        entries += [(name, t, path) for t in ([task] if task else tasks)]
+    return entries
+
+
+def mixed_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """Equal-parts mixed traffic: per model and setting present on every task, the mean over tasks."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for setting in dict.fromkeys(r["setting"] for r in rows if r["model"] == name):
+            per = [r for r in rows if r["model"] == name and r["setting"] == setting]
+            if sorted(r["task"] for r in per) != sorted(tasks):
+                continue
+            out.append({"model": name, "task": "mixed", "setting": setting,
+                        **{k: sum(r[k] for r in per) / len(per) for k in ("accuracy", "exact", "mean_nfe")},
+                        "thresholds": ""})
+    return out
+
+
+def plot(rows: list[dict], panels: list[str], path) -> None:
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], panels):
+        for k, name in enumerate(names):
             color = f"C{k}"
             pts = sorted((r["mean_nfe"], r["accuracy"]) for r in rows
                          if r["model"] == name and r["task"] == task and r["setting"].startswith("eb"))
-            ax.plot(*zip(*pts), "-", color=color, marker=".", label=f"{name}: fixed gamma")
+            if pts:
+                ax.plot(*zip(*pts), "-", color=color, marker=".", label=f"{name}: fixed gamma")
             for r in rows:
                 if r["model"] == name and r["task"] == task and r["setting"] in ("steps=16", "learned"):
                     marker = "*" if r["setting"] == "learned" else "s"
-                    ax.plot(r["mean_nfe"], r["accuracy"], marker, color=color, ms=12 if marker == "*" else 7,
-                            label=f"{name}: {r['setting']}")
+                    ax.plot(r["mean_nfe"], r["accuracy"], marker, color=color, ms=13 if marker == "*" else 6,
+                            mec="black" if marker == "*" else color, label=f"{name}: {r['setting']}")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("mean NFE")
+        ax.set_xlabel("mean NFE (log scale)")
         ax.set_ylabel("accuracy (mean reward)")
-        ax.set_title(task)
+        ax.set_title(task if task != "mixed" else "mixed traffic (equal parts of each task)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5)
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", required=True, help="comma-separated NAME=DIR or NAME@TASK=DIR entries")
+    ap.add_argument("--tasks", default="sudoku,countdown")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--name", default="pareto", help="results file stem under docs/results")
+    args = ap.parse_args(argv)
+    tasks = args.tasks.split(",")
+    entries = parse_models(args.models, tasks)
+    data = {t: get_task(t).make_dataset("test", args.n, seed=0) for t in tasks}
+    rows, t0, cache = [], time.time(), {}
+    for name, task, path in entries:
+        loaded = cache.get(path) or cache.setdefault(path, load_model(path))
+        gen = get_task(task).GEN_LENGTH
+        configs = [SamplingParams("steps", gen)] + [SamplingParams("eb", gen, threshold=g) for g in GAMMAS]
+        if loaded.threshold_head is not None:
+            configs.append(SamplingParams("learned", gen))
+        for p in configs:
+            r = evaluate(loaded, task, data[task], p, batch_size=args.batch_size, progress=False)
+            setting = {"steps": "steps=16", "eb": f"eb {p.threshold}", "learned": "learned"}[p.sampler]
+            rows.append({"model": name, "task": task, "setting": setting, "accuracy": r.accuracy,
+                         "exact": r.exact, "mean_nfe": r.mean_nfe, "thresholds": r.threshold_distribution or ""})
+            print(rows[-1], flush=True)
+    panels = tasks + (["mixed"] if len(tasks) > 1 else [])
+    if len(tasks) > 1:
+        rows += mixed_rows(rows, tasks)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "pareto.png", dpi=120)
-    text = (f"# Accuracy vs NFE: fixed gamma vs the learned threshold\n\nModels: "
-            + ", ".join(f"`{n}` = `{p}`" for n, p in models)
+    plot(rows, panels, RESULTS / f"{args.name}.png")
+    models = list(dict.fromkeys(f"`{n}{'@' + t if t else ''}` = `{p}`" for n, t, p in
+                                [(n, t if any(e[0] == n and e[1] != t for e in entries) else "", p)
+                                 for n, t, p in entries]))
+    text = ("# Accuracy vs NFE: fixed gamma vs the learned threshold\n\nModels: " + ", ".join(models)
             + f"; {args.n} generated test prompts per task (seed 0), greedy, one 16-token block; one run each "
-            f"(deterministic). Machine: {machine()}; {time.time() - t0:.0f} s.\n\n"
+            f"(deterministic). `mixed`: equal parts of each task, the mean of the per-task rows. "
+            f"Machine: {machine()}; {time.time() - t0:.0f} s.\n\n"
             + markdown_table(rows, ["model", "task", "setting", "accuracy", "exact", "mean_nfe", "thresholds"])
-            + "\n\n![pareto](pareto.png)\n")
-    print(save("pareto", text, rows))
+            + f"\n\n![pareto]({args.name}.png)\n")
+    print(save(args.name, text, rows))
 
 
 if __name__ == "__main__":

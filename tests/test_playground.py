@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server_support import MODEL_NAME, live_server, save_tiny_model
+from test_server_support import MODEL_NAME, live_server
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -58,14 +58,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("playground") / MODEL_NAME)
+def model_path(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def server(model_path):
-    with live_server(model=model_path, max_batch_size=8) as srv:
-        yield srv
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture

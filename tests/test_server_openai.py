@@ -8,17 +8,15 @@ import httpx
 import openai
 import pytest
 
-from test_server_support import MODEL_NAME, live_server, metric_value, save_tiny_model
+from test_server_support import MODEL_NAME, metric_value
 
 SUDOKU = "sudoku 3020213443020243"
 COUNTDOWN = "countdown 32,62,20=114"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("served") / MODEL_NAME)
-    with live_server(model=path, max_batch_size=8, max_queue=64) as srv:
-        yield srv
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from conftest import EOS, MASK, PAD
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
-from test_server_support import MODEL_NAME, live_server, save_tiny_model, scripted_loaded
+from test_server_support import MODEL_NAME, live_server, scripted_loaded
 
 SUDOKU = "sudoku 3020213443020243"
 COUNTDOWN = "countdown 32,62,20=114"
@@ -25,14 +25,13 @@ STEP = "text_completion.step"
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("steps") / MODEL_NAME)
+def model_path(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def server(model_path):
-    with live_server(model=model_path, max_batch_size=8) as srv:
-        yield srv
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -374,7 +374,9 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     probs = logp.exp()
     entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
     temperature, top_p = state.temperature[rows], state.top_p[rows]
-    logq = sampling_logprobs(logits, temperature, top_p)
+    reshaped = ((temperature > 0) & (temperature != 1)) | (top_p < 1)
+    # T = 1 (or greedy) without a nucleus: the sampling distribution is the model's own, computed above
+    logq = sampling_logprobs(logits, temperature, top_p) if bool(reshaped.any()) else logp
     tokens = logits.argmax(-1)
     for i, r in enumerate(rows.tolist()):
         g = state.generators[r]

@@ -1,0 +1,27 @@
+"""The pure helpers of the benchmark scripts (the scripts themselves are run on purpose, not in CI)."""
+
+import pytest
+
+from benchmarks.pareto import mixed_rows, parse_models
+
+
+def test_parse_models_expands_all_tasks_and_keeps_task_entries():
+    entries = parse_models("sft=a,d1@countdown=b,d1@sudoku=c", ["sudoku", "countdown"])
+    assert entries == [("sft", "sudoku", "a"), ("sft", "countdown", "a"), ("d1", "countdown", "b"),
+                       ("d1", "sudoku", "c")]
+
+
+@pytest.mark.parametrize("spec", ["sft", "=a", "x@gsm8k=a"])
+def test_parse_models_rejects_bad_entries(spec):
+    with pytest.raises(SystemExit, match="--models"):
+        parse_models(spec, ["sudoku", "countdown"])
+
+
+def test_mixed_rows_average_settings_present_on_every_task():
+    rows = [{"model": "m", "task": "sudoku", "setting": "eb 0.3", "accuracy": 0.9, "exact": 0.8, "mean_nfe": 2.0},
+            {"model": "m", "task": "countdown", "setting": "eb 0.3", "accuracy": 0.3, "exact": 0.2, "mean_nfe": 7.0},
+            {"model": "m", "task": "countdown", "setting": "learned", "accuracy": 0.3, "exact": 0.2, "mean_nfe": 5.0}]
+    mixed = mixed_rows(rows, ["sudoku", "countdown"])
+    assert len(mixed) == 1  # `learned` ran on one task only: no mixed point
+    assert mixed[0]["setting"] == "eb 0.3" and mixed[0]["task"] == "mixed"
+    assert mixed[0]["accuracy"] == pytest.approx(0.6) and mixed[0]["mean_nfe"] == pytest.approx(4.5)
