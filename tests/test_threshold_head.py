@@ -112,3 +112,35 @@ def test_head_saved_next_to_the_model_loads_with_it(tmp_path, tokenizer):
     with pytest.raises(ModelLoadError, match="threshold_head.safetensors"):
         load_model(tmp_path)
     assert load_head(tmp_path / "nowhere") is None
+
+
+def test_prompt_plus_answer_features_by_hand():
+    head = ThresholdHead(2, features="prompt+answer")
+    hidden = torch.tensor([[[1.0, 1.0], [3.0, 5.0], [10.0, 20.0], [30.0, 40.0], [99.0, 99.0]]])
+    attention = torch.tensor([[False, True, True, True, False]])  # left-padded prompt of 2, answer of 2, 1 pad
+    f = head.extract(hidden, attention, prompt_width=3)
+    assert f.tolist() == [[6.5, 12.5, 30.0, 40.0]]  # prompt mean (3,5),(10,20); answer mean (30,40) only
+    assert head.feature_size == 4 and head(f).shape == (1, len(head.grid))
+    with pytest.raises(ValueError, match="features"):
+        ThresholdHead(2, features="answer")
+
+
+def test_prompt_plus_answer_head_decodes_rows_as_alone_and_round_trips(tmp_path):
+    model = tiny_model(seed=2)
+    torch.manual_seed(0)
+    head = ThresholdHead(model.config.hidden_size, features="prompt+answer")
+    with torch.no_grad():
+        head.net[-1].weight.mul_(50)  # a decisive head, so different rows really pick different gammas
+    params = SamplingParams("learned", 12, block_length=6)
+    together = generate(model, PROMPTS, params, head=head, **IDS)
+    assert len(set(together.threshold_choice.tolist())) > 1
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], params, head=head, **IDS)
+        assert torch.equal(alone.sequences[0], together.sequences[i])
+        assert alone.threshold_choice.item() == together.threshold_choice[i].item()
+        assert torch.allclose(alone.head_features[0], together.head_features[i], atol=1e-5)
+    assert together.head_features.shape == (len(PROMPTS), 2 * model.config.hidden_size)
+    head.save(tmp_path)
+    again = load_head(tmp_path)
+    assert again.features == "prompt+answer"
+    assert torch.equal(again(together.head_features), head(together.head_features))

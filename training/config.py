@@ -59,6 +59,9 @@ class RLConfig:
     lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
     entropy_coef: float = option(0.01, "entropy bonus of the threshold head's REINFORCE loss")
     head_lr: float = option(3e-3, "learning rate of the threshold head (AdamW)")
+    head_features: str = option("prompt", "a new threshold head's input: prompt (mean prompt hidden state) or "
+                                "prompt+answer (also the mean over the all-mask answer region)",
+                                choices=["prompt", "prompt+answer"])
     output_dir: str = option("runs/rl", "directory for the trained model, checkpoints and metrics.jsonl")
     model: str | None = option(None, "model directory to post-train; default: the bundled model")
     tasks: str = option("countdown", "comma-separated tasks; each step draws its prompts from their train splits")

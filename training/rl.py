@@ -113,7 +113,7 @@ def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
     if base.threshold_head is not None:
         return base.threshold_head.train()
     torch.manual_seed(cfg.seed)  # a resumed run rebuilds nothing, but two fresh runs start alike
-    return ThresholdHead(base.model.config.hidden_size)
+    return ThresholdHead(base.model.config.hidden_size, features=cfg.head_features)
 
 
 def train_rl(cfg: RLConfig) -> RLRun:

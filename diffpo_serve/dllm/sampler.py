@@ -41,7 +41,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from diffpo_serve.dllm.loading import model_logits
-from diffpo_serve.dllm.threshold_head import prompt_features
 
 SAMPLERS = ("steps", "confidence", "eb", "learned")
 DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3, "learned": None}  # learned: the head's choice
@@ -241,7 +240,7 @@ def init_state(
         sampler=col([SAMPLERS.index(p.sampler) for p in params], torch.long),
         threshold=col([float("nan") if p.threshold is None else p.threshold for p in params], torch.float),
         threshold_choice=torch.full((b,), -1, dtype=torch.long, device=device),
-        head_features=torch.zeros((b, head.hidden_size if head is not None else 0), device=device),
+        head_features=torch.zeros((b, head.feature_size if head is not None else 0), device=device),
         temperature=col([p.temperature for p in params], torch.float),
         top_p=col([p.top_p for p in params], torch.float),
         block=torch.zeros(b, dtype=torch.long, device=device),
@@ -323,10 +322,9 @@ def select_commits(
 
 # ----------------------------------------------------------------------------- the step
 
-def _choose_thresholds(state: BatchState, rows: torch.Tensor, prompt_hidden: torch.Tensor,
-                       prompt_attention: torch.Tensor) -> None:
-    """Ask the head for gamma of the given rows from their prompt features (first forward pass)."""
-    features = prompt_features(prompt_hidden, prompt_attention)
+def _choose_thresholds(state: BatchState, rows: torch.Tensor, hidden: torch.Tensor, attention: torch.Tensor) -> None:
+    """Ask the head for gamma of the given rows from their features in their first forward pass."""
+    features = state.head.extract(hidden, attention, state.prompt_width)
     gens = [state.generators[r] for r in rows.tolist()] if state.sample_threshold else None
     choice = state.head.choose(features, gens).to(rows.device)
     state.threshold[rows] = state.head.grid.to(rows.device)[choice]
@@ -357,7 +355,7 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     pending = state.threshold[rows].isnan()  # `learned` rows in their first pass: the head chooses gamma
     if bool(pending.any()):
         logits, hidden = model_logits(model, canvas, attention, positions, hidden=True)
-        _choose_thresholds(state, rows[pending], hidden[pending, :pw], attention[pending, :pw])
+        _choose_thresholds(state, rows[pending], hidden[pending], attention[pending])
     else:
         logits = model_logits(model, canvas, attention, positions)
     logits = logits[:, pw:].float()  # r, gw, V

@@ -4,9 +4,11 @@ DiFFPO's "fast" half (arXiv 2510.02212): instead of one global entropy bound for
 small head reads the prompt and picks gamma for it, trained by RL to cut forward passes without
 losing accuracy.
 
-Features: the mean of the final hidden states over the real prompt tokens, taken from the
-sampler's own first forward pass (prompt + all-mask completion), detached, so choosing gamma costs
-no extra forward pass and no gradient reaches the model.
+Features, from the sampler's own first forward pass (prompt + all-mask completion), detached, so
+choosing gamma costs no extra forward pass and no gradient reaches the model: ``prompt`` is the mean
+final hidden state over the real prompt tokens (what the prompt is); ``prompt+answer`` also appends
+the mean over the row's all-mask answer region (what the model already believes about the answer,
+hence how hard it will be to decode).
 
 Distribution: a categorical over a fixed log-spaced grid of gamma values. The accuracy/NFE trade-off
 is a step function of gamma with plateaus (a whole block committed at once above some gamma, one token
@@ -42,15 +44,30 @@ def prompt_features(hidden: torch.Tensor, prompt_attention: torch.Tensor) -> tor
     return ((hidden * w).sum(1) / w.sum(1).clamp(min=1)).detach().float()
 
 
-class ThresholdHead(nn.Module):
-    """features (b, d) -> logits over ``grid`` (b, K)."""
+FEATURES = ("prompt", "prompt+answer")
 
-    def __init__(self, hidden_size: int, grid: list[float] | None = None, width: int = 64):
+
+class ThresholdHead(nn.Module):
+    """features (b, feature_size) -> logits over ``grid`` (b, K)."""
+
+    def __init__(self, hidden_size: int, grid: list[float] | None = None, width: int = 64,
+                 features: str = "prompt"):
         super().__init__()
-        self.hidden_size, self.width = hidden_size, width
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {', '.join(FEATURES)}; got {features!r}")
+        self.hidden_size, self.width, self.features = hidden_size, width, features
+        self.feature_size = hidden_size * (2 if features == "prompt+answer" else 1)
         self.register_buffer("grid", torch.tensor(grid or DEFAULT_GRID, dtype=torch.float))
-        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
+        self.net = nn.Sequential(nn.LayerNorm(self.feature_size), nn.Linear(self.feature_size, width), nn.GELU(),
                                  nn.Linear(width, len(self.grid)))
+
+    def extract(self, hidden: torch.Tensor, attention: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """This head's features from a first pass: hidden (b, l, d), attention (b, l) bool -> (b, feature_size)."""
+        feats = prompt_features(hidden[:, :prompt_width], attention[:, :prompt_width])
+        if self.features == "prompt+answer":
+            answer = prompt_features(hidden[:, prompt_width:], attention[:, prompt_width:])
+            feats = torch.cat([feats, answer], -1)
+        return feats
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features.float())
@@ -76,7 +93,8 @@ class ThresholdHead(nn.Module):
         directory = Path(directory)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS))
         (directory / CONFIG).write_text(json.dumps({"hidden_size": self.hidden_size, "width": self.width,
-                                                     "grid": self.grid.tolist()}, indent=1))
+                                                     "features": self.features, "grid": self.grid.tolist()},
+                                                    indent=1))
 
 
 def load_head(directory: str | Path, device: str | torch.device = "cpu") -> ThresholdHead | None:
@@ -86,7 +104,8 @@ def load_head(directory: str | Path, device: str | torch.device = "cpu") -> Thre
         return None
     try:
         cfg = json.loads((directory / CONFIG).read_text())
-        head = ThresholdHead(int(cfg["hidden_size"]), [float(g) for g in cfg["grid"]], int(cfg.get("width", 64)))
+        head = ThresholdHead(int(cfg["hidden_size"]), [float(g) for g in cfg["grid"]], int(cfg.get("width", 64)),
+                             cfg.get("features", "prompt"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ThresholdHeadError(f"{directory / CONFIG}: unreadable threshold-head config: {e}") from e
     try:
