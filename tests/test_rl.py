@@ -232,3 +232,24 @@ def test_joint_training_moves_model_and_head_and_resumes(base_dir, tmp_path, kil
         a, b = load_file(straight / name), load_file(resumed / name)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_reward", ["task", "sampler"])
+def test_model_reward_is_the_task_or_the_nfe_penalised_reward(base_dir, tmp_path, monkeypatch, model_reward):
+    from training.loss import sampler_reward
+    seen = []
+    real = rl._model_update
+
+    def spy(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, rewards, *rest):
+        seen.append((batch.rewards.clone(), batch.nfe.clone(), rewards.clone()))
+        return real(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, rewards, *rest)
+
+    monkeypatch.setattr(rl, "_model_update", spy)
+    train_rl(rl_cfg(base_dir, tmp_path / model_reward, train="joint", model_reward=model_reward, lam=0.8,
+                    max_steps=2))
+    assert len(seen) == 2
+    for task_reward, nfe, used in seen:
+        want = task_reward if model_reward == "task" else sampler_reward(task_reward, nfe, 16, 0.8)
+        assert torch.allclose(used, want)
+    if model_reward == "sampler":  # the rollouts' NFEs differ, so the two rewards really differ somewhere
+        assert any(not torch.allclose(t, u) for t, _, u in seen)

@@ -57,6 +57,9 @@ class RLConfig:
     train: str = option("model", "what to train: model (the dLLM), sampler (only the threshold head, model "
                         "frozen) or joint (both, from the same rollouts)", choices=["model", "sampler", "joint"])
     lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
+    model_reward: str = option("task", "reward of the dLLM's loss: task (correctness only) or sampler (the NFE-"
+                               "penalised sampler reward, so correct-and-fast rollouts count most; joint training)",
+                               choices=["task", "sampler"])
     entropy_coef: float = option(0.01, "entropy bonus of the threshold head's REINFORCE loss")
     head_lr: float = option(3e-3, "learning rate of the threshold head (AdamW)")
     head_features: str = option("prompt", "a new threshold head's input: prompt (mean prompt hidden state) or "

@@ -7,7 +7,9 @@ take mu optimiser steps on the clipped objective of :mod:`training.loss`.
 ``--train`` picks what learns (DiFFPO's "fast" half): ``model`` the dLLM as above; ``sampler`` only
 the threshold head (model frozen), by group-relative REINFORCE on r = reward * (1 - lambda NFE/NFE_max)
 over the G rollouts of a prompt, each of which drew its own gamma; ``joint`` both from the same
-rollouts (the model's loss uses each rollout's behaviour log-probs under its own gamma). The two algorithms differ
+rollouts (the model's loss uses each rollout's behaviour log-probs under its own gamma, and with
+``--model-reward sampler`` the same NFE-penalised reward as the head, so among correct rollouts the
+model is pushed toward those that decoded in fewer passes). The two algorithms differ
 only in the likelihood surrogate (:mod:`training.likelihood`) and the importance weight:
 
   d1      one-pass mean-field log-probs, w = 1;
@@ -188,7 +190,10 @@ def train_rl(cfg: RLConfig) -> RLRun:
         rollout_seconds = time.perf_counter() - t0
         record = {}
         if train_model:
-            record.update(_model_update(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, g, mask_id))
+            rewards = batch.rewards if cfg.model_reward == "task" else sampler_reward(
+                batch.rewards.to(batch.nfe.device), batch.nfe, gen_length, cfg.lam).to(batch.rewards.device)
+            record.update(_model_update(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, rewards, g,
+                                        mask_id))
         if train_head:
             record.update(_head_update(cfg, head, head_optimizer, accelerator, batch, gen_length))
 
@@ -220,10 +225,11 @@ def train_rl(cfg: RLConfig) -> RLRun:
     return RLRun(out, unwrapped)
 
 
-def _model_update(cfg: RLConfig, model, unwrapped, ref_model, optimizer, accelerator, batch, g, mask_id) -> dict:
-    """mu clipped policy-gradient steps of the dLLM on one batch of rollouts; returns metrics."""
+def _model_update(cfg: RLConfig, model, unwrapped, ref_model, optimizer, accelerator, batch, rewards, g,
+                  mask_id) -> dict:
+    """mu clipped policy-gradient steps of the dLLM on one batch of rollouts and their rewards; returns metrics."""
     diffpo = cfg.algo == "diffpo"
-    advantages, _ = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_std)
+    advantages, _ = group_advantages(rewards, cfg.num_generations, cfg.scale_std)
     advantages = advantages.to(batch.completion.device)
     token_mask = scored(batch.commit_step)
     # per inner step: the prompt mask, tau and the old/reference log-probs, all before any update
