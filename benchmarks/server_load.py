@@ -9,7 +9,12 @@ eb sampler, gamma 0.3, block_length 4, 16 tokens, greedy: the locustfile's defau
 Output tokens are completion tokens up to and including EOS, as the server's usage counts them.
 Writes docs/results/server_load.{md,json}. Needs locust (``pip install -e .[load]``).
 
-    python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32]
+The load generator must not eat the system under test's CPU (in production the clients are on other
+machines), so by default locust is pinned to the last core and the server, like the offline decoder
+it is compared with, to the others, with as many torch threads as it has cores (``--no-isolate``
+runs everything on every core).
+
+    python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32] [--no-isolate]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from benchmarks.common import machine, markdown_table, save
 from diffpo_serve.dllm.loading import load_model
@@ -40,12 +46,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pinned(cores: set[int] | None):
+    """A preexec_fn that pins a child process to ``cores`` (None: no pinning)."""
+    return None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+
+
+def thread_env(cores: set[int] | None) -> dict:
+    env = dict(os.environ)
+    if cores is not None:
+        env["OMP_NUM_THREADS"] = str(len(cores))
+    return env
+
+
 @contextlib.contextmanager
-def server(max_batch_size: int):
+def server(max_batch_size: int, cores: set[int] | None = None):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "diffpo_serve", "--port", str(port), "--max-batch-size",
                              str(max_batch_size), "--max-queue", "4096", "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cores),
+                            env=thread_env(cores))
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -61,10 +80,11 @@ def server(max_batch_size: int):
         proc.wait(timeout=60)
 
 
-def run_locust(url: str, users: int, seconds: int) -> dict:
+def run_locust(url: str, users: int, seconds: int, cores: set[int] | None = None) -> dict:
     cmd = ["locust", "-f", str(ROOT / "clients" / "locustfile.py"), "--headless", "-u", str(users), "-r",
            str(users), "-t", f"{seconds}s", "--host", url, "--only-summary"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120,
+                         preexec_fn=pinned(cores)).stdout
     grab = lambda pat: re.search(pat, out).groups()  # noqa: E731
     n, _, failed = grab(r"requests\s+(\d+) in ([\d.]+)s \((\d+) failed\)")
     p50, p90, p99 = grab(r"latency p50/p90/p99\s+(\d+) / (\d+) / (\d+) ms")
@@ -95,21 +115,32 @@ def main(argv=None):
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--offline-prompts", type=int, default=2048)
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                    help="pin locust to the last core, the server and the offline decoder to the others")
     args = ap.parse_args(argv)
     os.environ.setdefault("DIFFPO_LOCUST_SAMPLER", "eb")
+    cores = sorted(os.sched_getaffinity(0))
+    serve_cores = client_cores = None
+    if args.isolate and len(cores) >= 2:
+        serve_cores, client_cores = set(cores[:-1]), {cores[-1]}
+        os.sched_setaffinity(0, serve_cores)  # the offline decoder runs here, on the server's cores
+        torch.set_num_threads(len(serve_cores))
     rows = [{"system": f"offline generate(), batch {args.batch_size}", **offline(args.batch_size,
                                                                                  args.offline_prompts)}]
     for b, name in ((args.batch_size, f"diffpo-serve --max-batch-size {args.batch_size}"),
                     (1, "diffpo-serve --max-batch-size 1 (one at a time)")):
-        with server(b) as url:
-            rows.append({"system": name, **run_locust(url, args.users, args.seconds)})
+        with server(b, serve_cores) as url:
+            rows.append({"system": name, **run_locust(url, args.users, args.seconds, client_cores)})
         print(rows[-1], flush=True)
+    placement = (f"Locust pinned to core {sorted(client_cores)}, the server and the offline decoder to cores "
+                 f"{sorted(serve_cores)} with {len(serve_cores)} torch thread(s)" if serve_cores else
+                 "Locust runs on the same cores as the server")
     served, single, off = rows[1]["output_tok_s"], rows[2]["output_tok_s"], rows[0]["output_tok_s"]
     text = (f"# Server load test\n\nBundled model; locust ({args.users} users, {args.seconds} s, "
             f"clients/locustfile.py: mixed sudoku/countdown prompts, completion and chat, streaming and not; eb "
             f"gamma 0.3, block_length 4, 16 tokens) vs the offline batched decoder on {args.offline_prompts} "
-            f"prompts of the same tasks and settings; one run each, all in one invocation. Locust runs on the "
-            f"same 2 cores as the server. Machine: {machine()}.\n\n"
+            f"prompts of the same tasks and settings; one run each, all in one invocation. {placement}. "
+            f"Machine: {machine()}.\n\n"
             + markdown_table(rows, ["system", "requests", "req_s", "output_tok_s", "p50_ms", "p90_ms", "p99_ms",
                                     "ttft_p50_ms", "ttft_p99_ms", "failures"])
             + f"\n\nServer / offline output tokens/s: **{served / off:.2f}**; batched / one-at-a-time server: "
