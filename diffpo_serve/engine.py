@@ -153,7 +153,8 @@ class Engine:
         return ids
 
     def _sampling_params(self, req, gen_length: int, length_param: str) -> SamplingParams:
-        sampler = req.sampler or self.settings.default_sampler
+        sampler = req.sampler or self.settings.default_sampler or (
+            "learned" if self.loaded.threshold_head is not None else "steps")
         if sampler == "learned" and req.threshold is None and self.loaded.threshold_head is None:
             raise APIError(400, "sampler `learned` needs a model with a threshold head and this model has none; "
                                 "give `threshold` or use `steps`, `confidence` or `eb`",

@@ -44,7 +44,8 @@ class ServerSettings:
     default_max_tokens: int | None = option(
         None, "gen_length when a request sets no max_tokens (default: the model's generation_config "
               "max_new_tokens, else 16)")
-    default_sampler: str = option("steps", f"sampler when a request names none ({', '.join(SAMPLERS)})")
+    default_sampler: str | None = option(None, f"sampler when a request names none ({', '.join(SAMPLERS)}; default: "
+                                              "learned when the model has a threshold head, else steps)")
     default_temperature: float = option(0.0, "temperature when a request sets none (0: greedy)")
     device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's)")
@@ -62,7 +63,7 @@ class ServerSettings:
             (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (self.max_rows_per_request >= 1, "max_rows_per_request must be >= 1"),
             (self.default_max_tokens is None or self.default_max_tokens >= 1, "default_max_tokens must be >= 1"),
-            (self.default_sampler in SAMPLERS, f"default_sampler must be one of {', '.join(SAMPLERS)}"),
+            (self.default_sampler in (None, *SAMPLERS), f"default_sampler must be one of {', '.join(SAMPLERS)}"),
             (self.default_temperature >= 0, "default_temperature must be >= 0"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.dtype in (None, "float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),

@@ -379,3 +379,18 @@ def test_importing_the_server_never_imports_training():
             "assert not [m for m in sys.modules if m == 'training' or m.startswith('training.')]")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert torch.get_num_threads() >= 1
+
+
+def test_requests_without_a_sampler_use_the_head_when_the_model_has_one(loaded):
+    from diffpo_serve.dllm.threshold_head import ThresholdHead
+    head = ThresholdHead(loaded.model.config.hidden_size)
+    with torch.no_grad():
+        head.net[-1].weight.zero_()
+        head.net[-1].bias.fill_(-50.0)
+        head.net[-1].bias[6] = 50.0
+    req = CompletionRequest(model=loaded.name, prompt="countdown 1,2,3=6", max_tokens=8)
+    with_head = run_engine(replace(loaded, threshold_head=head), req)
+    assert with_head.choices[0].threshold == pytest.approx(float(head.grid[6]))  # the head's gamma: learned
+    assert run_engine(loaded, req).choices[0].threshold is None  # no head: the steps sampler
+    forced = run_engine(replace(loaded, threshold_head=head), req, settings=ServerSettings(default_sampler="eb"))
+    assert forced.choices[0].threshold == pytest.approx(0.3)  # --default-sampler wins over the head
