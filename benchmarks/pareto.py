@@ -61,6 +61,17 @@ def mixed_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
     return out
 
 
+def oracle_row(name: str, task: str, per_setting: dict[str, list[dict]]) -> dict:
+    """The per-prompt oracle over the fixed-gamma settings: each prompt decoded with the gamma that
+    gives it the highest reward, the fewest NFE among those: the most any per-prompt threshold could get."""
+    sweeps = [rows for setting, rows in per_setting.items() if setting.startswith("eb")]
+    best = [max(choices, key=lambda r: (r["reward"], -r["nfe"])) for choices in zip(*sweeps)]
+    n = len(best)
+    return {"model": name, "task": task, "setting": "oracle", "accuracy": sum(r["reward"] for r in best) / n,
+            "exact": sum(r["reward"] >= 1.0 for r in best) / n, "mean_nfe": sum(r["nfe"] for r in best) / n,
+            "thresholds": ""}
+
+
 def plot(rows: list[dict], panels: list[str], path) -> None:
     names = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
@@ -72,8 +83,8 @@ def plot(rows: list[dict], panels: list[str], path) -> None:
             if pts:
                 ax.plot(*zip(*pts), "-", color=color, marker=".", label=f"{name}: fixed gamma")
             for r in rows:
-                if r["model"] == name and r["task"] == task and r["setting"] in ("steps=16", "learned"):
-                    marker = "*" if r["setting"] == "learned" else "s"
+                if r["model"] == name and r["task"] == task and r["setting"] in ("steps=16", "learned", "oracle"):
+                    marker = {"learned": "*", "steps=16": "s", "oracle": "x"}[r["setting"]]
                     ax.plot(r["mean_nfe"], r["accuracy"], marker, color=color, ms=13 if marker == "*" else 6,
                             mec="black" if marker == "*" else color, label=f"{name}: {r['setting']}")
         ax.set_xscale("log", base=2)
@@ -93,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--name", default="pareto", help="results file stem under docs/results")
+    ap.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the per-prompt oracle over the gamma sweep (an upper bound for a learned threshold)")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
     entries = parse_models(args.models, tasks)
@@ -104,12 +117,16 @@ def main(argv=None):
         configs = [SamplingParams("steps", gen)] + [SamplingParams("eb", gen, threshold=g) for g in GAMMAS]
         if loaded.threshold_head is not None:
             configs.append(SamplingParams("learned", gen))
+        per_setting = {}
         for p in configs:
             r = evaluate(loaded, task, data[task], p, batch_size=args.batch_size, progress=False)
             setting = {"steps": "steps=16", "eb": f"eb {p.threshold}", "learned": "learned"}[p.sampler]
+            per_setting[setting] = r.rows
             rows.append({"model": name, "task": task, "setting": setting, "accuracy": r.accuracy,
                          "exact": r.exact, "mean_nfe": r.mean_nfe, "thresholds": r.threshold_distribution or ""})
             print(rows[-1], flush=True)
+        if args.oracle:
+            rows.append(oracle_row(name, task, per_setting))
     panels = tasks + (["mixed"] if len(tasks) > 1 else [])
     if len(tasks) > 1:
         rows += mixed_rows(rows, tasks)
@@ -120,7 +137,9 @@ def main(argv=None):
                                  for n, t, p in entries]))
     text = ("# Accuracy vs NFE: fixed gamma vs the learned threshold\n\nModels: " + ", ".join(models)
             + f"; {args.n} generated test prompts per task (seed 0), greedy, one 16-token block; one run each "
-            f"(deterministic). `mixed`: equal parts of each task, the mean of the per-task rows. "
+            f"(deterministic). `mixed`: equal parts of each task, the mean of the per-task rows. `oracle`: each "
+            f"prompt with the swept gamma that gives it the highest reward, then the fewest NFE (an upper bound "
+            f"for any per-prompt threshold over this grid, not a sampler). "
             f"Machine: {machine()}; {time.time() - t0:.0f} s.\n\n"
             + markdown_table(rows, ["model", "task", "setting", "accuracy", "exact", "mean_nfe", "thresholds"])
             + f"\n\n![pareto]({args.name}.png)\n")

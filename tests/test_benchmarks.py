@@ -25,3 +25,13 @@ def test_mixed_rows_average_settings_present_on_every_task():
     assert len(mixed) == 1  # `learned` ran on one task only: no mixed point
     assert mixed[0]["setting"] == "eb 0.3" and mixed[0]["task"] == "mixed"
     assert mixed[0]["accuracy"] == pytest.approx(0.6) and mixed[0]["mean_nfe"] == pytest.approx(4.5)
+
+
+def test_oracle_takes_each_prompts_best_reward_then_fewest_nfe():
+    from benchmarks.pareto import oracle_row
+    per_setting = {"steps=16": [{"reward": 1.0, "nfe": 16}] * 3,  # not a gamma: ignored
+                   "eb 0.1": [{"reward": 1.0, "nfe": 8}, {"reward": 0.0, "nfe": 8}, {"reward": 0.5, "nfe": 6}],
+                   "eb 1.0": [{"reward": 1.0, "nfe": 3}, {"reward": 1.0, "nfe": 4}, {"reward": 0.0, "nfe": 2}]}
+    row = oracle_row("m", "countdown", per_setting)
+    assert row["accuracy"] == pytest.approx(2.5 / 3) and row["exact"] == pytest.approx(2 / 3)
+    assert row["mean_nfe"] == pytest.approx((3 + 4 + 6) / 3)
