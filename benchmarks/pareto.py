@@ -104,17 +104,21 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--name", default="pareto", help="results file stem under docs/results")
+    ap.add_argument("--learned-only", default="", help="comma-separated model names to run with the learned "
+                    "sampler only (e.g. a head on a model whose sweep another entry already has)")
     ap.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                     help="also the per-prompt oracle over the gamma sweep (an upper bound for a learned threshold)")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
     entries = parse_models(args.models, tasks)
+    learned_only = set(filter(None, args.learned_only.split(",")))
     data = {t: get_task(t).make_dataset("test", args.n, seed=0) for t in tasks}
     rows, t0, cache = [], time.time(), {}
     for name, task, path in entries:
         loaded = cache.get(path) or cache.setdefault(path, load_model(path))
         gen = get_task(task).GEN_LENGTH
-        configs = [SamplingParams("steps", gen)] + [SamplingParams("eb", gen, threshold=g) for g in GAMMAS]
+        configs = [] if name in learned_only else \
+            [SamplingParams("steps", gen)] + [SamplingParams("eb", gen, threshold=g) for g in GAMMAS]
         if loaded.threshold_head is not None:
             configs.append(SamplingParams("learned", gen))
         per_setting = {}
@@ -125,7 +129,7 @@ def main(argv=None):
             rows.append({"model": name, "task": task, "setting": setting, "accuracy": r.accuracy,
                          "exact": r.exact, "mean_nfe": r.mean_nfe, "thresholds": r.threshold_distribution or ""})
             print(rows[-1], flush=True)
-        if args.oracle:
+        if args.oracle and name not in learned_only:
             rows.append(oracle_row(name, task, per_setting))
     panels = tasks + (["mixed"] if len(tasks) > 1 else [])
     if len(tasks) > 1:

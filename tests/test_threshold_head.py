@@ -144,3 +144,18 @@ def test_prompt_plus_answer_head_decodes_rows_as_alone_and_round_trips(tmp_path)
     again = load_head(tmp_path)
     assert again.features == "prompt+answer"
     assert torch.equal(again(together.head_features), head(together.head_features))
+
+
+def test_greedy_rows_still_draw_their_gamma_when_sampling_thresholds(model):
+    head = ThresholdHead(model.config.hidden_size)  # near-uniform: draws differ from the mode
+    prompts = [PROMPTS[0]] * 8
+    params = [SamplingParams("learned", 8, temperature=0.0, seed=s) for s in range(8)]
+    drawn = generate(model, prompts, params, head=head, sample_threshold=True, **IDS)
+    assert len(set(drawn.threshold_choice.tolist())) > 1  # explored although decoding is greedy
+    again = generate(model, prompts, params, head=head, sample_threshold=True, **IDS)
+    assert torch.equal(drawn.threshold_choice, again.threshold_choice)  # seeded per row
+    for i, k in enumerate(drawn.threshold_choice.tolist()):  # and each row is the greedy eb decode at its gamma
+        eb = generate(model, [PROMPTS[0]], SamplingParams("eb", 8, threshold=float(head.grid[k])), **IDS)
+        assert torch.equal(drawn.sequences[i], eb.sequences[0])
+    mode = generate(model, prompts, params, head=head, **IDS)  # not sampling: every row takes the mode
+    assert len(set(mode.threshold_choice.tolist())) == 1

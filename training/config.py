@@ -80,7 +80,9 @@ class RLConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     scale_std: bool = option(False, "divide advantages by the group std")
-    temperature: float = option(1.0, "rollout sampling temperature")
+    temperature: float = option(1.0, "rollout sampling temperature (0: greedy tokens; rows still draw their gamma "
+                                "from the head, so with --train sampler a group compares gammas on one prompt "
+                                "without sampling noise)")
     sampler: str = option("steps", "rollout sampler (sampler/joint training always use learned)",
                           choices=["steps", "confidence", "eb", "learned"])
     threshold: float | None = option(None, "rollout sampler threshold (confidence / eb)")

@@ -220,7 +220,9 @@ def init_state(
         canvas[i, pw:pw + p.gen_length] = mask_id
     generators = []
     for p in params:
-        if p.temperature > 0:
+        # a row draws with its generator: tokens when T > 0, and its gamma when it samples one from the head
+        # (so greedy rollouts can still explore thresholds: their outcome then depends on gamma alone)
+        if p.temperature > 0 or (sample_threshold and p.sampler == "learned" and p.threshold is None):
             g = torch.Generator()
             g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ())))
             generators.append(g)
