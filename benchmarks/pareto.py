@@ -92,9 +92,13 @@ def plot(rows: list[dict], panels: list[str], path) -> None:
         ax.set_ylabel("accuracy (mean reward)")
         ax.set_title(task if task != "mixed" else "mixed traffic (equal parts of each task)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5)
+    handles: dict = {}
+    for ax in axes[0]:  # one legend for the figure, outside the panels
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.97), fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main(argv=None):
