@@ -242,12 +242,12 @@ def test_api_key_is_asked_for_and_used(page, model_path):
 
 
 def test_screenshot_of_compare_mode_with_the_bundled_model(page, tmp_path):
-    """docs/playground.png (shown in the README): eb beside full steps on a countdown, bundled model."""
+    """docs/playground.png (shown in the README): the head's gamma beside full steps on a countdown, bundled model."""
     screenshot = DOCS_SCREENSHOT if os.environ.get("DIFFPO_UPDATE_SCREENSHOT") else tmp_path / "playground.png"
     with live_server() as srv:
         open_playground(page, srv.url)
         page.select_option("#speed", "0")
-        page.select_option("#sampler", "eb")
+        page.select_option("#sampler", "learned")  # the bundled model has a threshold head
         page.check("#compare")
         page.click(".preset[data-prompt='countdown 69,59,53=181']")
         wait_finished(page, panels=2)
