@@ -27,10 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
 from diffpo_serve.dllm.loading import load_model  # noqa: E402
 from diffpo_serve.dllm.sampler import SamplingParams  # noqa: E402
+from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.tasks import get_task  # noqa: E402
 
-GAMMAS = [0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+GAMMAS = DEFAULT_GRID  # the fixed-gamma sweep covers exactly the values a threshold head chooses from
 
 
 def parse_models(spec: str, tasks: list[str]) -> list[tuple[str, str, str]]:
@@ -128,7 +129,7 @@ def main(argv=None):
         per_setting = {}
         for p in configs:
             r = evaluate(loaded, task, data[task], p, batch_size=args.batch_size, progress=False)
-            setting = {"steps": "steps=16", "eb": f"eb {p.threshold}", "learned": "learned"}[p.sampler]
+            setting = {"steps": "steps=16", "eb": f"eb {p.threshold:.4g}", "learned": "learned"}[p.sampler]
             per_setting[setting] = r.rows
             rows.append({"model": name, "task": task, "setting": setting, "accuracy": r.accuracy,
                          "exact": r.exact, "mean_nfe": r.mean_nfe, "thresholds": r.threshold_distribution or ""})
