@@ -84,8 +84,9 @@ def plot(rows: list[dict], panels: list[str], path) -> None:
             if pts:
                 ax.plot(*zip(*pts), "-", color=color, marker=".", label=f"{name}: fixed gamma")
             for r in rows:
-                if r["model"] == name and r["task"] == task and r["setting"] in ("steps=16", "learned", "oracle"):
-                    marker = {"learned": "*", "steps=16": "s", "oracle": "x"}[r["setting"]]
+                kind = r["setting"].split("=")[0]
+                if r["model"] == name and r["task"] == task and kind in ("steps", "learned", "oracle"):
+                    marker = {"learned": "*", "steps": "s", "oracle": "x"}[kind]
                     ax.plot(r["mean_nfe"], r["accuracy"], marker, color=color, ms=13 if marker == "*" else 6,
                             mec="black" if marker == "*" else color, label=f"{name}: {r['setting']}")
         ax.set_xscale("log", base=2)
@@ -129,7 +130,8 @@ def main(argv=None):
         per_setting = {}
         for p in configs:
             r = evaluate(loaded, task, data[task], p, batch_size=args.batch_size, progress=False)
-            setting = {"steps": "steps=16", "eb": f"eb {p.threshold:.4g}", "learned": "learned"}[p.sampler]
+            setting = f"eb {p.threshold:.4g}" if p.sampler == "eb" else \
+                {"steps": f"steps={p.gen_length}", "learned": "learned"}[p.sampler]
             per_setting[setting] = r.rows
             rows.append({"model": name, "task": task, "setting": setting, "accuracy": r.accuracy,
                          "exact": r.exact, "mean_nfe": r.mean_nfe, "thresholds": r.threshold_distribution or ""})
