@@ -44,7 +44,8 @@ def run_one(task: str, algo: str, seed: int, args) -> list[dict]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="SFT model (default: the bundled model)")
+    ap.add_argument("--model", default=None, help="starting model (default: the bundled model; the published "
+                    "runs started from the SFT checkpoint, runs/sft)")
     ap.add_argument("--tasks", default="countdown,sudoku")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-steps", type=int, default=150)
@@ -86,11 +87,13 @@ def main(argv=None):
         ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "rl_curves.png", dpi=120)
-    text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom the bundled SFT model; per run {args.max_steps} "
+    start = f"`{args.model}`" if args.model else "the bundled model"
+    text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {args.max_steps} "
             f"steps of {args.prompts_per_step} prompts x G={args.num_generations} rollouts, mu={args.num_iterations}, "
             f"lr={args.lr}, other settings RLConfig defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
-            f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation.\n\n"
+            f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete under runs/bench_rl are "
+            f"reused, not retrained).\n\n"
             + markdown_table(rows, list(rows[0])) + "\n\n![rl curves](rl_curves.png)\n")
     print(save("rl_curves", text, curves))
 
