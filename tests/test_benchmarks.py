@@ -35,3 +35,11 @@ def test_oracle_takes_each_prompts_best_reward_then_fewest_nfe():
     row = oracle_row("m", "countdown", per_setting)
     assert row["accuracy"] == pytest.approx(2.5 / 3) and row["exact"] == pytest.approx(2 / 3)
     assert row["mean_nfe"] == pytest.approx((3 + 4 + 6) / 3)
+
+
+def test_front_mixes_two_fixed_points_across_prompts():
+    from benchmarks.oracle_head import front_at
+    points = [(1.0, 0.1), (4.0, 0.4), (8.0, 0.5), (5.0, 0.2)]
+    assert front_at(points, 2.0) == pytest.approx(0.2)  # between (1, 0.1) and (4, 0.4)
+    assert front_at(points, 6.0) == pytest.approx(0.45)  # the hull skips the dominated (5, 0.2)
+    assert front_at(points, 9.0) == pytest.approx(0.5)  # beyond the last point: the best one reached
