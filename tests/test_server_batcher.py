@@ -15,11 +15,13 @@ from diffpo_serve.cli import build_parser, parse_settings
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from diffpo_serve.dllm.tokenizer import build_tokenizer
+from diffpo_serve.dllm.threshold_head import ThresholdHead
 from diffpo_serve.engine import ChoiceText, Engine, find_stop, held_back
 from diffpo_serve.metrics import ServerMetrics
 from diffpo_serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from diffpo_serve.settings import ServerSettings
 from test_server_support import scripted_loaded
+from test_threshold_head import always
 
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
 
@@ -190,12 +192,7 @@ def test_a_failing_step_fails_its_requests_and_the_batcher_goes_on(loaded):
 
 def test_learned_rows_take_the_heads_threshold_and_match_eb(loaded):
     """`learned` rows get gamma from the model's head (in their first pass) and report it."""
-    from diffpo_serve.dllm.threshold_head import ThresholdHead
-    head = ThresholdHead(loaded.model.config.hidden_size)
-    with torch.no_grad():
-        head.net[-1].weight.zero_()
-        head.net[-1].bias.fill_(-50.0)
-        head.net[-1].bias[4] = 50.0
+    head = always(ThresholdHead(loaded.model.config.hidden_size), 4)
     gamma = float(head.grid[4])
     with_head = replace(loaded, threshold_head=head)
 
@@ -382,12 +379,7 @@ def test_importing_the_server_never_imports_training():
 
 
 def test_requests_without_a_sampler_use_the_head_when_the_model_has_one(loaded):
-    from diffpo_serve.dllm.threshold_head import ThresholdHead
-    head = ThresholdHead(loaded.model.config.hidden_size)
-    with torch.no_grad():
-        head.net[-1].weight.zero_()
-        head.net[-1].bias.fill_(-50.0)
-        head.net[-1].bias[6] = 50.0
+    head = always(ThresholdHead(loaded.model.config.hidden_size), 6)
     req = CompletionRequest(model=loaded.name, prompt="countdown 1,2,3=6", max_tokens=8)
     with_head = run_engine(replace(loaded, threshold_head=head), req)
     assert with_head.choices[0].threshold == pytest.approx(float(head.grid[6]))  # the head's gamma: learned
