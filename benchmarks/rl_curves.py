@@ -5,7 +5,7 @@ mu, learning rate, steps) and evaluates greedy full-step accuracy on held-out te
 ``--eval-every`` steps. Runs are kept under runs/bench_rl/ and skipped when already complete, so an
 interrupted benchmark continues where it stopped. Writes docs/results/rl_curves.{md,json,png}.
 
-    python -m benchmarks.rl_curves [--tasks countdown,sudoku] [--seeds 0,1,2] [--max-steps 150]
+    python -m benchmarks.rl_curves [--tasks countdown,sudoku] [--seeds 0,1,2] [--max-steps 150 | countdown=240,sudoku=120]
 """
 
 from __future__ import annotations
@@ -28,18 +28,30 @@ from training.rl import train_rl  # noqa: E402
 RUNS = Path("runs/bench_rl")
 
 
-def run_one(task: str, algo: str, seed: int, args) -> list[dict]:
+def steps_per_task(spec: str, tasks: list[str]) -> dict[str, int]:
+    """``--max-steps``: one number for every task, or ``task=N,...`` pairs."""
+    if "=" not in spec:
+        return {t: int(spec) for t in tasks}
+    given = {k: int(v) for k, v in (item.split("=") for item in spec.split(","))}
+    missing = [t for t in tasks if t not in given]
+    if missing:
+        raise SystemExit(f"--max-steps names no step count for {', '.join(missing)}")
+    return given
+
+
+def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]:
+    """Train (or continue) one run up to ``max_steps``; its records up to that step."""
     out = RUNS / f"{task}-{algo}-s{seed}"
     metrics = out / "metrics.jsonl"
-    done = metrics.exists() and any(json.loads(x)["step"] == args.max_steps for x in metrics.read_text().splitlines())
+    done = metrics.exists() and any(json.loads(x)["step"] >= max_steps for x in metrics.read_text().splitlines())
     if not done:
         cfg = RLConfig(algo=algo, model=args.model, output_dir=str(out), tasks=task, seed=seed,
-                       max_steps=args.max_steps, eval_every=args.eval_every, eval_examples=args.eval_examples,
+                       max_steps=max_steps, eval_every=args.eval_every, eval_examples=args.eval_examples,
                        save_every=args.eval_every, lr=args.lr, num_generations=args.num_generations,
                        prompts_per_step=args.prompts_per_step, num_iterations=args.num_iterations,
                        resume=metrics.exists())
         train_rl(cfg)
-    return [json.loads(x) for x in metrics.read_text().splitlines()]
+    return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= max_steps]
 
 
 def main(argv=None):
@@ -48,7 +60,7 @@ def main(argv=None):
                     "runs started from the SFT checkpoint, runs/sft)")
     ap.add_argument("--tasks", default="countdown,sudoku")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--max-steps", type=int, default=150)
+    ap.add_argument("--max-steps", default="150", help="RL steps per run: N, or task=N pairs (countdown=240,sudoku=120)")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-examples", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=3e-5)
@@ -57,12 +69,13 @@ def main(argv=None):
     ap.add_argument("--num-iterations", type=int, default=4)
     args = ap.parse_args(argv)
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
+    max_steps = steps_per_task(args.max_steps, tasks)
     t0 = time.time()
     curves: dict = {}
     for task in tasks:
         for seed in seeds:
             for algo in ("d1", "diffpo"):
-                recs = run_one(task, algo, seed, args)
+                recs = run_one(task, algo, seed, args, max_steps[task])
                 key = f"eval_{task}_accuracy"
                 curves.setdefault(task, {}).setdefault(algo, {})[seed] = [(r["rollouts"], r[key]) for r in recs
                                                                           if key in r]
@@ -88,8 +101,8 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(RESULTS / "rl_curves.png", dpi=120)
     start = f"`{args.model}`" if args.model else "the bundled model"
-    text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {args.max_steps} "
-            f"steps of {args.prompts_per_step} prompts x G={args.num_generations} rollouts, mu={args.num_iterations}, "
+    text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {', '.join(f'{n} steps ({t})' for t, n in max_steps.items())} "
+            f"of {args.prompts_per_step} prompts x G={args.num_generations} rollouts, mu={args.num_iterations}, "
             f"lr={args.lr}, other settings RLConfig defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
             f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete under runs/bench_rl are "
