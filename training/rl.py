@@ -189,13 +189,15 @@ def train_rl(cfg: RLConfig) -> RLRun:
                         seed=step_seed * 100_000, head=head_unwrapped)
         rollout_seconds = time.perf_counter() - t0
         record = {}
+        # the NFE-penalised reward, once per step: the head's, and the model's with --model-reward sampler
+        speed = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, gen_length, cfg.lam) \
+            if train_head or cfg.model_reward == "sampler" else None
         if train_model:
-            rewards = batch.rewards if cfg.model_reward == "task" else sampler_reward(
-                batch.rewards.to(batch.nfe.device), batch.nfe, gen_length, cfg.lam).to(batch.rewards.device)
+            rewards = batch.rewards if cfg.model_reward == "task" else speed.to(batch.rewards.device)
             record.update(_model_update(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, rewards, g,
                                         mask_id))
         if train_head:
-            record.update(_head_update(cfg, head, head_optimizer, accelerator, batch, gen_length))
+            record.update(_head_update(cfg, head, head_optimizer, accelerator, batch, speed))
 
         _, zero_var = group_advantages(batch.rewards, cfg.num_generations)
         local = torch.tensor([batch.rewards.mean(), batch.exact.mean(), batch.nfe.float().mean(), zero_var,
@@ -263,9 +265,9 @@ def _model_update(cfg: RLConfig, model, unwrapped, ref_model, optimizer, acceler
             "grad_norm": round(sum(grad_norms) / len(grad_norms), 4)}
 
 
-def _head_update(cfg: RLConfig, head, head_optimizer, accelerator, batch, gen_length: int) -> dict:
-    """One group-relative REINFORCE step of the threshold head on the rollouts' own gamma draws."""
-    r = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, gen_length, cfg.lam)
+def _head_update(cfg: RLConfig, head, head_optimizer, accelerator, batch, r: torch.Tensor) -> dict:
+    """One group-relative REINFORCE step of the threshold head on the rollouts' own gamma draws and
+    their sampler reward ``r``."""
     advantages, _ = group_advantages(r, cfg.num_generations)
     dist = torch.distributions.Categorical(logits=head(batch.head_features))
     loss = threshold_head_loss(dist.log_prob(batch.threshold_choice), advantages, dist.entropy(), cfg.entropy_coef)
