@@ -101,12 +101,13 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(RESULTS / "rl_curves.png", dpi=120)
     start = f"`{args.model}`" if args.model else "the bundled model"
-    text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {', '.join(f'{n} steps ({t})' for t, n in max_steps.items())} "
+    budget = ", ".join(f"{n} steps ({t})" for t, n in max_steps.items())
+    text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {budget} "
             f"of {args.prompts_per_step} prompts x G={args.num_generations} rollouts, mu={args.num_iterations}, "
             f"lr={args.lr}, other settings RLConfig defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
-            f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete under runs/bench_rl are "
-            f"reused, not retrained).\n\n"
+            f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
+            f"under runs/bench_rl are reused, not retrained).\n\n"
             + markdown_table(rows, list(rows[0])) + "\n\n![rl curves](rl_curves.png)\n")
     print(save("rl_curves", text, curves))
 
