@@ -51,15 +51,16 @@ def kill_after_checkpoint(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
+def model_path(tmp_path_factory) -> str:
     """A random tiny model + our tokenizer saved once per session (named like the served model)."""
     from test_server_support import MODEL_NAME, save_tiny_model
     return save_tiny_model(tmp_path_factory.mktemp("served") / MODEL_NAME)
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny_model_dir):
-    """One live server on the tiny model, shared by the modules that only need a working endpoint."""
+def server(model_path):
+    """One live server on the tiny model, shared by the modules that only need a working endpoint
+    (a module that needs other settings defines its own ``server``, which overrides this one)."""
     from test_server_support import live_server
-    with live_server(model=tiny_model_dir, max_batch_size=8, max_queue=64) as srv:
+    with live_server(model=model_path, max_batch_size=8, max_queue=64) as srv:
         yield srv

@@ -20,14 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server_support import MODEL_NAME, live_server
+from test_server_support import MODEL_NAME, SUDOKU, live_server
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1440, "height": 900}
 # set DIFFPO_UPDATE_SCREENSHOT=1 to refresh the README's picture; otherwise the test writes to tmp_path
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"
-SUDOKU = "sudoku 3020213443020243"
 KEY = "s3cret-key"
 TIMEOUT_MS = 20_000
 
@@ -55,16 +54,6 @@ def browser():
             yield browser
         finally:
             browser.close()
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model_dir):
-    return tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def server(tiny_server):
-    return tiny_server
 
 
 @pytest.fixture

@@ -8,15 +8,8 @@ import httpx
 import openai
 import pytest
 
-from test_server_support import MODEL_NAME, metric_value
+from test_server_support import COUNTDOWN, MODEL_NAME, SUDOKU, metric_value
 
-SUDOKU = "sudoku 3020213443020243"
-COUNTDOWN = "countdown 32,62,20=114"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_server):
-    return tiny_server
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +238,8 @@ def test_32_concurrent_requests_equal_alone(client, server):
 
 
 def test_metrics_lists_the_expected_series(server, client):
-    complete(client, max_tokens=4, stream=True, stream_options={"include_usage": True})
+    chunks = list(complete(client, max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None  # the stream was read to its end: the request is over
     text = httpx.get(server.url + "/metrics").text
     for name in ["diffpo_requests_total", "diffpo_request_latency_seconds_bucket", "diffpo_queue_depth",
                  "diffpo_running_rows", "diffpo_time_to_first_token_seconds_bucket", "diffpo_prompt_tokens_total",

@@ -17,21 +17,9 @@ import pytest
 from conftest import EOS, MASK, PAD
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
-from test_server_support import MODEL_NAME, live_server, scripted_loaded
+from test_server_support import COUNTDOWN, MODEL_NAME, SUDOKU, live_server, scripted_loaded
 
-SUDOKU = "sudoku 3020213443020243"
-COUNTDOWN = "countdown 32,62,20=114"
 STEP = "text_completion.step"
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_model_dir):
-    return tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def server(tiny_server):
-    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from diffpo_serve.dllm.tokenizer import build_tokenizer
 from diffpo_serve.settings import ServerSettings
 
 MODEL_NAME = "tiny-dllm"
+SUDOKU = "sudoku 3020213443020243"  # prompts in the bundled tasks' formats
+COUNTDOWN = "countdown 32,62,20=114"
 
 
 def save_tiny_model(directory) -> str:
