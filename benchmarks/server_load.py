@@ -14,7 +14,7 @@ machines), so by default locust is pinned to the last core and the server, like 
 it is compared with, to the others, with as many torch threads as it has cores (``--no-isolate``
 runs everything on every core).
 
-    python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32] [--no-isolate]
+    python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32] [--wait 0] [--no-isolate]
 """
 
 from __future__ import annotations
@@ -80,18 +80,31 @@ def server(max_batch_size: int, cores: set[int] | None = None):
         proc.wait(timeout=60)
 
 
+def decoder_counters(url: str) -> dict:
+    """The batcher's step count, summed step seconds and summed rows from the server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    value = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+    return {"steps": value("diffpo_batch_step_seconds_count"), "step_s": value("diffpo_batch_step_seconds_sum"),
+            "rows": value("diffpo_batch_row_steps_total"), "time": time.perf_counter()}
+
+
 def run_locust(url: str, users: int, seconds: int, cores: set[int] | None = None) -> dict:
     cmd = ["locust", "-f", str(ROOT / "clients" / "locustfile.py"), "--headless", "-u", str(users), "-r",
            str(users), "-t", f"{seconds}s", "--host", url, "--only-summary"]
+    before = decoder_counters(url)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120,
                          preexec_fn=pinned(cores)).stdout
+    after = decoder_counters(url)
+    steps = after["steps"] - before["steps"]
     grab = lambda pat: re.search(pat, out).groups()  # noqa: E731
     n, _, failed = grab(r"requests\s+(\d+) in ([\d.]+)s \((\d+) failed\)")
     p50, p90, p99 = grab(r"latency p50/p90/p99\s+(\d+) / (\d+) / (\d+) ms")
     t50, t90, t99 = grab(r"TTFT p50/p90/p99\s+(\d+) / (\d+) / (\d+) ms")
     return {"requests": int(n), "req_s": float(grab(r"requests/s\s+([\d.]+)")[0]),
             "output_tok_s": float(grab(r"output tokens/s\s+([\d.]+)")[0]), "p50_ms": int(p50), "p90_ms": int(p90),
-            "p99_ms": int(p99), "ttft_p50_ms": int(t50), "ttft_p99_ms": int(t99), "failures": int(failed)}
+            "p99_ms": int(p99), "ttft_p50_ms": int(t50), "ttft_p99_ms": int(t99), "failures": int(failed),
+            "mean_batch": (after["rows"] - before["rows"]) / max(steps, 1),
+            "decoder_busy": (after["step_s"] - before["step_s"]) / (after["time"] - before["time"])}
 
 
 def offline(batch_size: int, n: int) -> dict:
@@ -115,10 +128,14 @@ def main(argv=None):
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--offline-prompts", type=int, default=2048)
+    ap.add_argument("--wait", type=float, default=0.0,
+                    help="each locust user's think time between requests is uniform in [0, WAIT] s; the default 0 "
+                         "keeps the server saturated, which a throughput comparison needs")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                     help="pin locust to the last core, the server and the offline decoder to the others")
     args = ap.parse_args(argv)
     os.environ.setdefault("DIFFPO_LOCUST_SAMPLER", "eb")
+    os.environ.setdefault("DIFFPO_LOCUST_WAIT", str(args.wait))
     cores = sorted(os.sched_getaffinity(0))
     serve_cores = client_cores = None
     if args.isolate and len(cores) >= 2:
@@ -140,14 +157,17 @@ def main(argv=None):
     off, off1, served, single = (r["output_tok_s"] for r in rows)
     text = (f"# Server load test\n\nBundled model; locust ({args.users} users, {args.seconds} s, "
             f"clients/locustfile.py: mixed sudoku/countdown prompts, completion and chat, streaming and not; eb "
-            f"gamma 0.3, block_length 4, 16 tokens) vs the offline batched decoder on {args.offline_prompts} "
+            f"gamma 0.3, block_length 4, 16 tokens; think time uniform in [0, {args.wait:g}] s) vs the offline "
+            f"batched decoder on {args.offline_prompts} "
             f"prompts of the same tasks and settings; one run each, all in one invocation. {placement}. "
             f"Machine: {machine()}.\n\n"
             + markdown_table(rows, ["system", "requests", "req_s", "output_tok_s", "p50_ms", "p90_ms", "p99_ms",
-                                    "ttft_p50_ms", "ttft_p99_ms", "failures"])
+                                    "ttft_p50_ms", "ttft_p99_ms", "failures", "mean_batch", "decoder_busy"])
             + f"\n\nServer / offline output tokens/s: **{served / off:.2f}**; batched / one-at-a-time server: "
             f"**{served / single:.1f}x** (offline batch {args.batch_size} / offline batch 1, the most batching "
-            f"can give here: {off / off1:.1f}x).\n")
+            f"can give here: {off / off1:.1f}x). `mean_batch`: rows per denoising step; `decoder_busy`: the "
+            f"fraction of wall time the decoding thread spent in denoising steps (both from the server's /metrics); the rest "
+            f"is admission, HTTP and waiting for work.\n")
     print(save("server_load", text, rows))
 
 

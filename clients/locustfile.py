@@ -13,7 +13,9 @@ its own token count.
 Environment: ``DIFFPO_API_KEY`` (sent as a Bearer key), ``DIFFPO_LOCUST_MODEL`` (default: the first
 model of ``/v1/models``), ``DIFFPO_LOCUST_MAX_TOKENS`` (default 16), ``DIFFPO_LOCUST_SAMPLER`` (default
 ``eb``: the entropy-bounded sampler, a few forward passes per block), ``DIFFPO_LOCUST_BLOCK_LENGTH``
-(default 4: streams then get their text block by block, so TTFT measures something).
+(default 4: streams then get their text block by block, so TTFT measures something),
+``DIFFPO_LOCUST_WAIT`` (default 0.2: each user waits a uniform 0 to that many seconds between requests;
+0 makes a closed loop that keeps the server saturated, as a throughput measurement wants).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def countdown_prompt(rng: random.Random) -> str:
 
 
 class DiffpoUser(FastHttpUser):
-    wait_time = between(0.0, 0.2)
+    wait_time = between(0.0, float(os.environ.get("DIFFPO_LOCUST_WAIT", "0.2")))
 
     def on_start(self) -> None:
         self.rng = random.Random()

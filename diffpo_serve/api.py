@@ -325,8 +325,10 @@ def install_error_handlers(app: FastAPI) -> None:
                                               code="internal_error"))
 
 
-def require_json(request: Request) -> None:
-    """POST bodies must be sent as ``Content-Type: application/json`` (or a ``+json`` type)."""
+async def require_json(request: Request) -> None:
+    """POST bodies must be sent as ``Content-Type: application/json`` (or a ``+json`` type).
+
+    ``async`` so that FastAPI runs it on the event loop, not via a worker thread per request."""
     value = request.headers.get("content-type")
     message = Message()
     message["content-type"] = value or ""

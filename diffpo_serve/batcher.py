@@ -137,6 +137,27 @@ class RequestHandle:
             pass
 
 
+def deliver_all(events: list[tuple[RequestHandle, object]]) -> None:
+    """Deliver a step's events with one wake-up of each event loop (called from the decoding thread).
+
+    Per-event ``call_soon_threadsafe`` would wake the loop once per row per step; at a full batch that
+    is hundreds of wake-ups a second competing with the decoder for the GIL.
+    """
+    by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+    for handle, event in events:
+        by_loop.setdefault(id(handle._loop), (handle._loop, []))[1].append((handle.events, event))
+    for loop, pairs in by_loop.values():
+        try:
+            loop.call_soon_threadsafe(_put_all, pairs)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, event in pairs:
+        queue.put_nowait(event)
+
+
 @dataclass
 class _Slot:
     handle: RequestHandle
@@ -347,6 +368,7 @@ class Batcher:
             return
         if self.metrics:
             self.metrics.step_seconds.observe(time.perf_counter() - start)
+            self.metrics.row_steps.inc(state.batch_size)
         rows = out.rows.tolist()
         if not rows:
             return
@@ -372,8 +394,7 @@ class Batcher:
         if any(finished):  # finished rows leave before their results go out
             done = set(r for r, f in zip(rows, finished) if f)
             self._keep([i for i in range(len(self._slots)) if i not in done])
-        for handle, event in events:
-            handle.deliver(event)
+        deliver_all(events)
 
     def _step_updates(self, state: BatchState, out, rows: list[int],
                       blocks_before: torch.Tensor) -> list[tuple[RequestHandle, StepUpdate]]:

@@ -2,7 +2,8 @@
 
 Names (all prefixed ``diffpo_``): ``requests_total{endpoint,status}``, ``request_latency_seconds
 {endpoint}``, ``time_to_first_token_seconds{endpoint}``, ``queue_depth`` (requests waiting for a
-slot), ``running_rows`` (rows in the decoding batch), ``batch_step_seconds``, ``prompt_tokens_total``,
+slot), ``running_rows`` (rows in the decoding batch), ``batch_step_seconds``, ``batch_row_steps_total`` (rows
+summed over steps: divided by ``batch_step_seconds_count`` it is the mean batch size), ``prompt_tokens_total``,
 ``completion_tokens_total``, ``nfe`` (forward passes per choice, by sampler), ``threshold`` (threshold
 or gamma per choice, by sampler), ``cancelled_rows_total`` (rows dropped before finishing: client
 gone, stop string, timeout) and ``model_ready``.
@@ -44,6 +45,8 @@ class ServerMetrics:
         self.running_rows = Gauge("diffpo_running_rows", "rows in the decoding batch", registry=r)
         self.step_seconds = Histogram("diffpo_batch_step_seconds", "duration of one batched denoising step",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.row_steps = Counter("diffpo_batch_row_steps", "rows decoded, summed over denoising steps "
+                                 "(/ batch_step_seconds_count = mean batch size)", registry=r)
         self.prompt_tokens = Counter("diffpo_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter("diffpo_completion_tokens", "completion tokens of finished requests",
                                          registry=r)

@@ -111,6 +111,33 @@ def test_updates_come_per_block_with_determined_prefixes(loaded):
     for earlier, later in zip(events, events[1:]):
         assert later.ids[:len(earlier.ids)] == earlier.ids  # nothing sent is ever revised
 
+def test_metrics_count_rows_per_step_and_one_wakeup_delivers_a_steps_events(loaded):
+    """batch_row_steps_total grows by the batch size at each step; a step's events reach the loop in order
+    through a single call_soon_threadsafe."""
+    params = SamplingParams(sampler="steps", gen_length=4, steps=4, block_length=1)  # a block a step: an update a step
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        metrics = ServerMetrics()
+        batcher = Batcher(loaded, metrics=metrics)
+        handles = [batcher.submit([RowRequest([5 + i, 6], params)]) for i in range(3)]
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakeups.append(a), real(*a))[1]
+        batcher.run_once()  # admits the three rows and steps them once
+        assert len(wakeups) == 1
+        assert metrics.row_steps._value.get() == 3 and metrics.step_seconds._sum.get() > 0
+        await settle()
+        assert [len(drain_events(h)) for h in handles] == [1, 1, 1]
+        for _ in range(3):
+            batcher.run_once()
+        await settle()
+        assert metrics.row_steps._value.get() == 3 * 4
+        return [drain_events(h) for h in handles]
+
+    for events in asyncio.run(main()):
+        assert [len(e.ids) for e in events] == [2, 3, 4] and events[-1].finished, events
+
 
 # ----------------------------------------------------------------------------- admission, cancellation, failure
 
