@@ -6,6 +6,7 @@ mu, learning rate, steps) and evaluates greedy full-step accuracy on held-out te
 interrupted benchmark continues where it stopped. Writes docs/results/rl_curves.{md,json,png}.
 
     python -m benchmarks.rl_curves [--tasks countdown,sudoku] [--seeds 0,1,2] [--max-steps 150 | countdown=240,sudoku=120]
+                                   [--lr 3e-5] [--temperature 1.0] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def steps_per_task(spec: str, tasks: list[str]) -> dict[str, int]:
 
 def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]:
     """Train (or continue) one run up to ``max_steps``; its records up to that step."""
-    out = RUNS / f"{task}-{algo}-s{seed}"
+    out = RUNS / args.tag / f"{task}-{algo}-s{seed}"
     metrics = out / "metrics.jsonl"
     done = metrics.exists() and any(json.loads(x)["step"] >= max_steps for x in metrics.read_text().splitlines())
     if not done:
@@ -49,7 +50,7 @@ def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]
                        max_steps=max_steps, eval_every=args.eval_every, eval_examples=args.eval_examples,
                        save_every=args.eval_every, lr=args.lr, num_generations=args.num_generations,
                        prompts_per_step=args.prompts_per_step, num_iterations=args.num_iterations,
-                       resume=metrics.exists())
+                       temperature=args.temperature, resume=metrics.exists())
         train_rl(cfg)
     return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= max_steps]
 
@@ -67,6 +68,9 @@ def main(argv=None):
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--num-iterations", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    ap.add_argument("--tag", default="", help="a name for this configuration: runs under runs/bench_rl/TAG/, "
+                    "results in docs/results/rl_curves_TAG.*")
     args = ap.parse_args(argv)
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     max_steps = steps_per_task(args.max_steps, tasks)
@@ -99,17 +103,18 @@ def main(argv=None):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "rl_curves.png", dpi=120)
+    name = f"rl_curves_{args.tag}" if args.tag else "rl_curves"
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
     start = f"`{args.model}`" if args.model else "the bundled model"
     budget = ", ".join(f"{n} steps ({t})" for t, n in max_steps.items())
     text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {budget} "
             f"of {args.prompts_per_step} prompts x G={args.num_generations} rollouts, mu={args.num_iterations}, "
-            f"lr={args.lr}, other settings RLConfig defaults; greedy full-step accuracy on {args.eval_examples} "
+            f"lr={args.lr}, rollout temperature {args.temperature:g}, other settings RLConfig defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
             f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
             f"under runs/bench_rl are reused, not retrained).\n\n"
-            + markdown_table(rows, list(rows[0])) + "\n\n![rl curves](rl_curves.png)\n")
-    print(save("rl_curves", text, curves))
+            + markdown_table(rows, list(rows[0])) + f"\n\n![rl curves]({name}.png)\n")
+    print(save(name, text, curves))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ eb sampler, gamma 0.3, block_length 4, 16 tokens, greedy: the locustfile's defau
   1. the offline batched decoder (``generate``) at the server's batch size: output tokens/s;
   2. ``diffpo-serve --max-batch-size B`` under ``locust -u USERS`` for SECONDS: req/s, output
      tokens/s, latency and TTFT percentiles, failures;
-  3. the same server with ``--max-batch-size 1`` (one request at a time) under the same load.
+  3. the same server with ``--max-batch-size 1`` (one request at a time) under the same load;
+  4. the offline decoder at batch 1 (the most that batching can gain on this machine);
+  5. the server's Batcher and decoding thread fed in-process by USERS closed-loop clients (the server
+     minus HTTP);
+each ``--repeats`` times, interleaved; ratios are taken within a repeat (side by side).
 Output tokens are completion tokens up to and including EOS, as the server's usage counts them.
 Writes docs/results/server_load.{md,json}. Needs locust (``pip install -e .[load]``).
 
@@ -14,16 +18,19 @@ machines), so by default locust is pinned to the last core and the server, like 
 it is compared with, to the others, with as many torch threads as it has cores (``--no-isolate``
 runs everything on every core).
 
-    python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32] [--wait 0] [--no-isolate]
+    python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32] [--repeats 2] [--wait 0]
+                                      [--no-isolate]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +40,7 @@ import httpx
 import torch
 
 from benchmarks.common import machine, markdown_table, save
+from diffpo_serve.batcher import BatchFailure, Batcher, RowRequest, RowUpdate
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.tasks import get_task
@@ -74,7 +82,7 @@ def server(max_batch_size: int, cores: set[int] | None = None):
             time.sleep(0.1)
         else:
             raise RuntimeError("the server did not become healthy")
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -88,13 +96,25 @@ def decoder_counters(url: str) -> dict:
             "rows": value("diffpo_batch_row_steps_total"), "time": time.perf_counter()}
 
 
-def run_locust(url: str, users: int, seconds: int, cores: set[int] | None = None) -> dict:
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each thread of process ``pid`` (Linux /proc)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | None = None) -> dict:
     cmd = ["locust", "-f", str(ROOT / "clients" / "locustfile.py"), "--headless", "-u", str(users), "-r",
            str(users), "-t", f"{seconds}s", "--host", url, "--only-summary"]
-    before = decoder_counters(url)
+    before, cpu_before = decoder_counters(url), thread_cpu(pid)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120,
                          preexec_fn=pinned(cores)).stdout
-    after = decoder_counters(url)
+    after, cpu_after = decoder_counters(url), thread_cpu(pid)
+    wall = after["time"] - before["time"]
+    used = {tid: cpu_after[tid] - cpu_before.get(tid, 0.0) for tid in cpu_after}
     steps = after["steps"] - before["steps"]
     grab = lambda pat: re.search(pat, out).groups()  # noqa: E731
     n, _, failed = grab(r"requests\s+(\d+) in ([\d.]+)s \((\d+) failed\)")
@@ -104,13 +124,52 @@ def run_locust(url: str, users: int, seconds: int, cores: set[int] | None = None
             "output_tok_s": float(grab(r"output tokens/s\s+([\d.]+)")[0]), "p50_ms": int(p50), "p90_ms": int(p90),
             "p99_ms": int(p99), "ttft_p50_ms": int(t50), "ttft_p99_ms": int(t99), "failures": int(failed),
             "mean_batch": (after["rows"] - before["rows"]) / max(steps, 1),
-            "decoder_busy": (after["step_s"] - before["step_s"]) / (after["time"] - before["time"])}
+            "decoder_busy": (after["step_s"] - before["step_s"]) / wall,
+            # the main thread runs the event loop (HTTP); the busiest other thread is the decoding thread
+            "event_loop_cpu": used.get(pid, 0.0) / wall,
+            "decoder_cpu": max((v for tid, v in used.items() if tid != pid), default=0.0) / wall}
+
+
+def batcher_no_http(batch_size: int, n: int, clients: int) -> dict:
+    """The server's Batcher and decoding thread fed by ``clients`` closed-loop asyncio clients: no HTTP."""
+    loaded = load_model()
+    prompts = iter(benchmark_prompts(loaded, n))
+    params = SamplingParams("eb", 16, block_length=4, threshold=0.3)
+    tokens = requests = 0
+
+    async def client(batcher: Batcher) -> None:
+        nonlocal tokens, requests
+        for prompt in prompts:  # one shared iterator: every prompt is decoded once
+            handle = batcher.submit([RowRequest(prompt, params)])
+            while not isinstance(event := await handle.events.get(), RowUpdate) or not event.finished:
+                if isinstance(event, BatchFailure):
+                    raise RuntimeError(event.message)
+            ids = event.ids
+            tokens += ids.index(loaded.eos_id) + 1 if loaded.eos_id in ids else len(ids)
+            requests += 1
+
+    async def main() -> float:
+        batcher = Batcher(loaded, max_batch_size=batch_size, max_queue=n)
+        batcher.start()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(batcher) for _ in range(clients)))
+        seconds = time.perf_counter() - t0
+        batcher.stop()
+        return seconds
+
+    seconds = asyncio.run(main())
+    return {"requests": requests, "req_s": requests / seconds, "output_tok_s": tokens / seconds}
+
+
+def benchmark_prompts(loaded, n: int) -> list[list[int]]:
+    """``n`` test prompts, half sudoku and half countdown, as token ids."""
+    return [loaded.encode(ex["prompt"]) for t in ("sudoku", "countdown")
+            for ex in get_task(t).make_dataset("test", n // 2, seed=1)]
 
 
 def offline(batch_size: int, n: int) -> dict:
     loaded = load_model()
-    prompts = [loaded.encode(ex["prompt"]) for t in ("sudoku", "countdown")
-               for ex in get_task(t).make_dataset("test", n // 2, seed=1)]
+    prompts = benchmark_prompts(loaded, n)
     params = SamplingParams("eb", 16, block_length=4, threshold=0.3)
     t0, tokens = time.perf_counter(), 0
     for i in range(0, len(prompts), batch_size):
@@ -128,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--offline-prompts", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=2, help="measure every system this many times, interleaved")
     ap.add_argument("--wait", type=float, default=0.0,
                     help="each locust user's think time between requests is uniform in [0, WAIT] s; the default 0 "
                          "keeps the server saturated, which a throughput comparison needs")
@@ -142,32 +202,58 @@ def main(argv=None):
         serve_cores, client_cores = set(cores[:-1]), {cores[-1]}
         os.sched_setaffinity(0, serve_cores)  # the offline decoder runs here, on the server's cores
         torch.set_num_threads(len(serve_cores))
-    rows = [{"system": f"offline generate(), batch {args.batch_size}", **offline(args.batch_size,
-                                                                                 args.offline_prompts)},
-            # the ceiling of what batching can buy on this machine: the same decoder one prompt at a time
-            {"system": "offline generate(), batch 1", **offline(1, args.offline_prompts // 4)}]
-    for b, name in ((args.batch_size, f"diffpo-serve --max-batch-size {args.batch_size}"),
-                    (1, "diffpo-serve --max-batch-size 1 (one at a time)")):
-        with server(b, serve_cores) as url:
-            rows.append({"system": name, **run_locust(url, args.users, args.seconds, client_cores)})
-        print(rows[-1], flush=True)
+    systems = [f"offline generate(), batch {args.batch_size}",
+               # the ceiling of what batching can buy on this machine: the same decoder one prompt at a time
+               "offline generate(), batch 1",
+               f"diffpo-serve --max-batch-size {args.batch_size}", "diffpo-serve --max-batch-size 1 (one at a time)",
+               # the server minus HTTP: what the batching machinery costs or gains by itself
+               f"server's Batcher, {args.users} in-process clients, no HTTP"]
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    for rep in range(args.repeats):  # interleaved, so slow drifts of the machine hit every system alike
+        runs[systems[0]].append(offline(args.batch_size, args.offline_prompts))
+        runs[systems[1]].append(offline(1, args.offline_prompts // 4))
+        for b, name in ((args.batch_size, systems[2]), (1, systems[3])):
+            with server(b, serve_cores) as (url, pid):
+                runs[name].append(run_locust(url, pid, args.users, args.seconds, client_cores))
+        runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users))
+        print(f"repeat {rep + 1}/{args.repeats}:", {k: round(v[-1]["output_tok_s"]) for k, v in runs.items()},
+              flush=True)
+    rows = []
+    for name in systems:
+        row = {"system": name, "runs": len(runs[name])}
+        for key in runs[name][0]:
+            values = [r[key] for r in runs[name]]
+            row[key] = sum(values) if key in ("requests", "failures") else statistics.median(values)
+            if all(isinstance(v, int) for v in values):
+                row[key] = round(row[key])
+        row["output_tok_s_range"] = "{:.0f}-{:.0f}".format(*(f([r["output_tok_s"] for r in runs[name]])
+                                                           for f in (min, max)))
+        rows.append(row)
+    tok = {name: [r["output_tok_s"] for r in runs[name]] for name in systems}
+    paired = lambda a, b: [x / y for x, y in zip(tok[a], tok[b])]  # noqa: E731 - same repeat, side by side
+    vs_offline, vs_single, ceiling = (paired(systems[2], systems[0]), paired(systems[2], systems[3]),
+                                      paired(systems[0], systems[1]))
+    span = lambda xs, f: f"{statistics.median(xs):{f}} (range {min(xs):{f}}-{max(xs):{f}})"  # noqa: E731
     placement = (f"Locust pinned to core {sorted(client_cores)}, the server and the offline decoder to cores "
                  f"{sorted(serve_cores)} with {len(serve_cores)} torch thread(s)" if serve_cores else
                  "Locust runs on the same cores as the server")
-    off, off1, served, single = (r["output_tok_s"] for r in rows)
     text = (f"# Server load test\n\nBundled model; locust ({args.users} users, {args.seconds} s, "
             f"clients/locustfile.py: mixed sudoku/countdown prompts, completion and chat, streaming and not; eb "
             f"gamma 0.3, block_length 4, 16 tokens; think time uniform in [0, {args.wait:g}] s) vs the offline "
-            f"batched decoder on {args.offline_prompts} "
-            f"prompts of the same tasks and settings; one run each, all in one invocation. {placement}. "
-            f"Machine: {machine()}.\n\n"
-            + markdown_table(rows, ["system", "requests", "req_s", "output_tok_s", "p50_ms", "p90_ms", "p99_ms",
-                                    "ttft_p50_ms", "ttft_p99_ms", "failures", "mean_batch", "decoder_busy"])
-            + f"\n\nServer / offline output tokens/s: **{served / off:.2f}**; batched / one-at-a-time server: "
-            f"**{served / single:.1f}x** (offline batch {args.batch_size} / offline batch 1, the most batching "
-            f"can give here: {off / off1:.1f}x). `mean_batch`: rows per denoising step; `decoder_busy`: the "
-            f"fraction of wall time the decoding thread spent in denoising steps (both from the server's /metrics); the rest "
-            f"is admission, HTTP and waiting for work.\n")
+            f"batched decoder on {args.offline_prompts} prompts of the same tasks and settings. Each system "
+            f"measured {args.repeats} times, interleaved, all in one invocation; the table gives medians "
+            f"(requests and failures: totals). {placement}. Machine: {machine()}.\n\n"
+            + markdown_table(rows, ["system", "runs", "requests", "req_s", "output_tok_s", "output_tok_s_range",
+                                    "p50_ms", "p90_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "failures",
+                                    "mean_batch", "decoder_busy", "decoder_cpu", "event_loop_cpu"])
+            + f"\n\nRatios of output tokens/s within each repeat (median and range over {args.repeats}): "
+            f"server / offline **{span(vs_offline, '.2f')}**; batched / one-at-a-time server "
+            f"**{span(vs_single, '.1f')}x**; offline batch {args.batch_size} / offline batch 1, the most batching "
+            f"can give here: {span(ceiling, '.1f')}x. `mean_batch`: rows per denoising step; `decoder_busy`: the "
+            f"fraction of wall time the decoding thread spent in denoising steps (both from the server's /metrics); "
+            f"`decoder_cpu` / `event_loop_cpu`: CPU seconds per wall second of the server's decoding thread and of "
+            f"its event loop (HTTP), from /proc. Batcher / offline: "
+            f"{span(paired(systems[4], systems[0]), '.2f')}.\n")
     print(save("server_load", text, rows))
 
 

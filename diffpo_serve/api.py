@@ -366,7 +366,7 @@ def create_app(settings: ServerSettings | None = None, *, loader: Loader | None 
     install_error_handlers(app)
     app.add_middleware(Gate, settings=settings, metrics=metrics)
 
-    def engine() -> Engine:
+    async def engine() -> Engine:  # async: resolved on the event loop, no worker-thread hop per request
         return runtime.require_engine()
 
     @app.post("/v1/completions", dependencies=[Depends(require_json)])

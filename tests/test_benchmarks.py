@@ -1,5 +1,7 @@
 """The pure helpers of the benchmark scripts (the scripts themselves are run on purpose, not in CI)."""
 
+import time
+
 import pytest
 
 from benchmarks.pareto import mixed_rows, parse_models
@@ -43,3 +45,23 @@ def test_front_mixes_two_fixed_points_across_prompts():
     assert front_at(points, 2.0) == pytest.approx(0.2)  # between (1, 0.1) and (4, 0.4)
     assert front_at(points, 6.0) == pytest.approx(0.45)  # the hull skips the dominated (5, 0.2)
     assert front_at(points, 9.0) == pytest.approx(0.5)  # beyond the last point: the best one reached
+
+
+def test_thread_cpu_sees_this_threads_work():
+    import os
+    import threading
+
+    from benchmarks.server_load import thread_cpu
+    tid = threading.get_native_id()
+    before = thread_cpu(os.getpid())[tid]
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn CPU on this thread only
+        pass
+    assert thread_cpu(os.getpid())[tid] - before >= 0.2
+
+
+def test_batcher_without_http_decodes_every_prompt_once():
+    from benchmarks.server_load import batcher_no_http
+    out = batcher_no_http(batch_size=4, n=12, clients=3)
+    assert out["requests"] == 12
+    assert 12 <= out["output_tok_s"] * out["requests"] / out["req_s"] <= 12 * 16  # 1-16 tokens per request
