@@ -392,25 +392,32 @@ class Generation:
 
         An error after the first chunk becomes ``data: {"error": {...}}`` followed by ``[DONE]``.
         """
+        tail = ""  # the events after the last choice finished go out in one write, with [DONE]
         try:
             if self.kind == "chat":
                 for c in self.choices:
                     yield self._chunk(c, "", role=True)
             async for choice, delta in self._updates():
                 if isinstance(delta, StepUpdate):
-                    yield self._step_chunk(choice, delta)
+                    piece = self._step_chunk(choice, delta)
                 elif delta or choice.done:
-                    yield self._chunk(choice, delta)
+                    piece = self._chunk(choice, delta)
+                else:
+                    continue
+                if all(c.done for c in self.choices):
+                    tail += piece
+                else:
+                    yield piece
             if self.include_usage:
-                yield self._usage_chunk()
+                tail += self._usage_chunk()
         except APIError as e:
-            yield sse(e.body())
+            tail += sse(e.body())
         except Exception:
             log.exception("stream %s failed", self.id)
-            yield sse(error_body("internal server error", type="server_error", code="internal_error"))
+            tail += sse(error_body("internal server error", type="server_error", code="internal_error"))
         finally:
             self.handle.cancel()
-        yield "data: [DONE]\n\n"
+        yield tail + "data: [DONE]\n\n"
 
     def _chunk(self, c: ChoiceText, delta: str, role: bool = False) -> str:
         final = dict(finish_reason=c.finish_reason, nfe=c.nfe, threshold=c.threshold) if c.done else {}

@@ -398,3 +398,14 @@ def test_no_mask_token_anywhere(tmp_path):
     _assert_load_error(directory, "mask")
     # an explicit mask id rescues it
     assert load_model(directory, mask_id=1).mask_id == 1
+
+
+@pytest.mark.parametrize("which", ["own", "bert"])
+def test_encode_matches_the_tokenizers_own_call(which, own_model_dir, bert_dir):
+    """encode() calls a fast tokenizer's Rust backend directly: the ids must be what tokenizer(...) gives."""
+    lm = load_model((own_model_dir if which == "own" else bert_dir)[0])
+    assert getattr(lm.tokenizer, "backend_tokenizer", None) is not None  # the fast path is what is tested
+    texts = ["sudoku 0204310000000000", "countdown 32,62,20=114", "The Cat  sat\n<answer>4</answer>",
+             "[MASK] <mask> <eos> [SEP] x", "", "  ", "héllo wörld ☃", "the cat sat " * 20]
+    for text in texts:
+        assert lm.encode(text) == lm.tokenizer(text, add_special_tokens=False)["input_ids"], text

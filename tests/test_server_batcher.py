@@ -307,8 +307,9 @@ def run_engine(loaded, request, settings=None, stream=False):
         try:
             start = engine.start_chat if isinstance(request, ChatCompletionRequest) else engine.start_completion
             generation = start(request)
-            if stream:
-                return [line async for line in generation.stream()]
+            if stream:  # the SSE events, one per item (a write may carry several, e.g. the last ones)
+                return [event + "\n\n" for piece in [p async for p in generation.stream()]
+                        for event in piece.split("\n\n") if event]
             return await generation.result()
         finally:
             batcher.stop()
@@ -413,3 +414,23 @@ def test_requests_without_a_sampler_use_the_head_when_the_model_has_one(loaded):
     assert run_engine(loaded, req).choices[0].threshold is None  # no head: the steps sampler
     forced = run_engine(replace(loaded, threshold_head=head), req, settings=ServerSettings(default_sampler="eb"))
     assert forced.choices[0].threshold == pytest.approx(0.3)  # --default-sampler wins over the head
+
+
+def test_engine_stream_sends_the_events_after_the_last_finish_in_one_write():
+    loaded = scripted_loaded({"countdown": "20+32+62"})
+    req = CompletionRequest(model="scripted", prompt="countdown 1|", max_tokens=16, block_length=2, stream=True,
+                            stream_options={"include_usage": True})
+
+    async def main():
+        batcher = Batcher(loaded)
+        batcher.start()
+        try:
+            return [p async for p in Engine(loaded, batcher, ServerSettings()).start_completion(req).stream()]
+        finally:
+            batcher.stop()
+
+    writes = asyncio.run(main())
+    assert all(w.count("\n\n") == 1 for w in writes[:-1])  # text chunks go out as they come
+    last = [json.loads(e.removeprefix("data: ")) for e in writes[-1].split("\n\n")[:-2]]
+    assert writes[-1].endswith("data: [DONE]\n\n")
+    assert last[0]["choices"][0]["finish_reason"] == "stop" and last[-1]["usage"]["completion_tokens"] > 0

@@ -50,7 +50,14 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt or completion, without special tokens (chat templates add them)."""
+        """Token ids of a prompt or completion, without special tokens (chat templates add them).
+
+        Fast (Rust) tokenizers are called directly: the same ids, without transformers' batch wrapper,
+        which also releases and re-takes the GIL (costly while the server's decoding thread runs).
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.encode(text, add_special_tokens=False).ids
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids) -> tuple[str, bool]:
