@@ -6,7 +6,7 @@ mu, learning rate, steps) and evaluates greedy full-step accuracy on held-out te
 interrupted benchmark continues where it stopped. Writes docs/results/rl_curves.{md,json,png}.
 
     python -m benchmarks.rl_curves [--tasks countdown,sudoku] [--seeds 0,1,2] [--max-steps 150 | countdown=240,sudoku=120]
-                                   [--lr 3e-5] [--temperature 1.0] [--tag NAME]
+                                   [--lr 3e-5] [--temperature 1.0] [--beta 0.04] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]
                        max_steps=max_steps, eval_every=args.eval_every, eval_examples=args.eval_examples,
                        save_every=args.eval_every, lr=args.lr, num_generations=args.num_generations,
                        prompts_per_step=args.prompts_per_step, num_iterations=args.num_iterations,
-                       temperature=args.temperature, resume=metrics.exists())
+                       temperature=args.temperature, beta=args.beta, resume=metrics.exists())
         train_rl(cfg)
     return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= max_steps]
 
@@ -69,6 +69,7 @@ def main(argv=None):
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--num-iterations", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    ap.add_argument("--beta", type=float, default=RLConfig.beta, help="weight of the KL to the reference model")
     ap.add_argument("--tag", default="", help="a name for this configuration: runs under runs/bench_rl/TAG/, "
                     "results in docs/results/rl_curves_TAG.*")
     args = ap.parse_args(argv)
@@ -109,7 +110,7 @@ def main(argv=None):
     budget = ", ".join(f"{n} steps ({t})" for t, n in max_steps.items())
     text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {budget} "
             f"of {args.prompts_per_step} prompts x G={args.num_generations} rollouts, mu={args.num_iterations}, "
-            f"lr={args.lr}, rollout temperature {args.temperature:g}, other settings RLConfig defaults; greedy full-step accuracy on {args.eval_examples} "
+            f"lr={args.lr}, rollout temperature {args.temperature:g}, beta={args.beta:g}, other settings RLConfig defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
             f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
             f"under runs/bench_rl are reused, not retrained).\n\n"
