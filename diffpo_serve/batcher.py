@@ -20,7 +20,7 @@ The asyncio side talks to the thread through :class:`RequestHandle`: :meth:`Batc
 request's rows (or raises :class:`QueueFull` / :class:`Draining`), and the thread delivers
 :class:`RowUpdate` / :class:`BatchFailure` events (and, for rows submitted with ``return_steps``,
 one :class:`StepUpdate` per forward pass, before that pass's RowUpdate) into the handle's ``asyncio.Queue`` with
-``loop.call_soon_threadsafe``. The thread never holds the lock during a forward pass, so the event
+``loop.call_soon_threadsafe``, once per step for all of that step's events (:func:`deliver_all`). The thread never holds the lock during a forward pass, so the event
 loop never waits for the model.
 """
 
@@ -112,7 +112,7 @@ class RequestHandle:
     def __init__(self, rows: list[RowRequest], loop: asyncio.AbstractEventLoop, batcher: "Batcher"):
         self.rows = rows
         self.events: asyncio.Queue = asyncio.Queue()
-        self._loop = loop
+        self.loop = loop  # the event loop that owns ``events``
         self._batcher = batcher
         self.cancelled = False
         self.cancelled_choices: set[int] = set()
@@ -131,10 +131,7 @@ class RequestHandle:
 
     def deliver(self, event) -> None:
         """Called from the decoding thread."""
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        deliver_all([(self, event)])
 
 
 def deliver_all(events: list[tuple[RequestHandle, object]]) -> None:
@@ -145,7 +142,7 @@ def deliver_all(events: list[tuple[RequestHandle, object]]) -> None:
     """
     by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
     for handle, event in events:
-        by_loop.setdefault(id(handle._loop), (handle._loop, []))[1].append((handle.events, event))
+        by_loop.setdefault(id(handle.loop), (handle.loop, []))[1].append((handle.events, event))
     for loop, pairs in by_loop.values():
         try:
             loop.call_soon_threadsafe(_put_all, pairs)
