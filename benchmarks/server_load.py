@@ -46,6 +46,8 @@ from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
+# the locustfile's defaults: entropy-bounded sampler, gamma 0.3, blocks of 4, 16 tokens, greedy
+PARAMS = SamplingParams("eb", 16, block_length=4, threshold=0.3)
 
 
 def free_port() -> int:
@@ -134,13 +136,12 @@ def batcher_no_http(batch_size: int, n: int, clients: int) -> dict:
     """The server's Batcher and decoding thread fed by ``clients`` closed-loop asyncio clients: no HTTP."""
     loaded = load_model()
     prompts = iter(benchmark_prompts(loaded, n))
-    params = SamplingParams("eb", 16, block_length=4, threshold=0.3)
     tokens = requests = 0
 
     async def client(batcher: Batcher) -> None:
         nonlocal tokens, requests
         for prompt in prompts:  # one shared iterator: every prompt is decoded once
-            handle = batcher.submit([RowRequest(prompt, params)])
+            handle = batcher.submit([RowRequest(prompt, PARAMS)])
             while not isinstance(event := await handle.events.get(), RowUpdate) or not event.finished:
                 if isinstance(event, BatchFailure):
                     raise RuntimeError(event.message)
@@ -170,10 +171,9 @@ def benchmark_prompts(loaded, n: int) -> list[list[int]]:
 def offline(batch_size: int, n: int) -> dict:
     loaded = load_model()
     prompts = benchmark_prompts(loaded, n)
-    params = SamplingParams("eb", 16, block_length=4, threshold=0.3)
     t0, tokens = time.perf_counter(), 0
     for i in range(0, len(prompts), batch_size):
-        out = generate(loaded.model, prompts[i:i + batch_size], params, mask_id=loaded.mask_id,
+        out = generate(loaded.model, prompts[i:i + batch_size], PARAMS, mask_id=loaded.mask_id,
                        eos_id=loaded.eos_id, pad_id=loaded.pad_id)
         for seq in out.sequences.tolist():
             tokens += seq.index(loaded.eos_id) + 1 if loaded.eos_id in seq else len(seq)
