@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import machine, markdown_table, save
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
-from diffpo_serve.dllm.threshold_head import DEFAULT_GRID, ThresholdHead
+from diffpo_serve.dllm.threshold_head import DEFAULT_GRID, FEATURES, ThresholdHead
 from training.tasks import get_task
 
 
@@ -55,7 +55,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--task", default="countdown")
-    ap.add_argument("--features", default="prompt+answer", choices=["prompt", "prompt+answer"])
+    ap.add_argument("--features", default="prompt+answer", choices=list(FEATURES))
+    ap.add_argument("--name", default="oracle_head", help="results file name under docs/results/")
     ap.add_argument("--train-n", type=int, default=4000)
     ap.add_argument("--test-n", type=int, default=1000)
     ap.add_argument("--lams", default="0.5,0.2,0.05")
@@ -107,7 +108,7 @@ def main(argv=None):
             f"neighbouring gammas mixed across prompts). One run each (deterministic). Machine: {machine()}; "
             f"{time.time() - t0:.0f} s.\n\n"
             + markdown_table(rows, ["setting", "accuracy", "mean_nfe", "front", "train_label_acc", "choices"]) + "\n")
-    print(save("oracle_head", text, rows))
+    print(save(args.name, text, rows))
 
 
 if __name__ == "__main__":

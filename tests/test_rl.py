@@ -202,14 +202,15 @@ def test_two_processes_train_in_sync(base_dir, tmp_path):
     assert records[-1]["rollouts"] == 2 * 2 * 4 * 2  # steps x prompts x G x processes
 
 
-def test_sampler_training_moves_only_the_head(base_dir, tmp_path):
+@pytest.mark.parametrize("features", ["prompt", "prompt+answer+eb"])
+def test_sampler_training_moves_only_the_head(base_dir, tmp_path, features):
     from diffpo_serve.dllm.loading import load_model
     out = train_rl(rl_cfg(base_dir, tmp_path / "sampler", train="sampler", max_steps=3, save_every=3,
-                          eval_every=3, eval_examples=8)).output_dir
+                          eval_every=3, eval_examples=8, head_features=features)).output_dir
     before, after = load_file(base_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is frozen
     loaded = load_model(out)
-    assert loaded.threshold_head is not None
+    assert loaded.threshold_head is not None and loaded.threshold_head.features == features
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and "eval_sudoku_accuracy" in records[0]
     assert {"sampler_reward", "head_loss", "head_entropy", "mean_threshold"} <= set(records[-1])

@@ -1,12 +1,14 @@
 """The threshold head: sampling vs log-probs, its REINFORCE gradient, save/load and the `learned` sampler."""
 
+import math
+
 import pytest
 import torch
 
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.loading import ModelLoadError, load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
-from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head, prompt_features
+from diffpo_serve.dllm.threshold_head import ThresholdHead, eb_commit_fractions, load_head, prompt_features
 from training.loss import sampler_reward, threshold_head_loss
 
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -125,10 +127,32 @@ def test_prompt_plus_answer_features_by_hand():
         ThresholdHead(2, features="answer")
 
 
-def test_prompt_plus_answer_head_decodes_rows_as_alone_and_round_trips(tmp_path):
+def test_eb_commit_fractions_by_hand():
+    inf = float("inf")
+    logits = torch.tensor([[[0.0, -inf, -inf, -inf],  # entropy 0
+                            [0.0, 0.0, 0.0, 0.0],  # ln 4
+                            [0.0, 0.0, -inf, -inf],  # ln 2
+                            [5.0, 1.0, 2.0, 3.0]]])  # a pad position: ignored
+    attention = torch.tensor([[True, True, True, False]])
+    grid = torch.tensor([0.0, 0.5, 0.7, 2.1, 5.0])
+    f = eb_commit_fractions(logits, attention, grid)
+    # ascending entropies 0, ln2, ln4; entropy before each: 0, 0, ln2 = 0.693 -> prefixes of 2, 2, 3, 3, 3
+    torch.testing.assert_close(f, torch.tensor([[2 / 3, 2 / 3, 1.0, 1.0, 1.0, math.log(8) / 3]]))
+    head = ThresholdHead(2, grid=grid.tolist(), features="prompt+answer+eb")
+    assert head.feature_size == 2 * 2 + len(grid) + 1
+    hidden = torch.randn(1, 6, 2)
+    full_attention = torch.tensor([[True, True, True, True, True, False]])
+    features = head.extract(hidden, full_attention, prompt_width=2, answer_logits=logits)
+    torch.testing.assert_close(features[:, 4:], f)
+    with pytest.raises(ValueError, match="answer logits"):
+        head.extract(hidden, full_attention, prompt_width=2)
+
+
+@pytest.mark.parametrize("features", ["prompt+answer", "prompt+answer+eb"])
+def test_answer_feature_heads_decode_rows_as_alone_and_round_trip(tmp_path, features):
     model = tiny_model(seed=2)
     torch.manual_seed(0)
-    head = ThresholdHead(model.config.hidden_size, features="prompt+answer")
+    head = ThresholdHead(model.config.hidden_size, features=features)
     with torch.no_grad():
         head.net[-1].weight.mul_(50)  # a decisive head, so different rows really pick different gammas
     params = SamplingParams("learned", 12, block_length=6)
@@ -139,10 +163,10 @@ def test_prompt_plus_answer_head_decodes_rows_as_alone_and_round_trips(tmp_path)
         assert torch.equal(alone.sequences[0], together.sequences[i])
         assert alone.threshold_choice.item() == together.threshold_choice[i].item()
         assert torch.allclose(alone.head_features[0], together.head_features[i], atol=1e-5)
-    assert together.head_features.shape == (len(PROMPTS), 2 * model.config.hidden_size)
+    assert together.head_features.shape == (len(PROMPTS), head.feature_size)
     head.save(tmp_path)
     again = load_head(tmp_path)
-    assert again.features == "prompt+answer"
+    assert again.features == features
     assert torch.equal(again(together.head_features), head(together.head_features))
 
 

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import get_type_hints
 
+from diffpo_serve.dllm.threshold_head import FEATURES
+
 
 def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -62,9 +64,10 @@ class RLConfig:
                                choices=["task", "sampler"])
     entropy_coef: float = option(0.01, "entropy bonus of the threshold head's REINFORCE loss")
     head_lr: float = option(3e-3, "learning rate of the threshold head (AdamW)")
-    head_features: str = option("prompt", "a new threshold head's input: prompt (mean prompt hidden state) or "
-                                "prompt+answer (also the mean over the all-mask answer region)",
-                                choices=["prompt", "prompt+answer"])
+    head_features: str = option("prompt", "a new threshold head's input: prompt (mean prompt hidden state), "
+                                "prompt+answer (also the mean over the all-mask answer region) or prompt+answer+eb "
+                                "(also the fraction of the answer EB would commit in the first pass at each gamma)",
+                                choices=list(FEATURES))
     output_dir: str = option("runs/rl", "directory for the trained model, checkpoints and metrics.jsonl")
     model: str | None = option(None, "model directory to post-train; default: the bundled model")
     tasks: str = option("countdown", "comma-separated tasks; each step draws its prompts from their train splits")

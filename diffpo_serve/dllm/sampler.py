@@ -324,9 +324,10 @@ def select_commits(
 
 # ----------------------------------------------------------------------------- the step
 
-def _choose_thresholds(state: BatchState, rows: torch.Tensor, hidden: torch.Tensor, attention: torch.Tensor) -> None:
+def _choose_thresholds(state: BatchState, rows: torch.Tensor, hidden: torch.Tensor, attention: torch.Tensor,
+                       answer_logits: torch.Tensor) -> None:
     """Ask the head for gamma of the given rows from their features in their first forward pass."""
-    features = state.head.extract(hidden, attention, state.prompt_width)
+    features = state.head.extract(hidden, attention, state.prompt_width, answer_logits)
     gens = [state.generators[r] for r in rows.tolist()] if state.sample_threshold else None
     choice = state.head.choose(features, gens).to(rows.device)
     state.threshold[rows] = state.head.grid.to(rows.device)[choice]
@@ -355,13 +356,15 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     attention = state.attention_mask[rows]
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
     pending = state.threshold[rows].isnan()  # `learned` rows in their first pass: the head chooses gamma
-    if bool(pending.any()):
+    choosing = bool(pending.any())
+    if choosing:
         logits, hidden = model_logits(model, canvas, attention, positions, hidden=True)
-        _choose_thresholds(state, rows[pending], hidden[pending], attention[pending])
     else:
         logits = model_logits(model, canvas, attention, positions)
     logits = logits[:, pw:].float()  # r, gw, V
     logits[..., state.mask_id] = float("-inf")  # never 'predict' the mask token: a row could stall on it
+    if choosing:
+        _choose_thresholds(state, rows[pending], hidden[pending], attention[pending], logits[pending])
 
     gen = canvas[:, pw:]
     j = torch.arange(gw, device=gen.device)

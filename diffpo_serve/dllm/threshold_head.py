@@ -8,7 +8,9 @@ Features, from the sampler's own first forward pass (prompt + all-mask completio
 choosing gamma costs no extra forward pass and no gradient reaches the model: ``prompt`` is the mean
 final hidden state over the real prompt tokens (what the prompt is); ``prompt+answer`` also appends
 the mean over the row's all-mask answer region (what the model already believes about the answer,
-hence how hard it will be to decode).
+hence how hard it will be to decode); ``prompt+answer+eb`` further appends, for each gamma of the
+grid, the fraction of the answer that the EB rule would commit in that first pass (from the pass's
+per-position entropies), and the mean entropy: a direct read of how far each gamma would get.
 
 Distribution: a categorical over a fixed log-spaced grid of gamma values. The accuracy/NFE trade-off
 is a step function of gamma with plateaus (a whole block committed at once above some gamma, one token
@@ -44,7 +46,26 @@ def prompt_features(hidden: torch.Tensor, prompt_attention: torch.Tensor) -> tor
     return ((hidden * w).sum(1) / w.sum(1).clamp(min=1)).detach().float()
 
 
-FEATURES = ("prompt", "prompt+answer")
+def eb_commit_fractions(answer_logits: torch.Tensor, answer_attention: torch.Tensor,
+                        grid: torch.Tensor) -> torch.Tensor:
+    """(b, n, V) first-pass logits of the answer region, (b, n) bool -> (b, K + 1), detached.
+
+    For each gamma of ``grid``: the fraction of the row's answer positions that the EB rule (ascending
+    entropy, a prefix while the entropy before it sums to at most gamma, at least one) would commit;
+    then the mean per-position entropy.
+    """
+    logp = torch.log_softmax(answer_logits.detach().float(), -1)
+    entropy = torch.special.entr(logp.exp()).sum(-1).masked_fill(~answer_attention, float("inf"))
+    ordered, _ = entropy.sort(-1)
+    valid = ordered.isfinite()
+    h = ordered.masked_fill(~valid, 0.0)
+    before = h.cumsum(-1) - h
+    n = valid.sum(-1).clamp(min=1)
+    counts = ((before[:, None, :] <= grid.to(h)[None, :, None]) & valid[:, None, :]).sum(-1).clamp(min=1)
+    return torch.cat([counts / n[:, None], (h.sum(-1) / n)[:, None]], -1)
+
+
+FEATURES = ("prompt", "prompt+answer", "prompt+answer+eb")
 
 
 class ThresholdHead(nn.Module):
@@ -56,17 +77,27 @@ class ThresholdHead(nn.Module):
         if features not in FEATURES:
             raise ValueError(f"features must be one of {', '.join(FEATURES)}; got {features!r}")
         self.hidden_size, self.width, self.features = hidden_size, width, features
-        self.feature_size = hidden_size * (2 if features == "prompt+answer" else 1)
         self.register_buffer("grid", torch.tensor(grid or DEFAULT_GRID, dtype=torch.float))
+        self.feature_size = hidden_size * (1 if features == "prompt" else 2) + (
+            len(self.grid) + 1 if features == "prompt+answer+eb" else 0)
         self.net = nn.Sequential(nn.LayerNorm(self.feature_size), nn.Linear(self.feature_size, width), nn.GELU(),
                                  nn.Linear(width, len(self.grid)))
 
-    def extract(self, hidden: torch.Tensor, attention: torch.Tensor, prompt_width: int) -> torch.Tensor:
-        """This head's features from a first pass: hidden (b, l, d), attention (b, l) bool -> (b, feature_size)."""
+    def extract(self, hidden: torch.Tensor, attention: torch.Tensor, prompt_width: int,
+                answer_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """This head's features from a first pass -> (b, feature_size).
+
+        hidden (b, l, d) and attention (b, l) bool cover prompt and answer; ``answer_logits`` (b, l -
+        prompt_width, V), the pass's logits over the answer region, are needed by ``prompt+answer+eb``.
+        """
         feats = prompt_features(hidden[:, :prompt_width], attention[:, :prompt_width])
-        if self.features == "prompt+answer":
+        if self.features != "prompt":
             answer = prompt_features(hidden[:, prompt_width:], attention[:, prompt_width:])
             feats = torch.cat([feats, answer], -1)
+        if self.features == "prompt+answer+eb":
+            if answer_logits is None:
+                raise ValueError("prompt+answer+eb features need the first pass's answer logits")
+            feats = torch.cat([feats, eb_commit_fractions(answer_logits, attention[:, prompt_width:], self.grid)], -1)
         return feats
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
