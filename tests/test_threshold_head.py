@@ -133,18 +133,19 @@ def test_eb_commit_fractions_by_hand():
                             [0.0, 0.0, 0.0, 0.0],  # ln 4
                             [0.0, 0.0, -inf, -inf],  # ln 2
                             [5.0, 1.0, 2.0, 3.0]]])  # a pad position: ignored
+    entropy = torch.special.entr(torch.softmax(logits, -1)).sum(-1)  # as the sampler computes it
     attention = torch.tensor([[True, True, True, False]])
     grid = torch.tensor([0.0, 0.5, 0.7, 2.1, 5.0])
-    f = eb_commit_fractions(logits, attention, grid)
+    f = eb_commit_fractions(entropy, attention, grid)
     # ascending entropies 0, ln2, ln4; entropy before each: 0, 0, ln2 = 0.693 -> prefixes of 2, 2, 3, 3, 3
     torch.testing.assert_close(f, torch.tensor([[2 / 3, 2 / 3, 1.0, 1.0, 1.0, math.log(8) / 3]]))
     head = ThresholdHead(2, grid=grid.tolist(), features="prompt+answer+eb")
     assert head.feature_size == 2 * 2 + len(grid) + 1
     hidden = torch.randn(1, 6, 2)
     full_attention = torch.tensor([[True, True, True, True, True, False]])
-    features = head.extract(hidden, full_attention, prompt_width=2, answer_logits=logits)
+    features = head.extract(hidden, full_attention, prompt_width=2, answer_entropy=entropy)
     torch.testing.assert_close(features[:, 4:], f)
-    with pytest.raises(ValueError, match="answer logits"):
+    with pytest.raises(ValueError, match="answer entropies"):
         head.extract(hidden, full_attention, prompt_width=2)
 
 

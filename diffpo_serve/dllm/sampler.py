@@ -295,6 +295,16 @@ def _ranks(scores: torch.Tensor, candidates: torch.Tensor, descending: bool) -> 
     return ranks, order
 
 
+def entropy_before(entropy: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantity the EB rule bounds: for each candidate position (b, n), the summed entropy of the
+    candidates ranked before it by ascending entropy (position order; EB commits the prefix where this
+    is <= gamma, and always the first). Also each position's rank."""
+    rank, order = _ranks(entropy, candidates, descending=False)
+    sorted_h = entropy.gather(-1, order).masked_fill(~candidates.gather(-1, order), 0.0)
+    exclusive = sorted_h.cumsum(-1) - sorted_h
+    return exclusive.gather(-1, rank), rank  # back to position order
+
+
 def select_commits(
     confidence: torch.Tensor,
     entropy: torch.Tensor,
@@ -312,12 +322,8 @@ def select_commits(
     top1 = (conf_rank == 0) & candidates
     steps_sel = (conf_rank < num_transfer[:, None]) & candidates
     conf_sel = ((confidence >= threshold[:, None]) & candidates) | top1
-    # EB: sorted ascending by entropy, prefix k allowed while sum_{i<k} H(i) <= gamma
-    ent_rank, ent_order = _ranks(entropy, candidates, descending=False)
-    sorted_h = entropy.gather(-1, ent_order).masked_fill(~candidates.gather(-1, ent_order), 0.0)
-    exclusive = sorted_h.cumsum(-1) - sorted_h
-    within = exclusive.gather(-1, ent_rank) <= threshold[:, None]  # back to position order
-    eb_sel = (within & candidates) | ((ent_rank == 0) & candidates)
+    before, ent_rank = entropy_before(entropy, candidates)
+    eb_sel = ((before <= threshold[:, None]) & candidates) | ((ent_rank == 0) & candidates)
     code = sampler[:, None]
     return torch.where(code == 0, steps_sel, torch.where(code == 1, conf_sel, eb_sel))
 
@@ -325,9 +331,9 @@ def select_commits(
 # ----------------------------------------------------------------------------- the step
 
 def _choose_thresholds(state: BatchState, rows: torch.Tensor, hidden: torch.Tensor, attention: torch.Tensor,
-                       answer_logits: torch.Tensor) -> None:
+                       answer_entropy: torch.Tensor) -> None:
     """Ask the head for gamma of the given rows from their features in their first forward pass."""
-    features = state.head.extract(hidden, attention, state.prompt_width, answer_logits)
+    features = state.head.extract(hidden, attention, state.prompt_width, answer_entropy)
     gens = [state.generators[r] for r in rows.tolist()] if state.sample_threshold else None
     choice = state.head.choose(features, gens).to(rows.device)
     state.threshold[rows] = state.head.grid.to(rows.device)[choice]
@@ -363,8 +369,6 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
         logits = model_logits(model, canvas, attention, positions)
     logits = logits[:, pw:].float()  # r, gw, V
     logits[..., state.mask_id] = float("-inf")  # never 'predict' the mask token: a row could stall on it
-    if choosing:
-        _choose_thresholds(state, rows[pending], hidden[pending], attention[pending], logits[pending])
 
     gen = canvas[:, pw:]
     j = torch.arange(gw, device=gen.device)
@@ -376,6 +380,8 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
     entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
+    if choosing:  # before any threshold is read below
+        _choose_thresholds(state, rows[pending], hidden[pending], attention[pending], entropy[pending])
     temperature, top_p = state.temperature[rows], state.top_p[rows]
     reshaped = ((temperature > 0) & (temperature != 1)) | (top_p < 1)
     # T = 1 (or greedy) without a nucleus: the sampling distribution is the model's own, computed above

@@ -46,23 +46,21 @@ def prompt_features(hidden: torch.Tensor, prompt_attention: torch.Tensor) -> tor
     return ((hidden * w).sum(1) / w.sum(1).clamp(min=1)).detach().float()
 
 
-def eb_commit_fractions(answer_logits: torch.Tensor, answer_attention: torch.Tensor,
+def eb_commit_fractions(answer_entropy: torch.Tensor, answer_attention: torch.Tensor,
                         grid: torch.Tensor) -> torch.Tensor:
-    """(b, n, V) first-pass logits of the answer region, (b, n) bool -> (b, K + 1), detached.
+    """(b, n) first-pass per-position entropies of the answer region, (b, n) bool -> (b, K + 1), detached.
 
-    For each gamma of ``grid``: the fraction of the row's answer positions that the EB rule (ascending
-    entropy, a prefix while the entropy before it sums to at most gamma, at least one) would commit;
+    For each gamma of ``grid``: the fraction of the row's answer positions that the EB rule would
+    commit (the sampler's :func:`~diffpo_serve.dllm.sampler.entropy_before` <= gamma, at least one);
     then the mean per-position entropy.
     """
-    logp = torch.log_softmax(answer_logits.detach().float(), -1)
-    entropy = torch.special.entr(logp.exp()).sum(-1).masked_fill(~answer_attention, float("inf"))
-    ordered, _ = entropy.sort(-1)
-    valid = ordered.isfinite()
-    h = ordered.masked_fill(~valid, 0.0)
-    before = h.cumsum(-1) - h
-    n = valid.sum(-1).clamp(min=1)
-    counts = ((before[:, None, :] <= grid.to(h)[None, :, None]) & valid[:, None, :]).sum(-1).clamp(min=1)
-    return torch.cat([counts / n[:, None], (h.sum(-1) / n)[:, None]], -1)
+    from diffpo_serve.dllm.sampler import entropy_before  # here: the sampler imports this module's loader
+
+    h = answer_entropy.detach().float().masked_fill(~answer_attention, 0.0)
+    before, _ = entropy_before(h, answer_attention)
+    n = answer_attention.sum(-1).clamp(min=1)
+    counts = ((before[:, None, :] <= grid.to(h)[None, :, None]) & answer_attention[:, None, :]).sum(-1)
+    return torch.cat([counts.clamp(min=1) / n[:, None], (h.sum(-1) / n)[:, None]], -1)
 
 
 FEATURES = ("prompt", "prompt+answer", "prompt+answer+eb")
@@ -84,20 +82,22 @@ class ThresholdHead(nn.Module):
                                  nn.Linear(width, len(self.grid)))
 
     def extract(self, hidden: torch.Tensor, attention: torch.Tensor, prompt_width: int,
-                answer_logits: torch.Tensor | None = None) -> torch.Tensor:
+                answer_entropy: torch.Tensor | None = None) -> torch.Tensor:
         """This head's features from a first pass -> (b, feature_size).
 
-        hidden (b, l, d) and attention (b, l) bool cover prompt and answer; ``answer_logits`` (b, l -
-        prompt_width, V), the pass's logits over the answer region, are needed by ``prompt+answer+eb``.
+        hidden (b, l, d) and attention (b, l) bool cover prompt and answer; ``answer_entropy`` (b, l -
+        prompt_width), the pass's per-position entropies over the answer region, is needed by
+        ``prompt+answer+eb``.
         """
         feats = prompt_features(hidden[:, :prompt_width], attention[:, :prompt_width])
         if self.features != "prompt":
             answer = prompt_features(hidden[:, prompt_width:], attention[:, prompt_width:])
             feats = torch.cat([feats, answer], -1)
         if self.features == "prompt+answer+eb":
-            if answer_logits is None:
-                raise ValueError("prompt+answer+eb features need the first pass's answer logits")
-            feats = torch.cat([feats, eb_commit_fractions(answer_logits, attention[:, prompt_width:], self.grid)], -1)
+            if answer_entropy is None:
+                raise ValueError("prompt+answer+eb features need the first pass's answer entropies")
+            feats = torch.cat([feats, eb_commit_fractions(answer_entropy, attention[:, prompt_width:], self.grid)],
+                              -1)
         return feats
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
