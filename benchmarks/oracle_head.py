@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import machine, markdown_table, save
 from diffpo_serve.dllm.loading import load_model
-from diffpo_serve.dllm.sampler import SamplingParams, generate
+from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, generate, init_state
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID, FEATURES, ThresholdHead
 from training.tasks import get_task
 
@@ -39,6 +39,19 @@ def decode(loaded, task, data, params: SamplingParams, head=None, batch_size: in
         if head is not None:
             feats.append(out.head_features)
     return torch.tensor(rewards), torch.tensor(nfe, dtype=torch.float), torch.cat(feats) if feats else None
+
+
+def first_pass_features(loaded, data, head: ThresholdHead, gen: int, batch_size: int = 256) -> torch.Tensor:
+    """The head's features (n, d) from the ``learned`` sampler's first forward pass only (they do not
+    depend on the head's weights, and nothing after that pass is needed)."""
+    feats = []
+    for i in range(0, len(data), batch_size):
+        state = init_state([loaded.encode(ex["prompt"]) for ex in data[i:i + batch_size]],
+                           SamplingParams("learned", gen), mask_id=loaded.mask_id, eos_id=loaded.eos_id,
+                           pad_id=loaded.pad_id, device=loaded.device, head=head)
+        denoise_step(loaded.model, state)
+        feats.append(state.head_features)
+    return torch.cat(feats)
 
 
 def front_at(points: list[tuple[float, float]], x: float) -> float:
@@ -77,7 +90,7 @@ def main(argv=None):
     train_r, train_n = sweep(train)
     test_r, test_n = sweep(test)
     probe = ThresholdHead(loaded.model.config.hidden_size, features=args.features)  # features do not depend on it
-    feats = decode(loaded, task, train, SamplingParams("learned", gen), head=probe)[2]
+    feats = first_pass_features(loaded, train, probe, gen)
     fixed = [(float(test_n[:, k].mean()), float(test_r[:, k].mean())) for k in range(len(grid))]
     rows = [{"setting": f"eb {g:.4g}", "accuracy": a, "mean_nfe": n, "front": a} for g, (n, a) in
             zip(DEFAULT_GRID, fixed)]
