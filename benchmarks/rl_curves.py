@@ -110,7 +110,8 @@ def main(argv=None):
     budget = ", ".join(f"{n} steps ({t})" for t, n in max_steps.items())
     text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {budget} "
             f"of {args.prompts_per_step} prompts x G={args.num_generations} rollouts, mu={args.num_iterations}, "
-            f"lr={args.lr}, rollout temperature {args.temperature:g}, beta={args.beta:g}, other settings RLConfig defaults; greedy full-step accuracy on {args.eval_examples} "
+            f"lr={args.lr}, rollout temperature {args.temperature:g}, beta={args.beta:g}, other settings RLConfig "
+            f"defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
             f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
             f"under runs/bench_rl are reused, not retrained).\n\n"

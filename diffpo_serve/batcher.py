@@ -20,8 +20,8 @@ The asyncio side talks to the thread through :class:`RequestHandle`: :meth:`Batc
 request's rows (or raises :class:`QueueFull` / :class:`Draining`), and the thread delivers
 :class:`RowUpdate` / :class:`BatchFailure` events (and, for rows submitted with ``return_steps``,
 one :class:`StepUpdate` per forward pass, before that pass's RowUpdate) into the handle's ``asyncio.Queue`` with
-``loop.call_soon_threadsafe``, once per step for all of that step's events (:func:`deliver_all`). The thread never holds the lock during a forward pass, so the event
-loop never waits for the model.
+``loop.call_soon_threadsafe``, once per step for all of that step's events (:func:`deliver_all`). The
+thread never holds the lock during a forward pass, so the event loop never waits for the model.
 """
 
 from __future__ import annotations
@@ -140,10 +140,10 @@ def deliver_all(events: list[tuple[RequestHandle, object]]) -> None:
     Per-event ``call_soon_threadsafe`` would wake the loop once per row per step; at a full batch that
     is hundreds of wake-ups a second competing with the decoder for the GIL.
     """
-    by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for handle, event in events:
-        by_loop.setdefault(id(handle.loop), (handle.loop, []))[1].append((handle.events, event))
-    for loop, pairs in by_loop.values():
+        by_loop.setdefault(handle.loop, []).append((handle.events, event))
+    for loop, pairs in by_loop.items():
         try:
             loop.call_soon_threadsafe(_put_all, pairs)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
