@@ -69,12 +69,18 @@ def thread_env(cores: set[int] | None) -> dict:
 
 
 @contextlib.contextmanager
-def server(max_batch_size: int, cores: set[int] | None = None):
+def server(max_batch_size: int, cores: set[int] | None = None, decoder_process: bool = False,
+           decoder_cores: set[int] | None = None):
+    """``diffpo-serve`` pinned to ``cores``, optionally with ``--decoder-process`` pinned to ``decoder_cores``."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "diffpo_serve", "--port", str(port), "--max-batch-size",
-                             str(max_batch_size), "--max-queue", "4096", "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cores),
-                            env=thread_env(cores))
+    cmd = [sys.executable, "-m", "diffpo_serve", "--port", str(port), "--max-batch-size", str(max_batch_size),
+           "--max-queue", "4096", "--log-level", "warning"]
+    if decoder_process:
+        cmd += ["--decoder-process"]
+    if decoder_cores is not None:
+        cmd += ["--decoder-cpus", ",".join(map(str, sorted(decoder_cores)))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cores),
+                            env=thread_env(decoder_cores or cores))
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -99,12 +105,18 @@ def decoder_counters(url: str) -> dict:
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) used so far by each thread of process ``pid`` (Linux /proc)."""
+    """CPU seconds (user + system) used so far by each thread of process ``pid`` (Linux /proc); the
+    threads of its child processes (the decoder process) are keyed by the negated child pid."""
     tick, out = os.sysconf("SC_CLK_TCK"), {}
+    children: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             fields = (task / "stat").read_text().rpartition(")")[2].split()
             out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+            children += [int(c) for c in (task / "children").read_text().split()]
+    for child in children:
+        with contextlib.suppress(OSError):
+            out[-child] = sum(thread_cpu(child).values())
     return out
 
 
@@ -127,9 +139,11 @@ def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | N
             "p99_ms": int(p99), "ttft_p50_ms": int(t50), "ttft_p99_ms": int(t99), "failures": int(failed),
             "mean_batch": (after["rows"] - before["rows"]) / max(steps, 1),
             "decoder_busy": (after["step_s"] - before["step_s"]) / wall,
-            # the main thread runs the event loop (HTTP); the busiest other thread is the decoding thread
+            # the main thread runs the event loop (HTTP); the decoder is the decoder process if there is one,
+            # else the busiest other thread (the decoding thread)
             "event_loop_cpu": used.get(pid, 0.0) / wall,
-            "decoder_cpu": max((v for tid, v in used.items() if tid != pid), default=0.0) / wall}
+            "decoder_cpu": (sum(v for tid, v in used.items() if tid < 0)
+                            or max((v for tid, v in used.items() if tid != pid), default=0.0)) / wall}
 
 
 def batcher_no_http(batch_size: int, n: int, clients: int) -> dict:
@@ -207,7 +221,9 @@ def main(argv=None):
                "offline generate(), batch 1",
                f"diffpo-serve --max-batch-size {args.batch_size}", "diffpo-serve --max-batch-size 1 (one at a time)",
                # the server minus HTTP: what the batching machinery costs or gains by itself
-               f"server's Batcher, {args.users} in-process clients, no HTTP"]
+               f"server's Batcher, {args.users} in-process clients, no HTTP",
+               # the decoder in its own process on the server's cores; HTTP on the load generator's core
+               f"diffpo-serve --max-batch-size {args.batch_size} --decoder-process"]
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for rep in range(args.repeats):  # interleaved, so slow drifts of the machine hit every system alike
         runs[systems[0]].append(offline(args.batch_size, args.offline_prompts))
@@ -216,6 +232,8 @@ def main(argv=None):
             with server(b, serve_cores) as (url, pid):
                 runs[name].append(run_locust(url, pid, args.users, args.seconds, client_cores))
         runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users))
+        with server(args.batch_size, client_cores, True, serve_cores) as (url, pid):
+            runs[systems[5]].append(run_locust(url, pid, args.users, args.seconds, client_cores))
         print(f"repeat {rep + 1}/{args.repeats}:", {k: round(v[-1]["output_tok_s"]) for k, v in runs.items()},
               flush=True)
     rows = []

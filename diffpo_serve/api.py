@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from diffpo_serve.batcher import Batcher
+from diffpo_serve.decoder_process import ProcessBatcher
 from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.engine import Engine, Generation
 from diffpo_serve.metrics import ServerMetrics, endpoint_label
@@ -49,7 +50,8 @@ def load_from_settings(settings: ServerSettings) -> LoadedModel:
 
 
 class ServerRuntime:
-    """Lifecycle of one app: ``loading`` -> ``ready`` -> ``draining`` (or ``failed``)."""
+    """Lifecycle of one app: ``loading`` -> ``ready`` -> ``draining`` (or ``failed``, or
+    ``decoder_failed`` when the ``--decoder-process`` dies; the CLI then exits)."""
 
     def __init__(self, settings: ServerSettings, metrics: ServerMetrics, loader: Loader,
                  on_fatal: Callable[[BaseException], None] | None = None):
@@ -60,7 +62,7 @@ class ServerRuntime:
         self.status = "loading"
         self.error: str | None = None
         self.engine: Engine | None = None
-        self.batcher: Batcher | None = None
+        self.batcher: Batcher | ProcessBatcher | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -68,8 +70,14 @@ class ServerRuntime:
 
     async def _load(self) -> None:
         started = time.perf_counter()
+        process = None
         try:
-            loaded = await asyncio.to_thread(self.loader, self.settings)
+            if self.settings.decoder_process:  # the model loads in the decoder process; we get its tokenizer
+                process = ProcessBatcher(self.settings, self.loader, self.metrics, on_exit=self._decoder_exited)
+                self.batcher = process
+                loaded = await asyncio.to_thread(process.start)
+            else:
+                loaded = await asyncio.to_thread(self.loader, self.settings)
         except Exception as e:  # ModelLoadError has a clear message; anything else is logged in full
             self.status, self.error = "failed", str(e)
             log.error("cannot load the model: %s", e, exc_info=not type(e).__name__ == "ModelLoadError")
@@ -78,14 +86,23 @@ class ServerRuntime:
             return
         if self.status != "loading":  # shut down while loading
             return
-        self.batcher = Batcher(loaded, max_batch_size=self.settings.max_batch_size,
-                               max_queue=self.settings.max_queue, metrics=self.metrics)
-        self.batcher.start()
+        if process is not None:
+            process.attach(asyncio.get_running_loop())
+        else:
+            self.batcher = Batcher(loaded, max_batch_size=self.settings.max_batch_size,
+                                   max_queue=self.settings.max_queue, metrics=self.metrics)
+            self.batcher.start()
         self.engine = Engine(loaded, self.batcher, self.settings, self.metrics)
         self.status = "ready"
         self.metrics.model_ready.set(1)
         log.info("serving %s as `%s` (loaded in %.1fs)", loaded.path, self.engine.model_name,
                  time.perf_counter() - started)
+
+    def _decoder_exited(self, exc: BaseException) -> None:
+        self.status, self.error = "decoder_failed", str(exc)
+        self.metrics.model_ready.set(0)
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
 
     def begin_drain(self) -> None:
         """Answer new requests with 503 from now on; running ones continue (SIGTERM calls this first)."""
@@ -111,6 +128,9 @@ class ServerRuntime:
             raise unavailable("the model is loading; retry shortly", code="model_loading", retry_after=5)
         if self.status == "draining":
             raise unavailable("the server is shutting down", code="draining", retry_after=5)
+        if self.status == "decoder_failed":
+            raise APIError(503, f"the decoder stopped: {self.error}", type="service_unavailable_error",
+                           code="decoder_failed")
         raise APIError(503, f"the model failed to load: {self.error}", type="service_unavailable_error",
                        code="model_load_failed")
 

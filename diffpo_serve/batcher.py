@@ -109,11 +109,13 @@ class BatchFailure:
 class RequestHandle:
     """The asyncio side of one submitted request: its event queue and its cancellation flags."""
 
-    def __init__(self, rows: list[RowRequest], loop: asyncio.AbstractEventLoop, batcher: "Batcher"):
+    def __init__(self, rows: list[RowRequest], loop: asyncio.AbstractEventLoop | None, batcher,
+                 request_id: int = 0):
         self.rows = rows
         self.events: asyncio.Queue = asyncio.Queue()
-        self.loop = loop  # the event loop that owns ``events``
-        self._batcher = batcher
+        self.loop = loop  # the event loop that owns ``events`` (None in the decoder process)
+        self.request_id = request_id  # names the request between the front and the decoder process
+        self._batcher = batcher  # a Batcher, or the front's ProcessBatcher
         self.cancelled = False
         self.cancelled_choices: set[int] = set()
         self.next_row = 0  # admission cursor; only the decoding thread moves it
@@ -124,14 +126,10 @@ class RequestHandle:
             self.cancelled = True
         else:
             self.cancelled_choices.add(choice)
-        self._batcher.wake()
+        self._batcher.cancelled(self, choice)
 
     def is_cancelled(self, choice: int) -> bool:
         return self.cancelled or choice in self.cancelled_choices
-
-    def deliver(self, event) -> None:
-        """Called from the decoding thread."""
-        deliver_all([(self, event)])
 
 
 def deliver_all(events: list[tuple[RequestHandle, object]]) -> None:
@@ -168,12 +166,13 @@ class Batcher:
     """The decoding thread and its queue; see the module docstring."""
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, max_queue: int = 256,
-                 metrics: ServerMetrics | None = None, step_fn=denoise_step):
+                 metrics: ServerMetrics | None = None, step_fn=denoise_step, deliver=deliver_all):
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics
         self.step_fn = step_fn
+        self._deliver = deliver  # takes a step's [(handle, event)]; the decoder process sends them on
         self._device = loaded.device
         self._cond = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
@@ -201,6 +200,12 @@ class Batcher:
         if not rows:
             raise ValueError("no rows")
         handle = RequestHandle(rows, loop or asyncio.get_running_loop(), self)
+        self.enqueue(handle)
+        return handle
+
+    def enqueue(self, handle: RequestHandle) -> None:
+        """Queue a handle made elsewhere (the decoder process's); same checks as :meth:`submit`."""
+        rows = handle.rows
         with self._cond:
             if self._draining or self._stopping:
                 raise Draining("the server is shutting down")
@@ -211,7 +216,6 @@ class Batcher:
             self._waiting_rows += len(rows)
             self._publish_queue()
             self._cond.notify_all()
-        return handle
 
     def _queued_beyond_capacity(self) -> int:
         """Waiting requests that will not all fit in the batch at the next step (lock held)."""
@@ -225,6 +229,13 @@ class Batcher:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def cancelled(self, handle: RequestHandle, choice: int | None) -> None:
+        """A handle was cancelled: its rows leave at the next step boundary."""
+        self.wake()
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._slots)
 
     def stats(self) -> dict[str, int | bool]:
         return {"active_rows": len(self._slots) + self._admitting, "waiting_requests": len(self._waiting),
@@ -265,16 +276,19 @@ class Batcher:
                 self._cond.wait_for(lambda: self._stopping or self._waiting or self._slots)
                 if self._stopping:
                     break
-            try:
-                self.run_once()
-            except Exception:  # a bug here must not leave requests hanging until their timeout
-                log.exception("batcher iteration failed; failing the running rows")
-                for handle in {id(s.handle): s.handle for s in self._slots}.values():
-                    handle.deliver(BatchFailure("internal error during decoding"))
-                self._keep([])
-                with self._cond:
-                    self._admitting = 0
-                    self._cond.notify_all()
+            self.iterate()
+
+    def iterate(self) -> None:
+        """:meth:`run_once`, failing the running rows if it raises (the decoding loop's body)."""
+        try:
+            self.run_once()
+        except Exception:  # a bug here must not leave requests hanging until their timeout
+            log.exception("batcher iteration failed; failing the running rows")
+            self._fail([s.handle for s in self._slots], "internal error during decoding")
+            self._keep([])
+            with self._cond:
+                self._admitting = 0
+                self._cond.notify_all()
 
     def run_once(self) -> None:
         """One iteration: drop cancelled rows, admit, step (the thread's loop body; tests call it by hand)."""
@@ -324,8 +338,7 @@ class Batcher:
                              pad_id=self.loaded.pad_id, device=self._device, head=self.loaded.threshold_head)
         except Exception:
             log.exception("cannot admit %d rows", len(admitted))
-            for handle in {id(h): h for h, _ in admitted}.values():
-                handle.deliver(BatchFailure("internal error while starting the request"))
+            self._fail([h for h, _ in admitted], "internal error while starting the request")
             return
         state = new if self._state is None else BatchState.concat([self._state, new])
         with self._cond:  # the rows move from "admitting" to "running" at once
@@ -359,8 +372,7 @@ class Batcher:
             out = self.step_fn(self.loaded.model, state)
         except Exception:
             log.exception("denoising step failed; failing the %d rows in the batch", state.batch_size)
-            for handle in {id(s.handle): s.handle for s in self._slots}.values():
-                handle.deliver(BatchFailure("internal error during decoding"))
+            self._fail([s.handle for s in self._slots], "internal error during decoding")
             self._keep([])
             return
         if self.metrics:
@@ -391,7 +403,7 @@ class Batcher:
         if any(finished):  # finished rows leave before their results go out
             done = set(r for r, f in zip(rows, finished) if f)
             self._keep([i for i in range(len(self._slots)) if i not in done])
-        deliver_all(events)
+        self._deliver(events)
 
     def _step_updates(self, state: BatchState, out, rows: list[int],
                       blocks_before: torch.Tensor) -> list[tuple[RequestHandle, StepUpdate]]:
@@ -446,8 +458,12 @@ class Batcher:
             self._publish_queue()
             self._publish_rows()
             self._cond.notify_all()
-        for handle in handles.values():
-            handle.deliver(BatchFailure(message, shutting_down=shutting_down))
+        self._fail(list(handles.values()), message, shutting_down)
+
+    def _fail(self, handles: list[RequestHandle], message: str, shutting_down: bool = False) -> None:
+        """One BatchFailure to each distinct handle."""
+        unique = {id(h): h for h in handles}.values()
+        self._deliver([(h, BatchFailure(message, shutting_down=shutting_down)) for h in unique])
 
     def _publish_queue(self) -> None:
         if self.metrics:

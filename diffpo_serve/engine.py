@@ -30,6 +30,7 @@ from typing import AsyncIterator
 
 from diffpo_serve.batcher import (BatchFailure, Batcher, Draining, QueueFull, RequestHandle, RowRequest,
                                   RowUpdate, StepUpdate)
+from diffpo_serve.decoder_process import DecoderGone
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.metrics import ServerMetrics
@@ -197,6 +198,9 @@ class Engine:
             raise unavailable(f"{e}; retry later", code="queue_full") from None
         except Draining:
             raise unavailable("the server is shutting down", code="draining", retry_after=5) from None
+        except DecoderGone as e:
+            raise APIError(503, f"the decoder is not running: {e}", type="service_unavailable_error",
+                           code="decoder_failed") from None
         return Generation(self, kind, req, prompts, handle, endpoint)
 
     def token_texts(self, ids: list[int]) -> list[str]:

@@ -49,6 +49,10 @@ class ServerSettings:
     default_temperature: float = option(0.0, "temperature when a request sets none (0: greedy)")
     device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's)")
+    decoder_process: bool = option(False, "run the batched decoder in its own process, so HTTP work never "
+                                          "holds up a forward pass (the front keeps only the tokenizer)")
+    decoder_cpus: str | None = option(None, "CPU cores for the decoder process, e.g. 1 or 2-3,5 (Linux; default: "
+                                            "the server's own); needs --decoder-process")
     trust_remote_code: bool = option(False, "allow models that ship their own modelling code")
     mask_id: int | None = option(None, "mask token id (default: from the config or tokenizer)")
     log_level: str = option("info", "log level (debug, info, warning, error)")
@@ -67,7 +71,10 @@ class ServerSettings:
             (self.default_temperature >= 0, "default_temperature must be >= 0"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.dtype in (None, "float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
+            (self.decoder_cpus is None or self.decoder_process, "decoder_cpus needs decoder_process"),
         ]
+        if self.decoder_cpus is not None:
+            parse_cpus(self.decoder_cpus)
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -117,3 +124,17 @@ def parse_value(name: str, typ: type, raw: str) -> Any:
         return typ(raw)
     except ValueError:
         raise ValueError(f"{env_name(name)}: expected {typ.__name__}, got {raw!r}") from None
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """``"1"``, ``"0,2"``, ``"2-3,5"`` -> a set of core numbers; raises ValueError naming the setting."""
+    cores: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"decoder_cpus: expected core numbers like 1 or 2-3,5, got {spec!r}") from None
+    if not cores or min(cores) < 0:
+        raise ValueError(f"decoder_cpus: expected core numbers like 1 or 2-3,5, got {spec!r}")
+    return cores

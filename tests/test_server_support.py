@@ -83,6 +83,12 @@ def scripted_loaded(answers=None, default="ok", delay=0.0, max_length=512) -> Lo
                        name="scripted", max_length=max_length)
 
 
+def slow_scripted_loader(settings) -> LoadedModel:
+    """A module-level (so picklable: ``--decoder-process`` spawns with it) loader of a slow scripted
+    model that writes 128 x's, 20 ms per forward pass."""
+    return scripted_loaded(default="x" * 128, delay=0.02)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

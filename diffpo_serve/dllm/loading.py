@@ -15,7 +15,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,14 @@ BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "bundled_model"
 
 class ModelLoadError(RuntimeError):
     """A model directory that cannot be loaded; the message names the path and the problem."""
+
+
+@dataclass
+class WeightlessModel:
+    """What :meth:`LoadedModel.without_weights` leaves of a model."""
+
+    config: types.SimpleNamespace
+    generation_config: object | None
 
 
 @dataclass
@@ -48,6 +57,14 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def without_weights(self) -> "LoadedModel":
+        """A picklable copy for a process that tokenises but never runs the model (the serving front
+        with ``--decoder-process``): ``model`` keeps only ``config.vocab_size`` and ``generation_config``."""
+        config = getattr(self.model, "config", None)
+        stand_in = WeightlessModel(config=types.SimpleNamespace(vocab_size=getattr(config, "vocab_size", None)),
+                                   generation_config=getattr(self.model, "generation_config", None))
+        return replace(self, model=stand_in)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt or completion, without special tokens (chat templates add them).
