@@ -9,6 +9,8 @@ eb sampler, gamma 0.3, block_length 4, 16 tokens, greedy: the locustfile's defau
   4. the offline decoder at batch 1 (the most that batching can gain on this machine);
   5. the server's Batcher and decoding thread fed in-process by USERS closed-loop clients (the server
      minus HTTP);
+  6. ``diffpo-serve --decoder-process`` under the same load: the decoder process pinned to the
+     server's cores, the HTTP process to the load generator's;
 each ``--repeats`` times, interleaved; ratios are taken within a repeat (side by side).
 Output tokens are completion tokens up to and including EOS, as the server's usage counts them.
 Writes docs/results/server_load.{md,json}. Needs locust (``pip install -e .[load]``).
@@ -265,12 +267,16 @@ def main(argv=None):
                                     "p50_ms", "p90_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "failures",
                                     "mean_batch", "decoder_busy", "decoder_cpu", "event_loop_cpu"])
             + f"\n\nRatios of output tokens/s within each repeat (median and range over {args.repeats}): "
-            f"server / offline **{span(vs_offline, '.2f')}**; batched / one-at-a-time server "
-            f"**{span(vs_single, '.1f')}x**; offline batch {args.batch_size} / offline batch 1, the most batching "
+            f"server / offline **{span(vs_offline, '.2f')}**, with `--decoder-process` "
+            f"**{span(paired(systems[5], systems[0]), '.2f')}**; batched / one-at-a-time server "
+            f"**{span(vs_single, '.1f')}x**, with `--decoder-process` "
+            f"**{span(paired(systems[5], systems[3]), '.1f')}x**; offline batch {args.batch_size} / offline batch 1, the most batching "
             f"can give here: {span(ceiling, '.1f')}x. `mean_batch`: rows per denoising step; `decoder_busy`: the "
             f"fraction of wall time the decoding thread spent in denoising steps (both from the server's /metrics); "
-            f"`decoder_cpu` / `event_loop_cpu`: CPU seconds per wall second of the server's decoding thread and of "
-            f"its event loop (HTTP), from /proc. Batcher / offline: "
+            f"`decoder_cpu` / `event_loop_cpu`: CPU seconds per wall second of the server's decoding thread (with "
+            f"`--decoder-process`: of the decoder process) and of its event loop (HTTP), from /proc. With "
+            f"`--decoder-process` the HTTP process shares the load generator's core and the decoder process has "
+            f"the offline decoder's core to itself. Batcher / offline: "
             f"{span(paired(systems[4], systems[0]), '.2f')}.\n")
     print(save("server_load", text, rows))
 
