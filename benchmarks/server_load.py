@@ -4,13 +4,14 @@ In one invocation, on the same model and the same kind of prompts (half sudoku, 
 eb sampler, gamma 0.3, block_length 4, 16 tokens, greedy: the locustfile's defaults):
   1. the offline batched decoder (``generate``) at the server's batch size: output tokens/s;
   2. ``diffpo-serve --max-batch-size B`` under ``locust -u USERS`` for SECONDS: req/s, output
-     tokens/s, latency and TTFT percentiles, failures;
+     tokens/s, latency and TTFT percentiles, failures (its decoder process pinned to the server's
+     cores, its HTTP process to the load generator's);
   3. the same server with ``--max-batch-size 1`` (one request at a time) under the same load;
   4. the offline decoder at batch 1 (the most that batching can gain on this machine);
   5. the server's Batcher and decoding thread fed in-process by USERS closed-loop clients (the server
      minus HTTP);
-  6. ``diffpo-serve --decoder-process`` under the same load: the decoder process pinned to the
-     server's cores, the HTTP process to the load generator's;
+  6. ``diffpo-serve --no-decoder-process`` under the same load: the decoding loop a thread of the
+     server process, all of it on the server's cores;
 each ``--repeats`` times, interleaved; ratios are taken within a repeat (side by side).
 Output tokens are completion tokens up to and including EOS, as the server's usage counts them.
 Writes docs/results/server_load.{md,json}. Needs locust (``pip install -e .[load]``).
@@ -77,8 +78,7 @@ def server(max_batch_size: int, cores: set[int] | None = None, decoder_process: 
     port = free_port()
     cmd = [sys.executable, "-m", "diffpo_serve", "--port", str(port), "--max-batch-size", str(max_batch_size),
            "--max-queue", "4096", "--log-level", "warning"]
-    if decoder_process:
-        cmd += ["--decoder-process"]
+    cmd += ["--decoder-process" if decoder_process else "--no-decoder-process"]
     if decoder_cores is not None:
         cmd += ["--decoder-cpus", ",".join(map(str, sorted(decoder_cores)))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cores),
@@ -221,20 +221,21 @@ def main(argv=None):
     systems = [f"offline generate(), batch {args.batch_size}",
                # the ceiling of what batching can buy on this machine: the same decoder one prompt at a time
                "offline generate(), batch 1",
+               # the default: the decoder process on the server's cores, HTTP on the load generator's core
                f"diffpo-serve --max-batch-size {args.batch_size}", "diffpo-serve --max-batch-size 1 (one at a time)",
                # the server minus HTTP: what the batching machinery costs or gains by itself
                f"server's Batcher, {args.users} in-process clients, no HTTP",
-               # the decoder in its own process on the server's cores; HTTP on the load generator's core
-               f"diffpo-serve --max-batch-size {args.batch_size} --decoder-process"]
+               # the decoding loop as a thread of the server process, everything on the server's cores
+               f"diffpo-serve --max-batch-size {args.batch_size} --no-decoder-process"]
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for rep in range(args.repeats):  # interleaved, so slow drifts of the machine hit every system alike
         runs[systems[0]].append(offline(args.batch_size, args.offline_prompts))
         runs[systems[1]].append(offline(1, args.offline_prompts // 4))
         for b, name in ((args.batch_size, systems[2]), (1, systems[3])):
-            with server(b, serve_cores) as (url, pid):
+            with server(b, client_cores, True, serve_cores) as (url, pid):
                 runs[name].append(run_locust(url, pid, args.users, args.seconds, client_cores))
         runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users))
-        with server(args.batch_size, client_cores, True, serve_cores) as (url, pid):
+        with server(args.batch_size, serve_cores) as (url, pid):
             runs[systems[5]].append(run_locust(url, pid, args.users, args.seconds, client_cores))
         print(f"repeat {rep + 1}/{args.repeats}:", {k: round(v[-1]["output_tok_s"]) for k, v in runs.items()},
               flush=True)
@@ -267,16 +268,15 @@ def main(argv=None):
                                     "p50_ms", "p90_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "failures",
                                     "mean_batch", "decoder_busy", "decoder_cpu", "event_loop_cpu"])
             + f"\n\nRatios of output tokens/s within each repeat (median and range over {args.repeats}): "
-            f"server / offline **{span(vs_offline, '.2f')}**, with `--decoder-process` "
-            f"**{span(paired(systems[5], systems[0]), '.2f')}**; batched / one-at-a-time server "
-            f"**{span(vs_single, '.1f')}x**, with `--decoder-process` "
-            f"**{span(paired(systems[5], systems[3]), '.1f')}x**; offline batch {args.batch_size} / offline batch 1, the most batching "
+            f"server / offline **{span(vs_offline, '.2f')}**, with `--no-decoder-process` "
+            f"{span(paired(systems[5], systems[0]), '.2f')}; batched / one-at-a-time server "
+            f"**{span(vs_single, '.1f')}x**; offline batch {args.batch_size} / offline batch 1, the most batching "
             f"can give here: {span(ceiling, '.1f')}x. `mean_batch`: rows per denoising step; `decoder_busy`: the "
             f"fraction of wall time the decoding thread spent in denoising steps (both from the server's /metrics); "
-            f"`decoder_cpu` / `event_loop_cpu`: CPU seconds per wall second of the server's decoding thread (with "
-            f"`--decoder-process`: of the decoder process) and of its event loop (HTTP), from /proc. With "
-            f"`--decoder-process` the HTTP process shares the load generator's core and the decoder process has "
-            f"the offline decoder's core to itself. Batcher / offline: "
+            f"`decoder_cpu` / `event_loop_cpu`: CPU seconds per wall second of the server's decoder process (with "
+            f"`--no-decoder-process`: its decoding thread) and of its event loop (HTTP), from /proc. By default "
+            f"the HTTP process shares the load generator's core and the decoder process has the offline decoder's "
+            f"core to itself; with `--no-decoder-process` the whole server is on that core. Batcher / offline: "
             f"{span(paired(systems[4], systems[0]), '.2f')}.\n")
     print(save("server_load", text, rows))
 

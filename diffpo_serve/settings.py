@@ -49,8 +49,9 @@ class ServerSettings:
     default_temperature: float = option(0.0, "temperature when a request sets none (0: greedy)")
     device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's)")
-    decoder_process: bool = option(False, "run the batched decoder in its own process, so HTTP work never "
-                                          "holds up a forward pass (the front keeps only the tokenizer)")
+    decoder_process: bool = option(True, "run the batched decoder in its own process, so HTTP work never "
+                                         "holds up a forward pass (the front keeps only the tokenizer); "
+                                         "--no-decoder-process: a thread of the server process")
     decoder_cpus: str | None = option(None, "CPU cores for the decoder process, e.g. 1 or 2-3,5 (Linux; default: "
                                             "the server's own); needs --decoder-process")
     trust_remote_code: bool = option(False, "allow models that ship their own modelling code")

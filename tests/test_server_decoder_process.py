@@ -53,7 +53,7 @@ def process_server():
 
 
 def test_same_outputs_as_the_in_process_decoder(process_server):
-    with live_server(max_batch_size=8) as in_process:
+    with live_server(max_batch_size=8, decoder_process=False) as in_process:
         expected = run_all(in_process.url)
     assert run_all(process_server.url) == expected
     assert any(t is not None for choices, _ in expected for *_, t in choices)  # thresholds came back
@@ -194,4 +194,4 @@ def test_decoder_cpus_setting():
     with pytest.raises(ValueError, match="decoder_cpus"):
         ServerSettings(decoder_process=True, decoder_cpus="a-b").validated()
     with pytest.raises(ValueError, match="decoder_cpus needs decoder_process"):
-        ServerSettings(decoder_cpus="1").validated()
+        ServerSettings(decoder_process=False, decoder_cpus="1").validated()

@@ -64,7 +64,7 @@ def test_load_failure_is_reported_and_fatal():
     def broken_loader(settings):
         raise ModelLoadError("/nowhere: model directory does not exist")
 
-    app = create_app(ServerSettings(), loader=broken_loader, on_fatal=fatal.append)
+    app = create_app(ServerSettings(decoder_process=False), loader=broken_loader, on_fatal=fatal.append)
     srv = LiveServer(app).start(wait_ready=False)
     try:
         assert wait_until(lambda: fatal, 10)

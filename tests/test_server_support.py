@@ -136,6 +136,8 @@ class LiveServer:
 
 @contextmanager
 def live_server(settings: ServerSettings | None = None, loader=None, wait_ready: bool = True, **overrides):
+    if loader is not None:  # injected loaders are closures: they cannot be sent to a decoder process
+        overrides.setdefault("decoder_process", False)
     settings = settings or ServerSettings(**overrides)
     server = LiveServer(create_app(settings, loader=loader)).start(wait_ready=wait_ready)
     try:
