@@ -1,6 +1,7 @@
 """Server load test: locust against diffpo-serve, side by side with the offline batched decoder.
 
-In one invocation, on the same model and the same kind of prompts (half sudoku, half countdown;
+In one invocation, on the same model and prompts from the same generators (the locustfile's: half
+sudoku, half countdown;
 eb sampler, gamma 0.3, block_length 4, 16 tokens, greedy: the locustfile's defaults):
   1. the offline batched decoder (``generate``) at the server's batch size: output tokens/s;
   2. ``diffpo-serve --max-batch-size B`` under ``locust -u USERS`` for SECONDS: req/s, output
@@ -30,7 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import os
+import random
 import re
 import socket
 import statistics
@@ -46,7 +49,6 @@ from benchmarks.common import machine, markdown_table, save
 from diffpo_serve.batcher import BatchFailure, Batcher, RowRequest, RowUpdate
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
-from training.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 # the locustfile's defaults: entropy-bounded sampler, gamma 0.3, blocks of 4, 16 tokens, greedy
@@ -178,10 +180,24 @@ def batcher_no_http(batch_size: int, n: int, clients: int) -> dict:
     return {"requests": requests, "req_s": requests / seconds, "output_tok_s": tokens / seconds}
 
 
-def benchmark_prompts(loaded, n: int) -> list[list[int]]:
-    """``n`` test prompts, half sudoku and half countdown, as token ids."""
-    return [loaded.encode(ex["prompt"]) for t in ("sudoku", "countdown")
-            for ex in get_task(t).make_dataset("test", n // 2, seed=1)]
+def locust_prompt_makers():
+    """The load test's own prompt generators (clients/prompts.py, which the locustfile uses), so
+    every system here decodes prompts drawn from one distribution: how many passes a prompt needs
+    and where its answer ends depend on the prompt, and so do tokens/s."""
+    spec = importlib.util.spec_from_file_location("diffpo_load_prompts", ROOT / "clients" / "prompts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sudoku_prompt, module.countdown_prompt
+
+
+def benchmark_prompts(loaded, n: int, seed: int = 1) -> list[list[int]]:
+    """``n`` prompts from the locustfile's generators, half sudoku and half countdown, as token ids
+    (shuffled, as the locust users pick them)."""
+    sudoku, countdown = locust_prompt_makers()
+    rng = random.Random(seed)
+    texts = [sudoku(rng) for _ in range(n // 2)] + [countdown(rng) for _ in range(n - n // 2)]
+    rng.shuffle(texts)
+    return [loaded.encode(t) for t in texts]
 
 
 def offline(batch_size: int, n: int) -> dict:
@@ -261,7 +277,7 @@ def main(argv=None):
     text = (f"# Server load test\n\nBundled model; locust ({args.users} users, {args.seconds} s, "
             f"clients/locustfile.py: mixed sudoku/countdown prompts, completion and chat, streaming and not; eb "
             f"gamma 0.3, block_length 4, 16 tokens; think time uniform in [0, {args.wait:g}] s) vs the offline "
-            f"batched decoder on {args.offline_prompts} prompts of the same tasks and settings. Each system "
+            f"batched decoder on {args.offline_prompts} prompts from the locustfile's generators, same settings. Each system "
             f"measured {args.repeats} times, interleaved, all in one invocation; the table gives medians "
             f"(requests and failures: totals). {placement}. Machine: {machine()}.\n\n"
             + markdown_table(rows, ["system", "runs", "requests", "req_s", "output_tok_s", "output_tok_s_range",
