@@ -1,4 +1,4 @@
-"""The batched decoder in its own process (``diffpo-serve --decoder-process``).
+"""The batched decoder in its own process (the default; ``diffpo-serve --no-decoder-process`` keeps a thread).
 
 In one process the decoding thread and the event loop share the interpreter lock: every millisecond
 the loop spends parsing a request or writing a response is a millisecond in which the decoder
