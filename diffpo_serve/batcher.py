@@ -148,6 +148,24 @@ def deliver_all(events: list[tuple[RequestHandle, object]]) -> None:
             pass
 
 
+def queued_beyond_capacity(queued_rows: list[int], free: int) -> int:
+    """How many of the requests queued in this order (each with its rows still to run) do not all fit
+    in ``free`` batch slots at the next step."""
+    for i, rows in enumerate(queued_rows):
+        free -= rows
+        if free < 0:
+            return len(queued_rows) - i
+    return 0
+
+
+def check_admission(queued_rows: list[int], new_rows: int, free: int, max_queue: int) -> None:
+    """The one admission rule of both batchers: a request that fits in the free slots with everything
+    queued before it is always taken; otherwise it waits, behind at most ``max_queue`` - 1 others that
+    do not fit either. Raises :class:`QueueFull`."""
+    if sum(queued_rows) + new_rows > free and queued_beyond_capacity(queued_rows, free) >= max_queue:
+        raise QueueFull(f"the request queue is full ({max_queue} waiting)")
+
+
 def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
     for queue, event in pairs:
         queue.put_nowait(event)
@@ -176,7 +194,6 @@ class Batcher:
         self._device = loaded.device
         self._cond = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
-        self._waiting_rows = 0
         self._slots: list[_Slot] = []  # aligned with the rows of self._state
         self._admitting = 0
         self._state: BatchState | None = None
@@ -209,22 +226,12 @@ class Batcher:
         with self._cond:
             if self._draining or self._stopping:
                 raise Draining("the server is shutting down")
-            fits = len(self._slots) + self._admitting + self._waiting_rows + len(rows) <= self.max_batch_size
-            if not fits and self._queued_beyond_capacity() >= self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            running = len(self._slots) + self._admitting
+            check_admission([len(h.rows) - h.next_row for h in self._waiting], len(rows),
+                            self.max_batch_size - running, self.max_queue)
             self._waiting.append(handle)
-            self._waiting_rows += len(rows)
             self._publish_queue()
             self._cond.notify_all()
-
-    def _queued_beyond_capacity(self) -> int:
-        """Waiting requests that will not all fit in the batch at the next step (lock held)."""
-        free = self.max_batch_size - len(self._slots) - self._admitting
-        for i, handle in enumerate(self._waiting):
-            free -= len(handle.rows) - handle.next_row
-            if free < 0:
-                return len(self._waiting) - i
-        return 0
 
     def wake(self) -> None:
         with self._cond:
@@ -315,19 +322,16 @@ class Batcher:
             while handle.next_row < len(handle.rows) and free > 0:
                 choice = handle.next_row
                 handle.next_row += 1
-                self._waiting_rows -= 1
                 if not handle.is_cancelled(choice):
                     taken.append((handle, choice))
                     free -= 1
             if handle.cancelled:
-                self._waiting_rows -= len(handle.rows) - handle.next_row
                 handle.next_row = len(handle.rows)
             if handle.next_row >= len(handle.rows):
                 self._waiting.popleft()
         # cancelled requests further back leave the queue now rather than when they reach its head
         for handle in [h for h in self._waiting if h.cancelled]:
             self._waiting.remove(handle)
-            self._waiting_rows -= len(handle.rows) - handle.next_row
         return taken
 
     def _admit(self, admitted: list[tuple[RequestHandle, int]]) -> None:
@@ -453,7 +457,6 @@ class Batcher:
             handles = {id(s.handle): s.handle for s in self._slots}
             handles.update({id(h): h for h in self._waiting})
             self._waiting.clear()
-            self._waiting_rows = 0
             self._slots, self._state = [], None
             self._publish_queue()
             self._publish_rows()

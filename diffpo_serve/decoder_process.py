@@ -33,7 +33,7 @@ import weakref
 import torch
 
 from diffpo_serve.batcher import (BatchFailure, Batcher, Draining, QueueFull, RequestHandle, RowRequest,
-                                  RowUpdate)
+                                  RowUpdate, check_admission, queued_beyond_capacity)
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.metrics import ServerMetrics
 from diffpo_serve.settings import ServerSettings, parse_cpus
@@ -205,23 +205,17 @@ class ProcessBatcher:
             raise DecoderGone(self._gone)
         if self._draining:
             raise Draining("the server is shutting down")
-        in_flight = sum(len(f.open) for f in self._inflight.values())
-        if in_flight + len(rows) > self.max_batch_size and self._queued_beyond_capacity() >= self.max_queue:
-            raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+        check_admission(self._open_rows(), len(rows), self.max_batch_size, self.max_queue)
         self._next_id += 1
         handle = RequestHandle(rows, loop or asyncio.get_running_loop(), self, self._next_id)
         self._send(("submit", handle.request_id, rows))
         self._inflight[handle.request_id] = _InFlight(handle)
         return handle
 
-    def _queued_beyond_capacity(self) -> int:
-        """Requests in flight that do not fit in the batch, in submission order (as Batcher counts them)."""
-        free = self.max_batch_size
-        for i, flight in enumerate(self._inflight.values()):
-            free -= len(flight.open)
-            if free < 0:
-                return len(self._inflight) - i
-        return 0
+    def _open_rows(self) -> list[int]:
+        """Rows still to finish of each request in flight, in submission order (running ones first, as
+        the decoder admits them), so the Batcher's admission rule applies with the whole batch free."""
+        return [len(f.open) for f in self._inflight.values()]
 
     def cancelled(self, handle: RequestHandle, choice: int | None) -> None:
         flight = self._inflight.get(handle.request_id)
@@ -238,8 +232,10 @@ class ProcessBatcher:
         """Nothing to wake in this process (the decoder process wakes on its pipe)."""
 
     def stats(self) -> dict[str, int | bool]:
-        return {"active_rows": sum(len(f.open) for f in self._inflight.values()),
-                "waiting_requests": self._queued_beyond_capacity(), "draining": self._draining}
+        open_rows = self._open_rows()
+        return {"active_rows": sum(open_rows),
+                "waiting_requests": queued_beyond_capacity(open_rows, self.max_batch_size),
+                "draining": self._draining}
 
     def begin_drain(self) -> None:
         self._draining = True

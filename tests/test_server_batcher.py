@@ -434,3 +434,14 @@ def test_engine_stream_sends_the_events_after_the_last_finish_in_one_write():
     last = [json.loads(e.removeprefix("data: ")) for e in writes[-1].split("\n\n")[:-2]]
     assert writes[-1].endswith("data: [DONE]\n\n")
     assert last[0]["choices"][0]["finish_reason"] == "stop" and last[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_the_admission_rule_by_hand():
+    from diffpo_serve.batcher import check_admission, queued_beyond_capacity
+    # 4 free slots; requests of 3, 1, 2, 1 rows: the first two fit, the last two do not
+    assert queued_beyond_capacity([3, 1, 2, 1], 4) == 2
+    assert queued_beyond_capacity([3, 1], 4) == 0 and queued_beyond_capacity([], 0) == 0
+    check_admission([3], 1, 4, max_queue=0)  # fits with what is queued: always taken
+    check_admission([3, 1, 2], 1, 4, max_queue=2)  # waits behind one that does not fit
+    with pytest.raises(QueueFull):
+        check_admission([3, 1, 2, 1], 1, 4, max_queue=2)
