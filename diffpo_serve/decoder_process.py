@@ -34,7 +34,7 @@ import torch
 
 from diffpo_serve.batcher import (BatchFailure, Batcher, Draining, QueueFull, RequestHandle, RowRequest,
                                   RowUpdate, check_admission, queued_beyond_capacity)
-from diffpo_serve.dllm.loading import LoadedModel
+from diffpo_serve.dllm.loading import LoadedModel, ModelLoadError
 from diffpo_serve.metrics import ServerMetrics
 from diffpo_serve.settings import ServerSettings, parse_cpus
 
@@ -174,7 +174,6 @@ class ProcessBatcher:
 
     def start(self) -> LoadedModel:
         """Spawn the decoder process and wait until its model is loaded (raises what loading raised)."""
-        from diffpo_serve.dllm.loading import ModelLoadError
         self.process.start()
         self._child_conn.close()
         try:
