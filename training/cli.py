@@ -1,4 +1,4 @@
-"""The ``diffpo-train`` command line: ``sft``, ``rl`` and ``eval`` subcommands built from training.config."""
+"""The ``diffpo-train`` command line: ``sft``, ``rl``, ``distill`` and ``eval`` subcommands built from training.config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from training.config import EvalConfig, RLConfig, SFTConfig, add_arguments, from_args
+from training.config import DistillConfig, EvalConfig, RLConfig, SFTConfig, add_arguments, from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter), SFTConfig)
     add_arguments(sub.add_parser("rl", help="RL post-training: d1 or DiFFPO",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter), RLConfig)
+    add_arguments(sub.add_parser("distill", help="self-distillation: fine-tune on the model's own full-step "
+                                 "answers so that few-pass decoding keeps them",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter), DistillConfig)
     add_arguments(sub.add_parser("eval", help="accuracy and NFE on a task",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter), EvalConfig)
     return parser
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rl":
             from training.rl import train_rl
             print(train_rl(from_args(RLConfig, args)).output_dir)
+        elif args.command == "distill":
+            from training.distill import train_distill
+            print(train_distill(from_args(DistillConfig, args)))
         elif args.command == "eval":
             from training.evaluate import run_eval
             run_eval(from_args(EvalConfig, args))

@@ -41,13 +41,13 @@ class EvalResult:
 
 
 def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParams, batch_size: int = 64,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, desc: str = "eval") -> EvalResult:
     """Decode and score every example of ``dataset`` (columns: prompt + the task's fields)."""
     task = get_task(task_name)
     params = params.resolved()
     rows, total_tokens, seconds = [], 0, 0.0
     examples = list(dataset)
-    bar = tqdm(total=len(examples), desc=f"eval {task_name}", disable=not progress)
+    bar = tqdm(total=len(examples), desc=f"{desc} {task_name}", disable=not progress)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [loaded.encode(ex["prompt"]) for ex in chunk]

@@ -78,8 +78,12 @@ def new_model(cfg: SFTConfig):
     return DiffpoForMaskedLM(config), tokenizer
 
 
-def train_sft(cfg: SFTConfig) -> Path:
-    """Run SFT; returns the output directory, itself a loadable model directory."""
+def train_sft(cfg: SFTConfig, pool=None) -> Path:
+    """Run SFT; returns the output directory, itself a loadable model directory.
+
+    ``pool`` (a dataset with ``prompt`` and ``answer`` columns) replaces the tasks' generated training
+    examples; ``diffpo-train distill`` passes the model's own answers.
+    """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else a CPU DDP launch runs rank 0 twice
     out = Path(cfg.output_dir)
     ckpt = out / CHECKPOINT
@@ -110,7 +114,8 @@ def train_sft(cfg: SFTConfig) -> Path:
         set_rng_state(state["rng"])
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    pool = sft_pool(cfg.tasks.split(","), cfg.train_examples, cfg.seed)
+    if pool is None:
+        pool = sft_pool(cfg.tasks.split(","), cfg.train_examples, cfg.seed)
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts, completions = encode_examples(encode, pool["prompt"], pool["answer"], cfg.gen_length, eos_id)
     completions = torch.tensor(completions, dtype=torch.long)
