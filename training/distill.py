@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def teacher_answers(cfg: DistillConfig) -> list[dict]:
 
 
 def write_data(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
+    """Atomic write; under a multi-process launch every rank decodes the same rows and writes its own tmp."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     with tmp.open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
