@@ -17,6 +17,7 @@ Writes docs/results/pareto.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import matplotlib
@@ -73,12 +74,14 @@ def oracle_row(name: str, task: str, per_setting: dict[str, list[dict]]) -> dict
             "thresholds": ""}
 
 
-def plot(rows: list[dict], panels: list[str], path) -> None:
-    names = list(dict.fromkeys(r["model"] for r in rows))
+def plot(rows: list[dict], panels: list[str], path, only: list[str] | None = None) -> None:
+    """One panel per task; ``only`` limits the drawn models (the table keeps them all)."""
+    names = [n for n in dict.fromkeys(r["model"] for r in rows) if not only or n in only]
+    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
     for ax, task in zip(axes[0], panels):
         for k, name in enumerate(names):
-            color = f"C{k}"
+            color = colors[k % len(colors)]
             pts = sorted((r["mean_nfe"], r["accuracy"]) for r in rows
                          if r["model"] == name and r["task"] == task and r["setting"].startswith("eb"))
             if pts:
@@ -105,7 +108,7 @@ def plot(rows: list[dict], panels: list[str], path) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", required=True, help="comma-separated NAME=DIR or NAME@TASK=DIR entries")
+    ap.add_argument("--models", default="", help="comma-separated NAME=DIR or NAME@TASK=DIR entries")
     ap.add_argument("--tasks", default="sudoku,countdown")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -114,8 +117,18 @@ def main(argv=None):
                     "sampler only (e.g. a head on a model whose sweep another entry already has)")
     ap.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                     help="also the per-prompt oracle over the gamma sweep (an upper bound for a learned threshold)")
+    ap.add_argument("--plot-models", default="", help="comma-separated model names to draw (default: all; "
+                    "the table has every model)")
+    ap.add_argument("--replot", action="store_true", help="only redraw docs/results/NAME.png from NAME.json")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
+    only = [n for n in args.plot_models.split(",") if n] or None
+    if args.replot:
+        rows = json.loads((RESULTS / f"{args.name}.json").read_text())
+        plot(rows, tasks + (["mixed"] if len(tasks) > 1 else []), RESULTS / f"{args.name}.png", only)
+        return
+    if not args.models:
+        ap.error("--models is required (unless --replot)")
     entries = parse_models(args.models, tasks)
     learned_only = set(filter(None, args.learned_only.split(",")))
     data = {t: get_task(t).make_dataset("test", args.n, seed=0) for t in tasks}
@@ -142,7 +155,7 @@ def main(argv=None):
     if len(tasks) > 1:
         rows += mixed_rows(rows, tasks)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, panels, RESULTS / f"{args.name}.png")
+    plot(rows, panels, RESULTS / f"{args.name}.png", only)
     models = list(dict.fromkeys(f"`{n}{'@' + t if t else ''}` = `{p}`" for n, t, p in
                                 [(n, t if any(e[0] == n and e[1] != t for e in entries) else "", p)
                                  for n, t, p in entries]))
