@@ -13,8 +13,8 @@ from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.cli import main as cli_main
 from training.config import DistillConfig
 from training.distill import DATA_FILE, select_answers, train_distill
-from training.sft import forward_mask, masked_diffusion_loss
-from training.data import encode_examples, left_pad
+from training.data import encode_examples
+from training.sft import batch_loss
 from training.tasks import DataFileError, get_task
 
 
@@ -44,14 +44,10 @@ def student_loss(model, loaded, rows, seed=0):
     encode = lambda s: loaded.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts, completions = encode_examples(encode, [r["prompt"] for r in rows], [r["answer"] for r in rows], 16,
                                            loaded.eos_id)
-    targets = torch.tensor(completions)
-    p_ids, p_attn = left_pad(prompts, loaded.pad_id)
-    t, masked = forward_mask(torch.ones_like(targets, dtype=torch.bool), torch.Generator().manual_seed(seed))
-    noisy = torch.where(masked, torch.full_like(targets, loaded.mask_id), targets)
     with torch.no_grad():
-        logits = model(input_ids=torch.cat([p_ids, noisy], 1),
-                       attention_mask=torch.cat([p_attn, torch.ones_like(targets, dtype=torch.bool)], 1)).logits
-    return masked_diffusion_loss(logits[:, p_ids.shape[1]:], targets, masked, t, "masked_mean").item()
+        loss, *_ = batch_loss(model, prompts, torch.tensor(completions), torch.Generator().manual_seed(seed),
+                              loaded.mask_id, loaded.pad_id, "masked_mean")
+    return loss.item()
 
 
 def test_distill_trains_on_the_teachers_own_full_step_answers(model_path, tmp_path):

@@ -61,6 +61,23 @@ def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: t
     raise ValueError(f"unknown loss weighting {weighting!r}")
 
 
+def batch_loss(model, prompts: list[list[int]], targets: torch.Tensor, generator: torch.Generator, mask_id: int,
+               pad_id: int, weighting: str = "inv_t", device=None):
+    """One SFT batch: mask the completions at random t, run the model, score the masked positions.
+
+    prompts: token lists (left-padded here); targets (b, n) completions. Returns (loss, logits,
+    targets, masked), the last three on the model's device, for metrics.
+    """
+    p_ids, p_attn = left_pad(prompts, pad_id)
+    t, masked = forward_mask(torch.ones_like(targets, dtype=torch.bool), generator)
+    noisy = torch.where(masked, torch.full_like(targets, mask_id), targets)
+    input_ids = torch.cat([p_ids, noisy], 1).to(device)
+    attention = torch.cat([p_attn, torch.ones_like(targets, dtype=torch.bool)], 1).to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p_ids.shape[1]:]
+    targets, masked = targets.to(logits.device), masked.to(logits.device)
+    return masked_diffusion_loss(logits, targets, masked, t.to(logits.device), weighting), logits, targets, masked
+
+
 def lr_at(step: int, cfg: SFTConfig) -> float:
     """Linear warm-up then cosine decay to ``lr * min_lr_ratio`` (multiplier of the peak lr)."""
     if step < cfg.warmup_steps:
@@ -132,23 +149,15 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * accelerator.num_processes
                                           + accelerator.process_index)
         idx = torch.randint(0, len(prompts), (cfg.batch_size,), generator=g)
-        p_ids, p_attn = left_pad([prompts[i] for i in idx.tolist()], pad_id)
-        targets = completions[idx]
-        t, masked = forward_mask(torch.ones_like(targets, dtype=torch.bool), g)
-        noisy = torch.where(masked, torch.full_like(targets, mask_id), targets)
-        input_ids = torch.cat([p_ids, noisy], 1).to(accelerator.device)
-        attention = torch.cat([p_attn, torch.ones_like(targets, dtype=torch.bool)], 1).to(accelerator.device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p_ids.shape[1]:]
-        loss = masked_diffusion_loss(logits, targets.to(logits.device), masked.to(logits.device),
-                                     t.to(logits.device), cfg.loss_weighting)
+        loss, logits, targets, masked = batch_loss(model, [prompts[i] for i in idx.tolist()], completions[idx], g,
+                                                   mask_id, pad_id, cfg.loss_weighting, accelerator.device)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            acc = ((logits.argmax(-1) == targets.to(logits.device)) & masked.to(logits.device)).sum() \
-                / masked.sum().clamp(min=1)
+            acc = ((logits.argmax(-1) == targets) & masked).sum() / masked.sum().clamp(min=1)
         window.append((loss.item(), acc.item(), float(grad_norm)))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             loss_m, acc_m, gn = (sum(x) / len(window) for x in zip(*window))
