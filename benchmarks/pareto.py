@@ -122,10 +122,10 @@ def main(argv=None):
     ap.add_argument("--replot", action="store_true", help="only redraw docs/results/NAME.png from NAME.json")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
+    panels = tasks + (["mixed"] if len(tasks) > 1 else [])
     only = [n for n in args.plot_models.split(",") if n] or None
     if args.replot:
-        rows = json.loads((RESULTS / f"{args.name}.json").read_text())
-        plot(rows, tasks + (["mixed"] if len(tasks) > 1 else []), RESULTS / f"{args.name}.png", only)
+        plot(json.loads((RESULTS / f"{args.name}.json").read_text()), panels, RESULTS / f"{args.name}.png", only)
         return
     if not args.models:
         ap.error("--models is required (unless --replot)")
@@ -151,7 +151,6 @@ def main(argv=None):
             print(rows[-1], flush=True)
         if args.oracle and name not in learned_only:
             rows.append(oracle_row(name, task, per_setting))
-    panels = tasks + (["mixed"] if len(tasks) > 1 else [])
     if len(tasks) > 1:
         rows += mixed_rows(rows, tasks)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,6 @@ def test_distill_trains_on_the_teachers_own_full_step_answers(model_path, tmp_pa
     student = load_model(out)
     assert student.threshold_head is None
     before, after = student_loss(teacher.model, teacher, rows), student_loss(student.model, student, rows)
-    print("distill loss", before, after)
     assert after < 0.8 * before
     assert json.loads((out / "distill_config.json").read_text())["min_reward"] == 0.0
 
