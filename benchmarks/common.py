@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -11,8 +13,22 @@ import torch
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
+def cpu_name() -> str:
+    """The CPU's model name and clock (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = re.search(r"^model name\s*:\s*(.+)$", info, re.M).group(1).strip()
+        mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
+        return name + (f" at {float(mhz.group(1)) / 1000:.1f} GHz" if mhz else "")
+    except (OSError, AttributeError):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    """One line naming the hardware and software a benchmark ran on (same-named cloud machines still
+    differ in speed from one session to the next: compare ratios measured in one run)."""
+    return (f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {len(os.sched_getaffinity(0))} of "
+            f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -124,13 +124,24 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def cores_busy(cores: set[int] | None) -> tuple[float, float]:
+    """(busy, total) jiffies so far of the given cores (all cores if None), from /proc/stat."""
+    busy = total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and (cores is None or int(name[3:]) in cores):
+            ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+            busy, total = busy + sum(ticks) - ticks[3] - ticks[4], total + sum(ticks)
+    return busy, total
+
+
 def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | None = None) -> dict:
     cmd = ["locust", "-f", str(ROOT / "clients" / "locustfile.py"), "--headless", "-u", str(users), "-r",
            str(users), "-t", f"{seconds}s", "--host", url, "--only-summary"]
-    before, cpu_before = decoder_counters(url), thread_cpu(pid)
+    before, cpu_before, core_before = decoder_counters(url), thread_cpu(pid), cores_busy(cores)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120,
                          preexec_fn=pinned(cores)).stdout
-    after, cpu_after = decoder_counters(url), thread_cpu(pid)
+    after, cpu_after, core_after = decoder_counters(url), thread_cpu(pid), cores_busy(cores)
     wall = after["time"] - before["time"]
     used = {tid: cpu_after[tid] - cpu_before.get(tid, 0.0) for tid in cpu_after}
     steps = after["steps"] - before["steps"]
@@ -147,7 +158,9 @@ def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | N
             # else the busiest other thread (the decoding thread)
             "event_loop_cpu": used.get(pid, 0.0) / wall,
             "decoder_cpu": (sum(v for tid, v in used.items() if tid < 0)
-                            or max((v for tid, v in used.items() if tid != pid), default=0.0)) / wall}
+                            or max((v for tid, v in used.items() if tid != pid), default=0.0)) / wall,
+            # how busy the load generator's core(s) were: locust, plus the default server's HTTP process
+            "client_core_busy": (core_after[0] - core_before[0]) / max(core_after[1] - core_before[1], 1)}
 
 
 def batcher_no_http(batch_size: int, n: int, clients: int) -> dict:
@@ -282,7 +295,8 @@ def main(argv=None):
             f"(requests and failures: totals). {placement}. Machine: {machine()}.\n\n"
             + markdown_table(rows, ["system", "runs", "requests", "req_s", "output_tok_s", "output_tok_s_range",
                                     "p50_ms", "p90_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "failures",
-                                    "mean_batch", "decoder_busy", "decoder_cpu", "event_loop_cpu"])
+                                    "mean_batch", "decoder_busy", "decoder_cpu", "event_loop_cpu",
+                                    "client_core_busy"])
             + f"\n\nRatios of output tokens/s within each repeat (median and range over {args.repeats}): "
             f"server / offline **{span(vs_offline, '.2f')}**, with `--no-decoder-process` "
             f"{span(paired(systems[5], systems[0]), '.2f')}; batched / one-at-a-time server "
@@ -290,7 +304,9 @@ def main(argv=None):
             f"can give here: {span(ceiling, '.1f')}x. `mean_batch`: rows per denoising step; `decoder_busy`: the "
             f"fraction of wall time the decoding thread spent in denoising steps (both from the server's /metrics); "
             f"`decoder_cpu` / `event_loop_cpu`: CPU seconds per wall second of the server's decoder process (with "
-            f"`--no-decoder-process`: its decoding thread) and of its event loop (HTTP), from /proc. By default "
+            f"`--no-decoder-process`: its decoding thread) and of its event loop (HTTP), from /proc; "
+            f"`client_core_busy`: the busy fraction of the load generator's core (locust and, by default, the "
+            f"server's HTTP process), from /proc/stat. By default "
             f"the HTTP process shares the load generator's core and the decoder process has the offline decoder's "
             f"core to itself; with `--no-decoder-process` the whole server is on that core. Batcher / offline: "
             f"{span(paired(systems[4], systems[0]), '.2f')}.\n")
