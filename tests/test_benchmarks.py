@@ -60,6 +60,26 @@ def test_thread_cpu_sees_this_threads_work():
     assert thread_cpu(os.getpid())[tid] - before >= 0.2
 
 
+def test_cores_busy_sees_work_on_the_given_core_only():
+    import os
+
+    from benchmarks.server_load import cores_busy
+    core = min(os.sched_getaffinity(0))
+    before, before_all = cores_busy({core}), cores_busy(None)
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:  # burn CPU on that core only
+            pass
+    finally:
+        os.sched_setaffinity(0, saved)
+    busy, total = (a - b for a, b in zip(cores_busy({core}), before))
+    assert busy >= 0.2 * os.sysconf("SC_CLK_TCK") and 0 < busy <= total
+    assert cores_busy(None)[1] - before_all[1] >= total  # all cores count at least that core's time
+    assert cores_busy({10_000}) == (0, 0)  # a core that does not exist contributes nothing
+
+
 def test_batcher_without_http_decodes_every_prompt_once():
     from benchmarks.server_load import batcher_no_http
     out = batcher_no_http(batch_size=4, n=12, clients=3)
