@@ -23,7 +23,10 @@ it is compared with, to the others, with as many torch threads as it has cores (
 runs everything on every core).
 
     python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32] [--repeats 2] [--wait 0]
-                                      [--no-isolate]
+                                      [--dtype bfloat16] [--no-isolate]
+
+It also counts the prompts whose greedy output depends on the batch (offline, batched vs alone).
+Other ``--users`` or a ``--dtype`` write docs/results/server_load_64users.md, ..._bfloat16.md.
 """
 
 from __future__ import annotations
@@ -75,12 +78,14 @@ def thread_env(cores: set[int] | None) -> dict:
 
 @contextlib.contextmanager
 def server(max_batch_size: int, cores: set[int] | None = None, decoder_process: bool = False,
-           decoder_cores: set[int] | None = None):
+           decoder_cores: set[int] | None = None, dtype: str | None = None):
     """``diffpo-serve`` pinned to ``cores``, optionally with ``--decoder-process`` pinned to ``decoder_cores``."""
     port = free_port()
     cmd = [sys.executable, "-m", "diffpo_serve", "--port", str(port), "--max-batch-size", str(max_batch_size),
            "--max-queue", "4096", "--log-level", "warning"]
     cmd += ["--decoder-process" if decoder_process else "--no-decoder-process"]
+    if dtype is not None:
+        cmd += ["--dtype", dtype]
     if decoder_cores is not None:
         cmd += ["--decoder-cpus", ",".join(map(str, sorted(decoder_cores)))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cores),
@@ -163,9 +168,13 @@ def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | N
             "client_core_busy": (core_after[0] - core_before[0]) / max(core_after[1] - core_before[1], 1)}
 
 
-def batcher_no_http(batch_size: int, n: int, clients: int) -> dict:
+def load(dtype: str | None):
+    return load_model(dtype=getattr(torch, dtype) if dtype else None)
+
+
+def batcher_no_http(batch_size: int, n: int, clients: int, dtype: str | None = None) -> dict:
     """The server's Batcher and decoding thread fed by ``clients`` closed-loop asyncio clients: no HTTP."""
-    loaded = load_model()
+    loaded = load(dtype)
     prompts = iter(benchmark_prompts(loaded, n))
     tokens = requests = 0
 
@@ -213,8 +222,8 @@ def benchmark_prompts(loaded, n: int, seed: int = 1) -> list[list[int]]:
     return [loaded.encode(t) for t in texts]
 
 
-def offline(batch_size: int, n: int) -> dict:
-    loaded = load_model()
+def offline(batch_size: int, n: int, dtype: str | None = None) -> dict:
+    loaded = load(dtype)
     prompts = benchmark_prompts(loaded, n)
     t0, tokens = time.perf_counter(), 0
     for i in range(0, len(prompts), batch_size):
@@ -224,6 +233,22 @@ def offline(batch_size: int, n: int) -> dict:
             tokens += seq.index(loaded.eos_id) + 1 if loaded.eos_id in seq else len(seq)
     seconds = time.perf_counter() - t0
     return {"requests": len(prompts), "req_s": len(prompts) / seconds, "output_tok_s": tokens / seconds}
+
+
+def batch_dependence(batch_size: int, n: int, dtype: str | None = None) -> int:
+    """How many of ``n`` benchmark prompts decode (greedy) to other tokens or another NFE in offline
+    batches of ``batch_size`` than alone: 0 means a request's output does not depend on its batch."""
+    loaded = load(dtype)
+    prompts = benchmark_prompts(loaded, n)
+    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
+    differ = 0
+    for i in range(0, n, batch_size):
+        out = generate(loaded.model, prompts[i:i + batch_size], PARAMS, **kw)
+        for k, prompt in enumerate(prompts[i:i + batch_size]):
+            alone = generate(loaded.model, [prompt], PARAMS, **kw)
+            differ += (alone.sequences[0].tolist() != out.sequences[k].tolist()
+                       or int(alone.nfe[0]) != int(out.nfe[k]))
+    return differ
 
 
 def main(argv=None):
@@ -236,6 +261,9 @@ def main(argv=None):
     ap.add_argument("--wait", type=float, default=0.0,
                     help="each locust user's think time between requests is uniform in [0, WAIT] s; the default 0 "
                          "keeps the server saturated, which a throughput comparison needs")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="decode in this dtype everywhere (default: the checkpoint's, float32); with bfloat16 the "
+                         "one-at-a-time server is also measured in float32, its faster dtype at batch 1")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                     help="pin locust to the last core, the server and the offline decoder to the others")
     args = ap.parse_args(argv)
@@ -256,15 +284,22 @@ def main(argv=None):
                f"server's Batcher, {args.users} in-process clients, no HTTP",
                # the decoding loop as a thread of the server process, everything on the server's cores
                f"diffpo-serve --max-batch-size {args.batch_size} --no-decoder-process"]
+    dtype = args.dtype
+    if dtype:
+        systems = [f"{name} --dtype {dtype}" for name in systems]
+    if dtype == "bfloat16":  # the one-at-a-time server at its best: float32 is faster at batch 1 on a CPU
+        systems.append("diffpo-serve --max-batch-size 1 --dtype float32 (one at a time)")
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for rep in range(args.repeats):  # interleaved, so slow drifts of the machine hit every system alike
-        runs[systems[0]].append(offline(args.batch_size, args.offline_prompts))
-        runs[systems[1]].append(offline(1, args.offline_prompts // 4))
-        for b, name in ((args.batch_size, systems[2]), (1, systems[3])):
-            with server(b, client_cores, True, serve_cores) as (url, pid):
+        runs[systems[0]].append(offline(args.batch_size, args.offline_prompts, dtype))
+        runs[systems[1]].append(offline(1, args.offline_prompts // 4, dtype))
+        servers = [(args.batch_size, systems[2], dtype), (1, systems[3], dtype)]
+        servers += [(1, systems[6], "float32")] if len(systems) > 6 else []
+        for b, name, server_dtype in servers:
+            with server(b, client_cores, True, serve_cores, server_dtype) as (url, pid):
                 runs[name].append(run_locust(url, pid, args.users, args.seconds, client_cores))
-        runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users))
-        with server(args.batch_size, serve_cores) as (url, pid):
+        runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users, dtype))
+        with server(args.batch_size, serve_cores, dtype=dtype) as (url, pid):
             runs[systems[5]].append(run_locust(url, pid, args.users, args.seconds, client_cores))
         print(f"repeat {rep + 1}/{args.repeats}:", {k: round(v[-1]["output_tok_s"]) for k, v in runs.items()},
               flush=True)
@@ -284,6 +319,9 @@ def main(argv=None):
     vs_offline, vs_single, ceiling = (paired(systems[2], systems[0]), paired(systems[2], systems[3]),
                                       paired(systems[0], systems[1]))
     span = lambda xs, f: f"{statistics.median(xs):{f}} (range {min(xs):{f}}-{max(xs):{f}})"  # noqa: E731
+    differ = batch_dependence(args.batch_size, 256, dtype)  # deterministic: once
+    vs_float32 = (f"; batched / one-at-a-time server in float32 **{span(paired(systems[2], systems[6]), '.1f')}x**"
+                  if len(systems) > 6 else "")
     placement = (f"Locust pinned to core {sorted(client_cores)}, the server and the offline decoder to cores "
                  f"{sorted(serve_cores)} with {len(serve_cores)} torch thread(s)" if serve_cores else
                  "Locust runs on the same cores as the server")
@@ -300,7 +338,7 @@ def main(argv=None):
             + f"\n\nRatios of output tokens/s within each repeat (median and range over {args.repeats}): "
             f"server / offline **{span(vs_offline, '.2f')}**, with `--no-decoder-process` "
             f"{span(paired(systems[5], systems[0]), '.2f')}; batched / one-at-a-time server "
-            f"**{span(vs_single, '.1f')}x**; offline batch {args.batch_size} / offline batch 1, the most batching "
+            f"**{span(vs_single, '.1f')}x**{vs_float32}; offline batch {args.batch_size} / offline batch 1, the most batching "
             f"can give here: {span(ceiling, '.1f')}x. `mean_batch`: rows per denoising step; `decoder_busy`: the "
             f"fraction of wall time the decoding thread spent in denoising steps (both from the server's /metrics); "
             f"`decoder_cpu` / `event_loop_cpu`: CPU seconds per wall second of the server's decoder process (with "
@@ -309,8 +347,11 @@ def main(argv=None):
             f"server's HTTP process), from /proc/stat. By default "
             f"the HTTP process shares the load generator's core and the decoder process has the offline decoder's "
             f"core to itself; with `--no-decoder-process` the whole server is on that core. Batcher / offline: "
-            f"{span(paired(systems[4], systems[0]), '.2f')}.\n")
-    print(save("server_load", text, rows))
+            f"{span(paired(systems[4], systems[0]), '.2f')}. Greedy outputs that depend on the batch: {differ} of 256 "
+            f"prompts decode differently (tokens or NFE) in offline batches of {args.batch_size} than alone"
+            f"{' (' + dtype + ')' if dtype else ''}.\n")
+    name = "server_load" + (f"_{args.users}users" if args.users != 32 else "") + (f"_{dtype}" if dtype else "")
+    print(save(name, text, rows))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,16 @@ def test_eval_learned_reports_the_chosen_thresholds(tmp_path, tokenizer, capsys)
     grid = ThresholdHead(8).grid.tolist()
     assert all(any(abs(float(k) - g) / g < 1e-3 for g in grid) for k in dist)
     assert min(map(float, dist)) <= summary["threshold"] <= max(map(float, dist))
+
+
+def test_eval_in_bfloat16_reports_its_dtype(model_dir, capsys):
+    """``--dtype bfloat16`` decodes with bfloat16 weights; the summary names the dtype it ran in."""
+    args = ["eval", "--model", str(model_dir), "--task", "sudoku", "--limit", "8", "--sampler", "eb"]
+    assert main(args) == 0
+    full = last_json(capsys)
+    assert main(args + ["--dtype", "bfloat16"]) == 0
+    half = last_json(capsys)
+    assert (full["dtype"], half["dtype"]) == ("float32", "bfloat16")
+    assert half["n"] == 8 and 1 <= half["mean_nfe"] <= 16
+    with pytest.raises(SystemExit):  # argparse: not a dtype
+        main(args + ["--dtype", "int8"])

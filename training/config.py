@@ -160,6 +160,8 @@ class EvalConfig:
     mask_id: int | None = option(None, "override the model's mask token id")
     trust_remote_code: bool = option(False, "allow model directories that ship their own code (LLaDA, Dream)")
     device: str = option("cpu", "torch device")
+    dtype: str | None = option(None, "decode in this dtype (default: the checkpoint's; bfloat16 is faster on CPUs "
+                                     "with AMX and on GPUs)", choices=["float32", "bfloat16", "float16"])
     output: str | None = option(None, "also write per-example results as JSONL here")
 
 
