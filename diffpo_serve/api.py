@@ -45,8 +45,13 @@ PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 def load_from_settings(settings: ServerSettings) -> LoadedModel:
     """The default loader: the shared ``load_model`` with the settings' path, device and ids."""
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
-    return load_model(settings.model, mask_id=settings.mask_id, device=settings.device, dtype=dtype,
-                      trust_remote_code=settings.trust_remote_code)
+    loaded = load_model(settings.model, mask_id=settings.mask_id, device=settings.device, dtype=dtype,
+                        trust_remote_code=settings.trust_remote_code)
+    if next(loaded.model.parameters()).dtype in (torch.bfloat16, torch.float16):
+        log.warning("decoding in %s: matrix kernels round differently at different batch sizes, so a few "
+                    "greedy outputs can depend on what else is in the batch (float32 keeps them identical)",
+                    next(loaded.model.parameters()).dtype)
+    return loaded
 
 
 class ServerRuntime:
