@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from diffpo_serve.dllm.sampler import SamplingParams, generate
+
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
@@ -44,3 +46,17 @@ def save(name: str, text: str, data) -> Path:
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
     return RESULTS / f"{name}.md"
+
+
+def batch_dependent(loaded, prompts: list[list[int]], params: SamplingParams, batch: int = 64) -> int:
+    """How many of ``prompts`` decode to other tokens or another NFE in batches of ``batch`` than alone
+    (greedy: 0 means a request's output does not depend on what else is in its batch)."""
+    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id, head=loaded.threshold_head)
+    differ = 0
+    for i in range(0, len(prompts), batch):
+        out = generate(loaded.model, prompts[i:i + batch], params, **kw)
+        for k, prompt in enumerate(prompts[i:i + batch]):
+            alone = generate(loaded.model, [prompt], params, **kw)
+            differ += (alone.sequences[0].tolist() != out.sequences[k].tolist()
+                       or int(alone.nfe[0]) != int(out.nfe[k]))
+    return differ

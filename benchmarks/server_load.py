@@ -48,7 +48,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.common import machine, markdown_table, save
+from benchmarks.common import batch_dependent, machine, markdown_table, save
 from diffpo_serve.batcher import BatchFailure, Batcher, RowRequest, RowUpdate
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
@@ -235,22 +235,6 @@ def offline(batch_size: int, n: int, dtype: str | None = None) -> dict:
     return {"requests": len(prompts), "req_s": len(prompts) / seconds, "output_tok_s": tokens / seconds}
 
 
-def batch_dependence(batch_size: int, n: int, dtype: str | None = None) -> int:
-    """How many of ``n`` benchmark prompts decode (greedy) to other tokens or another NFE in offline
-    batches of ``batch_size`` than alone: 0 means a request's output does not depend on its batch."""
-    loaded = load(dtype)
-    prompts = benchmark_prompts(loaded, n)
-    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
-    differ = 0
-    for i in range(0, n, batch_size):
-        out = generate(loaded.model, prompts[i:i + batch_size], PARAMS, **kw)
-        for k, prompt in enumerate(prompts[i:i + batch_size]):
-            alone = generate(loaded.model, [prompt], PARAMS, **kw)
-            differ += (alone.sequences[0].tolist() != out.sequences[k].tolist()
-                       or int(alone.nfe[0]) != int(out.nfe[k]))
-    return differ
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=32)
@@ -319,7 +303,8 @@ def main(argv=None):
     vs_offline, vs_single, ceiling = (paired(systems[2], systems[0]), paired(systems[2], systems[3]),
                                       paired(systems[0], systems[1]))
     span = lambda xs, f: f"{statistics.median(xs):{f}} (range {min(xs):{f}}-{max(xs):{f}})"  # noqa: E731
-    differ = batch_dependence(args.batch_size, 256, dtype)  # deterministic: once
+    loaded = load(dtype)  # greedy decoding is deterministic: counted once
+    differ = batch_dependent(loaded, benchmark_prompts(loaded, 256), PARAMS, args.batch_size)
     vs_float32 = (f"; batched / one-at-a-time server in float32 **{span(paired(systems[2], systems[6]), '.1f')}x**"
                   if len(systems) > 6 else "")
     placement = (f"Locust pinned to core {sorted(client_cores)}, the server and the offline decoder to cores "

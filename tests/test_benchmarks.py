@@ -85,3 +85,33 @@ def test_batcher_without_http_decodes_every_prompt_once():
     out = batcher_no_http(batch_size=4, n=12, clients=3)
     assert out["requests"] == 12
     assert 12 <= out["output_tok_s"] * out["requests"] / out["req_s"] <= 12 * 16  # 1-16 tokens per request
+
+
+def test_batch_dependent_counts_rows_whose_output_changes_with_the_batch(model, tokenizer):
+    import torch.nn as nn
+
+    from benchmarks.common import batch_dependent
+    from conftest import EOS, MASK, PAD
+    from diffpo_serve.dllm.loading import LoadedModel
+    from diffpo_serve.dllm.sampler import SamplingParams
+
+    class BatchSensitive(nn.Module):
+        """The tiny model, plus a logit bonus for token 7 at every position whenever it decodes >1 row."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, *args, **kwargs):
+            out = self.inner(input_ids, *args, **kwargs)
+            if input_ids.shape[0] > 1:
+                out.logits[..., 7] += 100.0
+            return out
+
+    loaded = LoadedModel(model, tokenizer, MASK, PAD, EOS, "tiny", "tiny", 512)
+    prompts = [[5 + i, 9, 11 + i] for i in range(6)]
+    params = SamplingParams("eb", 8, threshold=0.3)
+    assert batch_dependent(loaded, prompts, params, batch=3) == 0  # float32: each row as if alone
+    sensitive = LoadedModel(BatchSensitive(model), tokenizer, MASK, PAD, EOS, "tiny", "tiny", 512)
+    assert batch_dependent(sensitive, prompts, params, batch=3) == 6
+    assert batch_dependent(sensitive, prompts, params, batch=1) == 0  # batches of one are alone
