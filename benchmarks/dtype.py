@@ -79,7 +79,7 @@ def main(argv=None):
         dependent[d] = batch_dependent(models[d], prompts[:args.invariance_prompts], params)
     cols = ["task", "sampler"] + [f"{d}_{k}" for d in DTYPES for k in ("accuracy", "exact", "nfe", "tok_s")]
     first = samplers(models["float32"])[0]
-    text = (f"# float32 vs bfloat16\n\nModel: {models['float32'].path}. {args.n} test prompts per task (seed 0), "
+    text = (f"# float32 vs bfloat16\n\nModel: {models['float32'].name}. {args.n} test prompts per task (seed 0), "
             f"greedy, decoded by `evaluate` in batches of 64 with each dtype. Machine: {machine()}; "
             f"{time.time() - t0:.0f} s.\n\n" + markdown_table(accuracy_rows, cols)
             + "\n\nOne denoising step, milliseconds per row (median of "
