@@ -25,14 +25,14 @@ COPY pyproject.toml README.md ./
 COPY diffpo_serve ./diffpo_serve
 COPY training ./training
 RUN pip install . \
-    && useradd --create-home --uid 1000 diffpo
+    && groupadd --gid 1000 diffpo \
+    && useradd --create-home --uid 1000 --gid 1000 diffpo
 
-USER diffpo
+USER 1000:1000
 EXPOSE 8000
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import os, sys, urllib.request; port = os.environ.get('DIFFPO_PORT', '8000'); \
-sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=4).status == 200 else 1)"
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('DIFFPO_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=4).status == 200 else 1)"]
 
 ENTRYPOINT ["diffpo-serve"]
 CMD []

