@@ -70,15 +70,15 @@ def main(argv=None):
             accuracy_rows.append(row)
             print(row, flush=True)
     mixed = [ex["prompt"] for i in range(args.n) for t in TASKS for ex in [data[t][i]]]
+    first = samplers(models["float32"])[0]  # the model's default: learned when it has a head
     step_rows, dependent = [], {}
     for d in DTYPES:
         prompts = [models[d].encode(p) for p in mixed]
         step_rows.append({"dtype": d, **{f"batch {b}": round(step_ms_per_row(models[d], prompts, b, args.reps), 3)
                                          for b in map(int, args.batch_sizes.split(","))}})
-        params = SamplingParams(samplers(models[d])[0][0], 16, threshold=samplers(models[d])[0][1])
+        params = SamplingParams(first[0], 16, threshold=first[1])
         dependent[d] = batch_dependent(models[d], prompts[:args.invariance_prompts], params)
     cols = ["task", "sampler"] + [f"{d}_{k}" for d in DTYPES for k in ("accuracy", "exact", "nfe", "tok_s")]
-    first = samplers(models["float32"])[0]
     text = (f"# float32 vs bfloat16\n\nModel: {models['float32'].name}. {args.n} test prompts per task (seed 0), "
             f"greedy, decoded by `evaluate` in batches of 64 with each dtype. Machine: {machine()}; "
             f"{time.time() - t0:.0f} s.\n\n" + markdown_table(accuracy_rows, cols)
