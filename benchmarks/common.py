@@ -29,7 +29,8 @@ def cpu_name() -> str:
 def machine() -> str:
     """One line naming the hardware and software a benchmark ran on (same-named cloud machines still
     differ in speed from one session to the next: compare ratios measured in one run)."""
-    return (f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {len(os.sched_getaffinity(0))} of "
+    gpu = f"{torch.cuda.get_device_name(0)}; " if torch.cuda.is_available() else ""
+    return (f"{gpu}{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {len(os.sched_getaffinity(0))} of "
             f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 

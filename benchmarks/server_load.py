@@ -23,7 +23,7 @@ it is compared with, to the others, with as many torch threads as it has cores (
 runs everything on every core).
 
     python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32] [--repeats 2] [--wait 0]
-                                      [--dtype bfloat16] [--no-isolate]
+                                      [--dtype bfloat16] [--device cuda] [--no-isolate]
 
 It also counts the prompts whose greedy output depends on the batch (offline, batched vs alone).
 Other ``--users`` or a ``--dtype`` write docs/results/server_load_64users.md, ..._bfloat16.md.
@@ -78,7 +78,7 @@ def thread_env(cores: set[int] | None) -> dict:
 
 @contextlib.contextmanager
 def server(max_batch_size: int, cores: set[int] | None = None, decoder_process: bool = False,
-           decoder_cores: set[int] | None = None, dtype: str | None = None):
+           decoder_cores: set[int] | None = None, dtype: str | None = None, device: str = "cpu"):
     """``diffpo-serve`` pinned to ``cores``, optionally with ``--decoder-process`` pinned to ``decoder_cores``."""
     port = free_port()
     cmd = [sys.executable, "-m", "diffpo_serve", "--port", str(port), "--max-batch-size", str(max_batch_size),
@@ -86,6 +86,7 @@ def server(max_batch_size: int, cores: set[int] | None = None, decoder_process: 
     cmd += ["--decoder-process" if decoder_process else "--no-decoder-process"]
     if dtype is not None:
         cmd += ["--dtype", dtype]
+    cmd += ["--device", device]
     if decoder_cores is not None:
         cmd += ["--decoder-cpus", ",".join(map(str, sorted(decoder_cores)))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cores),
@@ -168,13 +169,13 @@ def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | N
             "client_core_busy": (core_after[0] - core_before[0]) / max(core_after[1] - core_before[1], 1)}
 
 
-def load(dtype: str | None):
-    return load_model(dtype=getattr(torch, dtype) if dtype else None)
+def load(dtype: str | None, device: str = "cpu"):
+    return load_model(dtype=getattr(torch, dtype) if dtype else None, device=device)
 
 
-def batcher_no_http(batch_size: int, n: int, clients: int, dtype: str | None = None) -> dict:
+def batcher_no_http(batch_size: int, n: int, clients: int, dtype: str | None = None, device: str = "cpu") -> dict:
     """The server's Batcher and decoding thread fed by ``clients`` closed-loop asyncio clients: no HTTP."""
-    loaded = load(dtype)
+    loaded = load(dtype, device)
     prompts = iter(benchmark_prompts(loaded, n))
     tokens = requests = 0
 
@@ -222,8 +223,8 @@ def benchmark_prompts(loaded, n: int, seed: int = 1) -> list[list[int]]:
     return [loaded.encode(t) for t in texts]
 
 
-def offline(batch_size: int, n: int, dtype: str | None = None) -> dict:
-    loaded = load(dtype)
+def offline(batch_size: int, n: int, dtype: str | None = None, device: str = "cpu") -> dict:
+    loaded = load(dtype, device)
     prompts = benchmark_prompts(loaded, n)
     t0, tokens = time.perf_counter(), 0
     for i in range(0, len(prompts), batch_size):
@@ -248,6 +249,7 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="decode in this dtype everywhere (default: the checkpoint's, float32); with bfloat16 the "
                          "one-at-a-time server is also measured in float32, its faster dtype at batch 1")
+    ap.add_argument("--device", default="cpu", help="torch device of the server and the offline decoder (e.g. cuda)")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                     help="pin locust to the last core, the server and the offline decoder to the others")
     args = ap.parse_args(argv)
@@ -275,15 +277,16 @@ def main(argv=None):
         systems.append("diffpo-serve --max-batch-size 1 --dtype float32 (one at a time)")
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for rep in range(args.repeats):  # interleaved, so slow drifts of the machine hit every system alike
-        runs[systems[0]].append(offline(args.batch_size, args.offline_prompts, dtype))
-        runs[systems[1]].append(offline(1, args.offline_prompts // 4, dtype))
+        runs[systems[0]].append(offline(args.batch_size, args.offline_prompts, dtype, args.device))
+        runs[systems[1]].append(offline(1, args.offline_prompts // 4, dtype, args.device))
         servers = [(args.batch_size, systems[2], dtype), (1, systems[3], dtype)]
         servers += [(1, systems[6], "float32")] if len(systems) > 6 else []
         for b, name, server_dtype in servers:
-            with server(b, client_cores, True, serve_cores, server_dtype) as (url, pid):
+            with server(b, client_cores, True, serve_cores, server_dtype, args.device) as (url, pid):
                 runs[name].append(run_locust(url, pid, args.users, args.seconds, client_cores))
-        runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users, dtype))
-        with server(args.batch_size, serve_cores, dtype=dtype) as (url, pid):
+        runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users, dtype,
+                                                args.device))
+        with server(args.batch_size, serve_cores, dtype=dtype, device=args.device) as (url, pid):
             runs[systems[5]].append(run_locust(url, pid, args.users, args.seconds, client_cores))
         print(f"repeat {rep + 1}/{args.repeats}:", {k: round(v[-1]["output_tok_s"]) for k, v in runs.items()},
               flush=True)
@@ -303,7 +306,7 @@ def main(argv=None):
     vs_offline, vs_single, ceiling = (paired(systems[2], systems[0]), paired(systems[2], systems[3]),
                                       paired(systems[0], systems[1]))
     span = lambda xs, f: f"{statistics.median(xs):{f}} (range {min(xs):{f}}-{max(xs):{f}})"  # noqa: E731
-    loaded = load(dtype)  # greedy decoding is deterministic: counted once
+    loaded = load(dtype, args.device)  # greedy decoding is deterministic: counted once
     differ = batch_dependent(loaded, benchmark_prompts(loaded, 256), PARAMS, args.batch_size)
     vs_float32 = (f"; batched / one-at-a-time server in float32 **{span(paired(systems[2], systems[6]), '.1f')}x**"
                   if len(systems) > 6 else "")
@@ -336,6 +339,7 @@ def main(argv=None):
             f"prompts decode differently (tokens or NFE) in offline batches of {args.batch_size} than alone"
             f"{' (' + dtype + ')' if dtype else ''}.\n")
     name = "server_load" + (f"_{args.users}users" if args.users != 32 else "") + (f"_{dtype}" if dtype else "")
+    name += f"_{args.device.split(':')[0]}" if args.device != "cpu" else ""
     print(save(name, text, rows))
 
 
