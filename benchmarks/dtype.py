@@ -5,7 +5,9 @@ behind ``diffpo-train eval``, batches of 64) with the weights in float32 and in 
 gives accuracy (exact), mean NFE and tokens/s of each. Then the per-row cost of one denoising step at
 several batch sizes (the median of ``--reps`` first steps on fresh states of mixed prompts) and how
 many prompts decode to other tokens or another NFE in a batch of 64 than alone. One process, one
-torch thread; greedy decoding is deterministic, so one run each (the timings are medians).
+torch thread; greedy decoding is deterministic, so one run each (the timings are medians). The
+batch-dependence count is taken twice: batches of mixed prompt lengths, and batches that hold one
+prompt length each (no padding), which tells padding apart from batch size.
 Writes docs/results/dtype.{md,json}.
 
     python -m benchmarks.dtype [--model DIR] [--n 1000] [--reps 20]
@@ -77,7 +79,13 @@ def main(argv=None):
         step_rows.append({"dtype": d, **{f"batch {b}": round(step_ms_per_row(models[d], prompts, b, args.reps), 3)
                                          for b in map(int, args.batch_sizes.split(","))}})
         params = SamplingParams(first[0], 16, threshold=first[1])
-        dependent[d] = batch_dependent(models[d], prompts[:args.invariance_prompts], params)
+        subset = prompts[:args.invariance_prompts]
+        by_length: dict[int, list[list[int]]] = {}
+        for prompt in subset:
+            by_length.setdefault(len(prompt), []).append(prompt)
+        dependent[d] = {"mixed lengths": batch_dependent(models[d], subset, params),
+                        "one length per batch": sum(batch_dependent(models[d], group, params)
+                                                    for group in by_length.values())}
     cols = ["task", "sampler"] + [f"{d}_{k}" for d in DTYPES for k in ("accuracy", "exact", "nfe", "tok_s")]
     text = (f"# float32 vs bfloat16\n\nModel: {models['float32'].name}. {args.n} test prompts per task (seed 0), "
             f"greedy, decoded by `evaluate` in batches of 64 with each dtype. Machine: {machine()}; "
@@ -86,8 +94,10 @@ def main(argv=None):
             f"{args.reps} first steps of mixed sudoku/countdown prompts, eb gamma 0.3):\n\n"
             + markdown_table(step_rows, list(step_rows[0]))
             + f"\n\nGreedy outputs that depend on the batch ({first[0]} sampler, the first "
-            f"{args.invariance_prompts} mixed prompts, batches of 64 vs alone): "
-            + ", ".join(f"{d} {dependent[d]}" for d in DTYPES) + ".\n")
+            f"{args.invariance_prompts} mixed prompts, each decoded in batches of 64 and alone; prompts of other "
+            f"lengths in a batch are left-padded to its longest): "
+            + "; ".join(f"{d}: " + ", ".join(f"{v} of {args.invariance_prompts} with {k}" for k, v in dependent[d].items())
+                        for d in DTYPES) + ".\n")
     print(save("dtype", text, {"accuracy": accuracy_rows, "step_ms_per_row": step_rows,
                                "batch_dependent": dependent}))
 

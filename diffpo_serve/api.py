@@ -48,8 +48,9 @@ def load_from_settings(settings: ServerSettings) -> LoadedModel:
     loaded = load_model(settings.model, mask_id=settings.mask_id, device=settings.device, dtype=dtype,
                         trust_remote_code=settings.trust_remote_code)
     if next(loaded.model.parameters()).dtype in (torch.bfloat16, torch.float16):
-        log.warning("decoding in %s: matrix kernels round differently at different batch sizes, so a few "
-                    "greedy outputs can depend on what else is in the batch (float32 keeps them identical)",
+        log.warning("decoding in %s: padding a prompt to the batch's longest reorders rounding in attention, "
+                    "so a few greedy outputs can depend on what else is in the batch (float32 keeps them "
+                    "identical)",
                     next(loaded.model.parameters()).dtype)
     return loaded
 

@@ -50,7 +50,7 @@ class ServerSettings:
     device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's). bfloat16 "
                                      "about doubles batched throughput on CPUs with AMX, but then a few greedy "
-                                     "outputs depend on the batch (kernels differ by batch size)")
+                                     "outputs depend on the batch (padding to its longest prompt reorders rounding)")
     decoder_process: bool = option(True, "run the batched decoder in its own process, so HTTP work never "
                                          "holds up a forward pass (the front keeps only the tokenizer); "
                                          "--no-decoder-process: a thread of the server process")
