@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.common import batch_dependent, machine, markdown_table, save
 from diffpo_serve.dllm.loading import load_model
-from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, init_state
+from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, init_state, prompt_alignment
 from training.evaluate import evaluate
 from training.tasks import get_task
 
@@ -41,7 +41,7 @@ def step_ms_per_row(loaded, prompts: list[list[int]], batch: int, reps: int) -> 
     times = []
     for _ in range(reps):
         state = init_state(prompts[:batch], [params] * batch, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
-                           pad_id=loaded.pad_id, device="cpu")
+                           pad_id=loaded.pad_id, device="cpu", align=prompt_alignment(loaded.model))
         t0 = time.perf_counter()
         denoise_step(loaded.model, state)
         times.append(time.perf_counter() - t0)

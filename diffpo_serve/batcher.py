@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from diffpo_serve.dllm.loading import LoadedModel
-from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, init_state
+from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, init_state, prompt_alignment
 from diffpo_serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ class Batcher:
         self.step_fn = step_fn
         self._deliver = deliver  # takes a step's [(handle, event)]; the decoder process sends them on
         self._device = loaded.device
+        self._align = prompt_alignment(loaded.model)  # the prompt layout generate() uses for this model
         self._cond = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
         self._slots: list[_Slot] = []  # aligned with the rows of self._state
@@ -339,7 +340,8 @@ class Batcher:
         try:
             params = [h.rows[c].params.resolved() for h, c in admitted]
             new = init_state(prompts, params, mask_id=self.loaded.mask_id, eos_id=self.loaded.eos_id,
-                             pad_id=self.loaded.pad_id, device=self._device, head=self.loaded.threshold_head)
+                             pad_id=self.loaded.pad_id, device=self._device, head=self.loaded.threshold_head,
+                             align=self._align)
         except Exception:
             log.exception("cannot admit %d rows", len(admitted))
             self._fail([h for h, _ in admitted], "internal error while starting the request")

@@ -6,7 +6,7 @@ import torch
 from benchmarks.llada_reference import llada_generate
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, generate, init_state,
-                                       sampling_logprobs, select_commits, transfer_counts)
+                                       prompt_alignment, sampling_logprobs, select_commits, transfer_counts)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -241,3 +241,55 @@ def test_saturated_logits_still_make_progress():
                   stop_at_eos=False)
         assert not (out.sequences == MASK).any()
         assert (out.nfe <= 16).all()
+
+
+# ----------------------------------------------------------------------------- half-precision layout
+
+def test_prompt_layout_left_padded_in_float32_and_aligned_in_half_precision():
+    assert prompt_alignment(tiny_model()) == 0
+    assert prompt_alignment(tiny_model().to(torch.bfloat16)) == prompt_alignment(tiny_model().half()) == 16
+    p = SamplingParams("eb", 4, threshold=0.3)
+    tight = init_state([[5, 6, 7], [8] * 18], p, mask_id=MASK, eos_id=EOS, pad_id=PAD)
+    assert tight.prompt_width == 18 and tight.canvas[0, 15:18].tolist() == [5, 6, 7]  # left-padded
+    aligned = init_state([[5, 6, 7], [8] * 18], p, mask_id=MASK, eos_id=EOS, pad_id=PAD, align=16)
+    assert aligned.prompt_width == 32 and aligned.canvas[0, :3].tolist() == [5, 6, 7]  # prompt first
+    assert aligned.attention_mask[0].tolist() == [True] * 3 + [False] * 29 + [True] * 4 + [False] * 12
+    assert aligned.gen_width == 16  # the generation region is a multiple of 16 wide too
+    # positions count real tokens only, so the generation region sits at the same positions either way
+    assert aligned.position_ids()[0, 32:36].tolist() == tight.position_ids()[0, 18:].tolist() == [3, 4, 5, 6]
+    # dropping the long row trims the prompt region back to one multiple of 16, keeping the layout
+    short = aligned.select([0])
+    assert short.prompt_width == 16 and short.canvas[0, :3].tolist() == [5, 6, 7]
+    assert short.canvas.shape[1] == 16 + 16 and short.generated.tolist() == aligned.generated[:1].tolist()
+    # concat pads a narrower region after its prompts, never before
+    both = BatchState.concat([short, init_state([[9] * 20], p, mask_id=MASK, eos_id=EOS, pad_id=PAD, align=16)])
+    assert both.prompt_width == 32 and both.canvas[0, :3].tolist() == [5, 6, 7]
+    assert both.attention_mask[0].tolist() == [True] * 3 + [False] * 29 + [True] * 4 + [False] * 12
+    with pytest.raises(ValueError, match="alignments"):
+        BatchState.concat([short, tight])
+
+
+def test_half_precision_greedy_outputs_do_not_depend_on_the_batch():
+    """In bfloat16, left padding flips some greedy outputs against the same prompt alone; the aligned
+    layout that ``generate`` uses for half-precision models makes every batched row equal its solo decode."""
+    model = tiny_model(init=0.1).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 100, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(48)]
+    p = SamplingParams("eb", 16, threshold=0.3)
+
+    def decode(prompts, align):
+        state = init_state(prompts, p, mask_id=MASK, eos_id=EOS, pad_id=PAD, align=align)
+        while not bool(state.finished.all()):
+            denoise_step(model, state)
+        return state.generated[:, :16].tolist(), state.nfe.tolist()
+
+    def dependent(align):
+        seqs, nfe = decode(prompts, align)
+        return sum(decode([q], align) != ([seqs[i]], [nfe[i]]) for i, q in enumerate(prompts))
+
+    left = dependent(0)
+    assert dependent(prompt_alignment(model)) == 0, f"aligned: some rows differ (left-padded: {left} of 48)"
+    batched = generate(model, prompts, p, **IDS)
+    for i, q in enumerate(prompts):
+        assert generate(model, [q], p, **IDS).sequences[0].tolist() == batched.sequences[i].tolist()

@@ -83,6 +83,35 @@ def test_rows_joining_and_leaving_mid_flight_equal_alone(loaded):
             assert finals[choice].nfe == int(alone.nfe[0])
 
 
+def test_half_precision_rows_joining_and_leaving_equal_alone():
+    """bfloat16: long and short prompts join and leave (the prompt region grows past 16 columns and is
+    trimmed back); every row still equals its solo decode, as in float32."""
+    model = tiny_model(init=0.1).to(torch.bfloat16)
+    half = LoadedModel(model=model, tokenizer=build_tokenizer(), mask_id=MASK, pad_id=PAD, eos_id=EOS,
+                       path="<memory>", name="tiny", max_length=512)
+    g = torch.Generator().manual_seed(1)
+    lengths = [3, 20, 2, 17, 5, 33, 9, 1]
+    requests = [[RowRequest(torch.randint(3, 100, (n,), generator=g).tolist(),
+                            SamplingParams("eb", 8 + 4 * (i % 3), block_length=4, threshold=0.3))]
+                for i, n in enumerate(lengths)]
+
+    async def main():
+        batcher = Batcher(half, max_batch_size=3)
+        handles = []
+        for step in range(80):
+            if step % 2 == 0 and len(handles) < len(requests):
+                handles.append(batcher.submit(requests[len(handles)]))
+            batcher.run_once()
+        await settle()
+        return final_updates(handles)
+
+    for rows, finals in zip(requests, asyncio.run(main())):
+        row = rows[0]
+        alone = generate(model, [row.prompt], row.params, **IDS)
+        assert finals[0].ids == alone.sequences[0, :row.params.gen_length].tolist()
+        assert finals[0].nfe == int(alone.nfe[0])
+
+
 def test_seeded_row_is_batch_independent_next_to_wider_rows(loaded):
     """Regression: a sampled row's draws must not depend on the batch's generation width."""
     p = SamplingParams(sampler="eb", gen_length=8, temperature=1.0, seed=3)

@@ -93,7 +93,8 @@ class BatchState:
 
     The canvas is ``[left padding | prompt | generation region | right padding]`` with the prompt
     region ``prompt_width`` wide for all rows, so generation position j of any row is canvas column
-    ``prompt_width + j``.
+    ``prompt_width + j``. With ``align`` > 0 (half precision, see :func:`prompt_alignment`) the
+    prompt region is ``[prompt | padding]`` instead, and both regions' widths are multiples of ``align``.
     """
 
     canvas: torch.Tensor  # b, l  token ids; masked positions hold mask_id
@@ -121,6 +122,7 @@ class BatchState:
     eos_id: int = 0
     pad_id: int = 0
     stop_at_eos: bool = True
+    align: int = 0  # 0: prompts left-padded to the longest; else prompts first, region width a multiple of it
 
     @property
     def batch_size(self) -> int:
@@ -146,21 +148,33 @@ class BatchState:
         return state._trimmed()
 
     def _trimmed(self) -> "BatchState":
-        """Drop padding columns no row needs (prompt columns on the left, gen columns on the right)."""
+        """Drop padding columns no row needs (prompt columns on the left, or with ``align`` before the
+        generation region, and gen columns on the right)."""
         if self.batch_size == 0:
             return self
-        prompt_used = self.attention_mask[:, :self.prompt_width].any(0).nonzero()
-        left = int(prompt_used[0]) if len(prompt_used) else self.prompt_width
+        pw = self.prompt_width
+        prompt_used = self.attention_mask[:, :pw].any(0).nonzero()
         right = int(self.gen_length.max())
-        cols = slice(left, self.prompt_width + right)
-        return replace(self, canvas=self.canvas[:, cols], attention_mask=self.attention_mask[:, cols],
-                       prompt_width=self.prompt_width - left, commit_step=self.commit_step[:, :right],
-                       logprob=self.logprob[:, :right])
+        if self.align:
+            right = -(-right // self.align) * self.align
+            used = int(prompt_used[-1]) + 1 if len(prompt_used) else 0
+            width = -(-used // self.align) * self.align
+            cols = torch.cat([torch.arange(width), torch.arange(pw, pw + right)]).to(self.canvas.device)
+            canvas, attention = self.canvas[:, cols], self.attention_mask[:, cols]
+        else:
+            left = int(prompt_used[0]) if len(prompt_used) else pw
+            width = pw - left
+            canvas, attention = self.canvas[:, left:pw + right], self.attention_mask[:, left:pw + right]
+        return replace(self, canvas=canvas, attention_mask=attention, prompt_width=width,
+                       commit_step=self.commit_step[:, :right], logprob=self.logprob[:, :right])
 
     @staticmethod
     def concat(states: list["BatchState"]) -> "BatchState":
-        """Stack states into one batch, re-padding prompts (left) and generation regions (right)."""
+        """Stack states into one batch, re-padding prompts (left, or with ``align`` after the prompt
+        region) and generation regions (right). All states must share one ``align``."""
         states = [s for s in states if s.batch_size] or states[:1]
+        if len({s.align for s in states}) > 1:
+            raise ValueError("cannot concat states with different prompt alignments")
         pw = max(s.prompt_width for s in states)
         gw = max(s.gen_width for s in states)
         first = states[0]
@@ -169,10 +183,12 @@ class BatchState:
             left, right = pw - s.prompt_width, gw - s.gen_width
             b = s.batch_size
             dev = s.canvas.device
-            parts["canvas"].append(torch.cat([s.canvas.new_full((b, left), s.pad_id), s.canvas,
-                                              s.canvas.new_full((b, right), s.pad_id)], 1))
-            parts["attention_mask"].append(torch.cat([torch.zeros(b, left, dtype=torch.bool, device=dev),
-                                                      s.attention_mask,
+            split = s.prompt_width if s.align else 0  # where the prompt region's new padding goes
+            parts["canvas"].append(torch.cat([s.canvas[:, :split], s.canvas.new_full((b, left), s.pad_id),
+                                              s.canvas[:, split:], s.canvas.new_full((b, right), s.pad_id)], 1))
+            parts["attention_mask"].append(torch.cat([s.attention_mask[:, :split],
+                                                      torch.zeros(b, left, dtype=torch.bool, device=dev),
+                                                      s.attention_mask[:, split:],
                                                       torch.zeros(b, right, dtype=torch.bool, device=dev)], 1))
             parts["commit_step"].append(torch.cat([s.commit_step, s.commit_step.new_full((b, right), -1)], 1))
             parts["logprob"].append(torch.cat([s.logprob, s.logprob.new_zeros((b, right))], 1))
@@ -194,10 +210,12 @@ def init_state(
     stop_at_eos: bool = True,
     head: torch.nn.Module | None = None,
     sample_threshold: bool = False,
+    align: int = 0,
 ) -> BatchState:
     """Build the state for a list of token-id prompts, each with its own (or one shared) params.
 
     ``head`` is the model's threshold head (needed by rows with sampler ``learned`` and no threshold).
+    ``align``: the prompt layout (:class:`BatchState`); :func:`prompt_alignment` gives the model's.
     """
     if not prompts:
         raise ValueError("no prompts")
@@ -210,13 +228,19 @@ def init_state(
         raise ValueError("sampler 'learned' needs a model with a threshold head; give a threshold to use eb")
     b = len(prompts)
     pw = max(len(p) for p in prompts)
+    if align:
+        pw = -(-pw // align) * align
     gw = max(p.gen_length for p in params)
+    if align:
+        gw = -(-gw // align) * align
     canvas = torch.full((b, pw + gw), pad_id, dtype=torch.long)
     attention = torch.zeros((b, pw + gw), dtype=torch.bool)
     for i, (prompt, p) in enumerate(zip(prompts, params)):
+        start = 0 if align else pw - len(prompt)
         if len(prompt):
-            canvas[i, pw - len(prompt):pw] = torch.as_tensor(prompt, dtype=torch.long)
-        attention[i, pw - len(prompt):pw + p.gen_length] = True
+            canvas[i, start:start + len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
+        attention[i, start:start + len(prompt)] = True
+        attention[i, pw:pw + p.gen_length] = True
         canvas[i, pw:pw + p.gen_length] = mask_id
     generators = []
     for p in params:
@@ -252,8 +276,27 @@ def init_state(
         commit_step=torch.full((b, gw), -1, dtype=torch.long, device=device),
         logprob=torch.zeros((b, gw), dtype=torch.float, device=device),
         generators=generators, head=head, sample_threshold=sample_threshold, mask_id=mask_id, eos_id=eos_id,
-        pad_id=pad_id, stop_at_eos=stop_at_eos,
+        pad_id=pad_id, stop_at_eos=stop_at_eos, align=align,
     )
+
+
+HALF_PRECISION_ALIGN = 16  # fp32 lanes of an AVX-512 register: whole-lane shifts keep sums' order
+
+
+def prompt_alignment(model: torch.nn.Module) -> int:
+    """The prompt layout that keeps a row's greedy output independent of its batch, for this model.
+
+    A prompt shorter than the batch's longest is padded. Left padding shifts the row's keys inside
+    attention's vectorised sums, which reorders their rounding: harmless in float32 (no greedy
+    output changed in our measurements), but in bfloat16 a few outputs flip. With the prompt first
+    and both the prompt and the generation region multiples of :data:`HALF_PRECISION_ALIGN` wide, a
+    row's tokens keep their columns modulo the vector width, no sum ends in a partial vector, and
+    padding only adds exact zeros, so batched equals alone (measured by ``python -m
+    benchmarks.dtype``). It costs up to ``align - 1`` padded columns per region, so float32 keeps the
+    tight left-padded layout (0).
+    """
+    weight = next(model.parameters(), None)
+    return HALF_PRECISION_ALIGN if weight is not None and weight.dtype in (torch.bfloat16, torch.float16) else 0
 
 
 # ----------------------------------------------------------------------------- the maths, pure functions
@@ -465,7 +508,8 @@ def generate(
     """
     device = next(model.parameters()).device
     state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, device=device,
-                       stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold)
+                       stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold,
+                       align=prompt_alignment(model))
     while not bool(state.finished.all()):
         out = denoise_step(model, state)
         if on_step is not None:
