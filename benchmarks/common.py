@@ -49,10 +49,13 @@ def save(name: str, text: str, data) -> Path:
     return RESULTS / f"{name}.md"
 
 
-def batch_dependent(loaded, prompts: list[list[int]], params: SamplingParams, batch: int = 64) -> int:
+def batch_dependent(loaded, prompts: list[list[int]], params: SamplingParams, batch: int = 64,
+                    align: int | None = None) -> int:
     """How many of ``prompts`` decode to other tokens or another NFE in batches of ``batch`` than alone
-    (greedy: 0 means a request's output does not depend on what else is in its batch)."""
-    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id, head=loaded.threshold_head)
+    (greedy: 0 means a request's output does not depend on what else is in its batch). ``align``: the
+    sampler's prompt layout (default: the model's)."""
+    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id, head=loaded.threshold_head,
+              align=align)
     differ = 0
     for i in range(0, len(prompts), batch):
         out = generate(loaded.model, prompts[i:i + batch], params, **kw)

@@ -4,10 +4,11 @@ For each task and sampler, the model's test prompts are decoded greedily by ``ev
 behind ``diffpo-train eval``, batches of 64) with the weights in float32 and in bfloat16; the table
 gives accuracy (exact), mean NFE and tokens/s of each. Then the per-row cost of one denoising step at
 several batch sizes (the median of ``--reps`` first steps on fresh states of mixed prompts) and how
-many prompts decode to other tokens or another NFE in a batch of 64 than alone. One process, one
-torch thread; greedy decoding is deterministic, so one run each (the timings are medians). The
-batch-dependence count is taken twice: batches of mixed prompt lengths, and batches that hold one
-prompt length each (no padding), which tells padding apart from batch size.
+many prompts decode to other tokens or another NFE in a batch of 64 than alone, for each prompt
+layout the sampler has (tight left padding, float32's; aligned, half precision's). The count is
+taken for batches of mixed prompt lengths and for batches that hold one length each (no padding),
+which tells padding apart from batch size. One process, one torch thread; greedy decoding is
+deterministic, so one run each (the timings are medians).
 Writes docs/results/dtype.{md,json}.
 
     python -m benchmarks.dtype [--model DIR] [--n 1000] [--reps 20]
@@ -36,12 +37,12 @@ def samplers(loaded) -> list[tuple[str, float | None]]:
     return learned + [("eb", 0.3), ("steps", None)]
 
 
-def step_ms_per_row(loaded, prompts: list[list[int]], batch: int, reps: int) -> float:
+def step_ms_per_row(loaded, prompts: list[list[int]], batch: int, reps: int, align: int) -> float:
     params = SamplingParams("eb", 16, threshold=0.3)
     times = []
     for _ in range(reps):
         state = init_state(prompts[:batch], [params] * batch, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
-                           pad_id=loaded.pad_id, device="cpu", align=prompt_alignment(loaded.model))
+                           pad_id=loaded.pad_id, device="cpu", align=align)
         t0 = time.perf_counter()
         denoise_step(loaded.model, state)
         times.append(time.perf_counter() - t0)
@@ -73,33 +74,38 @@ def main(argv=None):
             print(row, flush=True)
     mixed = [ex["prompt"] for i in range(args.n) for t in TASKS for ex in [data[t][i]]]
     first = samplers(models["float32"])[0]  # the model's default: learned when it has a head
-    step_rows, dependent = [], {}
+    params = SamplingParams(first[0], 16, threshold=first[1])
+    layout_rows = []
     for d in DTYPES:
-        prompts = [models[d].encode(p) for p in mixed]
-        step_rows.append({"dtype": d, **{f"batch {b}": round(step_ms_per_row(models[d], prompts, b, args.reps), 3)
-                                         for b in map(int, args.batch_sizes.split(","))}})
-        params = SamplingParams(first[0], 16, threshold=first[1])
+        loaded = models[d]
+        prompts = [loaded.encode(p) for p in mixed]
         subset = prompts[:args.invariance_prompts]
         by_length: dict[int, list[list[int]]] = {}
         for prompt in subset:
             by_length.setdefault(len(prompt), []).append(prompt)
-        dependent[d] = {"mixed lengths": batch_dependent(models[d], subset, params),
-                        "one length per batch": sum(batch_dependent(models[d], group, params)
-                                                    for group in by_length.values())}
+        # the tight left-padded layout (float32's), then the model's own if it differs (half precision)
+        for align in sorted({0, prompt_alignment(loaded.model)}):
+            row = {"dtype": d, "layout": f"aligned to {align}" if align else "tight, left-padded",
+                   "used by default": align == prompt_alignment(loaded.model)}
+            row.update({f"batch {b} ms/row": round(step_ms_per_row(loaded, prompts, b, args.reps, align), 3)
+                        for b in map(int, args.batch_sizes.split(","))})
+            row["batch-dependent, mixed lengths"] = batch_dependent(loaded, subset, params, align=align)
+            row["batch-dependent, one length per batch"] = sum(batch_dependent(loaded, group, params, align=align)
+                                                               for group in by_length.values())
+            layout_rows.append(row)
+            print(row, flush=True)
     cols = ["task", "sampler"] + [f"{d}_{k}" for d in DTYPES for k in ("accuracy", "exact", "nfe", "tok_s")]
     text = (f"# float32 vs bfloat16\n\nModel: {models['float32'].name}. {args.n} test prompts per task (seed 0), "
             f"greedy, decoded by `evaluate` in batches of 64 with each dtype. Machine: {machine()}; "
             f"{time.time() - t0:.0f} s.\n\n" + markdown_table(accuracy_rows, cols)
-            + "\n\nOne denoising step, milliseconds per row (median of "
-            f"{args.reps} first steps of mixed sudoku/countdown prompts, eb gamma 0.3):\n\n"
-            + markdown_table(step_rows, list(step_rows[0]))
-            + f"\n\nGreedy outputs that depend on the batch ({first[0]} sampler, the first "
-            f"{args.invariance_prompts} mixed prompts, each decoded in batches of 64 and alone; prompts of other "
-            f"lengths in a batch are left-padded to its longest): "
-            + "; ".join(f"{d}: " + ", ".join(f"{v} of {args.invariance_prompts} with {k}" for k, v in dependent[d].items())
-                        for d in DTYPES) + ".\n")
-    print(save("dtype", text, {"accuracy": accuracy_rows, "step_ms_per_row": step_rows,
-                               "batch_dependent": dependent}))
+            + "\n\nBy prompt layout: one denoising step in milliseconds per row (median of "
+            f"{args.reps} first steps of mixed sudoku/countdown prompts, eb gamma 0.3), and how many of the "
+            f"first {args.invariance_prompts} mixed prompts decode (greedy, {first[0]} sampler) to other tokens "
+            f"or another NFE in batches of 64 than alone, with mixed prompt lengths in a batch or one length "
+            f"per batch (no padding). Tight: prompts left-padded to the batch's longest; aligned: prompts "
+            f"first, both canvas regions padded to multiples of that many columns (`prompt_alignment`).\n\n"
+            + markdown_table(layout_rows, list(layout_rows[0])) + "\n")
+    print(save("dtype", text, {"accuracy": accuracy_rows, "layouts": layout_rows}))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ class ServerSettings:
     default_temperature: float = option(0.0, "temperature when a request sets none (0: greedy)")
     device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's). bfloat16 "
-                                     "about doubles batched throughput on CPUs with AMX, but then a few greedy "
-                                     "outputs depend on the batch (padding to its longest prompt reorders rounding)")
+                                     "speeds up batched decoding on CPUs with AMX; greedy outputs stay "
+                                     "independent of the batch on a CPU (on a GPU they may not)")
     decoder_process: bool = option(True, "run the batched decoder in its own process, so HTTP work never "
                                          "holds up a forward pass (the front keeps only the tokenizer); "
                                          "--no-decoder-process: a thread of the server process")

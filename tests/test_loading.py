@@ -105,18 +105,16 @@ def test_own_model_dtype_argument(own_model_dir):
     assert next(lm.model.parameters()).dtype == torch.bfloat16
 
 
-def test_server_warns_that_half_precision_outputs_can_depend_on_the_batch(own_model_dir, caplog):
+def test_server_loads_half_precision_on_cpu_without_a_batch_warning(own_model_dir, caplog):
+    """On a CPU the sampler's aligned layout keeps half-precision rows batch-independent (test_sampler),
+    so the server only warns about that on other devices."""
     from diffpo_serve.api import load_from_settings
     from diffpo_serve.settings import ServerSettings
     directory, _, _ = own_model_dir
     with caplog.at_level("WARNING", logger="diffpo_serve.api"):
         loaded = load_from_settings(ServerSettings(model=str(directory), dtype="bfloat16"))
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
-    assert any("depend on what else is in the batch" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="diffpo_serve.api"):
-        load_from_settings(ServerSettings(model=str(directory)))  # the checkpoint's float32: no warning
-    assert not caplog.records
+    assert not [r for r in caplog.records if "batch" in r.getMessage()]
 
 
 def test_encode_decode_round_trip(own_model_dir):

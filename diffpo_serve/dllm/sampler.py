@@ -500,16 +500,18 @@ def generate(
     on_step=None,
     head: torch.nn.Module | None = None,
     sample_threshold: bool = False,
+    align: int | None = None,
 ) -> GenerationOutput:
     """Decode a batch of token-id prompts to completion with :func:`denoise_step`.
 
     ``on_step(state, step_output)`` is called after every step (progress, streaming, inspection).
     ``head``/``sample_threshold``: the threshold head for ``learned`` rows, and whether it samples.
+    ``align``: the prompt layout (:class:`BatchState`); default :func:`prompt_alignment` of the model.
     """
     device = next(model.parameters()).device
     state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, device=device,
                        stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold,
-                       align=prompt_alignment(model))
+                       align=prompt_alignment(model) if align is None else align)
     while not bool(state.finished.all()):
         out = denoise_step(model, state)
         if on_step is not None:
