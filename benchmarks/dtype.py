@@ -59,7 +59,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    models = {d: load_model(args.model, dtype=getattr(torch, d)) for d in DTYPES}
+    models = {d: load_model(args.model, dtype=d) for d in DTYPES}
     data = {t: get_task(t).make_dataset("test", args.n) for t in TASKS}
     accuracy_rows = []
     for task in TASKS:
@@ -83,10 +83,10 @@ def main(argv=None):
         by_length: dict[int, list[list[int]]] = {}
         for prompt in subset:
             by_length.setdefault(len(prompt), []).append(prompt)
-        # the tight left-padded layout (float32's), then the model's own if it differs (half precision)
-        for align in sorted({0, prompt_alignment(loaded.model)}):
+        own = prompt_alignment(loaded.model)
+        for align in sorted({0, own}):  # the tight left-padded layout (float32's), then the model's own if other
             row = {"dtype": d, "layout": f"aligned to {align}" if align else "tight, left-padded",
-                   "used by default": align == prompt_alignment(loaded.model)}
+                   "used by default": align == own}
             row.update({f"batch {b} ms/row": round(step_ms_per_row(loaded, prompts, b, args.reps, align), 3)
                         for b in map(int, args.batch_sizes.split(","))})
             row["batch-dependent, mixed lengths"] = batch_dependent(loaded, subset, params, align=align)

@@ -169,13 +169,9 @@ def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | N
             "client_core_busy": (core_after[0] - core_before[0]) / max(core_after[1] - core_before[1], 1)}
 
 
-def load(dtype: str | None, device: str = "cpu"):
-    return load_model(dtype=getattr(torch, dtype) if dtype else None, device=device)
-
-
 def batcher_no_http(batch_size: int, n: int, clients: int, dtype: str | None = None, device: str = "cpu") -> dict:
     """The server's Batcher and decoding thread fed by ``clients`` closed-loop asyncio clients: no HTTP."""
-    loaded = load(dtype, device)
+    loaded = load_model(dtype=dtype, device=device)
     prompts = iter(benchmark_prompts(loaded, n))
     tokens = requests = 0
 
@@ -224,7 +220,7 @@ def benchmark_prompts(loaded, n: int, seed: int = 1) -> list[list[int]]:
 
 
 def offline(batch_size: int, n: int, dtype: str | None = None, device: str = "cpu") -> dict:
-    loaded = load(dtype, device)
+    loaded = load_model(dtype=dtype, device=device)
     prompts = benchmark_prompts(loaded, n)
     t0, tokens = time.perf_counter(), 0
     for i in range(0, len(prompts), batch_size):
@@ -306,7 +302,7 @@ def main(argv=None):
     vs_offline, vs_single, ceiling = (paired(systems[2], systems[0]), paired(systems[2], systems[3]),
                                       paired(systems[0], systems[1]))
     span = lambda xs, f: f"{statistics.median(xs):{f}} (range {min(xs):{f}}-{max(xs):{f}})"  # noqa: E731
-    loaded = load(dtype, args.device)  # greedy decoding is deterministic: counted once
+    loaded = load_model(dtype=dtype, device=args.device)  # greedy decoding is deterministic: counted once
     differ = batch_dependent(loaded, benchmark_prompts(loaded, 256), PARAMS, args.batch_size)
     vs_float32 = (f"; batched / one-at-a-time server in float32 **{span(paired(systems[2], systems[6]), '.1f')}x**"
                   if len(systems) > 6 else "")

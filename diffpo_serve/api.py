@@ -44,8 +44,7 @@ PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 def load_from_settings(settings: ServerSettings) -> LoadedModel:
     """The default loader: the shared ``load_model`` with the settings' path, device and ids."""
-    dtype = getattr(torch, settings.dtype) if settings.dtype else None
-    loaded = load_model(settings.model, mask_id=settings.mask_id, device=settings.device, dtype=dtype,
+    loaded = load_model(settings.model, mask_id=settings.mask_id, device=settings.device, dtype=settings.dtype,
                         trust_remote_code=settings.trust_remote_code)
     weight = next(loaded.model.parameters())
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type != "cpu":

@@ -124,11 +124,12 @@ def load_model(
     *,
     mask_id: int | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load model, tokenizer and special ids from ``path`` (default: the bundled model).
 
+    ``dtype``: a torch dtype or its name (``"bfloat16"``); None keeps the checkpoint's.
     ``mask_id`` overrides the mask token id found in the config or tokenizer. Raises
     :class:`ModelLoadError` naming the path for a missing directory, unreadable config, missing
     mask token, or unreadable or incomplete weights.
@@ -147,7 +148,7 @@ def load_model(
     auto_map = getattr(config, "auto_map", None) or {}
     kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, output_loading_info=True)
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         if "AutoModelForMaskedLM" in auto_map or "AutoModel" not in auto_map:
             model, info = AutoModelForMaskedLM.from_pretrained(path, **kwargs)

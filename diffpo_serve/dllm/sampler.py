@@ -156,9 +156,8 @@ class BatchState:
         prompt_used = self.attention_mask[:, :pw].any(0).nonzero()
         right = int(self.gen_length.max())
         if self.align:
-            right = -(-right // self.align) * self.align
-            used = int(prompt_used[-1]) + 1 if len(prompt_used) else 0
-            width = -(-used // self.align) * self.align
+            right = round_up(right, self.align)
+            width = round_up(int(prompt_used[-1]) + 1 if len(prompt_used) else 0, self.align)
             cols = torch.cat([torch.arange(width), torch.arange(pw, pw + right)]).to(self.canvas.device)
             canvas, attention = self.canvas[:, cols], self.attention_mask[:, cols]
         else:
@@ -227,12 +226,8 @@ def init_state(
     if head is None and any(p.threshold is None for p in params):
         raise ValueError("sampler 'learned' needs a model with a threshold head; give a threshold to use eb")
     b = len(prompts)
-    pw = max(len(p) for p in prompts)
-    if align:
-        pw = -(-pw // align) * align
-    gw = max(p.gen_length for p in params)
-    if align:
-        gw = -(-gw // align) * align
+    pw = round_up(max(len(p) for p in prompts), align)
+    gw = round_up(max(p.gen_length for p in params), align)
     canvas = torch.full((b, pw + gw), pad_id, dtype=torch.long)
     attention = torch.zeros((b, pw + gw), dtype=torch.bool)
     for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -278,6 +273,11 @@ def init_state(
         generators=generators, head=head, sample_threshold=sample_threshold, mask_id=mask_id, eos_id=eos_id,
         pad_id=pad_id, stop_at_eos=stop_at_eos, align=align,
     )
+
+
+def round_up(n: int, align: int) -> int:
+    """``n`` rounded up to a multiple of ``align`` (0: unchanged)."""
+    return -(-n // align) * align if align else n
 
 
 HALF_PRECISION_ALIGN = 16  # fp32 lanes of an AVX-512 register: whole-lane shifts keep sums' order
