@@ -45,7 +45,7 @@ PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 def load_from_settings(settings: ServerSettings) -> LoadedModel:
     """The default loader: the shared ``load_model`` with the settings' path, device and ids."""
     loaded = load_model(settings.model, mask_id=settings.mask_id, device=settings.device, dtype=settings.dtype,
-                        trust_remote_code=settings.trust_remote_code)
+                        trust_remote_code=settings.trust_remote_code, compile=settings.compile)
     weight = next(loaded.model.parameters())
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type != "cpu":
         # on a CPU the sampler's aligned layout keeps rows independent (tests/test_sampler.py); a GPU's
@@ -102,8 +102,8 @@ class ServerRuntime:
         self.engine = Engine(loaded, self.batcher, self.settings, self.metrics)
         self.status = "ready"
         self.metrics.model_ready.set(1)
-        log.info("serving %s as `%s` (loaded in %.1fs)", loaded.path, self.engine.model_name,
-                 time.perf_counter() - started)
+        log.info("serving %s as `%s` (loaded in %.1fs%s)", loaded.path, self.engine.model_name,
+                 time.perf_counter() - started, f", {loaded.compiled} compiled" if loaded.compiled else "")
 
     def _decoder_exited(self, exc: BaseException) -> None:
         self.status, self.error = "decoder_failed", str(exc)

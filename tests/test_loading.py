@@ -117,6 +117,46 @@ def test_server_loads_half_precision_on_cpu_without_a_batch_warning(own_model_di
     assert not [r for r in caplog.records if "batch" in r.getMessage()]
 
 
+def test_compiled_layers_decode_as_eager_and_as_alone():
+    """compile=True compiles the bundled model's four Blocks (one graph for batch 1, one for more rows,
+    both made at load time); greedy decoding then gives the eager model's tokens and passes, with the
+    learned sampler (the head reads the first pass's hidden states), in a batch and alone."""
+    from torch._dynamo.utils import counters
+
+    from diffpo_serve.dllm.sampler import SamplingParams, generate
+    from training.tasks import get_task
+    eager = load_model()
+    compiled = load_model(compile=True)
+    assert compiled.compiled == "4 Block layers" and eager.compiled is None
+    graphs = counters["stats"]["unique_graphs"]
+    prompts = [compiled.encode(ex["prompt"]) for task in ("sudoku", "countdown")
+               for ex in get_task(task).make_dataset("test", 8)]
+    kw = dict(mask_id=eager.mask_id, eos_id=eager.eos_id, pad_id=eager.pad_id, head=eager.threshold_head)
+    params = SamplingParams("learned", 16)
+    want = generate(eager.model, prompts, params, **kw)
+    got = generate(compiled.model, prompts, params, **kw)
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.nfe, want.nfe)
+    for i in (0, 9):
+        alone = generate(compiled.model, [prompts[i]], params, **kw)
+        assert alone.sequences[0].tolist() == got.sequences[i, :alone.sequences.shape[1]].tolist()
+        assert int(alone.nfe[0]) == int(got.nfe[i])
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled every graph decoding needs
+
+
+def test_compile_failure_names_the_model_and_the_cause(tmp_path):
+    """Without a working C++ compiler, inductor cannot build CPU kernels: load_model says so, naming the
+    model directory, instead of failing at the first request."""
+    import subprocess
+    import sys
+    code = ("from diffpo_serve.dllm.loading import load_model, ModelLoadError\n"
+            "try:\n    load_model(compile=True)\nexcept ModelLoadError as e:\n    print('ERROR', e)\n")
+    env = {**__import__("os").environ, "CXX": str(tmp_path / "no-such-g++"),
+           "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("ERROR"))
+    assert "bundled_model: torch.compile failed" in line and "C++ compiler" in line and "--compile" in line
+
+
 def test_encode_decode_round_trip(own_model_dir):
     directory, _, tok = own_model_dir
     lm = load_model(directory)

@@ -426,6 +426,22 @@ def test_settings_from_env_and_flags():
     assert "secret" not in build_parser(s).format_help()
 
 
+def test_compile_setting_reaches_the_loader(monkeypatch):
+    """--compile / DIFFPO_COMPILE go to load_model (whose compile=True tests/test_loading.py checks)."""
+    import diffpo_serve.api as api
+    seen = {}
+
+    def fake_load_model(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(api, "load_model", fake_load_model)
+    for settings, want in [(ServerSettings.from_env({"DIFFPO_COMPILE": "1"}), True),
+                           (parse_settings(["--compile"], environ={}), True), (ServerSettings(), False)]:
+        with pytest.raises(RuntimeError, match="stop here"):
+            api.load_from_settings(settings)
+        assert seen["compile"] is want
+
+
 def test_importing_the_server_never_imports_training():
     import subprocess
     import sys

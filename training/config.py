@@ -162,6 +162,8 @@ class EvalConfig:
     device: str = option("cpu", "torch device")
     dtype: str | None = option(None, "decode in this dtype (default: the checkpoint's; bfloat16 is faster on CPUs "
                                      "with AMX and on GPUs)", choices=["float32", "bfloat16", "float16"])
+    compile: bool = option(False, "compile the model's transformer layers with torch.compile first (faster "
+                                  "decoding after a warm-up; on a CPU it needs a C++ compiler)")
     output: str | None = option(None, "also write per-example results as JSONL here")
 
 

@@ -103,7 +103,7 @@ def format_table(result: EvalResult) -> str:
 def run_eval(cfg: EvalConfig) -> dict:
     data = load_eval_data(cfg)  # read the data first: a bad file fails before the model loads
     loaded = load_model(cfg.model, mask_id=cfg.mask_id, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                        dtype=cfg.dtype)
+                        dtype=cfg.dtype, compile=cfg.compile)
     task = get_task(cfg.task)
     params = SamplingParams(sampler=cfg.sampler, gen_length=cfg.gen_length or task.GEN_LENGTH,
                             block_length=cfg.block_length, steps=cfg.steps, threshold=cfg.threshold,

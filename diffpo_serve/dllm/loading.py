@@ -7,7 +7,8 @@ It loads, from a local directory only (nothing is downloaded):
       which register themselves under ``AutoModel`` in their ``auto_map``.
 and returns a :class:`LoadedModel` holding the model, its tokenizer and the special ids the sampler
 needs. The mask id comes from the argument, else the config's ``mask_token_id``, else the tokenizer's
-mask token; a model without one is refused with a clear error.
+mask token; a model without one is refused with a clear error. ``load_model(..., compile=True)``
+compiles the model's transformer layers with ``torch.compile`` (:func:`compile_layers`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class LoadedModel:
     name: str
     max_length: int
     threshold_head: torch.nn.Module | None = None  # DiFFPO's learned per-prompt threshold, if the model has one
+    compiled: str | None = None  # what torch.compile compiled (compile=True), e.g. "4 Block layers"
 
     @property
     def device(self) -> torch.device:
@@ -126,13 +128,15 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
+    compile: bool = False,
 ) -> LoadedModel:
     """Load model, tokenizer and special ids from ``path`` (default: the bundled model).
 
     ``dtype``: a torch dtype or its name (``"bfloat16"``); None keeps the checkpoint's.
-    ``mask_id`` overrides the mask token id found in the config or tokenizer. Raises
+    ``mask_id`` overrides the mask token id found in the config or tokenizer. ``compile``: compile the
+    transformer layers and warm them up for inference (:func:`compile_layers`). Raises
     :class:`ModelLoadError` naming the path for a missing directory, unreadable config, missing
-    mask token, or unreadable or incomplete weights.
+    mask token, unreadable or incomplete weights, or a compilation that fails.
     """
     path = Path(path if path is not None else default_model_path()).expanduser()
     if not path.exists():
@@ -179,8 +183,44 @@ def load_model(
         head = load_head(path, device=device)
     except ThresholdHeadError as e:
         raise ModelLoadError(str(e)) from e
+    compiled = None
+    if compile:
+        try:
+            compiled = compile_layers(model, mask_id)
+        except Exception as e:  # inductor raises its own types; the first line says what failed
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ModelLoadError(f"{path}: torch.compile failed ({type(e).__name__}: {first}); on a CPU it needs "
+                                 "a C++ compiler (g++, or the one named by CXX); without --compile (compile=False) "
+                                 "the model runs as it is") from e
     return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
-                       path=str(path), name=path.name, max_length=max_length, threshold_head=head)
+                       path=str(path), name=path.name, max_length=max_length, threshold_head=head,
+                       compiled=compiled)
+
+
+def compile_layers(model: torch.nn.Module, mask_id: int, width: int = 16) -> str:
+    """Compile the model's repeated transformer layers with ``torch.compile`` (dynamic shapes) and warm
+    them up for inference; returns what was compiled, e.g. ``"4 Block layers"``.
+
+    The layers are the modules whose class the model names in ``_no_split_modules`` (transformers'
+    own record of its layer class; our ``Block``, LLaDA's and Dream's decoder layers); a model that
+    names none is compiled whole. Compiling layer by layer keeps what runs between them (embedding,
+    rotary tables, final norm, output projection) as it is, and all layers share one compiled graph
+    per shape class. The warm-up runs one pass of two rows and one of a single row (dynamic shapes
+    still specialise batch size 1) under ``no_grad``, as the sampler calls the model, so the first
+    requests do not wait for compilation.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    targets = layers or [model]
+    for module in targets:
+        module.compile(dynamic=True)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for rows in (2, 1):
+            ids = torch.full((rows, width), mask_id, dtype=torch.long, device=device)
+            attention = torch.ones_like(ids, dtype=torch.bool)
+            model_logits(model, ids, attention, torch.arange(width, device=device).expand(rows, width))
+    return f"{len(layers)} {type(layers[0]).__name__} layers" if layers else "the whole model"
 
 
 _FORWARD_ARGS: dict[type, frozenset[str]] = {}
