@@ -23,10 +23,11 @@ it is compared with, to the others, with as many torch threads as it has cores (
 runs everything on every core).
 
     python -m benchmarks.server_load [--users 32] [--seconds 60] [--batch-size 32] [--repeats 2] [--wait 0]
-                                      [--dtype bfloat16] [--device cuda] [--no-isolate]
+                                      [--dtype bfloat16] [--compile] [--device cuda] [--no-isolate]
 
 It also counts the prompts whose greedy output depends on the batch (offline, batched vs alone).
-Other ``--users`` or a ``--dtype`` write docs/results/server_load_64users.md, ..._bfloat16.md.
+Other ``--users``, a ``--dtype`` or ``--compile`` write docs/results/server_load_64users.md,
+..._bfloat16.md, ..._compiled.md.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def thread_env(cores: set[int] | None) -> dict:
 
 @contextlib.contextmanager
 def server(max_batch_size: int, cores: set[int] | None = None, decoder_process: bool = False,
-           decoder_cores: set[int] | None = None, dtype: str | None = None, device: str = "cpu"):
+           decoder_cores: set[int] | None = None, dtype: str | None = None, device: str = "cpu",
+           compile: bool = False):
     """``diffpo-serve`` pinned to ``cores``, optionally with ``--decoder-process`` pinned to ``decoder_cores``."""
     port = free_port()
     cmd = [sys.executable, "-m", "diffpo_serve", "--port", str(port), "--max-batch-size", str(max_batch_size),
@@ -86,14 +88,14 @@ def server(max_batch_size: int, cores: set[int] | None = None, decoder_process: 
     cmd += ["--decoder-process" if decoder_process else "--no-decoder-process"]
     if dtype is not None:
         cmd += ["--dtype", dtype]
-    cmd += ["--device", device]
+    cmd += ["--device", device] + (["--compile"] if compile else [])
     if decoder_cores is not None:
         cmd += ["--decoder-cpus", ",".join(map(str, sorted(decoder_cores)))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cores),
                             env=thread_env(decoder_cores or cores))
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        for _ in range(3000):  # up to 5 minutes: --compile compiles at start-up
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -169,9 +171,10 @@ def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | N
             "client_core_busy": (core_after[0] - core_before[0]) / max(core_after[1] - core_before[1], 1)}
 
 
-def batcher_no_http(batch_size: int, n: int, clients: int, dtype: str | None = None, device: str = "cpu") -> dict:
+def batcher_no_http(batch_size: int, n: int, clients: int, dtype: str | None = None, device: str = "cpu",
+                    compile: bool = False) -> dict:
     """The server's Batcher and decoding thread fed by ``clients`` closed-loop asyncio clients: no HTTP."""
-    loaded = load_model(dtype=dtype, device=device)
+    loaded = load_model(dtype=dtype, device=device, compile=compile)
     prompts = iter(benchmark_prompts(loaded, n))
     tokens = requests = 0
 
@@ -219,8 +222,8 @@ def benchmark_prompts(loaded, n: int, seed: int = 1) -> list[list[int]]:
     return [loaded.encode(t) for t in texts]
 
 
-def offline(batch_size: int, n: int, dtype: str | None = None, device: str = "cpu") -> dict:
-    loaded = load_model(dtype=dtype, device=device)
+def offline(batch_size: int, n: int, dtype: str | None = None, device: str = "cpu", compile: bool = False) -> dict:
+    loaded = load_model(dtype=dtype, device=device, compile=compile)
     prompts = benchmark_prompts(loaded, n)
     t0, tokens = time.perf_counter(), 0
     for i in range(0, len(prompts), batch_size):
@@ -246,6 +249,8 @@ def main(argv=None):
                     help="decode in this dtype everywhere (default: the checkpoint's, float32); with bfloat16 the "
                          "one-at-a-time server is also measured in float32, its faster dtype at batch 1")
     ap.add_argument("--device", default="cpu", help="torch device of the server and the offline decoder (e.g. cuda)")
+    ap.add_argument("--compile", action="store_true",
+                    help="every system with torch.compile'd transformer layers (diffpo-serve --compile)")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                     help="pin locust to the last core, the server and the offline decoder to the others")
     args = ap.parse_args(argv)
@@ -267,22 +272,23 @@ def main(argv=None):
                # the decoding loop as a thread of the server process, everything on the server's cores
                f"diffpo-serve --max-batch-size {args.batch_size} --no-decoder-process"]
     dtype = args.dtype
-    if dtype:
-        systems = [f"{name} --dtype {dtype}" for name in systems]
+    flags = (f" --dtype {dtype}" if dtype else "") + (" --compile" if args.compile else "")
+    systems = [name + flags for name in systems]
     if dtype == "bfloat16":  # the one-at-a-time server at its best: float32 is faster at batch 1 on a CPU
-        systems.append("diffpo-serve --max-batch-size 1 --dtype float32 (one at a time)")
+        systems.append("diffpo-serve --max-batch-size 1 --dtype float32" + (" --compile" if args.compile else "")
+                       + " (one at a time)")
+    model_kw = dict(device=args.device, compile=args.compile)
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for rep in range(args.repeats):  # interleaved, so slow drifts of the machine hit every system alike
-        runs[systems[0]].append(offline(args.batch_size, args.offline_prompts, dtype, args.device))
-        runs[systems[1]].append(offline(1, args.offline_prompts // 4, dtype, args.device))
+        runs[systems[0]].append(offline(args.batch_size, args.offline_prompts, dtype, **model_kw))
+        runs[systems[1]].append(offline(1, args.offline_prompts // 4, dtype, **model_kw))
         servers = [(args.batch_size, systems[2], dtype), (1, systems[3], dtype)]
         servers += [(1, systems[6], "float32")] if len(systems) > 6 else []
         for b, name, server_dtype in servers:
-            with server(b, client_cores, True, serve_cores, server_dtype, args.device) as (url, pid):
+            with server(b, client_cores, True, serve_cores, server_dtype, **model_kw) as (url, pid):
                 runs[name].append(run_locust(url, pid, args.users, args.seconds, client_cores))
-        runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users, dtype,
-                                                args.device))
-        with server(args.batch_size, serve_cores, dtype=dtype, device=args.device) as (url, pid):
+        runs[systems[4]].append(batcher_no_http(args.batch_size, args.offline_prompts, args.users, dtype, **model_kw))
+        with server(args.batch_size, serve_cores, dtype=dtype, **model_kw) as (url, pid):
             runs[systems[5]].append(run_locust(url, pid, args.users, args.seconds, client_cores))
         print(f"repeat {rep + 1}/{args.repeats}:", {k: round(v[-1]["output_tok_s"]) for k, v in runs.items()},
               flush=True)
@@ -302,7 +308,7 @@ def main(argv=None):
     vs_offline, vs_single, ceiling = (paired(systems[2], systems[0]), paired(systems[2], systems[3]),
                                       paired(systems[0], systems[1]))
     span = lambda xs, f: f"{statistics.median(xs):{f}} (range {min(xs):{f}}-{max(xs):{f}})"  # noqa: E731
-    loaded = load_model(dtype=dtype, device=args.device)  # greedy decoding is deterministic: counted once
+    loaded = load_model(dtype=dtype, **model_kw)  # greedy decoding is deterministic: counted once
     differ = batch_dependent(loaded, benchmark_prompts(loaded, 256), PARAMS, args.batch_size)
     vs_float32 = (f"; batched / one-at-a-time server in float32 **{span(paired(systems[2], systems[6]), '.1f')}x**"
                   if len(systems) > 6 else "")
@@ -333,8 +339,9 @@ def main(argv=None):
             f"core to itself; with `--no-decoder-process` the whole server is on that core. Batcher / offline: "
             f"{span(paired(systems[4], systems[0]), '.2f')}. Greedy outputs that depend on the batch: {differ} of 256 "
             f"prompts decode differently (tokens or NFE) in offline batches of {args.batch_size} than alone"
-            f"{' (' + dtype + ')' if dtype else ''}.\n")
+            f"{' (' + flags.strip() + ')' if flags else ''}.\n")
     name = "server_load" + (f"_{args.users}users" if args.users != 32 else "") + (f"_{dtype}" if dtype else "")
+    name += "_compiled" if args.compile else ""
     name += f"_{args.device.split(':')[0]}" if args.device != "cpu" else ""
     print(save(name, text, rows))
 
