@@ -92,7 +92,7 @@ def main(argv=None):
             print(row, flush=True)
     text = (f"# Eager vs --compile\n\nModel: {eager.name}; `load_model(compile=True)` compiles its transformer "
             f"layers ({compiled.compiled}) with torch.compile (dynamic shapes) and warms them up. Machine: "
-            f"{machine()}, one torch thread; {time.time() - t0:.0f} s.\n\n"
+            f"{machine()}; {time.time() - t0:.0f} s.\n\n"
             f"One denoising step (eb gamma 0.3, 16 tokens, mixed sudoku/countdown test prompts, each dtype "
             f"with its own prompt layout), ms per row: median of {args.rounds} alternating rounds of "
             f"{args.reps} first steps; speed-up: median of the per-round ratios.\n\n"

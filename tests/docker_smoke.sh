@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Builds the Dockerfile and checks the image end to end: the server answers /health and a completion
-# on the bundled model, the image's own HEALTHCHECK reports healthy, the process runs as uid 1000, and
-# `stop` (SIGTERM) ends it cleanly with exit code 0. Exits non-zero, naming the step, on any failure.
+# on the bundled model, the image's own HEALTHCHECK reports healthy, `--compile` works inside it, the
+# process runs as uid 1000, and `stop` (SIGTERM) ends it cleanly with exit code 0. Exits non-zero, naming the step, on any failure.
 #
 #   bash tests/docker_smoke.sh                  # docker (or podman, if no docker daemon answers)
 #   ENGINE=podman bash tests/docker_smoke.sh
 #
 # Offline machines (no container registry, no download.pytorch.org), as the project's CI machines are:
-#   --standin-base   build a local stand-in for python:3.11-slim (Debian bookworm + its python3.11,
-#                    by debootstrap from the Debian mirror; needs root) when the real one cannot be pulled
+#   --standin-base   build a local stand-in for the base image (python:3.11-slim-bookworm: Debian
+#                    bookworm + its python3.11 and headers, by debootstrap from the Debian mirror;
+#                    needs root) when the real one cannot be pulled
 #   --pip-mirror     (podman) let the build's pip use this machine's pip configuration (`pip config
 #                    list`: find-links, indexes, cert; their directories mounted read-only), not the network
 # Extra engine arguments: BUILD_ARGS="..." and RUN_ARGS="..."; in a VM without full cgroup support,
@@ -49,10 +50,10 @@ if [[ "$STANDIN" == 1 ]] && ! "$ENGINE" image inspect "$BASE" >/dev/null 2>&1 \
   debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 \
     || fail "debootstrap (log: $WORK/debootstrap.log)"
   cp /etc/resolv.conf "$WORK/rootfs/etc/resolv.conf"
-  chroot "$WORK/rootfs" bash -c "apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
-    ca-certificates && apt-get clean && rm -rf /var/lib/apt/lists/*" >"$WORK/python.log" 2>&1 \
+  chroot "$WORK/rootfs" bash -c "apt-get install -y --no-install-recommends python3 python3-dev python3-pip \
+    python3-venv ca-certificates && apt-get clean && rm -rf /var/lib/apt/lists/*" >"$WORK/python.log" 2>&1 \
     || fail "installing python3.11 (log: $WORK/python.log)"
-  # python:3.11-slim's shape: `python` and `pip` on PATH, pip free to install system-wide
+  # the python image's shape: `python` and `pip` on PATH, pip free to install system-wide
   rm -f "$WORK"/rootfs/usr/lib/python3.*/EXTERNALLY-MANAGED
   ln -sf /usr/bin/python3 "$WORK/rootfs/usr/local/bin/python"
   ln -sf /usr/bin/pip3 "$WORK/rootfs/usr/local/bin/pip"
@@ -108,6 +109,12 @@ else
   [[ "$status" == healthy ]] || fail "health status $status"
 fi
 
+step "--compile inside the image (g++ builds torch.compile's kernels)"
+compiled="$("$ENGINE" exec "$NAME" python -c 'from diffpo_serve.dllm.loading import load_model
+print(load_model(compile=True).compiled)' 2>/dev/null | tail -1)" || fail "load_model(compile=True) in the image"
+[[ "$compiled" == "4 Block layers" ]] || fail "compile in the image gave: $compiled"
+echo "   compiled: $compiled"
+
 step "user"
 uid="$("$ENGINE" exec "$NAME" id -u)"
 [[ "$uid" == 1000 ]] || fail "the server runs as uid $uid, not 1000"
@@ -116,4 +123,4 @@ step "stop (SIGTERM drains, then exits)"
 "$ENGINE" stop -t 70 "$NAME" >/dev/null || fail "$ENGINE stop"
 code="$("$ENGINE" inspect "$NAME" --format '{{.State.ExitCode}}')"
 [[ "$code" == 0 ]] || fail "exit code $code after SIGTERM"
-echo "OK: $ENGINE image $TAG builds, serves, is healthy, runs as uid 1000 and stops cleanly"
+echo "OK: $ENGINE image $TAG builds, serves, is healthy, compiles, runs as uid 1000 and stops cleanly"

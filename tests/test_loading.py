@@ -143,6 +143,34 @@ def test_compiled_layers_decode_as_eager_and_as_alone():
     assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled every graph decoding needs
 
 
+def test_transformer_layers_are_the_outermost_listed_modules():
+    from torch import nn
+
+    from diffpo_serve.dllm.loading import transformer_layers
+
+    class Norm(nn.Module):
+        pass
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mlp = Norm(), nn.Linear(2, 2)
+
+    class Net(nn.Module):
+        _no_split_modules = ["Layer", "Norm"]
+
+        def __init__(self):
+            super().__init__()
+            self.layers, self.final_norm = nn.ModuleList([Layer(), Layer()]), Norm()
+
+    net = Net()
+    assert transformer_layers(net) == {"layers.0": net.layers[0], "layers.1": net.layers[1],
+                                       "final_norm": net.final_norm}
+    Net._no_split_modules = None
+    assert transformer_layers(net) == {}  # compile_layers then compiles the whole model
+    assert list(transformer_layers(load_model().model)) == [f"blocks.{i}" for i in range(4)]
+
+
 def test_compile_failure_names_the_model_and_the_cause(tmp_path):
     """Without a working C++ compiler, inductor cannot build CPU kernels: load_model says so, naming the
     model directory, instead of failing at the first request."""

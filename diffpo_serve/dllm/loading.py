@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import types
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -197,22 +198,31 @@ def load_model(
                        compiled=compiled)
 
 
+def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's repeated layers by name: the outermost modules whose class the model lists in
+    ``_no_split_modules`` (a listed norm inside a listed block is part of the block)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers: dict[str, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ in names and not any(name.startswith(outer + ".") for outer in layers):
+            layers[name] = module
+    return layers
+
+
 def compile_layers(model: torch.nn.Module, mask_id: int, width: int = 16) -> str:
     """Compile the model's repeated transformer layers with ``torch.compile`` (dynamic shapes) and warm
     them up for inference; returns what was compiled, e.g. ``"4 Block layers"``.
 
-    The layers are the modules whose class the model names in ``_no_split_modules`` (transformers'
-    own record of its layer class; our ``Block``, LLaDA's and Dream's decoder layers); a model that
-    names none is compiled whole. Compiling layer by layer keeps what runs between them (embedding,
+    The layers are :func:`transformer_layers`: the modules whose class the model names in
+    ``_no_split_modules`` (transformers' record of its layer classes: our ``Block``, LLaDA's
+    ``LLaDALlamaBlock``, Dream's ``DreamDecoderLayer``); a model that names none is compiled whole. Compiling layer by layer keeps what runs between them (embedding,
     rotary tables, final norm, output projection) as it is, and all layers share one compiled graph
     per shape class. The warm-up runs one pass of two rows and one of a single row (dynamic shapes
     still specialise batch size 1) under ``no_grad``, as the sampler calls the model, so the first
     requests do not wait for compilation.
     """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    targets = layers or [model]
-    for module in targets:
+    layers = transformer_layers(model)
+    for module in layers.values() or [model]:
         module.compile(dynamic=True)
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -220,7 +230,8 @@ def compile_layers(model: torch.nn.Module, mask_id: int, width: int = 16) -> str
             ids = torch.full((rows, width), mask_id, dtype=torch.long, device=device)
             attention = torch.ones_like(ids, dtype=torch.bool)
             model_logits(model, ids, attention, torch.arange(width, device=device).expand(rows, width))
-    return f"{len(layers)} {type(layers[0]).__name__} layers" if layers else "the whole model"
+    counts = Counter(type(m).__name__ for m in layers.values())
+    return " + ".join(f"{n} {cls}" for cls, n in counts.items()) + " layers" if layers else "the whole model"
 
 
 _FORWARD_ARGS: dict[type, frozenset[str]] = {}
