@@ -14,7 +14,9 @@
 #                    list`: find-links, indexes, cert; their directories mounted read-only), not the network
 # Extra engine arguments: BUILD_ARGS="..." and RUN_ARGS="..."; in a VM without full cgroup support,
 # podman may need BUILD_ARGS="--isolation chroot" RUN_ARGS="--runtime runc" and, in
-# /etc/containers/containers.conf, `[containers] default_ulimits = []`.
+# /etc/containers/containers.conf, `[containers] default_ulimits = []`. With podman's vfs storage
+# driver every build step stores a full copy of the file system: leave 25 GB free, and
+# `podman system prune -af` afterwards (the image is kept as $TAG for inspection).
 # Also run by `pytest -m slow tests/test_packaging.py` when an engine is present.
 set -euo pipefail
 
