@@ -3,7 +3,7 @@
 For float32 and bfloat16 (each with the sampler's own prompt layout for that dtype), one model loaded
 as it is and one with ``load_model(compile=True)``:
   - load time (the compiled one's includes compilation and warm-up; inductor's on-disk cache,
-    warm after a first run, shortens it),
+    warm after a first run, shortens it; also measured in a fresh process with an empty cache),
   - one denoising step in ms per row at several batch sizes, eager and compiled measured in
     alternation, ``--rounds`` rounds of ``--reps`` first steps each (median of the round medians;
     the speed-up is the median of the per-round ratios),
@@ -20,7 +20,11 @@ Writes docs/results/compile.{md,json}.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -31,6 +35,18 @@ from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams, prompt_alignment
 from training.evaluate import evaluate
 from training.tasks import get_task
+
+
+def cold_start_seconds(model: str | None, dtype: str) -> float:
+    """Seconds ``load_model(compile=True)`` takes in a fresh process with an empty inductor cache."""
+    code = ("import sys, time, torch; torch.set_num_threads(1)\n"
+            "from diffpo_serve.dllm.loading import load_model\n"
+            "t = time.perf_counter(); load_model(sys.argv[1] or None, dtype=sys.argv[2], compile=True)\n"
+            "print(time.perf_counter() - t)\n")
+    with tempfile.TemporaryDirectory() as cache:
+        out = subprocess.run([sys.executable, "-c", code, model or "", dtype], capture_output=True, text=True,
+                             check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    return float(out.stdout.split()[-1])
 
 
 def main(argv=None):
@@ -45,6 +61,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     t0 = time.time()
     data = {t: get_task(t).make_dataset("test", args.n) for t in TASKS}
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
     speed_rows, task_rows = [], []
     for dtype in DTYPES:
         started = time.perf_counter()
@@ -55,7 +72,6 @@ def main(argv=None):
         compiled_s = time.perf_counter() - started
         align = prompt_alignment(eager.model)
         mixed = [eager.encode(data[t][i]["prompt"]) for i in range(args.n) for t in TASKS]
-        sizes = [int(b) for b in args.batch_sizes.split(",")]
         times = {(kind, b): [] for kind in ("eager", "compiled") for b in sizes}
         for _ in range(args.rounds):
             for b in sizes:
@@ -83,6 +99,7 @@ def main(argv=None):
             row["prompts decoded differently"] = differ
             row["load s (eager / compiled)"] = f"{eager_s:.1f} / {compiled_s:.1f}"
             if task == TASKS[0]:
+                row["compiled load s, empty inductor cache"] = round(cold_start_seconds(args.model, dtype), 1)
                 params0 = SamplingParams(sampler, 16, threshold=threshold)
                 row["compiled: batch-dependent of 256"] = batch_dependent(
                     compiled, mixed[:args.invariance_prompts], params0, align=align)
@@ -99,7 +116,8 @@ def main(argv=None):
             f"prompts decoded differently: other tokens or another NFE compiled than eager. Batch-dependent: "
             f"of the first {args.invariance_prompts} mixed prompts, those that decode differently in batches "
             f"of 64 than alone with the compiled model (the model's default sampler, 16 tokens). Load time "
-            f"includes compilation (inductor's on-disk cache may have been warm).\n\n"
+            f"includes compilation and warm-up: in this process, after inductor's on-disk cache may have been "
+            f"filled by an earlier run, and in a fresh process with an empty cache (one run each).\n\n"
             + markdown_table(task_rows, list(dict.fromkeys(k for r in task_rows for k in r))) + "\n")
     print(save("compile", text, {"speed": speed_rows, "tasks": task_rows}))
 

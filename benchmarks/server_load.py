@@ -8,7 +8,7 @@ eb sampler, gamma 0.3, block_length 4, 16 tokens, greedy: the locustfile's defau
      tokens/s, latency and TTFT percentiles, failures (its decoder process pinned to the server's
      cores, its HTTP process to the load generator's);
   3. the same server with ``--max-batch-size 1`` (one request at a time) under the same load;
-  4. the offline decoder at batch 1 (the most that batching can gain on this machine);
+  4. the offline decoder at batch 1 (what batching gains the offline decoder on this machine);
   5. the server's Batcher and decoding thread fed in-process by USERS closed-loop clients (the server
      minus HTTP);
   6. ``diffpo-serve --no-decoder-process`` under the same load: the decoding loop a thread of the
@@ -263,7 +263,7 @@ def main(argv=None):
         os.sched_setaffinity(0, serve_cores)  # the offline decoder runs here, on the server's cores
         torch.set_num_threads(len(serve_cores))
     systems = [f"offline generate(), batch {args.batch_size}",
-               # the ceiling of what batching can buy on this machine: the same decoder one prompt at a time
+               # what batching gains the offline decoder on this machine: the same decoder one prompt at a time
                "offline generate(), batch 1",
                # the default: the decoder process on the server's cores, HTTP on the load generator's core
                f"diffpo-serve --max-batch-size {args.batch_size}", "diffpo-serve --max-batch-size 1 (one at a time)",
@@ -305,7 +305,7 @@ def main(argv=None):
         rows.append(row)
     tok = {name: [r["output_tok_s"] for r in runs[name]] for name in systems}
     paired = lambda a, b: [x / y for x, y in zip(tok[a], tok[b])]  # noqa: E731 - same repeat, side by side
-    vs_offline, vs_single, ceiling = (paired(systems[2], systems[0]), paired(systems[2], systems[3]),
+    vs_offline, vs_single, offline_gain = (paired(systems[2], systems[0]), paired(systems[2], systems[3]),
                                       paired(systems[0], systems[1]))
     span = lambda xs, f: f"{statistics.median(xs):{f}} (range {min(xs):{f}}-{max(xs):{f}})"  # noqa: E731
     loaded = load_model(dtype=dtype, **model_kw)  # greedy decoding is deterministic: counted once
@@ -328,8 +328,9 @@ def main(argv=None):
             + f"\n\nRatios of output tokens/s within each repeat (median and range over {args.repeats}): "
             f"server / offline **{span(vs_offline, '.2f')}**, with `--no-decoder-process` "
             f"{span(paired(systems[5], systems[0]), '.2f')}; batched / one-at-a-time server "
-            f"**{span(vs_single, '.1f')}x**{vs_float32}; offline batch {args.batch_size} / offline batch 1, the most batching "
-            f"can give here: {span(ceiling, '.1f')}x. `mean_batch`: rows per denoising step; `decoder_busy`: the "
+            f"**{span(vs_single, '.1f')}x**{vs_float32}; offline batch {args.batch_size} / offline batch 1, what "
+            f"batching gains the offline decoder here: {span(offline_gain, '.1f')}x (continuous batching can gain "
+            f"more: offline batches shrink as rows finish). `mean_batch`: rows per denoising step; `decoder_busy`: the "
             f"fraction of wall time the decoding thread spent in denoising steps (both from the server's /metrics); "
             f"`decoder_cpu` / `event_loop_cpu`: CPU seconds per wall second of the server's decoder process (with "
             f"`--no-decoder-process`: its decoding thread) and of its event loop (HTTP), from /proc; "

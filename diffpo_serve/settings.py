@@ -51,9 +51,9 @@ class ServerSettings:
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's). bfloat16 "
                                      "speeds up batched decoding on CPUs with AMX; greedy outputs stay "
                                      "independent of the batch on a CPU (on a GPU they may not)")
-    compile: bool = option(False, "compile the model's transformer layers with torch.compile at start-up (seconds "
-                                  "to a minute; on a CPU it needs a C++ compiler): faster forward passes, the "
-                                  "same greedy outputs")
+    compile: bool = option(False, "compile the model's transformer layers with torch.compile at start-up (1-16 s "
+                                  "here; on a CPU it needs a C++ compiler): faster batched steps; greedy outputs "
+                                  "stay batch-independent (in float32 the same as without)")
     decoder_process: bool = option(True, "run the batched decoder in its own process, so HTTP work never "
                                          "holds up a forward pass (the front keeps only the tokenizer); "
                                          "--no-decoder-process: a thread of the server process")

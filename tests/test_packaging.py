@@ -91,8 +91,8 @@ def container_engine() -> str | None:
 
 @pytest.mark.slow
 def test_image_builds_serves_is_healthy_and_stops_cleanly():
-    """tests/docker_smoke.sh: build the image, serve a completion, HEALTHCHECK, --compile, uid 1000, SIGTERM -> 0.
-    A few minutes. Flags for an offline machine from DIFFPO_SMOKE_FLAGS (e.g. "--standin-base
+    """tests/docker_smoke.sh: build the image, serve a completion, HEALTHCHECK, --compile, uid 1000,
+    SIGTERM -> exit 0. A few minutes. Flags for an offline machine from DIFFPO_SMOKE_FLAGS (e.g. "--standin-base
     --pip-mirror"), engine arguments from BUILD_ARGS / RUN_ARGS, as the script documents."""
     engine = container_engine()
     if engine is None:

@@ -215,11 +215,12 @@ def compile_layers(model: torch.nn.Module, mask_id: int, width: int = 16) -> str
 
     The layers are :func:`transformer_layers`: the modules whose class the model names in
     ``_no_split_modules`` (transformers' record of its layer classes: our ``Block``, LLaDA's
-    ``LLaDALlamaBlock``, Dream's ``DreamDecoderLayer``); a model that names none is compiled whole. Compiling layer by layer keeps what runs between them (embedding,
-    rotary tables, final norm, output projection) as it is, and all layers share one compiled graph
-    per shape class. The warm-up runs one pass of two rows and one of a single row (dynamic shapes
-    still specialise batch size 1) under ``no_grad``, as the sampler calls the model, so the first
-    requests do not wait for compilation.
+    ``LLaDALlamaBlock``, Dream's ``DreamDecoderLayer``); a model that names none is compiled whole.
+    Compiling layer by layer keeps what runs between them (embedding, rotary tables, final norm,
+    output projection) as it is, and all layers share one compiled graph per shape class. The warm-up
+    runs one pass of two rows and one of a single row (dynamic shapes still specialise batch size 1)
+    under ``no_grad``, as the sampler calls the model, so the first requests do not wait for
+    compilation.
     """
     layers = transformer_layers(model)
     for module in layers.values() or [model]:
