@@ -79,8 +79,10 @@ class Engine:
     def model_card(self, name: str | None = None) -> ModelCard:
         if name is not None:
             self.check_model(name)
+        card = self.loaded.card
         return ModelCard(id=self.model_name, created=self.created, root=self.loaded.path,
-                         max_model_len=self.loaded.max_length)
+                         max_model_len=self.loaded.max_length, description=card.description,
+                         examples=list(card.examples))
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:

@@ -138,7 +138,7 @@ class CompletionRequest(_GenerationFields):
     stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     suffix: str | None = Field(None, strict=True)
-    temperature: float | None = Field(None, ge=0, **FINITE)
+    temperature: float | None = Field(None, ge=0, le=2, **FINITE)
     top_p: float | None = Field(None, gt=0, le=1, **FINITE)
     user: str | None = Field(None, strict=True)
 
@@ -213,7 +213,7 @@ class ChatCompletionRequest(_GenerationFields):
     stop: str | list[str] | None = None
     stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, **FINITE)
+    temperature: float | None = Field(None, ge=0, le=2, **FINITE)
     tool_choice: Any = None
     tools: list[Any] | None = None
     top_logprobs: int | None = Field(None, ge=0, **STRICT_INT)
@@ -375,6 +375,10 @@ class ModelCard(BaseModel):
     owned_by: str = "diffpo"
     root: str | None = None
     max_model_len: int | None = Field(None, description="extension: prompt + completion tokens the model fits")
+    description: str | None = Field(None, description="extension: what the model does and which prompts it "
+                                    "understands (its model card's `description`)")
+    examples: list[str] = Field(default_factory=list, description="extension: example prompts from its model card "
+                                "(the card's `widget` entries)")
 
 
 class ModelList(BaseModel):
