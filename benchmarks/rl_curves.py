@@ -72,18 +72,27 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=RLConfig.beta, help="weight of the KL to the reference model")
     ap.add_argument("--tag", default="", help="a name for this configuration: runs under runs/bench_rl/TAG/, "
                     "results in docs/results/rl_curves_TAG.*")
+    ap.add_argument("--replot", action="store_true", help="rebuild the table and plot from the curves saved in "
+                    "docs/results/rl_curves[_TAG].json (no training, no evaluation; pass the run's other flags "
+                    "so the header describes it)")
     args = ap.parse_args(argv)
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     max_steps = steps_per_task(args.max_steps, tasks)
+    name = f"rl_curves_{args.tag}" if args.tag else "rl_curves"
     t0 = time.time()
     curves: dict = {}
-    for task in tasks:
-        for seed in seeds:
-            for algo in ("d1", "diffpo"):
-                recs = run_one(task, algo, seed, args, max_steps[task])
-                key = f"eval_{task}_accuracy"
-                curves.setdefault(task, {}).setdefault(algo, {})[seed] = [(r["rollouts"], r[key]) for r in recs
-                                                                          if key in r]
+    if args.replot:
+        saved = json.loads((RESULTS / f"{name}.json").read_text())
+        curves = {t: {a: {int(s): [tuple(p) for p in pts] for s, pts in runs.items()} for a, runs in algos.items()}
+                  for t, algos in saved.items()}
+    else:
+        for task in tasks:
+            for seed in seeds:
+                for algo in ("d1", "diffpo"):
+                    recs = run_one(task, algo, seed, args, max_steps[task])
+                    key = f"eval_{task}_accuracy"
+                    curves.setdefault(task, {}).setdefault(algo, {})[seed] = [(r["rollouts"], r[key]) for r in recs
+                                                                              if key in r]
     rows, fig = [], plt.figure(figsize=(5.5 * len(tasks), 4.2))
     for k, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), k + 1)
@@ -97,14 +106,14 @@ def main(argv=None):
             finals = [runs[s][-1][1] for s in seeds]
             rows.append({"task": task, "algo": algo, "seeds": len(seeds), "rollouts": xs[-1],
                          "final_acc_mean": statistics.mean(finals),
-                         "final_acc_std": statistics.pstdev(finals), "best_mean": max(mean)})
+                         "final_acc_sd": statistics.stdev(finals) if len(finals) > 1 else float("nan"),
+                         "best_mean": max(mean)})
         ax.set_xlabel("rollouts")
         ax.set_ylabel("greedy test accuracy (mean reward)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    name = f"rl_curves_{args.tag}" if args.tag else "rl_curves"
     fig.savefig(RESULTS / f"{name}.png", dpi=120)
     start = f"`{args.model}`" if args.model else "the bundled model"
     budget = ", ".join(f"{n} steps ({t})" for t, n in max_steps.items())
@@ -113,8 +122,10 @@ def main(argv=None):
             f"lr={args.lr}, rollout temperature {args.temperature:g}, beta={args.beta:g}, other settings RLConfig "
             f"defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
-            f"{seeds}. Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
-            f"under runs/bench_rl are reused, not retrained).\n\n"
+            f"{seeds}; `final_acc_sd` is the sample standard deviation (n - 1) of the seeds' final accuracies. "
+            + ("Table and plot rebuilt from the saved curves (`--replot`)." if args.replot else
+               f"Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
+               f"under runs/bench_rl are reused, not retrained).") + "\n\n"
             + markdown_table(rows, list(rows[0])) + f"\n\n![rl curves]({name}.png)\n")
     print(save(name, text, curves))
 

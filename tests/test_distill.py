@@ -54,6 +54,7 @@ def test_distill_trains_on_the_teachers_own_full_step_answers(model_path, tmp_pa
     out = train_distill(small_cfg(model_path, tmp_path / "run", max_steps=30, lr=3e-3, save_every=30))
     rows = [json.loads(x) for x in (out / DATA_FILE).read_text().splitlines()]
     assert [r["task"] for r in rows] == ["sudoku"] * 24 + ["countdown"] * 24  # min_reward 0 keeps all, equal parts
+    teacher_summary = json.loads((out / distill.TEACHER_FILE).read_text())
 
     # every kept answer is what the teacher decodes greedily at one token per pass, and its reward is the task's
     teacher = load_model(model_path)
@@ -67,7 +68,13 @@ def test_distill_trains_on_the_teachers_own_full_step_answers(model_path, tmp_pa
                        eos_id=teacher.eos_id, pad_id=teacher.pad_id)
         answers = [teacher.decode(s.tolist())[0] for s in res.sequences]
         assert [r["answer"] for r in mine] == answers
-        assert [r["reward"] for r in mine] == [task.reward(a, ex) for a, ex in zip(answers, data)]
+        rewards = [task.reward(a, ex) for a, ex in zip(answers, data)]
+        assert [r["reward"] for r in mine] == rewards
+        # the teacher's record: its accuracy (mean reward) and exact rate on these prompts, and what was kept
+        record = teacher_summary["tasks"][name]
+        assert record["prompts"] == 24 and record["kept"] == 24 and record["reward_at_least_min"] == 24
+        assert record["accuracy"] == pytest.approx(sum(rewards) / 24)
+        assert record["exact"] == pytest.approx(sum(r == 1.0 for r in rewards) / 24)
 
     # the student fits the teacher's answers better than the teacher did; it has no threshold head
     student = load_model(out)

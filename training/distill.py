@@ -17,7 +17,8 @@ Entropy-bounded and confidence samplers then commit more tokens per pass. This i
 certainty-forcing distillation (dParallel, arXiv 2509.26488), which fine-tunes a dLLM on its own
 trajectories to be confident on masked tokens in parallel; here the plain SFT loss on the model's own
 greedy answers does it. The teacher's answers are written to ``OUTPUT_DIR/distill_data.jsonl``
-(prompt, answer, task, reward) before training, and ``--resume`` reads them back from there.
+(prompt, answer, task, reward) before training, and ``--resume`` reads them back from there;
+``OUTPUT_DIR/distill_teacher.json`` records, per task, the teacher's accuracy and exact rate and the answers kept.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from training.tasks.common import file_error, get_field, read_jsonl
 
 log = logging.getLogger(__name__)
 DATA_FILE = "distill_data.jsonl"
+TEACHER_FILE = "distill_teacher.json"  # per task: prompts, the teacher's accuracy and exact, answers kept
 
 
 def select_answers(rows_by_task: dict[str, list[dict]], min_reward: float) -> list[dict]:
@@ -61,7 +63,7 @@ def teacher_answers(cfg: DistillConfig) -> list[dict]:
     """Decode every task's training prompts with the model at full steps; the kept rows."""
     loaded = load_model(cfg.model, device=cfg.device)
     torch.manual_seed(cfg.seed)
-    rows_by_task = {}
+    rows_by_task, summary = {}, {}
     for name in cfg.tasks.split(","):
         task = get_task(name)
         params = SamplingParams(sampler="steps", gen_length=cfg.gen_length or task.GEN_LENGTH, steps=cfg.teacher_steps)
@@ -69,10 +71,16 @@ def teacher_answers(cfg: DistillConfig) -> list[dict]:
         result = evaluate(loaded, name, data, params, batch_size=cfg.teacher_batch_size, desc="teacher")
         log.info("teacher on %s: %d prompts, accuracy %.3f, exact %.3f", name, result.n, result.accuracy, result.exact)
         rows_by_task[name] = result.rows
+        summary[name] = {"prompts": result.n, "accuracy": result.accuracy, "exact": result.exact,
+                         "reward_at_least_min": sum(r["reward"] >= cfg.min_reward for r in result.rows)}
     chosen = select_answers(rows_by_task, cfg.min_reward)
     for name, rows in rows_by_task.items():
-        log.info("%s: %d of %d answers have reward >= %g", name, sum(r["reward"] >= cfg.min_reward for r in rows),
+        summary[name]["kept"] = sum(r["task"] == name for r in chosen)
+        log.info("%s: %d of %d answers have reward >= %g", name, summary[name]["reward_at_least_min"],
                  len(rows), cfg.min_reward)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TEACHER_FILE).write_text(json.dumps({"min_reward": cfg.min_reward, "tasks": summary}, indent=2))
     if not chosen:
         raise ValueError(f"no teacher answer has reward >= {cfg.min_reward} on some task of {cfg.tasks!r}: "
                          "nothing to distill (lower --min-reward or drop that task)")
