@@ -149,10 +149,14 @@ class EvalConfig:
     sampler: str = option("steps", "unmasking strategy (learned: the model's threshold head picks gamma)",
                           choices=["steps", "confidence", "eb", "learned"])
     threshold: float | None = option(None, "confidence threshold or EB gamma (default per sampler)")
-    gen_length: int | None = option(None, "tokens to generate (default: the task's)")
-    block_length: int | None = option(None, "semi-autoregressive block length (default: gen_length)")
+    gen_length: int | None = option(None, "tokens to generate (default: the task's; 256 through a chat template)")
+    block_length: int | None = option(None, "semi-autoregressive block length (default: gen_length; 32 through a "
+                                            "chat template)")
     steps: int | None = option(None, "`steps` sampler: forward passes (default: gen_length)")
     temperature: float = option(0.0, "sampling temperature (0: greedy)")
+    chat_template: bool = option(True, "a model whose tokenizer has a chat template reads each task's instruction "
+                                       "(d1's reasoning/answer format) in that template; --no-chat-template sends "
+                                       "the raw prompts")
     batch_size: int = option(64, "prompts decoded together")
     limit: int | None = option(None, "evaluate only the first N examples")
     num_examples: int = option(1000, "size of the generated test split when --data is not given")

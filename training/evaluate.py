@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.config import EvalConfig
+from training.prompting import CHAT_BLOCK_LENGTH, CHAT_GEN_LENGTH, prompt_ids, uses_chat_template
 from training.tasks import get_task
 
 
@@ -41,8 +42,12 @@ class EvalResult:
 
 
 def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParams, batch_size: int = 64,
-             progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Decode and score every example of ``dataset`` (columns: prompt + the task's fields)."""
+             progress: bool = True, desc: str = "eval", chat_template: bool = True) -> EvalResult:
+    """Decode and score every example of ``dataset`` (columns: prompt + the task's fields).
+
+    ``chat_template``: a model with a chat template reads the task's instruction in it
+    (training/prompting.py); False sends the raw prompts.
+    """
     task = get_task(task_name)
     params = params.resolved()
     rows, total_tokens, seconds = [], 0, 0.0
@@ -50,7 +55,7 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
     bar = tqdm(total=len(examples), desc=f"{desc} {task_name}", disable=not progress)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompts = [loaded.encode(ex["prompt"]) for ex in chunk]
+        prompts = [prompt_ids(loaded, task_name, ex, chat_template) for ex in chunk]
         chunk_params = params if params.seed is None else [
             replace(params, seed=params.seed + start + i) for i in range(len(chunk))]
         t0 = time.perf_counter()
@@ -105,16 +110,19 @@ def run_eval(cfg: EvalConfig) -> dict:
     loaded = load_model(cfg.model, mask_id=cfg.mask_id, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                         dtype=cfg.dtype, compile=cfg.compile)
     task = get_task(cfg.task)
-    params = SamplingParams(sampler=cfg.sampler, gen_length=cfg.gen_length or task.GEN_LENGTH,
-                            block_length=cfg.block_length, steps=cfg.steps, threshold=cfg.threshold,
+    chat = uses_chat_template(loaded, cfg.chat_template)
+    gen_length = cfg.gen_length or (CHAT_GEN_LENGTH if chat else task.GEN_LENGTH)
+    block_length = cfg.block_length or (min(CHAT_BLOCK_LENGTH, gen_length) if chat else None)
+    params = SamplingParams(sampler=cfg.sampler, gen_length=gen_length,
+                            block_length=block_length, steps=cfg.steps, threshold=cfg.threshold,
                             temperature=cfg.temperature, seed=cfg.seed if cfg.temperature > 0 else None)
     torch.manual_seed(cfg.seed)
-    result = evaluate(loaded, cfg.task, data, params, batch_size=cfg.batch_size)
+    result = evaluate(loaded, cfg.task, data, params, batch_size=cfg.batch_size, chat_template=cfg.chat_template)
     if cfg.output:
         with open(cfg.output, "w") as f:
             for r in result.rows:
                 f.write(json.dumps(r) + "\n")
     print(format_table(result))
-    summary = {**result.summary(), "model": loaded.path, "dtype": str(next(loaded.model.parameters()).dtype)[6:]}
+    summary = {**result.summary(), "chat_template": chat, "model": loaded.path, "dtype": str(next(loaded.model.parameters()).dtype)[6:]}
     print(json.dumps(summary))
     return summary

@@ -9,6 +9,7 @@ import torch
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.data import left_pad
+from training.prompting import prompt_ids as encode_prompt
 
 
 @dataclass
@@ -35,13 +36,15 @@ class RolloutBatch:
 
 @torch.no_grad()
 def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], reward_fn, num_generations: int,
-            params: SamplingParams, seed: int, head: torch.nn.Module | None = None) -> RolloutBatch:
+            params: SamplingParams, seed: int, head: torch.nn.Module | None = None,
+            chat_template: bool = True) -> RolloutBatch:
     """Sample ``num_generations`` completions for each example (each row seeded ``seed + row``).
 
     With sampler ``learned`` each row draws its own gamma from ``head``, so a group shows the
-    accuracy/NFE trade-off of its prompt.
+    accuracy/NFE trade-off of its prompt. An example's ``task`` names its task; a model with a chat
+    template reads the task's instruction in it (training/prompting.py) unless ``chat_template`` is False.
     """
-    encoded = [loaded.encode(ex["prompt"]) for ex in examples]
+    encoded = [encode_prompt(loaded, ex.get("task"), ex, chat_template) for ex in examples]
     prompts = [ids for ids in encoded for _ in range(num_generations)]
     row_examples = [ex for ex in examples for _ in range(num_generations)]
     row_params = [replace(params, seed=seed + i) for i in range(len(prompts))]

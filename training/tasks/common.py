@@ -12,6 +12,10 @@ SPLITS = ("train", "test")
 
 _OPEN, _CLOSE = "<answer>", "</answer>"
 
+# d1's answer format for instruction-tuned models (training/prompting.py): reasoning, then the answer
+ANSWER_FORMAT = ("Think it through step by step inside <reasoning></reasoning> tags, then write only the "
+                 "final answer inside <answer></answer> tags.")
+
 
 class DataFileError(ValueError):
     """A data file is missing or malformed; the message names path and line."""

@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import datasets
 
-from .common import (check_split, extract_answer, file_error, get_field, make_rng,
+from .common import (ANSWER_FORMAT, check_split, extract_answer, file_error, get_field, make_rng,
                      read_jsonl, require_rows)
 
 NAME = "countdown"
@@ -63,6 +63,14 @@ def _draw(rng) -> tuple[list[int], int, str] | None:
     if value is None or not 1 <= value <= 999 or len(expr) > MAX_EXPR_LEN:
         return None
     return numbers, value, expr
+
+
+def instruction(example: dict) -> str:
+    """The problem in words for an instruction-tuned model (training/prompting.py)."""
+    numbers = ", ".join(map(str, example["numbers"]))
+    return (f"Use the numbers {numbers}, each exactly once, with + - * / and parentheses to write an "
+            f"arithmetic expression equal to {example['target']}. The answer is the expression alone. "
+            f"{ANSWER_FORMAT}")
 
 
 def _prompt(numbers, target) -> str:

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import datasets
 
-from .common import check_split, extract_answer, file_error, make_rng, open_text, require_rows
+from .common import ANSWER_FORMAT, check_split, extract_answer, file_error, make_rng, open_text, require_rows
 
 NAME = "sudoku"
 GEN_LENGTH = 16
@@ -62,6 +62,13 @@ def split_grids(split: str) -> tuple[str, ...]:
     random.Random(SPLIT_SEED).shuffle(order)
     chosen = order[:N_TEST_GRIDS] if split == "test" else order[N_TEST_GRIDS:]
     return tuple(sorted(grids[i] for i in chosen))
+
+
+def instruction(example: dict) -> str:
+    """The puzzle in words for an instruction-tuned model (training/prompting.py)."""
+    return (f"Solve this 4x4 sudoku. The grid is written row by row as 16 digits, 0 for an empty cell: "
+            f"{example['puzzle']}. Fill the empty cells so that every row, every column and every 2x2 box "
+            f"holds 1, 2, 3 and 4 once each. The answer is the completed grid as 16 digits. {ANSWER_FORMAT}")
 
 
 def _row(puzzle: str, solution: str) -> dict:
