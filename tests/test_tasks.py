@@ -245,3 +245,21 @@ def test_qa_load_file(tmp_path, mod):
     _raises_at(mod.load_file, _write(tmp_path / "j.jsonl", ok + "\n" + '{"question": \n'), 3, "invalid JSON")
     with pytest.raises(DataFileError, match="gone.jsonl"):
         mod.load_file(tmp_path / "gone.jsonl")
+
+
+def test_cd3_draws_d1s_countdown_distribution():
+    """cd3: three numbers in 1-100, target in 1-100, countdown's prompt format, split and reward."""
+    cd3, countdown = get_task("cd3"), get_task("countdown")
+    train, test = cd3.make_dataset("train", 3000, 0), cd3.make_dataset("test", 300, 0)
+    for ds, split in ((train, "train"), (test, "test")):
+        nums = [n for row in ds["numbers"] for n in row]
+        assert 1 <= min(nums) and max(nums) == 100  # the full range is drawn, 100 included
+        assert 1 <= min(ds["target"]) and max(ds["target"]) == 100
+        for ex in ds.select(range(50)):
+            assert ex["prompt"] == f"countdown {','.join(map(str, ex['numbers']))}={ex['target']}"
+            assert cd3.reward(ex["answer"], ex) == 1.0  # the drawn expression reaches the target
+            assert countdown.split_of(ex["numbers"], ex["target"]) == split
+    assert not set(train["prompt"]) & set(test["prompt"])
+    # countdown keeps its wider range: targets above 100 are most of it
+    wide = countdown.make_dataset("train", 500, 0)
+    assert max(wide["target"]) > 500 and max(max(r) for r in wide["numbers"]) <= 99

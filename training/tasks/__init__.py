@@ -3,10 +3,10 @@ NAME, GEN_LENGTH, make_dataset, load_file, reward and uses common.extract_answer
 
 from types import ModuleType
 
-from . import countdown, gsm8k, math500, sudoku
+from . import cd3, countdown, gsm8k, math500, sudoku
 from .common import DataFileError, extract_answer
 
-TASKS: dict[str, ModuleType] = {m.NAME: m for m in (sudoku, countdown, gsm8k, math500)}
+TASKS: dict[str, ModuleType] = {m.NAME: m for m in (sudoku, countdown, cd3, gsm8k, math500)}
 
 __all__ = ["TASKS", "get_task", "DataFileError", "extract_answer"]
 

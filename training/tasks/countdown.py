@@ -41,9 +41,12 @@ def _apply(x: int, op: str, y: int) -> int | None:
     return x // y if x % y == 0 else None
 
 
-def _draw(rng) -> tuple[list[int], int, str] | None:
+MAX_NUMBER, MAX_TARGET = 99, 999  # this generator's range; cd3.py draws d1's (1-100, target 1-100)
+
+
+def _draw(rng, max_number: int = MAX_NUMBER, max_target: int = MAX_TARGET) -> tuple[list[int], int, str] | None:
     """One random attempt: (numbers, target, expression) or None if rejected."""
-    numbers = [rng.randint(1, 99) for _ in range(3)]
+    numbers = [rng.randint(1, max_number) for _ in range(3)]
     a, b, c = rng.sample(numbers, 3)
     op1, op2 = rng.choice("+-*/"), rng.choice("+-*/")
     if rng.random() < 0.5:  # (a op1 b) op2 c
@@ -60,7 +63,7 @@ def _draw(rng) -> tuple[list[int], int, str] | None:
         if _PREC[op2] < _PREC[op1] or (_PREC[op2] == _PREC[op1] and op1 in "-/"):
             right = f"({right})"
         expr = f"{a}{op1}{right}"
-    if value is None or not 1 <= value <= 999 or len(expr) > MAX_EXPR_LEN:
+    if value is None or not 1 <= value <= max_target or len(expr) > MAX_EXPR_LEN:
         return None
     return numbers, value, expr
 
@@ -74,7 +77,7 @@ def instruction(example: dict) -> str:
 
 
 def _prompt(numbers, target) -> str:
-    return f"{NAME} {','.join(map(str, numbers))}={target}"
+    return f"countdown {','.join(map(str, numbers))}={target}"  # one prompt format for every range
 
 
 def _to_dataset(rows: list[tuple[list[int], int, str]]) -> datasets.Dataset:
@@ -87,11 +90,17 @@ def _to_dataset(rows: list[tuple[list[int], int, str]]) -> datasets.Dataset:
 
 
 def make_dataset(split: str, n: int, seed: int = 0) -> datasets.Dataset:
+    return generate(split, n, seed, NAME, MAX_NUMBER, MAX_TARGET)
+
+
+def generate(split: str, n: int, seed: int, name: str, max_number: int, max_target: int) -> datasets.Dataset:
+    """``n`` drawn problems of one split: three numbers in 1..max_number, a target in 1..max_target
+    reached by one drawn expression (the reference answer); ``name`` seeds the draws."""
     check_split(split, n)
-    rng = make_rng(NAME, split, seed)
+    rng = make_rng(name, split, seed)
     rows = []
     while len(rows) < n:
-        drawn = _draw(rng)
+        drawn = _draw(rng, max_number, max_target)
         if drawn is not None and split_of(drawn[0], drawn[1]) == split:
             rows.append(drawn)
     return _to_dataset(rows)
