@@ -143,7 +143,7 @@ class DistillConfig:
 class EvalConfig:
     """Accuracy and NFE of a model on a task's test split or data file."""
 
-    task: str = option("countdown", "task name (sudoku, countdown, gsm8k, math500)")
+    task: str = option("countdown", "task name (sudoku, countdown, cd3, gsm8k, math500)")
     data: str | None = option(None, "data file (sudoku CSV, countdown/gsm8k/math500 JSONL); default: generated test split")
     model: str | None = option(None, "model directory; default: the bundled model")
     sampler: str = option("steps", "unmasking strategy (learned: the model's threshold head picks gamma)",
