@@ -54,7 +54,8 @@ def batch_dependent(loaded, prompts: list[list[int]], params: SamplingParams, ba
     """How many of ``prompts`` decode to other tokens or another NFE in batches of ``batch`` than alone
     (greedy: 0 means a request's output does not depend on what else is in its batch). ``align``: the
     sampler's prompt layout (default: the model's)."""
-    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id, head=loaded.threshold_head,
+    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, eos_ids=loaded.eos_ids, pad_id=loaded.pad_id,
+              head=loaded.threshold_head,
               align=align)
     differ = 0
     for i in range(0, len(prompts), batch):

@@ -29,7 +29,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 
 from diffpo_serve.batcher import Batcher
 from diffpo_serve.decoder_process import ProcessBatcher
-from diffpo_serve.dllm.loading import LoadedModel, load_model
+from diffpo_serve.dllm.loading import LoadedModel, load_model, parse_ids
 from diffpo_serve.engine import Engine, Generation
 from diffpo_serve.metrics import ServerMetrics, endpoint_label
 from diffpo_serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body, unavailable)
@@ -44,8 +44,10 @@ PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 def load_from_settings(settings: ServerSettings) -> LoadedModel:
     """The default loader: the shared ``load_model`` with the settings' path, device and ids."""
-    loaded = load_model(settings.model, mask_id=settings.mask_id, device=settings.device, dtype=settings.dtype,
-                        trust_remote_code=settings.trust_remote_code, compile=settings.compile)
+    loaded = load_model(settings.model, mask_id=settings.mask_id, pad_id=settings.pad_id,
+                        eos_ids=parse_ids(settings.eos_id, "eos_id") if settings.eos_id is not None else None,
+                        device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
+                        compile=settings.compile)
     weight = next(loaded.model.parameters())
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type != "cpu":
         # on a CPU the sampler's aligned layout keeps rows independent (tests/test_sampler.py); a GPU's

@@ -340,7 +340,7 @@ class Batcher:
         try:
             params = [h.rows[c].params.resolved() for h, c in admitted]
             new = init_state(prompts, params, mask_id=self.loaded.mask_id, eos_id=self.loaded.eos_id,
-                             pad_id=self.loaded.pad_id, device=self._device, head=self.loaded.threshold_head,
+                             eos_ids=self.loaded.eos_ids, pad_id=self.loaded.pad_id, device=self._device, head=self.loaded.threshold_head,
                              align=self._align)
         except Exception:
             log.exception("cannot admit %d rows", len(admitted))

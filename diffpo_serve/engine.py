@@ -269,7 +269,7 @@ class ChoiceText:
         elif event.finished:
             self.text, self.done = text, True
             self.finish_reason = "stop" if eos else "length"
-            self.completion_tokens = event.ids.index(self._loaded.eos_id) + 1 if eos else len(event.ids)
+            self.completion_tokens = self._loaded.eos_index(event.ids) + 1 if eos else len(event.ids)
         else:
             self.text = text[:len(text) - held_back(text, self._stops)]
         delta = self.text[len(self.sent):]
@@ -279,8 +279,8 @@ class ChoiceText:
 
     def _tokens_through(self, ids: list[int], chars: int) -> int:
         """Fewest leading tokens whose text reaches ``chars`` characters (binary search)."""
-        eos = self._loaded.eos_id
-        ids = ids[:ids.index(eos)] if eos in ids else ids
+        end = self._loaded.eos_index(ids)
+        ids = ids[:end] if end is not None else ids
         lo, hi = 1, len(ids)
         while lo < hi:
             mid = (lo + hi) // 2

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from diffpo_serve.dllm.loading import parse_ids
 from diffpo_serve.dllm.sampler import SAMPLERS
 
 ENV_PREFIX = "DIFFPO_"
@@ -61,6 +62,10 @@ class ServerSettings:
                                             "the server's own); needs --decoder-process")
     trust_remote_code: bool = option(False, "allow models that ship their own modelling code")
     mask_id: int | None = option(None, "mask token id (default: from the config or tokenizer)")
+    pad_id: int | None = option(None, "padding token id (default: from the tokenizer, config or generation config)")
+    eos_id: str | None = option(None, "end-of-sequence token ids that end a completion, comma-separated; the first "
+                                      "fills the rest of a finished row (default: every eos_token_id of the "
+                                      "generation config, config and tokenizer)")
     log_level: str = option("info", "log level (debug, info, warning, error)")
 
     def validated(self) -> "ServerSettings":
@@ -81,6 +86,8 @@ class ServerSettings:
         ]
         if self.decoder_cpus is not None:
             parse_cpus(self.decoder_cpus)
+        if self.eos_id is not None:
+            parse_ids(self.eos_id, "eos_id")
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

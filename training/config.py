@@ -162,6 +162,10 @@ class EvalConfig:
     num_examples: int = option(1000, "size of the generated test split when --data is not given")
     seed: int = option(0, "seed of the generated test split and of sampling")
     mask_id: int | None = option(None, "override the model's mask token id")
+    pad_id: int | None = option(None, "override the model's padding token id")
+    eos_id: str | None = option(None, "override the model's end-of-sequence ids (comma-separated; the first fills "
+                                      "a finished row; default: every eos_token_id of its generation config, "
+                                      "config and tokenizer)")
     trust_remote_code: bool = option(False, "allow model directories that ship their own code (LLaDA, Dream)")
     device: str = option("cpu", "torch device")
     dtype: str | None = option(None, "decode in this dtype (default: the checkpoint's; bfloat16 is faster on CPUs "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from diffpo_serve.dllm.loading import LoadedModel, load_model
+from diffpo_serve.dllm.loading import LoadedModel, load_model, parse_ids
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.config import EvalConfig
 from training.prompting import CHAT_BLOCK_LENGTH, CHAT_GEN_LENGTH, prompt_ids, uses_chat_template
@@ -60,12 +60,13 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
             replace(params, seed=params.seed + start + i) for i in range(len(chunk))]
         t0 = time.perf_counter()
         out = generate(loaded.model, prompts, chunk_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
-                       pad_id=loaded.pad_id, head=loaded.threshold_head)
+                       eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, head=loaded.threshold_head)
         seconds += time.perf_counter() - t0
         for ex, seq, nfe, thr in zip(chunk, out.sequences, out.nfe.tolist(), out.threshold.tolist()):
             ids = seq.tolist()
             text, _ = loaded.decode(ids)
-            total_tokens += ids.index(loaded.eos_id) if loaded.eos_id in ids else params.gen_length
+            end = loaded.eos_index(ids)
+            total_tokens += end if end is not None else params.gen_length
             rows.append({"prompt": ex["prompt"], "completion": text, "reward": task.reward(text, ex), "nfe": nfe,
                          "threshold": thr})
         bar.update(len(chunk))
@@ -107,8 +108,10 @@ def format_table(result: EvalResult) -> str:
 
 def run_eval(cfg: EvalConfig) -> dict:
     data = load_eval_data(cfg)  # read the data first: a bad file fails before the model loads
-    loaded = load_model(cfg.model, mask_id=cfg.mask_id, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                        dtype=cfg.dtype, compile=cfg.compile)
+    loaded = load_model(cfg.model, mask_id=cfg.mask_id, pad_id=cfg.pad_id,
+                        eos_ids=parse_ids(cfg.eos_id, "--eos-id") if cfg.eos_id is not None else None,
+                        device=cfg.device, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
+                        compile=cfg.compile)
     task = get_task(cfg.task)
     chat = uses_chat_template(loaded, cfg.chat_template)
     gen_length = cfg.gen_length or (CHAT_GEN_LENGTH if chat else task.GEN_LENGTH)

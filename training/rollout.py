@@ -50,8 +50,8 @@ def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], r
     row_params = [replace(params, seed=seed + i) for i in range(len(prompts))]
     was_training = model.training
     model.eval()
-    out = generate(model, prompts, row_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id,
-                   return_trajectory=True, head=head, sample_threshold=True)
+    out = generate(model, prompts, row_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id, eos_ids=loaded.eos_ids,
+                   pad_id=loaded.pad_id, return_trajectory=True, head=head, sample_threshold=True)
     model.train(was_training)
     texts = [loaded.decode(seq)[0] for seq in out.sequences.tolist()]
     rewards = torch.tensor([reward_fn(t, ex) for t, ex in zip(texts, row_examples)])

@@ -1,20 +1,33 @@
 """One ``load_model(path)`` for every masked dLLM the project can use.
 
-It loads, from a local directory only (nothing is downloaded):
-  (a) the project's own model (``model_type == "diffpo-mdm"``, registered by importing ``model``);
+It loads, from a local directory only (nothing is downloaded), in this order:
+  (a) a native family (:mod:`diffpo_serve.dllm.families`): the config's ``model_type`` names one of our
+      modules (the project's own ``"diffpo-mdm"``, LLaDA's ``"llada"``, Dream's ``"Dream"``), which builds
+      the model from its own classes and the checkpoint's own safetensors (one file, or shards with
+      ``model.safetensors.index.json``), never with ``trust_remote_code``, even where the published
+      ``config.json`` carries an ``auto_map``;
   (b) any transformers masked LM (``AutoModelForMaskedLM``: BERT, ModernBERT, ...);
-  (c) LLaDA/Dream-style checkpoints that ship their own modelling code (``trust_remote_code``),
-      which register themselves under ``AutoModel`` in their ``auto_map``.
+  (c) other checkpoints that ship their own modelling code (``trust_remote_code``), which register
+      themselves under ``AutoModel`` in their ``auto_map``. Such a model may ignore ``attention_mask``
+      or ``position_ids`` (LLaDA's published code does both): the loader probes that once, warns, and
+      marks the model so :func:`model_logits` runs it on unpadded rows only (:func:`ignores_padding`).
 and returns a :class:`LoadedModel` holding the model, its tokenizer and the special ids the sampler
-needs. The mask id comes from the argument, else the config's ``mask_token_id``, else the tokenizer's
-mask token; a model without one is refused with a clear error. ``load_model(..., compile=True)``
-compiles the model's transformer layers with ``torch.compile`` (:func:`compile_layers`).
+needs: ``mask_id``, ``pad_id`` and every end-of-sequence id (``eos_ids``; ``eos_id`` is the first, the one
+a finished row is filled with). Each comes from the ``load_model`` argument, else the family's
+``special_ids`` hook, else the generic sources: the mask from the config's ``mask_token_id`` or the
+tokenizer's mask token (a model without one is refused with a clear error); EOS ids from
+``generation_config.json``'s ``eos_token_id`` (an id or a list), the config's and the tokenizer's, in that
+order; pad from the tokenizer, the config, the generation config, else the first EOS.
+``load_model(..., compile=True)`` compiles the model's transformer layers with ``torch.compile``
+(:func:`compile_layers`).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+import logging
 import os
 import types
 from collections import Counter
@@ -25,8 +38,11 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from diffpo_serve.dllm import model as _own_model  # noqa: F401  (registers our config and model)
+from diffpo_serve.dllm.families import FAMILY_MODULES
 from diffpo_serve.dllm.model_card import CardInfo, ModelCardError, read_card
 from diffpo_serve.dllm.threshold_head import ThresholdHeadError, load_head
+
+log = logging.getLogger(__name__)
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "bundled_model"
 
@@ -58,6 +74,10 @@ class LoadedModel:
     threshold_head: torch.nn.Module | None = None  # DiFFPO's learned per-prompt threshold, if the model has one
     compiled: str | None = None  # what torch.compile compiled (compile=True), e.g. "4 Block layers"
     card: CardInfo = CardInfo()  # the model card's description and example prompts (model_card.py)
+    eos_ids: tuple[int, ...] = ()  # every id that ends a row; eos_id first (empty: just eos_id)
+
+    def __post_init__(self):
+        self.eos_ids = tuple(dict.fromkeys([int(self.eos_id), *(int(i) for i in self.eos_ids)]))
 
     @property
     def device(self) -> torch.device:
@@ -82,14 +102,18 @@ class LoadedModel:
             return backend.encode(text, add_special_tokens=False).ids
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def eos_index(self, ids) -> int | None:
+        """Index of the first end-of-sequence id (any of ``eos_ids``) in ``ids``, or None."""
+        return next((k for k, i in enumerate(ids) if int(i) in self.eos_ids), None)
+
     def decode(self, ids) -> tuple[str, bool]:
-        """Text of generated ids up to the first EOS, and whether an EOS ended it."""
+        """Text of generated ids up to the first EOS (any of ``eos_ids``), and whether an EOS ended it."""
         ids = [int(i) for i in ids]
-        stopped = self.eos_id in ids
-        if stopped:
-            ids = ids[:ids.index(self.eos_id)]
+        end = self.eos_index(ids)
+        if end is not None:
+            ids = ids[:end]
         ids = [i for i in ids if i not in (self.pad_id, self.mask_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True), stopped
+        return self.tokenizer.decode(ids, skip_special_tokens=True), end is not None
 
 
 def default_model_path() -> str:
@@ -97,15 +121,41 @@ def default_model_path() -> str:
     return os.environ.get("DIFFPO_MODEL", str(BUNDLED_MODEL_DIR))
 
 
-def _read_config(path: Path, trust_remote_code: bool):
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path}: no config.json; not a model directory")
+def _read_json(file: Path) -> dict | None:
+    """A JSON object file, None when absent; a clear error when it is not one."""
+    if not file.is_file():
+        return None
     try:
-        raw = json.loads((path / "config.json").read_text())
+        raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path / 'config.json'}: not valid JSON ({e})") from e
+        raise ModelLoadError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path / 'config.json'}: not a JSON object (got {type(raw).__name__})")
+        raise ModelLoadError(f"{file}: not a JSON object (got {type(raw).__name__})")
+    return raw
+
+
+def native_family(path: Path) -> types.ModuleType | None:
+    """The native family module for the checkpoint at ``path`` (from ``config.json``'s ``model_type``), or
+    None. Importing it registers its classes with transformers."""
+    raw = _read_json(path / "config.json")
+    if raw is None:
+        raise ModelLoadError(f"{path}: no config.json; not a model directory")
+    name = FAMILY_MODULES.get(str(raw.get("model_type") or ""))
+    if name is None:
+        return None
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        log.warning("%s: model_type %r has no native module in this installation (%s); loading it the "
+                    "generic way", path, raw.get("model_type"), name)
+        return None
+
+
+def _read_config(path: Path, trust_remote_code: bool):
+    if _read_json(path / "config.json") is None:
+        raise ModelLoadError(f"{path}: no config.json; not a model directory")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as e:  # ValueError, OSError, TypeError, strict-dataclass validation errors, ...
@@ -115,19 +165,65 @@ def _read_config(path: Path, trust_remote_code: bool):
         raise ModelLoadError(f"{path}: cannot read the config: {type(e).__name__}: {e}") from e
 
 
+def parse_ids(text: str, name: str = "ids") -> list[int]:
+    """Token ids written as ``"126081,126348"``; a ValueError naming ``name`` for anything else."""
+    try:
+        ids = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        ids = []
+    if not ids or any(i < 0 for i in ids):
+        raise ValueError(f"{name} must be one or more non-negative token ids separated by commas; got {text!r}")
+    return ids
+
+
+def _ids(value) -> list[int]:
+    """An id or a list of ids (as configs write ``eos_token_id``) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
 def _first_id(*candidates):
     for c in candidates:
-        if isinstance(c, (list, tuple)):
-            c = c[0] if c else None
-        if c is not None:
-            return int(c)
+        ids = _ids(c)
+        if ids:
+            return ids[0]
     return None
+
+
+def special_ids(path: Path, config, tokenizer, family: types.ModuleType | None, *, mask_id=None, pad_id=None,
+                eos_ids=None) -> tuple[int, int, list[int]]:
+    """``(mask_id, pad_id, eos_ids)``: each from the argument, else the family's ``special_ids`` hook,
+    else the generic sources (module docstring). Raises :class:`ModelLoadError` naming what is missing."""
+    raw_generation = _read_json(path / "generation_config.json") or {}
+    generation = types.SimpleNamespace(**raw_generation)
+    hook = getattr(family, "special_ids", None)
+    found = dict(hook(config, tokenizer, generation) or {}) if hook is not None else {}
+    eos: list[int] = []
+    for source in (raw_generation.get("eos_token_id"), getattr(config, "eos_token_id", None),
+                   tokenizer.eos_token_id):
+        eos += [i for i in _ids(source) if i not in eos]
+    if not eos and tokenizer.sep_token_id is not None:  # BERT-style vocabularies end a text with [SEP]
+        eos = [int(tokenizer.sep_token_id)]
+    eos = _ids(eos_ids) or _ids(found.get("eos_ids")) or eos
+    if not eos:
+        raise ModelLoadError(f"{path}: no end-of-sequence token in the generation config, config or tokenizer; "
+                             "pass eos_ids explicitly (CLI: --eos-id)")
+    mask = _first_id(mask_id, found.get("mask_id"), getattr(config, "mask_token_id", None), tokenizer.mask_token_id)
+    if mask is None:
+        raise ModelLoadError(f"{path}: no mask token: the config has no mask_token_id and the tokenizer "
+                             "no mask token; pass mask_id explicitly (CLI: --mask-id)")
+    pad = _first_id(pad_id, found.get("pad_id"), tokenizer.pad_token_id, getattr(config, "pad_token_id", None),
+                    raw_generation.get("pad_token_id"), eos)
+    return mask, pad, list(dict.fromkeys(eos))
 
 
 def load_model(
     path: str | os.PathLike | None = None,
     *,
     mask_id: int | None = None,
+    pad_id: int | None = None,
+    eos_ids: int | list[int] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
@@ -136,30 +232,37 @@ def load_model(
     """Load model, tokenizer and special ids from ``path`` (default: the bundled model).
 
     ``dtype``: a torch dtype or its name (``"bfloat16"``); None keeps the checkpoint's.
-    ``mask_id`` overrides the mask token id found in the config or tokenizer. ``compile``: compile the
-    transformer layers and warm them up for inference (:func:`compile_layers`). Raises
-    :class:`ModelLoadError` naming the path for a missing directory, unreadable config, missing
-    mask token, unreadable or incomplete weights, or a compilation that fails.
+    ``mask_id``, ``pad_id``, ``eos_ids`` (an id or a list; the first fills finished rows) override the ids
+    found in the checkpoint. ``trust_remote_code`` allows a checkpoint's own code, for architectures
+    without a native family only. ``compile``: compile the transformer layers and warm them up for
+    inference (:func:`compile_layers`). Raises :class:`ModelLoadError` naming the path for a missing
+    directory, unreadable config, missing mask token, unreadable or incomplete weights, or a compilation
+    that fails.
     """
     path = Path(path if path is not None else default_model_path()).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{path}: model directory does not exist")
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a directory; pass the model directory")
-    config = _read_config(path, trust_remote_code)
+    family = native_family(path)
+    remote = trust_remote_code and family is None  # a native family never runs a checkpoint's own code
+    config = _read_config(path, remote)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        if family is not None and hasattr(family, "load_tokenizer"):
+            tokenizer = family.load_tokenizer(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote, local_files_only=True)
     except Exception as e:  # transformers raises many types here (OSError, ValueError, ...)
         raise ModelLoadError(f"{path}: cannot load the tokenizer: {e}") from e
 
     auto_map = getattr(config, "auto_map", None) or {}
-    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code, output_loading_info=True)
+    kwargs = dict(local_files_only=True, trust_remote_code=remote, output_loading_info=True)
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
-        if "AutoModelForMaskedLM" in auto_map or "AutoModel" not in auto_map:
+        if family is not None or "AutoModelForMaskedLM" in auto_map or "AutoModel" not in auto_map:
             model, info = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
-        else:  # LLaDA and Dream register their denoiser under AutoModel
+        else:  # remote-code dLLMs register their denoiser under AutoModel
             model, info = AutoModel.from_pretrained(path, **kwargs)
     except Exception as e:  # corrupt or missing weights, shape mismatch, unknown architecture
         raise ModelLoadError(f"{path}: cannot load the model weights: {type(e).__name__}: {e}") from e
@@ -172,14 +275,10 @@ def load_model(
                              f"from the checkpoint: {shown}")
     model.to(device).eval()
 
-    mask_id = _first_id(mask_id, getattr(config, "mask_token_id", None), tokenizer.mask_token_id)
-    if mask_id is None:
-        raise ModelLoadError(f"{path}: no mask token: the config has no mask_token_id and the tokenizer "
-                             "no mask token; pass mask_id explicitly (CLI: --mask-id)")
-    eos_id = _first_id(tokenizer.eos_token_id, getattr(config, "eos_token_id", None), tokenizer.sep_token_id)
-    if eos_id is None:
-        raise ModelLoadError(f"{path}: no end-of-sequence token in the tokenizer or config")
-    pad_id = _first_id(tokenizer.pad_token_id, getattr(config, "pad_token_id", None), eos_id)
+    mask_id, pad_id, eos_list = special_ids(path, config, tokenizer, family, mask_id=mask_id, pad_id=pad_id,
+                                            eos_ids=eos_ids)
+    if family is None:  # native families honour masks and positions by construction (and by their tests)
+        check_padding(model, mask_id, path)
     max_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", 0)
                      or tokenizer.model_max_length)
     try:
@@ -196,9 +295,9 @@ def load_model(
             raise ModelLoadError(f"{path}: torch.compile failed ({type(e).__name__}: {first}); on a CPU it needs "
                                  "a C++ compiler (g++, or the one named by CXX); without --compile (compile=False) "
                                  "the model runs as it is") from e
-    return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
-                       path=str(path), name=path.name, max_length=max_length, threshold_head=head,
-                       compiled=compiled, card=card)
+    return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_list[0],
+                       eos_ids=tuple(eos_list), path=str(path), name=path.name, max_length=max_length,
+                       threshold_head=head, compiled=compiled, card=card)
 
 
 def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -238,16 +337,55 @@ def compile_layers(model: torch.nn.Module, mask_id: int, width: int = 16) -> str
     return " + ".join(f"{n} {cls}" for cls, n in counts.items()) + " layers" if layers else "the whole model"
 
 
+IGNORES_PADDING = "_diffpo_ignores_padding"  # attribute set on a model whose output padding would change
+
+
+def ignores_padding(model: torch.nn.Module) -> bool:
+    """Whether :func:`check_padding` found that padding changes this model's output for a row."""
+    return bool(getattr(getattr(model, "module", model), IGNORES_PADDING, False))
+
+
+@torch.no_grad()
+def check_padding(model: torch.nn.Module, mask_id: int, path: Path | str = "model") -> bool:
+    """Probe once whether padding changes a row's logits (a forward that ignores ``attention_mask`` or takes
+    no ``position_ids``, as LLaDA's published code does); if so, mark the model so :func:`model_logits`
+    runs it on unpadded rows only, log a warning, and return True.
+
+    The probe: a row of 6 tokens alone, and the same row left-padded by 3 and right-padded by 2 columns
+    (attention off, positions following the mask); its logits must agree to rounding (1e-4 of their
+    scale in float32, 2e-2 in half precision).
+    """
+    inner = getattr(model, "module", model)
+    device = next(inner.parameters()).device
+    dtype = next(inner.parameters()).dtype
+    vocab = int(getattr(getattr(inner, "config", None), "vocab_size", 0) or mask_id + 1)
+    row = torch.tensor([[1, 2, 3, mask_id, mask_id, 4]], device=device) % max(vocab, 5)
+    padded = torch.cat([torch.full((1, 3), 5 % vocab, device=device), row,
+                        torch.full((1, 2), 6 % vocab, device=device)], 1)
+    attention = torch.zeros_like(padded, dtype=torch.bool)
+    attention[:, 3:9] = True
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    alone = _forward(inner, row, torch.ones_like(row, dtype=torch.bool),
+                     torch.arange(6, device=device)[None]).float()
+    inside = _forward(inner, padded, attention, positions)[:, 3:9].float()
+    tolerance = (1e-4 if dtype == torch.float32 else 2e-2) * (1.0 + float(alone.abs().max()))
+    difference = float((alone - inside).abs().max())
+    changed = not difference <= tolerance
+    setattr(inner, IGNORES_PADDING, changed)
+    if changed:
+        log.warning("%s: padding changes this model's output (max logit difference %.3g; its forward ignores "
+                    "attention_mask or position_ids): each step runs rows of equal length together, unpadded, "
+                    "which costs extra forward passes in mixed batches", path, difference)
+    return changed
+
+
 _FORWARD_ARGS: dict[type, frozenset[str]] = {}
 
 
-def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None, *, hidden: bool = False):
-    """Logits (b, l, V) of any loaded model; passes only the arguments its ``forward`` accepts.
-
-    With ``hidden=True`` returns ``(logits, last_hidden_state)``, the latter (b, l, d).
-    """
-    inner = getattr(model, "module", model)  # DistributedDataParallel and similar wrappers
+def _forward(inner: torch.nn.Module, input_ids, attention_mask, position_ids, hidden: bool = False,
+             model: torch.nn.Module | None = None):
+    """One forward pass of ``model`` (default ``inner``; ``inner`` is the unwrapped module whose signature
+    decides which arguments are passed)."""
     accepted = _FORWARD_ARGS.get(type(inner))
     if accepted is None:
         params = inspect.signature(inner.forward).parameters
@@ -258,5 +396,43 @@ def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         kwargs["position_ids"] = position_ids
     if hidden:
         kwargs["output_hidden_states"] = True
-    out = model(input_ids=input_ids, **kwargs)
+    out = (model if model is not None else inner)(input_ids=input_ids, **kwargs)
     return (out.logits, out.hidden_states[-1]) if hidden else out.logits
+
+
+def _unpadded(model, inner, input_ids, attention_mask, hidden: bool):
+    """Logits (and hidden states) of a padded batch computed without padding: rows with the same number
+    of real tokens run together with those tokens only (what each would see alone); padded columns hold 0."""
+    attention = attention_mask.bool()
+    lengths = attention.sum(-1)
+    out_logits = out_hidden = None
+    for n in lengths.unique().tolist():
+        rows = (lengths == n).nonzero().squeeze(-1)
+        keep = attention[rows]
+        ids = input_ids[rows][keep].view(len(rows), n)
+        result = _forward(inner, ids, torch.ones_like(ids, dtype=torch.bool),
+                          torch.arange(n, device=ids.device).expand(len(rows), n), hidden, model)
+        logits, h = result if hidden else (result, None)
+        if out_logits is None:
+            out_logits = logits.new_zeros(*input_ids.shape, logits.shape[-1])
+            out_hidden = h.new_zeros(*input_ids.shape, h.shape[-1]) if hidden else None
+        placed = torch.zeros_like(attention)
+        placed[rows] = keep
+        out_logits = out_logits.index_put((placed,), logits.reshape(-1, logits.shape[-1]))
+        if hidden:
+            out_hidden = out_hidden.index_put((placed,), h.reshape(-1, h.shape[-1]))
+    return (out_logits, out_hidden) if hidden else out_logits
+
+
+def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None, *, hidden: bool = False):
+    """Logits (b, l, V) of any loaded model; passes only the arguments its ``forward`` accepts.
+
+    With ``hidden=True`` returns ``(logits, last_hidden_state)``, the latter (b, l, d). A model that
+    :func:`check_padding` marked runs on unpadded rows (:func:`ignores_padding`); the logits of padded
+    positions are then 0.
+    """
+    inner = getattr(model, "module", model)  # DistributedDataParallel and similar wrappers
+    if getattr(inner, IGNORES_PADDING, False) and not bool(attention_mask.bool().all()):
+        return _unpadded(model, inner, input_ids, attention_mask, hidden)
+    return _forward(inner, input_ids, attention_mask, position_ids, hidden, model)

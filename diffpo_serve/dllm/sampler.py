@@ -27,8 +27,9 @@ temperature is 0), and the log-probability of each committed token under that di
 recorded with its commit step: the trajectory that RL needs. Each row has its own seeded generator, so
 a row's output does not depend on the rest of the batch.
 
-A row finishes when its text is determined: every block is committed, or an EOS is committed with no
-mask before it (the positions after it are then filled with EOS; their ``commit_step`` stays -1).
+A row finishes when its text is determined: every block is committed, or an EOS (any of the state's
+``eos_ids``: chat models end a turn with their own token) is committed with no mask before it (the
+positions after it are then filled with ``eos_id``, the first of them; their ``commit_step`` stays -1).
 Finished rows take no further forward passes. :func:`generate` loops the step for evaluation and RL
 rollouts; the server's batcher calls :func:`denoise_step` itself and adds or drops rows between steps
 with :meth:`BatchState.concat` and :meth:`BatchState.select`.
@@ -119,8 +120,9 @@ class BatchState:
     head: torch.nn.Module | None = None  # the model's threshold head, for rows with sampler `learned`
     sample_threshold: bool = False  # draw gamma from the head (RL) instead of taking its mode
     mask_id: int = 0
-    eos_id: int = 0
+    eos_id: int = 0  # the id finished rows are filled with
     pad_id: int = 0
+    eos_ids: tuple[int, ...] = ()  # every id that ends a row (eos_id among them)
     stop_at_eos: bool = True
     align: int = 0  # 0: prompts left-padded to the longest; else prompts first, region width a multiple of it
 
@@ -205,6 +207,7 @@ def init_state(
     mask_id: int,
     eos_id: int,
     pad_id: int,
+    eos_ids: list[int] | tuple[int, ...] = (),
     device: str | torch.device = "cpu",
     stop_at_eos: bool = True,
     head: torch.nn.Module | None = None,
@@ -212,6 +215,8 @@ def init_state(
     align: int = 0,
 ) -> BatchState:
     """Build the state for a list of token-id prompts, each with its own (or one shared) params.
+
+    ``eos_ids``: every id that ends a row besides ``eos_id`` (which fills the rest of a finished row).
 
     ``head`` is the model's threshold head (needed by rows with sampler ``learned`` and no threshold).
     ``align``: the prompt layout (:class:`BatchState`); :func:`prompt_alignment` gives the model's.
@@ -271,7 +276,8 @@ def init_state(
         commit_step=torch.full((b, gw), -1, dtype=torch.long, device=device),
         logprob=torch.zeros((b, gw), dtype=torch.float, device=device),
         generators=generators, head=head, sample_threshold=sample_threshold, mask_id=mask_id, eos_id=eos_id,
-        pad_id=pad_id, stop_at_eos=stop_at_eos, align=align,
+        pad_id=pad_id, eos_ids=tuple(dict.fromkeys([int(eos_id), *(int(i) for i in eos_ids)])),
+        stop_at_eos=stop_at_eos, align=align,
     )
 
 
@@ -457,7 +463,8 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     all_done = block * state.block_length[rows] >= state.gen_length[rows]
     if state.stop_at_eos:
         mask_before = masked.long().cumsum(-1) - masked.long()
-        eos_done = ((gen == state.eos_id) & (mask_before == 0)).any(-1)
+        is_eos = torch.isin(gen, torch.tensor(state.eos_ids or (state.eos_id,), device=gen.device))
+        eos_done = (is_eos & (mask_before == 0)).any(-1)
         gen = torch.where(eos_done[:, None] & masked, torch.full_like(gen, state.eos_id), gen)
         all_done = all_done | eos_done
 
@@ -495,6 +502,7 @@ def generate(
     mask_id: int,
     eos_id: int,
     pad_id: int,
+    eos_ids: list[int] | tuple[int, ...] = (),
     stop_at_eos: bool = True,
     return_trajectory: bool = False,
     on_step=None,
@@ -507,10 +515,11 @@ def generate(
     ``on_step(state, step_output)`` is called after every step (progress, streaming, inspection).
     ``head``/``sample_threshold``: the threshold head for ``learned`` rows, and whether it samples.
     ``align``: the prompt layout (:class:`BatchState`); default :func:`prompt_alignment` of the model.
+    ``eos_ids``: every id that ends a row besides ``eos_id`` (which fills the rest of a finished row).
     """
     device = next(model.parameters()).device
-    state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, device=device,
-                       stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold,
+    state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, eos_ids=eos_ids,
+                       device=device, stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold,
                        align=prompt_alignment(model) if align is None else align)
     while not bool(state.finished.all()):
         out = denoise_step(model, state)
