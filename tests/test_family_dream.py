@@ -175,7 +175,13 @@ def test_config_refuses_what_it_does_not_implement():
         DreamConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="num_key_value_heads"):
         DreamConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="rope_parameters"):
+        DreamConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})
+    with pytest.raises(ValueError, match="disagrees"):
+        DreamConfig(rope_theta=1e4, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     assert DreamConfig(rope_scaling={"type": "default"}).rope_theta == 10000.0
+    # the RoPE fields as transformers 5 writes them (e.g. the published config class saved under it)
+    assert DreamConfig(rope_parameters={"rope_type": "default", "rope_theta": 1e6}).rope_theta == 1e6
 
 
 # ----------------------------------------------------------------------------- RoPE

@@ -75,7 +75,7 @@ class DreamConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         use_cache: bool = False,
         tie_word_embeddings: bool = False,
-        rope_theta: float = 10000.0,
+        rope_theta: float | None = None,
         rope_scaling: dict | None = None,
         use_sliding_window: bool = False,
         sliding_window: int | None = 4096,
@@ -93,10 +93,16 @@ class DreamConfig(PretrainedConfig):
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"Dream config: num_attention_heads {num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {num_key_value_heads}")
-        rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"Dream config: rope_scaling {rope_scaling!r} is not supported; diffpo's Dream "
-                             "implements plain RoPE (rope_scaling null), as the published Dream models use")
+        # transformers 5 writes RoPE settings as rope_parameters (configs saved by it); Dream's files as
+        # rope_theta + rope_scaling. Either is read; only plain RoPE is implemented.
+        rope_parameters = kwargs.pop("rope_parameters", None) or {}
+        for name, rope in (("rope_scaling", rope_scaling or {}), ("rope_parameters", rope_parameters)):
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ValueError(f"Dream config: {name} {rope!r} is not supported; diffpo's Dream implements plain "
+                                 "RoPE (rope_scaling null), as the published Dream models use")
+        if rope_theta is not None and rope_parameters.get("rope_theta", rope_theta) != rope_theta:
+            raise ValueError(f"Dream config: rope_theta {rope_theta} disagrees with rope_parameters {rope_parameters}")
+        rope_theta = rope_theta if rope_theta is not None else rope_parameters.get("rope_theta", 10000.0)
         if hidden_act not in ACT2FN:
             raise ValueError(f"Dream config: unknown hidden_act {hidden_act!r}")
         self.vocab_size = vocab_size
@@ -116,7 +122,7 @@ class DreamConfig(PretrainedConfig):
         self.max_window_layers = max_window_layers
         self.attention_dropout = attention_dropout
         self.mask_token_id = mask_token_id
-        # rope_scaling (only null is accepted) is not stored: transformers 5 reserves that attribute name
+        # rope_scaling / rope_parameters (plain RoPE only) are not stored: transformers 5 reserves those names
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id, **kwargs)
 
 
