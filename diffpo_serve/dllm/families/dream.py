@@ -10,15 +10,15 @@ names), the model with the published parameter names (``model.embed_tokens.weigh
 ``model.layers.{i}.{input,post_attention}_layernorm.weight``, ``model.norm.weight``, ``lm_head.weight``),
 and the hooks the loader calls for Dream's tokenizer and special ids. Importing it registers the
 config and model under "Dream" with ``AutoConfig``, ``AutoModel`` and ``AutoModelForMaskedLM``, so a
-published checkpoint loads from its own safetensors without ``trust_remote_code`` (its ``auto_map``
-is then ignored: transformers prefers a registered local class unless remote code is trusted).
+published checkpoint loads from its own safetensors without ``trust_remote_code`` (with it off,
+transformers uses the registered class and ignores the checkpoint's ``auto_map``).
 
 **The shift.** Because Dream started as an autoregressive model, the network's output at position i
 predicts token i + 1 (Dream's own sampler shifts its logits right by one). diffpo's model interface
 (:mod:`diffpo_serve.dllm.families`) wants position i's logits to be the distribution of token i, so
 the shift happens once, here, in :func:`shift_to_token_positions`: position i takes the final hidden
 state of the nearest *real* (attended) position before it, so padding between a prompt and its
-answer (the half-precision layout) is skipped and a padded row gets exactly its unpadded logits. A
+answer (the sampler's half-precision layout) is skipped and a padded row gets its unpadded logits. A
 row's first real token has no predecessor; it keeps its own output, as Dream's sampler does for
 column 0 (it is always a prompt token, never predicted). The shift is applied to the final hidden
 state before the output projection, so ``logits == lm_head(hidden_states[-1])`` and every consumer
