@@ -435,13 +435,8 @@ def test_special_ids(tmp_path):
     assert dream.special_ids(config, dream.load_tokenizer(plain), None)["eos_ids"] == [ENDOFTEXT]
 
 
-# ----------------------------------------------------------------------------- load_model (after the registry merge)
+# ----------------------------------------------------------------------------- load_model
 
-# the family-aware loader (issue 16) adds LoadedModel.eos_ids; before it is merged this test is skipped
-LOADER_USES_FAMILIES = "eos_ids" in getattr(loading.LoadedModel, "__dataclass_fields__", {})
-
-
-@pytest.mark.skipif(not LOADER_USES_FAMILIES, reason="load_model does not use the family registry yet")
 def test_load_model_end_to_end(tmp_path):
     """load_model on the published layout, no trust_remote_code: our class, our tokenizer hook, Dream's ids,
     and the shift through the sampler."""
@@ -452,7 +447,7 @@ def test_load_model_end_to_end(tmp_path):
     loaded = loading.load_model(path)
     assert type(loaded.model) is DreamModel and loaded.model.lm_head.weight.dtype == torch.bfloat16
     assert (loaded.mask_id, loaded.pad_id) == (MASK, ENDOFTEXT)
-    assert list(loaded.eos_ids) == [ENDOFTEXT, IM_END]  # the field the loader adds (named eos_ids here)
+    assert list(loaded.eos_ids) == [ENDOFTEXT, IM_END]
     out = generate(loaded.model, [chain[:1]], SamplingParams(gen_length=8, block_length=8), mask_id=loaded.mask_id,
                    eos_id=loaded.eos_id, pad_id=loaded.pad_id, stop_at_eos=False)
     assert out.sequences[0, :6].tolist() == chain[1:]
