@@ -407,6 +407,19 @@ def test_tokenizer_without_remote_code(tmp_path):
     assert copy.chat_template == CHAT_TEMPLATE
 
 
+def test_tokenizer_from_a_tokenizer_json(tmp_path):
+    """A checkpoint that ships tokenizer.json (as a save_pretrained of the loaded tokenizer writes) instead of
+    vocab.json + merges.txt loads the same tokenizer."""
+    (tmp_path / "slow").mkdir()
+    write_tokenizer(tmp_path / "slow")
+    dream.load_tokenizer(tmp_path / "slow").save_pretrained(tmp_path / "fast")
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "fast" / name).unlink(missing_ok=True)
+    tokenizer = dream.load_tokenizer(tmp_path / "fast")
+    assert tokenizer.encode("hello world<|im_end|><|mask|>", add_special_tokens=False) == [259, 264, IM_END, MASK]
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+
+
 def test_tokenizer_missing_files_are_named(tmp_path):
     write_tokenizer(tmp_path)
     (tmp_path / "merges.txt").unlink()
