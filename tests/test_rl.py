@@ -50,11 +50,13 @@ def test_two_stage_with_tau_at_last_step_is_d1(trajectory):
 
 
 def brute_force_logprob(model, prompt, prompt_masked, canvas, position, token):
-    """log p(token at `position` | [prompt with masks ; canvas]) from one unpadded forward pass."""
+    """log pi(token at `position` | [prompt with masks ; canvas]) from one unpadded forward pass, pi being
+    the model's distribution over the vocabulary without the mask token (the policy the sampler draws from)."""
     p = [MASK if m else t for t, m in zip(prompt, prompt_masked)]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([p + canvas])).logits[0, len(prompt) + position]
-    return torch.log_softmax(logits.float(), -1)[token].item()
+        logits = model(input_ids=torch.tensor([p + canvas])).logits[0, len(prompt) + position].float()
+    keep = [v for v in range(logits.shape[-1]) if v != MASK]
+    return (logits[token] - torch.logsumexp(logits[keep], -1)).item()
 
 
 def test_estimators_match_brute_force(trajectory):
