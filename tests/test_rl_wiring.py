@@ -384,3 +384,40 @@ def test_rollout_groups_rows_by_prompt_and_scores_each_with_its_own_example(load
         assert batch.nfe[i] == alone.nfe[0]
     assert not torch.equal(batch.completion[0], batch.completion[1]) or \
         not torch.equal(batch.completion[2], batch.completion[3])
+
+
+def test_train_rl_hands_its_settings_to_rollouts_and_updates(loaded, tmp_path, monkeypatch):
+    """One joint step of train_rl: the rollouts get the configured G, temperature and top-p (gamma from
+    the head), the head learns from the NFE-penalised reward and the model from the task reward."""
+    from training.loss import sampler_reward
+    seen = {}
+    real_rollout, real_model, real_head = rl.rollout, rl._model_update, rl._head_update
+
+    def spy_rollout(model, loaded_, examples, reward_fn, num_generations, params, seed, head=None):
+        seen["rollout"] = (len(examples), num_generations, params, head)
+        seen["batch"] = real_rollout(model, loaded_, examples, reward_fn, num_generations, params, seed, head)
+        return seen["batch"]
+
+    def spy_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest):
+        seen["model_rewards"] = rewards.clone()
+        return real_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest)
+
+    def spy_head(c, head, opt, acc, batch, r):
+        seen["head_rewards"] = r.clone()
+        return real_head(c, head, opt, acc, batch, r)
+
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "_model_update", spy_model)
+    monkeypatch.setattr(rl, "_head_update", spy_head)
+    monkeypatch.setattr(rl, "_reward", lambda text, example: 1.0 if len(text) % 2 else 0.5)  # never 0
+    config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
+                      num_generations=3, prompts_per_step=2, num_iterations=1, max_steps=1, save_every=1,
+                      gen_length=16, temperature=0.7, top_p=0.9, lam=0.5, train="joint", beta=0.0)
+    rl.train_rl(config)
+    n_examples, g, params, head = seen["rollout"]
+    assert (n_examples, g, head is not None) == (2, 3, True)
+    assert (params.sampler, params.temperature, params.top_p, params.threshold, params.gen_length) == \
+        ("learned", 0.7, 0.9, None, 16)
+    batch = seen["batch"]
+    assert torch.equal(seen["model_rewards"], batch.rewards) and (batch.rewards > 0).all()
+    torch.testing.assert_close(seen["head_rewards"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
