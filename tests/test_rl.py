@@ -1,6 +1,7 @@
 """RL post-training: the estimators against brute force, the loss by hand, and the trainer."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +51,13 @@ def test_two_stage_with_tau_at_last_step_is_d1(trajectory):
 
 
 def brute_force_logprob(model, prompt, prompt_masked, canvas, position, token):
-    """log p(token at `position` | [prompt with masks ; canvas]) from one unpadded forward pass."""
+    """log pi(token at `position` | [prompt with masks ; canvas]) from one unpadded forward pass, pi being
+    the model's distribution over the vocabulary without the mask token (the policy the sampler draws from)."""
     p = [MASK if m else t for t, m in zip(prompt, prompt_masked)]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([p + canvas])).logits[0, len(prompt) + position]
-    return torch.log_softmax(logits.float(), -1)[token].item()
+        logits = model(input_ids=torch.tensor([p + canvas])).logits[0, len(prompt) + position].float()
+    keep = [v for v in range(logits.shape[-1]) if v != MASK]
+    return (logits[token] - torch.logsumexp(logits[keep], -1)).item()
 
 
 def test_estimators_match_brute_force(trajectory):
@@ -119,6 +122,51 @@ def test_policy_loss_and_clip_fractions_by_hand():
     _, stats = policy_loss(logp.detach(), old, torch.tensor([-1.0]), torch.ones(1, 4, dtype=torch.bool),
                            epsilon=0.2)
     assert stats.ratio_clip_fraction == pytest.approx(0.25)
+
+
+def test_policy_loss_averages_per_sequence_over_scored_tokens_only():
+    """Three sequences with partial masks, where the per-sequence and the token-level means differ;
+    unscored positions hold values that would change everything if they leaked in."""
+    ratios = torch.tensor([[1.1, 0.9, 5.0, 5.0], [1.0, 1.5, 0.5, 5.0], [1.0, 5.0, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    w = torch.tensor([[2.0, 0.5, 9.0, 9.0], [1.0, 1.0, 1.0, 9.0], [1.0, 9.0, 9.0, 9.0]])
+    logp = ratios.log().requires_grad_()
+    loss, stats = policy_loss(logp, torch.zeros(3, 4), torch.tensor([1.0, -2.0, 0.5]), mask, epsilon=0.2,
+                              is_weight=w, is_cap=2.0)
+    # row 0 (A = 1): -(2 * 1.1 + 0.5 * 0.9) / 2; row 1 (A = -2): min(-2, -2), min(-3, -2.4), min(-1, -1.6)
+    # -> (2 + 3 + 1.6) / 3; row 2 (A = 0.5): -0.5. Token-level would be (-2.65 + 6.6 - 0.5) / 6.
+    per_seq = [-(2.2 + 0.45) / 2, (2 + 3 + 1.6) / 3, -0.5]
+    assert loss.item() == pytest.approx(sum(per_seq) / 3)
+    assert stats.mean_is_weight == pytest.approx(6.5 / 6)
+    assert stats.is_clip_fraction == pytest.approx(1 / 6)
+    assert stats.ratio_clip_fraction == pytest.approx(1 / 6)  # row 1's 0.5, clipped up to 0.8
+    loss.backward()
+    assert (logp.grad[~mask] == 0).all()
+    # d loss / d logp_j = -w_j * A * r_j / (3 n_seq) on unclipped tokens: row 0's first token
+    assert logp.grad[0, 0].item() == pytest.approx(-2.0 * 1.0 * 1.1 / (3 * 2))
+    assert logp.grad[1, 2].item() == 0  # clipped: no gradient
+
+
+def test_kl_is_averaged_like_the_objective():
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.9]]))
+    ref = torch.log(torch.tensor([[0.25, 0.9], [0.5, 0.1]]))
+    mask = torch.tensor([[True, False], [True, True]])
+    loss, stats = policy_loss(logp, logp, torch.zeros(2), mask, epsilon=0.2, beta=0.5, logp_ref=ref)
+    k3 = lambda a, b: math.exp(math.log(b) - math.log(a)) - (math.log(b) - math.log(a)) - 1  # noqa: E731
+    row0, row1 = k3(0.5, 0.25), (k3(0.5, 0.5) + k3(0.9, 0.1)) / 2
+    assert loss.item() == pytest.approx(0.5 * (row0 + row1) / 2)
+    assert stats.kl == pytest.approx((k3(0.5, 0.25) + k3(0.5, 0.5) + k3(0.9, 0.1)) / 3)
+
+
+def test_group_advantages_centre_each_group_on_its_own_mean():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.5])  # group means 1/3, 2/3, 5/6
+    adv, zero = group_advantages(rewards, 3)
+    torch.testing.assert_close(adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3, 1 / 6, 1 / 6,
+                                                  -1 / 3]))
+    assert zero == 0
+    scaled, _ = group_advantages(rewards, 3, scale_std=True)
+    std = torch.tensor([math.sqrt(2) / 3, math.sqrt(2) / 3, math.sqrt(2) / 6]).repeat_interleave(3)
+    torch.testing.assert_close(scaled, adv / (std + 1e-4))
 
 
 def test_kl_k3_by_hand():

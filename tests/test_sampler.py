@@ -1,12 +1,15 @@
 """The shared sampler against brute-force references and its batching guarantees."""
 
+import math
+
 import pytest
 import torch
 
 from benchmarks.llada_reference import llada_generate
 from conftest import EOS, MASK, PAD, tiny_model
-from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, generate, init_state,
-                                       prompt_alignment, sampling_logprobs, select_commits, transfer_counts)
+from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, entropy_before, generate,
+                                       init_state, policy_logprobs, prompt_alignment, sampling_logprobs,
+                                       select_commits, transfer_counts)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -118,13 +121,68 @@ def test_transfer_counts_follow_llada_schedule():
     assert counts.tolist() == [3, 3, 2, 2] and counts.sum() == 10
 
 
-def test_top_p_keeps_the_nucleus():
-    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
-    logq = sampling_logprobs(logits, torch.tensor([1.0]), torch.tensor([0.7]))
-    probs = logq.exp()[0, 0]
-    assert torch.allclose(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
-    assert torch.allclose(sampling_logprobs(logits, torch.tensor([0.0]), torch.tensor([1.0])).exp(),
-                          torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
+def test_ties_at_the_threshold_commit():
+    """EB commits while the entropy before a token is <= gamma, confidence while it is >= the threshold:
+    a tie exactly at the bound commits (all values below are exact in binary)."""
+    ent = torch.tensor([[0.5, 0.25, 1.0, 0.25, 0.125]])
+    cand = torch.tensor([[True, True, True, True, False]])
+    before, rank = entropy_before(ent, cand)
+    # ascending 0.25 (pos 1), 0.25 (pos 3), 0.5, 1.0; the sum before each, back in position order
+    assert before[0, :4].tolist() == [0.5, 0.0, 1.0, 0.25] and rank[0, :4].tolist() == [2, 0, 3, 1]
+    eb = select_commits(torch.zeros_like(ent), ent, cand, torch.tensor([2]), torch.tensor([0.5]), torch.tensor([0]))
+    assert eb.tolist() == [[True, True, False, True, False]]
+    learned = select_commits(torch.zeros_like(ent), ent, cand, torch.tensor([3]), torch.tensor([0.25]),
+                             torch.tensor([0]))
+    assert learned.tolist() == [[False, True, False, True, False]]  # `learned` selects like eb
+    conf = torch.tensor([[0.25, 0.5, 0.75, 0.5, 1.0]])
+    sel = select_commits(conf, ent, cand, torch.tensor([1]), torch.tensor([0.5]), torch.tensor([0]))
+    assert sel.tolist() == [[False, True, True, True, False]]
+
+
+def test_transfer_counts_with_a_remainder_go_to_the_first_steps():
+    counts = transfer_counts(torch.tensor([7] * 3), torch.tensor([3] * 3), torch.arange(3))
+    assert counts.tolist() == [3, 2, 2]
+    assert transfer_counts(torch.tensor([2]), torch.tensor([4]), torch.tensor([3])).tolist() == [1]  # at least one
+
+
+def test_policy_excludes_the_mask_token():
+    logits = torch.tensor([[[0.0, 9.0, math.log(3.0), math.log(4.0)]]])  # token 1 is the mask, and the favourite
+    logp = policy_logprobs(logits, mask_id=1)
+    torch.testing.assert_close(logp.exp(), torch.tensor([[[1 / 8, 0.0, 3 / 8, 4 / 8]]]))
+    logits.requires_grad_()
+    policy_logprobs(logits, mask_id=1)[0, 0, 3].backward()  # out of place, and gradients stay finite
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 0, 1] == 0
+
+
+def test_behaviour_distribution_by_hand():
+    """q = softmax(log pi / T) cut to the top-p nucleus; greedy is the point mass on the argmax."""
+    logp = torch.log(torch.tensor([[[0.5, 0.25, 0.125, 0.125]]]))
+    one, inf = torch.tensor([1.0]), float("inf")
+    torch.testing.assert_close(sampling_logprobs(logp, one, one), logp)
+    # T = 2: q proportional to sqrt(p)
+    sqrt = torch.tensor([0.5, 0.25, 0.125, 0.125]).sqrt()
+    torch.testing.assert_close(sampling_logprobs(logp, torch.tensor([2.0]), one).exp()[0, 0], sqrt / sqrt.sum())
+    # top_p 0.6: the smallest prefix whose mass reaches 0.6 is {0.5, 0.25}; top_p 0.75 is reached by the
+    # same two exactly, so the third token stays out (a tie at the bound closes the nucleus)
+    for top_p in (0.6, 0.75):
+        q = sampling_logprobs(logp, one, torch.tensor([top_p])).exp()[0, 0]
+        torch.testing.assert_close(q, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]))
+    q = sampling_logprobs(logp, one, torch.tensor([0.76])).exp()[0, 0]
+    torch.testing.assert_close(q, torch.tensor([4 / 7, 2 / 7, 1 / 7, 0.0]))
+    # T = 0: a point mass on the argmax, whatever top_p; per row in a batch
+    logp2 = torch.cat([logp, logp.flip(-1)])
+    q = sampling_logprobs(logp2, torch.tensor([0.0, 1.0]), torch.tensor([0.3, 1.0]))
+    assert q[0, 0].tolist() == [0.0, -inf, -inf, -inf]
+    torch.testing.assert_close(q[1], logp.flip(-1)[0])
+
+
+def test_recorded_logprob_is_the_behaviour_distribution(model):
+    """Greedy rows record log q = 0 (a point mass); sampled rows record log q of the token drawn."""
+    greedy = run(model, PROMPTS[:2], SamplingParams("eb", 8, threshold=0.5), return_trajectory=True)
+    assert (greedy.logprob[greedy.commit_step >= 0] == 0).all()
+    hot = run(model, PROMPTS[:2], SamplingParams("eb", 8, threshold=0.5, temperature=1.0, seed=0),
+              return_trajectory=True)
+    assert (hot.logprob[hot.commit_step >= 0] < 0).all()
 
 
 # ----------------------------------------------------------------------------- trajectory and stopping

@@ -153,6 +153,22 @@ def test_bad_request_gets_envelope(server, name, method, path, kwargs, status, p
     assert send(server, "GET", "/v1/models", {}).status_code == 200
 
 
+def test_unknown_route_method_and_model_errors_by_value(server):
+    """404 and 405 are OpenAI errors of type invalid_request_error with their own codes, not
+    FastAPI's {"detail": ...}; a 405 says which methods the route takes."""
+    r = send(server, "GET", "/v1/nothing-here", {})
+    assert r.status_code == 404
+    assert r.json() == {"error": {"message": "no route GET /v1/nothing-here", "type": "invalid_request_error",
+                                  "param": None, "code": "not_found"}}
+    r = send(server, "DELETE", "/v1/completions", {})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json() == {"error": {"message": "method DELETE is not allowed on /v1/completions",
+                                  "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}}
+    r = send(server, "POST", "/v1/completions", dict(json=completion(model="gpt-5")))
+    error = r.json()["error"]
+    assert r.status_code == 404 and error["type"] == "invalid_request_error" and error["code"] == "model_not_found"
+
+
 def test_server_still_generates_after_the_table(server):
     for _, method, path, kwargs, _, _ in CASES:
         send(server, method, path, kwargs)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import training.sft as sft
 from training.checkpoint import CheckpointError, load_trainer_state
 from training.config import SFTConfig
-from training.sft import forward_mask, lr_at, masked_diffusion_loss, train_sft
+from training.sft import batch_loss, forward_mask, lr_at, masked_diffusion_loss, train_sft
 
 
 def test_loss_by_hand():
@@ -38,6 +38,46 @@ def test_forward_mask_rate_follows_t():
     rate = masked[:, :48].float().mean(1)
     assert torch.corrcoef(torch.stack([rate, t]))[0, 1] > 0.95
     assert abs(rate.mean() - 0.5) < 0.02
+
+
+class SpyDenoiser(torch.nn.Module):
+    """Records its inputs and returns fixed random logits."""
+
+    def __init__(self, vocab=20):
+        super().__init__()
+        self.vocab, self.seen = vocab, []
+
+    def forward(self, input_ids, attention_mask):
+        self.seen.append((input_ids.clone(), attention_mask.clone()))
+        g = torch.Generator().manual_seed(int(input_ids.sum()))
+        return type("Out", (), {"logits": torch.randn(*input_ids.shape, self.vocab, generator=g)})()
+
+
+@pytest.mark.parametrize("weighting", ["inv_t", "masked_mean"])
+def test_batch_loss_masks_the_completion_only_and_scores_what_it_masked(weighting):
+    spy = SpyDenoiser()
+    targets = torch.tensor([[10, 11, 12, 13, 14, 15], [16, 17, 18, 19, 2, 2]])
+    loss, logits, _, masked = batch_loss(spy, [[5, 6, 7], [8]], targets, torch.Generator().manual_seed(0),
+                                         mask_id=1, pad_id=0, weighting=weighting)
+    t, want = forward_mask(torch.ones_like(targets, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert torch.equal(masked, want) and masked.any() and (~masked).any()
+    ids, attention = spy.seen[0]
+    assert ids[:, :3].tolist() == [[5, 6, 7], [0, 0, 8]]  # prompts left-padded, never masked
+    assert attention.tolist() == [[True] * 9, [False, False] + [True] * 7]
+    assert torch.equal(ids[:, 3:], torch.where(masked, torch.ones_like(targets), targets))
+    assert loss.item() == pytest.approx(masked_diffusion_loss(logits, targets, masked, t, weighting).item())
+    assert torch.equal(logits, spy(ids, attention).logits[:, 3:])
+
+
+def test_encode_examples_pads_with_eos_and_cuts_long_answers():
+    from training.data import encode_examples, left_pad
+    encode = lambda text: [ord(c) - 90 for c in text]  # noqa: E731
+    prompts, completions = encode_examples(encode, ["p", "qq"], ["ab", "abcdef"], gen_length=4, eos_id=2)
+    assert prompts == [[22], [23, 23]]
+    assert completions == [[7, 8, 2, 2], [7, 8, 9, 10]]
+    ids, attention = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert attention.tolist() == [[True] * 3, [False, False, True], [False] * 3]
 
 
 def test_lr_schedule():

@@ -86,6 +86,8 @@ class RLConfig:
     temperature: float = option(1.0, "rollout sampling temperature (0: greedy tokens; rows still draw their gamma "
                                 "from the head, so with --train sampler a group compares gammas on one prompt "
                                 "without sampling noise)")
+    top_p: float = option(1.0, "rollout nucleus: tokens are drawn from the top-p nucleus (the importance "
+                          "weight divides by that distribution)")
     sampler: str = option("steps", "rollout sampler (sampler/joint training always use learned)",
                           choices=["steps", "confidence", "eb", "learned"])
     threshold: float | None = option(None, "rollout sampler threshold (confidence / eb)")

@@ -11,6 +11,10 @@ A masked dLLM has no tractable sequence likelihood, so RL on it scores tokens wi
     scores the tokens committed at steps <= tau; pass B, on [masked prompt ; z_tau], scores the tokens
     committed after tau. Every completion token is scored exactly once; tau = K is d1's estimate.
 
+Both score tokens under the policy the sampler draws from, :func:`~diffpo_serve.dllm.sampler.policy_logprobs`
+(the model's softmax without the mask token), so that DiFFPO's importance weight compares one family
+of distributions (``training/loss.py``).
+
 Commit steps follow the sampler's convention: ``commit_step`` is 0-based (the token was committed by
 the forward pass numbered commit_step + 1), and -1 marks positions the sampler filled with EOS after
 the text was complete; those are never scored (``scored`` below).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from diffpo_serve.dllm.loading import model_logits
+from diffpo_serve.dllm.sampler import policy_logprobs
 
 
 def prompt_mask(prompt_attention: torch.Tensor, p_mask: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -46,8 +51,8 @@ def _token_logprobs(model, prompt_ids, prompt_attention, canvas, completion, mas
     ids = torch.cat([noisy_prompt, canvas], 1)
     attention = torch.cat([prompt_attention, torch.ones_like(canvas, dtype=torch.bool)], 1)
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model_logits(model, ids, attention, positions)[:, prompt_ids.shape[1]:].float()
-    return torch.log_softmax(logits, -1).gather(-1, completion[..., None]).squeeze(-1)
+    logits = model_logits(model, ids, attention, positions)[:, prompt_ids.shape[1]:]
+    return policy_logprobs(logits, mask_id).gather(-1, completion[..., None]).squeeze(-1)
 
 
 def mean_field_logprobs(model, prompt_ids, prompt_attention, completion, masked_prompt, mask_id) -> torch.Tensor:

@@ -9,6 +9,34 @@ The clipped policy-gradient objective of GRPO/d1, with DiFFPO's truncated import
     KL_j   = exp(r_j) - r_j - 1,  r_j = logp_ref_j - logp_theta_j    (k3 estimator, Schulman 2020)
 
 averaged over each sequence's scored tokens, then over the sequences. d1 is w = 1.
+
+The importance weight, defined once. Token y_j was committed at the rollout's step s_j in the context
+z_{s_j} (the prompt and the tokens committed before that step). The behaviour policy is what the
+sampler actually drew it from:
+
+    q(y | z) = nucleus_top_p( softmax(log pi(. | z) / T) )(y),   pi = softmax(logits) without the mask token
+
+(a point mass on the argmax at T = 0), computed by ``sampling_logprobs(policy_logprobs(...))`` in
+``diffpo_serve/dllm/sampler.py`` and recorded by the sampler as ``logp_behaviour_j = log q(y_j | z_{s_j})``.
+``logp_old_j`` is the surrogate of ``training/likelihood.py`` under the frozen policy: log pi_old(y_j |
+the surrogate's context: the prompt with p_mask masking and either all masks or z_tau), from the same
+``policy_logprobs`` at T = 1 and top_p = 1, because the policy RL trains is the model's own pi. The mask
+token is in neither term. So w_j = min(C, pi_old(y_j | surrogate context) / q(y_j | z_{s_j})) corrects
+exactly the two ways the sample differs from the surrogate being trained:
+
+- the context: the surrogate scores y_j in another context than the sampler drew it in. At T = 1,
+  top_p = 1 and p_mask = 0, a token committed at step 0 (scored by pass A on all masks) or at step tau
+  (pass B on z_tau) is scored in its own context, and w = 1 exactly;
+- the reshaping: at T != 1 the ratio carries pi / pi_T, with pi_T proportional to pi^(1/T) (T < 1 weights
+  down the likely tokens the sampler over-drew, up the unlikely ones, capped at C); with top_p < 1 a
+  token inside the nucleus gets pi / (pi / nucleus mass) = the nucleus mass < 1 (same context), and the
+  tokens outside the nucleus are never drawn, so their share of pi is missing from the estimate (a
+  bias toward the nucleus that no weight on drawn tokens can repair). At T = 0 q is a point mass, so
+  w = min(C, pi_old(y_j)).
+
+This is DiFFPO's truncated importance weight (arXiv 2510.02212): the samples come from the true
+multi-step sampler, the likelihood from the tractable two-stage surrogate, and truncating at C bounds
+the variance (truncated importance sampling, Ionides 2008).
 """
 
 from __future__ import annotations
@@ -33,7 +61,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_std: boo
 
 
 def truncated_is_weight(logp_old: torch.Tensor, logp_behaviour: torch.Tensor, cap: float) -> torch.Tensor:
-    """w = min(C, pi_old / pi_behaviour) per token, detached."""
+    """w = min(C, pi_old / q) per token, detached: ``logp_old`` the surrogate under the frozen policy,
+    ``logp_behaviour`` the sampler's recorded log q (see the module docstring for both)."""
     return torch.exp(logp_old - logp_behaviour).clamp(max=cap).detach()
 
 

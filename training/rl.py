@@ -13,7 +13,9 @@ model is pushed toward those that decoded in fewer passes). The two algorithms d
 only in the likelihood surrogate (:mod:`training.likelihood`) and the importance weight:
 
   d1      one-pass mean-field log-probs, w = 1;
-  diffpo  two-stage log-probs at a tau drawn from the rollout's own steps, w = min(C, pi_old/pi_behaviour).
+  diffpo  two-stage log-probs at a tau drawn from the rollout's own steps, w = min(C, pi_old/q), q the
+          distribution the sampler drew each token from (temperature, top-p; :mod:`training.loss` says
+          what the weight corrects).
 
 A fresh prompt mask (and tau) is drawn for each inner step and shared by the current, old and
 reference models. Every random draw is seeded by (seed, step, process), so ``--resume`` after a kill
@@ -166,7 +168,8 @@ def train_rl(cfg: RLConfig) -> RLRun:
     gen_length = cfg.gen_length or max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
     sampler = "learned" if train_head else cfg.sampler
     params = SamplingParams(sampler, gen_length, block_length=cfg.block_length, steps=cfg.steps,
-                            threshold=None if train_head else cfg.threshold, temperature=cfg.temperature).resolved()
+                            threshold=None if train_head else cfg.threshold, temperature=cfg.temperature,
+                            top_p=cfg.top_p).resolved()
     pool = _example_pool(cfg, "train", cfg.train_examples)
     eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
         if cfg.eval_every else {}

@@ -20,12 +20,13 @@ chosen by that row's ``sampler``:
                 generator when the state samples thresholds (RL rollouts). A given ``threshold``
                 overrides the head.
 
-Confidence and entropy are those of the model's predictive distribution softmax(logits) (with the mask
-token excluded: a committed mask would never be unmasked); tokens are
-drawn from the sampling distribution softmax(logits / temperature) cut to ``top_p`` (argmax when the
-temperature is 0), and the log-probability of each committed token under that distribution is
-recorded with its commit step: the trajectory that RL needs. Each row has its own seeded generator, so
-a row's output does not depend on the rest of the batch.
+Confidence and entropy are those of the model's policy pi = :func:`policy_logprobs` (softmax of the
+logits with the mask token excluded: a committed mask would never be unmasked); tokens are drawn from
+the behaviour distribution q = :func:`sampling_logprobs` (pi at ``temperature`` cut to ``top_p``; a
+point mass on the argmax when the temperature is 0), and log q of each committed token is recorded
+with its commit step: the trajectory that RL needs (its importance weight divides the surrogate's
+pi_old, computed with the same :func:`policy_logprobs`, by this q; see ``training/loss.py``). Each row
+has its own seeded generator, so a row's output does not depend on the rest of the batch.
 
 A row finishes when its text is determined: every block is committed, or an EOS (any of the state's
 ``eos_ids``: chat models end a turn with their own token) is committed with no mask before it (the
@@ -307,11 +308,27 @@ def prompt_alignment(model: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- the maths, pure functions
 
-def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """log q(x) of the sampling distribution: softmax(logits / T) restricted to the top-p nucleus.
+def policy_logprobs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """log pi(x): the model's distribution over the vocabulary without the mask token, (..., V) float.
 
-    logits (b, n, V); temperature, top_p (b,). Rows with T = 0 use T = 1 here (their token is the
-    argmax; its log-prob is then reported under the model's own distribution).
+    The one definition of the policy a dLLM samples from and RL trains: the sampler reads confidence
+    and entropy from it and draws from :func:`sampling_logprobs` of it, and RL's likelihood surrogates
+    (``training/likelihood.py``) score completions with it, so that the truncated importance weight
+    pi_old / q compares two distributions of one family. The mask token gets log-prob -inf: it is
+    never drawn, so it never enters either term. Out of place (autograd-safe).
+    """
+    column = torch.tensor([mask_id], device=logits.device)
+    return torch.log_softmax(logits.float().index_fill(-1, column, float("-inf")), dim=-1)
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """log q(x): the behaviour distribution a row actually draws its tokens from.
+
+    ``logits`` (b, n, V) are the policy's log-probs (:func:`policy_logprobs`; logits with the mask
+    at -inf give the same q); temperature, top_p (b,). With T > 0, q = softmax(log pi / T) restricted
+    to the top-p nucleus (the smallest prefix of the sorted distribution whose mass reaches top_p,
+    the first token always) and renormalised; with T = 0 (greedy) q is the point mass on the argmax
+    (log q = 0 there, -inf elsewhere), whatever top_p. T = 1 with top_p = 1 is pi itself.
     """
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     logq = torch.log_softmax(logits.float() / t[:, None, None], dim=-1)
@@ -322,6 +339,9 @@ def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: to
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p[:, None, None]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logq = torch.log_softmax(logq.masked_fill(drop, float("-inf")), dim=-1)
+    if bool((temperature == 0).any()):
+        point = torch.full_like(logq, float("-inf")).scatter(-1, logits.argmax(-1, keepdim=True), 0.0)
+        logq = torch.where((temperature == 0)[:, None, None], point, logq)
     return logq
 
 
@@ -416,8 +436,7 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
         logits, hidden = model_logits(model, canvas, attention, positions, hidden=True)
     else:
         logits = model_logits(model, canvas, attention, positions)
-    logits = logits[:, pw:].float()  # r, gw, V
-    logits[..., state.mask_id] = float("-inf")  # never 'predict' the mask token: a row could stall on it
+    logp = policy_logprobs(logits[:, pw:], state.mask_id)  # r, gw, V; never the mask: a row could stall on it
 
     gen = canvas[:, pw:]
     j = torch.arange(gw, device=gen.device)
@@ -426,16 +445,14 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     in_block = (j >= block_start[:, None]) & (j < block_end[:, None])
     candidates = (gen == state.mask_id) & in_block
 
-    logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
     entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
     if choosing:  # before any threshold is read below
         _choose_thresholds(state, rows[pending], hidden[pending], attention[pending], entropy[pending])
     temperature, top_p = state.temperature[rows], state.top_p[rows]
-    reshaped = ((temperature > 0) & (temperature != 1)) | (top_p < 1)
-    # T = 1 (or greedy) without a nucleus: the sampling distribution is the model's own, computed above
-    logq = sampling_logprobs(logits, temperature, top_p) if bool(reshaped.any()) else logp
-    tokens = logits.argmax(-1)
+    # the behaviour distribution q; at T = 1 without a nucleus it is the policy itself, computed above
+    logq = sampling_logprobs(logp, temperature, top_p) if bool(((temperature != 1) | (top_p < 1)).any()) else logp
+    tokens = logp.argmax(-1)
     for i, r in enumerate(rows.tolist()):
         g = state.generators[r]
         if g is not None and state.temperature[r] > 0:
