@@ -25,6 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from diffpo_serve.dllm import model as _own_model  # noqa: F401  (registers our config and model)
+from diffpo_serve.dllm.step_policy import StepPolicyError, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHeadError, load_head
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "bundled_model"
@@ -56,6 +57,7 @@ class LoadedModel:
     max_length: int
     threshold_head: torch.nn.Module | None = None  # DiFFPO's learned per-prompt threshold, if the model has one
     compiled: str | None = None  # what torch.compile compiled (compile=True), e.g. "4 Block layers"
+    step_policy: torch.nn.Module | None = None  # the learned per-step commit policy (sampler `policy`), if any
 
     @property
     def device(self) -> torch.device:
@@ -182,7 +184,8 @@ def load_model(
                      or tokenizer.model_max_length)
     try:
         head = load_head(path, device=device)
-    except ThresholdHeadError as e:
+        policy = load_policy(path, device=device)
+    except (ThresholdHeadError, StepPolicyError) as e:
         raise ModelLoadError(str(e)) from e
     compiled = None
     if compile:
@@ -195,7 +198,7 @@ def load_model(
                                  "the model runs as it is") from e
     return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
                        path=str(path), name=path.name, max_length=max_length, threshold_head=head,
-                       compiled=compiled)
+                       compiled=compiled, step_policy=policy)
 
 
 def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
