@@ -265,6 +265,8 @@ def train_rl(cfg: RLConfig) -> RLRun:
                 save_checkpoint(ckpt, model=unwrapped, tokenizer=tokenizer, step=step, optimizer=optimizer,
                                 extra=extra, head=head_unwrapped, policy=policy_unwrapped)
                 _export(unwrapped, tokenizer, out, bool(cfg.lora_r and train_model), head_unwrapped, policy_unwrapped)
+    if cfg.max_steps == 0 and accelerator.is_main_process:  # e.g. a step policy's warm start alone
+        _export(unwrapped, tokenizer, out, False, head_unwrapped, policy_unwrapped)
     accelerator.wait_for_everyone()
     return RLRun(out, unwrapped)
 
