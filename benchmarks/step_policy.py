@@ -44,7 +44,7 @@ from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, generate, in
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.tasks import get_task  # noqa: E402
 
-KNOBS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
+KNOBS = [0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99]
 
 
 def decode(loaded, task, data, params: SamplingParams, batch_size: int, policy=None) -> list[dict]:
@@ -163,7 +163,7 @@ def mixed(rows: list[dict], tasks: list[str], per_prompt: dict) -> list[dict]:
 
 
 @torch.no_grad()
-def policy_cost(loaded, policy, data, gen: int, batch: int = 128, repeats: int = 30) -> dict:
+def policy_cost(loaded, policy, data, gen: int, batch: int = 128, repeats: int = 10) -> dict:
     """Seconds of a batched first step with eb rows and with policy rows (median of ``repeats``)."""
     prompts = [loaded.encode(ex["prompt"]) for ex in data[:batch]]
     kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id, device=loaded.device)

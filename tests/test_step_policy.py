@@ -257,3 +257,18 @@ def test_hidden_state_features_reach_the_policy(model):
 def _first_pass_inputs(prompts, gen):
     state = init_state(prompts, SamplingParams("eb", gen, threshold=0.1), **IDS)
     return state.canvas, state.attention_mask, state.position_ids()
+
+
+def test_setting_the_operating_point_moves_the_threshold_into_the_network():
+    policy = random_policy(6)
+    f = torch.randn(400, len(FEATURE_NAMES))
+    p = policy.probability(f).detach()
+    policy.set_operating_point(0.8)
+    q = policy.probability(f).detach()
+    assert policy.threshold == 0.5
+    expected = torch.sigmoid(torch.logit(p.double()) - math.log(0.8 / 0.2))
+    assert torch.allclose(q.double(), expected, atol=1e-5)
+    assert ((q >= 0.5) == (p >= 0.8)).float().mean() > 0.99  # the same greedy rule (up to rounding at the edge)
+    assert 0 < float((p >= 0.8).float().mean()) < 1
+    with pytest.raises(ValueError, match="operating point"):
+        policy.set_operating_point(1.0)

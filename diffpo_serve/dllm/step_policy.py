@@ -36,6 +36,7 @@ trained operating point ``threshold``, the default knob) and loaded with the mod
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -152,6 +153,16 @@ class StepPolicy(nn.Module):
         x = features.reshape(-1, self.feature_size).float()
         self.shift.copy_(x.mean(0))
         self.scale.copy_(x.std(0).clamp(min=1e-3))
+
+    @torch.no_grad()
+    def set_operating_point(self, point: float) -> None:
+        """Fold a chosen threshold into the network: afterwards p' = sigmoid(logit(p) - logit(point)), so
+        p' >= 0.5 exactly where p >= point, and ``threshold`` becomes 0.5, the mode of each Bernoulli.
+        RL rollouts then sample around the greedy rule at ``point`` instead of around p >= 0.5."""
+        if not 0 < point < 1:
+            raise ValueError(f"operating point must be in (0, 1); got {point}")
+        self.net[-1].bias -= math.log(point / (1 - point))
+        self.threshold = 0.5
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
