@@ -17,7 +17,7 @@ For every point: accuracy (mean reward) with its standard error, and ``eb_nfe_at
 that fixed gammas need for the same accuracy (mixing two neighbouring gammas across prompts: the
 lower hull of NFE vs accuracy), and the saving. ``summary``: for each sampler, its cheapest point
 within one standard error of the most accurate fixed gamma's accuracy, against the cheapest fixed
-gamma within one standard error of it. ``cost``: the policy's own share of a batched step (features
+gamma within one standard error of it, and its largest ``saving`` among its points in that range. ``cost``: the policy's own share of a batched step (features
 and network), measured as (time of a step with policy rows - time with eb rows) / time with eb rows.
 Writes docs/results/NAME.{md,json,png}.
 
@@ -30,7 +30,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import replace
+from pathlib import Path
 
 import matplotlib
 
@@ -44,7 +44,7 @@ from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, generate, in
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.tasks import get_task  # noqa: E402
 
-KNOBS = [0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99]
+KNOBS = [0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98]
 
 
 def decode(loaded, task, data, params: SamplingParams, batch_size: int, policy=None) -> list[dict]:
@@ -145,10 +145,12 @@ def summary_rows(rows: list[dict]) -> list[dict]:
                 out.append({"task": task, "name": name, "setting": "(none within 1 SE)", "target": target})
                 continue
             best = min(cands, key=lambda r: r["mean_nfe"])
+            savings = [r["saving"] for r in cands if r.get("saving") == r.get("saving") and "saving" in r]
             out.append({"task": task, "name": name, "setting": best["setting"], "target": target,
                         "accuracy": best["accuracy"], "mean_nfe": best["mean_nfe"], "eb_setting": eb_best["setting"],
                         "eb_accuracy": eb_best["accuracy"], "eb_mean_nfe": eb_best["mean_nfe"],
-                        "fewer_nfe": 1 - best["mean_nfe"] / eb_best["mean_nfe"]})
+                        "fewer_nfe": 1 - best["mean_nfe"] / eb_best["mean_nfe"],
+                        "best_saving_vs_front": max(savings) if savings else float("nan")})
     return out
 
 
@@ -227,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--knobs", default=",".join(map(str, KNOBS)), help="the policy thresholds swept")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--name", default="step_policy")
+    ap.add_argument("--cache", default=None, help="JSON file of per-prompt results reused across runs (greedy "
+                    "decodes are deterministic), keyed by task, model/policy directory, sampler and setting")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
     loaded = load_model(args.model)
@@ -241,8 +245,17 @@ def main(argv=None):
         policies[name] = policy
     knobs = [float(k) for k in args.knobs.split(",")]
     rows, per_prompt, t0 = [], {}, time.time()
+    cache_path = Path(args.cache) if args.cache else None
+    cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
+    paths = {"policy": dict(i.partition("=")[::2] for i in args.policies.split(","))}
 
-    def add(task, name, sampler, setting, per):
+    def add(task, name, sampler, setting, run):
+        key = "|".join([task, str(args.n), paths["policy"].get(name, loaded.path), sampler, setting])
+        if key not in cache:
+            cache[key] = run()
+            if cache_path:
+                cache_path.write_text(json.dumps(cache))
+        per = cache[key]
         per_prompt[(task, name, sampler, setting)] = per
         rows.append({"task": task, "name": name, "sampler": sampler, "setting": setting, **summarise(per)})
         print(json.dumps(rows[-1]), flush=True)
@@ -251,17 +264,19 @@ def main(argv=None):
         task, gen = get_task(task_name), get_task(task_name).GEN_LENGTH
         data = list(task.make_dataset("test", args.n, seed=0))
         bs = args.batch_size
-        add(task_name, "steps", "steps", f"steps={gen}", decode(loaded, task, data, SamplingParams("steps", gen), bs))
+        add(task_name, "steps", "steps", f"steps={gen}",
+            lambda: decode(loaded, task, data, SamplingParams("steps", gen), bs))
         for g in DEFAULT_GRID:
             add(task_name, "eb", "eb", f"gamma {g:.4g}",
-                decode(loaded, task, data, SamplingParams("eb", gen, threshold=g), bs))
+                lambda: decode(loaded, task, data, SamplingParams("eb", gen, threshold=g), bs))
         if loaded.threshold_head is not None:
-            add(task_name, "learned", "learned", "head", decode(loaded, task, data, SamplingParams("learned", gen), bs))
-        add(task_name, "oracle", "oracle", "step oracle", oracle_decode(loaded, task, data, gen, bs))
+            add(task_name, "learned", "learned", "head",
+                lambda: decode(loaded, task, data, SamplingParams("learned", gen), bs))
+        add(task_name, "oracle", "oracle", "step oracle", lambda: oracle_decode(loaded, task, data, gen, bs))
         for name, policy in policies.items():
             for k in knobs:
                 add(task_name, name, "policy", f"p >= {k:g}",
-                    decode(loaded, task, data, SamplingParams("policy", gen, threshold=k), bs, policy))
+                    lambda: decode(loaded, task, data, SamplingParams("policy", gen, threshold=k), bs, policy))
     if len(tasks) > 1:
         rows += mixed(rows, tasks, per_prompt)
     add_front_columns(rows)
@@ -281,7 +296,7 @@ def main(argv=None):
             f"gammas mixed across prompts); `saving` = 1 - mean_nfe / eb_nfe_at_acc. Machine: {machine()}; "
             f"{time.time() - t0:.0f} s.\n\n## Equal accuracy (within one SE of the most accurate fixed gamma)\n\n"
             + markdown_table(summary, ["task", "name", "setting", "accuracy", "mean_nfe", "eb_setting", "eb_accuracy",
-                                       "eb_mean_nfe", "fewer_nfe"])
+                                       "eb_mean_nfe", "fewer_nfe", "best_saving_vs_front"])
             + "\n\n## The policy's own cost per step (first step of a batch, median)\n\n"
             + markdown_table([{"policy": n, **c} for n, c in cost.items()],
                              ["policy", "rows", "eb_step_ms", "policy_step_ms", "policy_share"])
