@@ -71,7 +71,7 @@ class RLConfig:
     warm_start_epochs: int = option(5, "epochs of the warm start's binary cross-entropy fit")
     warm_start_point: float | None = option(0.9, "after the warm start, fold this threshold into the policy "
                                             "(p >= point becomes p >= 0.5, its new operating point), so RL rollouts "
-                                            "sample around that rule (None: keep 0.5)")
+                                            "sample around that rule (0: keep 0.5)")
     lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
     model_reward: str = option("task", "reward of the dLLM's loss: task (correctness only) or sampler (the NFE-"
                                "penalised sampler reward, so correct-and-fast rollouts count most; joint training)",

@@ -142,7 +142,7 @@ def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: i
         t0 = time.perf_counter()
         features, labels = warm_start_data(base, prompts, gen_length, behaviour, policy=policy)
         loss = fit_warm_start(policy, features, labels, epochs=cfg.warm_start_epochs, seed=cfg.seed)
-        if cfg.warm_start_point is not None:
+        if cfg.warm_start_point:
             policy.set_operating_point(cfg.warm_start_point)
         log.info("step policy warm start: %d prompts, %d tokens, BCE %.4f, %.0f s", len(prompts), len(labels), loss,
                  time.perf_counter() - t0)
