@@ -219,6 +219,13 @@ def plot(rows: list[dict], panels: list[str], path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def _shown(path: str) -> str:
+    """A path relative to the repository when it is inside it."""
+    root = RESULTS.parents[1]
+    p = Path(path).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
@@ -251,10 +258,15 @@ def main(argv=None):
 
     def add(task, name, sampler, setting, run):
         key = "|".join([task, str(args.n), paths["policy"].get(name, loaded.path), sampler, setting])
+        if key not in cache and cache_path and cache_path.exists():  # another run may have added it since
+            cache.update(json.loads(cache_path.read_text()))
         if key not in cache:
             cache[key] = run()
             if cache_path:
-                cache_path.write_text(json.dumps(cache))
+                cache.update({**json.loads(cache_path.read_text()), **cache} if cache_path.exists() else {})
+                tmp = cache_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cache))
+                tmp.replace(cache_path)
         per = cache[key]
         per_prompt[(task, name, sampler, setting)] = per
         rows.append({"task": task, "name": name, "sampler": sampler, "setting": setting, **summarise(per)})
@@ -288,7 +300,7 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, panels, RESULTS / f"{args.name}.png")
     text = (f"# The per-step commit policy vs fixed gamma, the per-prompt head and the step oracle\n\n"
-            f"Model `{loaded.path}`; policies: " + ", ".join(f"`{n}` = `{p}`" for n, p in
+            f"Model `{_shown(loaded.path)}`; policies: " + ", ".join(f"`{n}` = `{p}`" for n, p in
                                                             (i.partition('=')[::2] for i in args.policies.split(",")))
             + f". {args.n} generated test prompts per task (seed 0), greedy, one {first.GEN_LENGTH}-token block, one "
             f"run each (deterministic); `mixed` pools the tasks' prompts in equal parts. `se`: standard error of the "
