@@ -17,8 +17,9 @@ For every point: accuracy (mean reward) with its standard error, and ``eb_nfe_at
 that fixed gammas need for the same accuracy (mixing two neighbouring gammas across prompts: the
 lower hull of NFE vs accuracy), and the saving. ``summary``: for each sampler, its cheapest point
 within one standard error of the most accurate fixed gamma's accuracy, against the cheapest fixed
-gamma within one standard error of it, and its largest ``saving`` among its points in that range. ``cost``: the policy's own share of a batched step (features
-and network), measured as (time of a step with policy rows - time with eb rows) / time with eb rows.
+gamma within one standard error of it, and its largest ``saving`` among its points in that range.
+``cost``: the policy's own share of a batched step (features and network), measured as (time of a
+step with policy rows - time with eb rows) / time with eb rows.
 Writes docs/results/NAME.{md,json,png}.
 
     python -m benchmarks.step_policy --policies ws=runs/policy/ws,rl=runs/policy/rl [--n 1000]
