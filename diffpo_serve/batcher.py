@@ -14,7 +14,9 @@ so requests with different prompts, lengths and sampling parameters share every 
 row's output is exactly what it would be alone (the sampler keeps per-row generators and padding
 that the row cannot see). A row's threshold is the request's, the sampler's default, or, for
 ``learned`` rows, the model's threshold head's choice, made once per row inside the sampler's first
-forward pass for it (no extra pass); updates report the threshold each row really used.
+forward pass for it (no extra pass); ``policy`` rows are decided per step by the model's step
+policy, whose per-row state (the previous pass's argmax) lives in the BatchState and so survives rows
+joining and leaving; updates report the threshold each row really used.
 
 The asyncio side talks to the thread through :class:`RequestHandle`: :meth:`Batcher.submit` queues a
 request's rows (or raises :class:`QueueFull` / :class:`Draining`), and the thread delivers
@@ -341,6 +343,7 @@ class Batcher:
             params = [h.rows[c].params.resolved() for h, c in admitted]
             new = init_state(prompts, params, mask_id=self.loaded.mask_id, eos_id=self.loaded.eos_id,
                              eos_ids=self.loaded.eos_ids, pad_id=self.loaded.pad_id, device=self._device, head=self.loaded.threshold_head,
+                             policy=self.loaded.step_policy,
                              align=self._align)
         except Exception:
             log.exception("cannot admit %d rows", len(admitted))

@@ -157,10 +157,15 @@ class Engine:
 
     def _sampling_params(self, req, gen_length: int, length_param: str) -> SamplingParams:
         sampler = req.sampler or self.settings.default_sampler or (
+            "policy" if self.loaded.step_policy is not None else
             "learned" if self.loaded.threshold_head is not None else "steps")
         if sampler == "learned" and req.threshold is None and self.loaded.threshold_head is None:
             raise APIError(400, "sampler `learned` needs a model with a threshold head and this model has none; "
                                 "give `threshold` or use `steps`, `confidence` or `eb`",
+                           param="sampler", code="unsupported_sampler")
+        if sampler == "policy" and self.loaded.step_policy is None:
+            raise APIError(400, "sampler `policy` needs a model with a step policy and this model has none; "
+                                "use `steps`, `confidence`, `eb` or `learned`",
                            param="sampler", code="unsupported_sampler")
         params = SamplingParams(
             sampler=sampler, gen_length=gen_length, block_length=req.block_length, steps=req.steps,

@@ -106,9 +106,13 @@ class _GenerationFields(BaseModel):
 _SAMPLER_HELP = ("diffusion extra: decoding strategy. `steps` (LLaDA low-confidence remasking, NFE = steps), "
                  "`confidence` (Fast-dLLM: commit tokens with confidence >= threshold), `eb` (entropy-bounded: "
                  "commit while the summed entropy stays <= threshold), `learned` (threshold from the model's "
-                 "threshold head; only for models that have one). Default: the server's --default-sampler.")
-_THRESHOLD_HELP = ("diffusion extra: `confidence` minimum confidence or `eb` gamma; overrides the sampler "
-                   "default (confidence 0.9, eb 0.3) and a learned head. Ignored by `steps`.")
+                 "threshold head; only for models that have one), `policy` (the model's learned per-step commit "
+                 "policy: each pass commits the masked tokens whose commit probability >= threshold; only for "
+                 "models that have one). Default: the server's --default-sampler.")
+_THRESHOLD_HELP = ("diffusion extra: `confidence` minimum confidence, `eb` gamma, or `policy` minimum commit "
+                   "probability (0: the whole block at once; above 1: one token per pass); overrides the sampler "
+                   "default (confidence 0.9, eb 0.3, policy: its trained operating point) and a learned head. "
+                   "Ignored by `steps`.")
 _BLOCK_HELP = "diffusion extra: semi-autoregressive block length in tokens (default: one block of max_tokens)."
 _STEPS_HELP = ("diffusion extra: `steps` sampler only: total forward passes, a multiple of the number of "
                "blocks (default: max_tokens, one token per pass).")
@@ -117,7 +121,7 @@ _RETURN_STEPS_HELP = ("diffusion extra, /v1/completions with stream=true only: a
                       "`text_completion.step` chunk per forward pass of each choice (positions committed at "
                       "that pass, their token ids and texts, the current block).")
 
-Sampler = Literal["steps", "confidence", "eb", "learned"]
+Sampler = Literal["steps", "confidence", "eb", "learned", "policy"]
 
 
 class CompletionRequest(_GenerationFields):

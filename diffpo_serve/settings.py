@@ -46,7 +46,8 @@ class ServerSettings:
         None, "gen_length when a request sets no max_tokens (default: the model's generation_config "
               "max_new_tokens, else 16)")
     default_sampler: str | None = option(None, f"sampler when a request names none ({', '.join(SAMPLERS)}; default: "
-                                              "learned when the model has a threshold head, else steps)")
+                                              "policy when the model has a step policy, else learned when it has a threshold head, "
+                                              "else steps)")
     default_temperature: float = option(0.0, "temperature when a request sets none (0: greedy; at most 2, as in OpenAI's API)")
     device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's). bfloat16 "

@@ -115,3 +115,54 @@ def test_batch_dependent_counts_rows_whose_output_changes_with_the_batch(model, 
     sensitive = LoadedModel(BatchSensitive(model), tokenizer, MASK, PAD, EOS, "tiny", "tiny", 512)
     assert batch_dependent(sensitive, prompts, params, batch=3) == 6
     assert batch_dependent(sensitive, prompts, params, batch=1) == 0  # batches of one are alone
+
+
+# ----------------------------------------------------------------------------- benchmarks/step_policy.py
+
+def test_eb_nfe_at_accuracy_mixes_two_fixed_points():
+    from benchmarks.step_policy import nfe_at_accuracy
+    front = [(1.0, 0.5), (4.0, 0.8), (16.0, 0.9), (8.0, 0.7)]
+    assert nfe_at_accuracy(front, 0.5) == pytest.approx(1.0)
+    assert nfe_at_accuracy(front, 0.6) == pytest.approx(2.0)  # a third of the prompts at 4 passes, the rest at 1
+    assert nfe_at_accuracy(front, 0.85) == pytest.approx(10.0)
+    assert nfe_at_accuracy(front, 0.95) != nfe_at_accuracy(front, 0.95)  # unreachable: nan
+
+
+def test_step_policy_summary_compares_within_one_standard_error():
+    from benchmarks.step_policy import summarise, summary_rows
+    s = summarise([{"reward": 1.0, "nfe": 2}, {"reward": 0.0, "nfe": 4}, {"reward": 1.0, "nfe": 3}])
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["mean_nfe"] == pytest.approx(3.0)
+    assert s["se"] == pytest.approx((1 / 3) ** 0.5 / 3 ** 0.5)  # sample std sqrt(1/3), over sqrt(n)
+    rows = [{"task": "t", "name": "eb", "sampler": "eb", "setting": "a", "accuracy": 0.50, "se": 0.02, "mean_nfe": 8},
+            {"task": "t", "name": "eb", "sampler": "eb", "setting": "b", "accuracy": 0.49, "se": 0.02, "mean_nfe": 4},
+            {"task": "t", "name": "eb", "sampler": "eb", "setting": "c", "accuracy": 0.40, "se": 0.02, "mean_nfe": 1},
+            {"task": "t", "name": "p", "sampler": "policy", "setting": "x", "accuracy": 0.485, "se": 0.02,
+             "mean_nfe": 3},
+            {"task": "t", "name": "p", "sampler": "policy", "setting": "y", "accuracy": 0.45, "se": 0.02,
+             "mean_nfe": 2}]
+    (row,) = summary_rows(rows)
+    assert (row["setting"], row["eb_setting"]) == ("x", "b")  # y is more than one SE below 0.50
+    assert row["fewer_nfe"] == pytest.approx(0.25)
+
+
+def test_step_oracle_with_full_step_answers_commits_them(model):
+    """On a tiny model, the oracle's decode reproduces every full-step answer (a bound that holds by
+    construction) in no more passes than full steps, and in fewer on some prompt."""
+    from types import SimpleNamespace
+
+    from benchmarks.step_policy import oracle_decode
+    from conftest import EOS, MASK, PAD
+    from diffpo_serve.dllm.sampler import SamplingParams, generate
+
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [20, 21, 22, 23]]
+    full = generate(model, prompts, SamplingParams("steps", 8), mask_id=MASK, eos_id=EOS, pad_id=PAD)
+    loaded = SimpleNamespace(model=model, mask_id=MASK, eos_id=EOS, pad_id=PAD, device="cpu",
+                             encode=lambda text: [int(t) for t in text.split()],
+                             decode=lambda ids: (" ".join(map(str, ids)), False))
+    task = SimpleNamespace(reward=lambda text, ex: float(text == ex["answer"]))
+    data = [{"prompt": " ".join(map(str, p)), "answer": " ".join(map(str, a))}
+            for p, a in zip(prompts, full.sequences.tolist())]
+    rows = oracle_decode(loaded, task, data, 8, 3)  # batches of 3: the oracle pads and stops rows like the sampler
+    assert [r["reward"] for r in rows] == [1.0] * 4
+    assert all(1 <= r["nfe"] <= int(n) for r, n in zip(rows, full.nfe))
+    assert sum(r["nfe"] for r in rows) < int(full.nfe.sum())

@@ -395,9 +395,9 @@ def test_train_rl_hands_its_settings_to_rollouts_and_updates(loaded, tmp_path, m
     seen = {}
     real_rollout, real_model, real_head = rl.rollout, rl._model_update, rl._head_update
 
-    def spy_rollout(model, loaded_, examples, reward_fn, num_generations, params, seed, head=None):
+    def spy_rollout(model, loaded_, examples, reward_fn, num_generations, params, seed, head=None, **kw):
         seen["rollout"] = (len(examples), num_generations, params, head)
-        seen["batch"] = real_rollout(model, loaded_, examples, reward_fn, num_generations, params, seed, head)
+        seen["batch"] = real_rollout(model, loaded_, examples, reward_fn, num_generations, params, seed, head, **kw)
         return seen["batch"]
 
     def spy_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest):

@@ -49,15 +49,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(directory: Path, *, model, tokenizer, step: int, optimizer=None, scheduler=None,
-                    extra: dict | None = None, head=None) -> None:
-    """Write a complete checkpoint of a training run to ``directory`` (atomically); ``head``: the
-    model's threshold head, saved next to its weights."""
+                    extra: dict | None = None, head=None, policy=None) -> None:
+    """Write a complete checkpoint of a training run to ``directory`` (atomically); ``head``/``policy``:
+    the model's threshold head and step policy, saved next to its weights."""
 
     def write(tmp: Path):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if head is not None:
             head.save(tmp)
+        if policy is not None:
+            policy.save(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
                     "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state(),
                     "extra": extra or {}}, tmp / STATE_FILE)

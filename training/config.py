@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import get_type_hints
 
+from diffpo_serve.dllm.sampler import SAMPLERS
+from diffpo_serve.dllm.step_policy import FEATURE_SETS
 from diffpo_serve.dllm.threshold_head import FEATURES
 
 
@@ -56,14 +58,26 @@ class RLConfig:
 
     algo: str = option("diffpo", "likelihood surrogate: d1 (one-pass mean-field) or diffpo "
                        "(two-stage with truncated importance weights)", choices=["d1", "diffpo"])
-    train: str = option("model", "what to train: model (the dLLM), sampler (only the threshold head, model "
+    train: str = option("model", "what to train: model (the dLLM), sampler (only the learned sampler, model "
                         "frozen) or joint (both, from the same rollouts)", choices=["model", "sampler", "joint"])
+    sampler_kind: str = option("head", "the learned sampler of --train sampler/joint: head (the per-prompt "
+                               "threshold head, sampler `learned`) or policy (the per-step commit policy, sampler "
+                               "`policy`; --train sampler only for now)", choices=["head", "policy"])
+    policy_features: str = option("basic", "a new step policy's input: basic (8 per-token features of the pass) "
+                                  "or basic+hidden (also the token's final hidden state)", choices=list(FEATURE_SETS))
+    warm_start_prompts: int = option(4000, "a new step policy: training prompts (per task) of its supervised warm "
+                                     "start (label: the argmax equals the full-step answer's token; 0: no warm start)")
+    warm_start_gamma: float = option(0.1, "EB gamma of the behaviour decodes the warm start's features come from")
+    warm_start_epochs: int = option(5, "epochs of the warm start's binary cross-entropy fit")
+    warm_start_point: float | None = option(0.9, "after the warm start, fold this threshold into the policy "
+                                            "(p >= point becomes p >= 0.5, its new operating point), so RL rollouts "
+                                            "sample around that rule (0: keep 0.5)")
     lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
     model_reward: str = option("task", "reward of the dLLM's loss: task (correctness only) or sampler (the NFE-"
                                "penalised sampler reward, so correct-and-fast rollouts count most; joint training)",
                                choices=["task", "sampler"])
     entropy_coef: float = option(0.01, "entropy bonus of the threshold head's REINFORCE loss")
-    head_lr: float = option(3e-3, "learning rate of the threshold head (AdamW)")
+    head_lr: float = option(3e-3, "learning rate of the threshold head or step policy (AdamW)")
     head_features: str = option("prompt", "a new threshold head's input: prompt (mean prompt hidden state), "
                                 "prompt+answer (also the mean over the all-mask answer region) or prompt+answer+eb "
                                 "(also the fraction of the answer EB would commit in the first pass at each gamma)",
@@ -88,8 +102,8 @@ class RLConfig:
                                 "without sampling noise)")
     top_p: float = option(1.0, "rollout nucleus: tokens are drawn from the top-p nucleus (the importance "
                           "weight divides by that distribution)")
-    sampler: str = option("steps", "rollout sampler (sampler/joint training always use learned)",
-                          choices=["steps", "confidence", "eb", "learned"])
+    sampler: str = option("steps", "rollout sampler (sampler/joint training always use learned or policy)",
+                          choices=list(SAMPLERS))
     threshold: float | None = option(None, "rollout sampler threshold (confidence / eb)")
     gen_length: int | None = option(None, "tokens per completion (default: the task's)")
     block_length: int | None = option(None, "rollout block length (default: gen_length)")
@@ -148,9 +162,10 @@ class EvalConfig:
     task: str = option("countdown", "task name (sudoku, countdown, cd3, gsm8k, math500)")
     data: str | None = option(None, "data file (sudoku CSV, countdown/gsm8k/math500 JSONL); default: generated test split")
     model: str | None = option(None, "model directory; default: the bundled model")
-    sampler: str = option("steps", "unmasking strategy (learned: the model's threshold head picks gamma)",
-                          choices=["steps", "confidence", "eb", "learned"])
-    threshold: float | None = option(None, "confidence threshold or EB gamma (default per sampler)")
+    sampler: str = option("steps", "unmasking strategy (learned: the model's threshold head picks gamma; policy: "
+                          "the model's step policy commits each pass)", choices=list(SAMPLERS))
+    threshold: float | None = option(None, "confidence threshold, EB gamma or the policy's minimum commit "
+                                     "probability (default per sampler)")
     gen_length: int | None = option(None, "tokens to generate (default: the task's; 256 through a chat template)")
     block_length: int | None = option(None, "semi-autoregressive block length (default: gen_length; 32 through a "
                                             "chat template)")

@@ -60,7 +60,8 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
             replace(params, seed=params.seed + start + i) for i in range(len(chunk))]
         t0 = time.perf_counter()
         out = generate(loaded.model, prompts, chunk_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
-                       eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, head=loaded.threshold_head)
+                       eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, head=loaded.threshold_head,
+                       policy=loaded.step_policy)
         seconds += time.perf_counter() - t0
         for ex, seq, nfe, thr in zip(chunk, out.sequences, out.nfe.tolist(), out.threshold.tolist()):
             ids = seq.tolist()

@@ -6,7 +6,9 @@ take mu optimiser steps on the clipped objective of :mod:`training.loss`.
 
 ``--train`` picks what learns (DiFFPO's "fast" half): ``model`` the dLLM as above; ``sampler`` only
 the threshold head (model frozen), by group-relative REINFORCE on r = reward * (1 - lambda NFE/NFE_max)
-over the G rollouts of a prompt, each of which drew its own gamma; ``joint`` both from the same
+over the G rollouts of a prompt, each of which drew its own gamma, or, with ``--sampler-kind policy``,
+the per-step commit policy by the same REINFORCE on the Bernoulli commit decisions of every pass
+(:mod:`training.commit_policy`; a new policy first gets a supervised warm start); ``joint`` both from the same
 rollouts (the model's loss uses each rollout's behaviour log-probs under its own gamma, and with
 ``--model-reward sampler`` the same NFE-penalised reward as the head, so among correct rollouts the
 model is pushed toward those that decoded in fewer passes). The two algorithms differ
@@ -39,7 +41,9 @@ from tqdm.auto import tqdm
 
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.sampler import SamplingParams
+from diffpo_serve.dllm.step_policy import StepPolicy, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head
+from training.commit_policy import fit_warm_start, policy_rl_loss, warm_start_data
 from training.checkpoint import CheckpointError, load_trainer_state, recover_interrupted, save_checkpoint
 from training.config import RLConfig
 from training.evaluate import evaluate
@@ -69,13 +73,15 @@ def _wrap_lora(model, cfg: RLConfig):
     return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets))
 
 
-def _export(model, tokenizer, out: Path, lora: bool, head=None) -> None:
-    """Write a plain loadable model (LoRA merged, threshold head beside it) to ``out``."""
+def _export(model, tokenizer, out: Path, lora: bool, head=None, policy=None) -> None:
+    """Write a plain loadable model (LoRA merged, threshold head and step policy beside it) to ``out``."""
     plain = copy.deepcopy(model).merge_and_unload() if lora else model
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if head is not None:
         head.save(out)
+    if policy is not None:
+        policy.save(out)
 
 
 def _example_pool(cfg: RLConfig, split: str, n: int) -> list[dict]:
@@ -107,7 +113,7 @@ def _evaluate(loaded, eval_sets: dict, params: SamplingParams) -> dict:
 
 def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
     """The threshold head to train (sampler/joint) or None; resumed, inherited from the model, or new."""
-    if cfg.train == "model":
+    if cfg.train == "model" or cfg.sampler_kind != "head":
         return base.threshold_head
     if resuming:
         head = load_head(ckpt)
@@ -120,6 +126,31 @@ def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
     return ThresholdHead(base.model.config.hidden_size, features=cfg.head_features)
 
 
+def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: int):
+    """The step policy to train: resumed, inherited from the model, or new (with its warm start)."""
+    if resuming:
+        policy = load_policy(ckpt)
+        if policy is None:
+            raise CheckpointError(f"{ckpt}: no step policy to resume (was this a --sampler-kind policy run?)")
+        return policy.train()
+    if base.step_policy is not None:
+        return base.step_policy.train()
+    torch.manual_seed(cfg.seed)
+    policy = StepPolicy(base.model.config.hidden_size, features=cfg.policy_features)
+    if cfg.warm_start_prompts > 0:
+        pool = _example_pool(cfg, "train", cfg.warm_start_prompts)
+        prompts = [base.encode(ex["prompt"]) for ex in pool]
+        behaviour = SamplingParams("eb", gen_length, block_length=cfg.block_length, threshold=cfg.warm_start_gamma)
+        t0 = time.perf_counter()
+        features, labels = warm_start_data(base, prompts, gen_length, behaviour, policy=policy)
+        loss = fit_warm_start(policy, features, labels, epochs=cfg.warm_start_epochs, seed=cfg.seed)
+        if cfg.warm_start_point:
+            policy.set_operating_point(cfg.warm_start_point)
+        log.info("step policy warm start: %d prompts, %d tokens, BCE %.4f, %.0f s", len(prompts), len(labels), loss,
+                 time.perf_counter() - t0)
+    return policy.train()
+
+
 def train_rl(cfg: RLConfig) -> RLRun:
     """Run RL post-training; the output directory is a loadable model (with its head, if trained)."""
     # on a machine without CUDA, cpu=True is what makes a multi-process launch use gloo DDP
@@ -127,7 +158,12 @@ def train_rl(cfg: RLConfig) -> RLRun:
     out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / CHECKPOINT
     recover_interrupted(ckpt)
     resuming = cfg.resume and ckpt.exists()
-    train_model, train_head = cfg.train in ("model", "joint"), cfg.train in ("sampler", "joint")
+    train_model = cfg.train in ("model", "joint")
+    train_policy = cfg.train == "sampler" and cfg.sampler_kind == "policy"
+    train_head = cfg.train in ("sampler", "joint") and cfg.sampler_kind == "head"
+    if cfg.train == "joint" and cfg.sampler_kind == "policy":
+        raise ValueError("--train joint --sampler-kind policy is not implemented yet; train the policy with "
+                         "--train sampler (model frozen)")
     base = load_model(cfg.model)
     tokenizer, mask_id = base.tokenizer, base.mask_id
     ref_model = None
@@ -142,6 +178,8 @@ def train_rl(cfg: RLConfig) -> RLRun:
     else:
         model = load_model(ckpt).model if resuming else base.model
     head = _setup_head(base, cfg, ckpt, resuming)
+    gen_length = cfg.gen_length or max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
+    policy = _setup_policy(base, cfg, ckpt, resuming, gen_length) if train_policy else base.step_policy
     state = load_trainer_state(ckpt) if resuming else None
     if cfg.resume and not resuming:
         log.warning("--resume: no checkpoint in %s, starting from %s", ckpt, base.path)
@@ -156,20 +194,22 @@ def train_rl(cfg: RLConfig) -> RLRun:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
         model = model.eval().requires_grad_(False).to(accelerator.device)
-    if train_head:
-        head_optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr)
+    if train_head or train_policy:  # one optimiser for the learned sampler, whichever it is
+        trained = head if train_head else policy
+        head_optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.head_lr)
         if state is not None:
             head_optimizer.load_state_dict(state["extra"]["head_optimizer"])
-        head, head_optimizer = accelerator.prepare(head, head_optimizer)
+        trained, head_optimizer = accelerator.prepare(trained, head_optimizer)
+        head, policy = (trained, policy) if train_head else (head, trained)
     unwrapped = accelerator.unwrap_model(model)
     head_unwrapped = accelerator.unwrap_model(head) if head is not None else None
-    loaded = replace(base, model=unwrapped, threshold_head=head_unwrapped)
+    policy_unwrapped = accelerator.unwrap_model(policy) if policy is not None else None
+    loaded = replace(base, model=unwrapped, threshold_head=head_unwrapped, step_policy=policy_unwrapped)
 
-    gen_length = cfg.gen_length or max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
-    sampler = "learned" if train_head else cfg.sampler
+    sampler = "learned" if train_head else "policy" if train_policy else cfg.sampler
     params = SamplingParams(sampler, gen_length, block_length=cfg.block_length, steps=cfg.steps,
-                            threshold=None if train_head else cfg.threshold, temperature=cfg.temperature,
-                            top_p=cfg.top_p).resolved()
+                            threshold=None if train_head or train_policy else cfg.threshold,
+                            temperature=cfg.temperature, top_p=cfg.top_p).resolved()
     pool = _example_pool(cfg, "train", cfg.train_examples)
     eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
         if cfg.eval_every else {}
@@ -189,18 +229,21 @@ def train_rl(cfg: RLConfig) -> RLRun:
         g = torch.Generator().manual_seed(step_seed)
         idx = torch.randint(0, len(pool), (cfg.prompts_per_step,), generator=g).tolist()
         batch = rollout(unwrapped, loaded, [pool[i] for i in idx], _reward, cfg.num_generations, params,
-                        seed=step_seed * 100_000, head=head_unwrapped)
+                        seed=step_seed * 100_000, head=head_unwrapped,
+                        policy=policy_unwrapped if train_policy else None)
         rollout_seconds = time.perf_counter() - t0
         record = {}
         # the NFE-penalised reward, once per step: the head's, and the model's with --model-reward sampler
         speed = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, gen_length, cfg.lam) \
-            if train_head or cfg.model_reward == "sampler" else None
+            if train_head or train_policy or cfg.model_reward == "sampler" else None
         if train_model:
             rewards = batch.rewards if cfg.model_reward == "task" else speed.to(batch.rewards.device)
             record.update(_model_update(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, rewards, g,
                                         mask_id))
         if train_head:
             record.update(_head_update(cfg, head, head_optimizer, accelerator, batch, speed))
+        if train_policy:
+            record.update(_policy_update(cfg, policy, head_optimizer, accelerator, batch, speed))
 
         _, zero_var = group_advantages(batch.rewards, cfg.num_generations)
         local = torch.tensor([batch.rewards.mean(), batch.exact.mean(), batch.nfe.float().mean(), zero_var,
@@ -224,8 +267,10 @@ def train_rl(cfg: RLConfig) -> RLRun:
             if accelerator.is_main_process:
                 extra = {"head_optimizer": head_optimizer.state_dict()} if head_optimizer else None
                 save_checkpoint(ckpt, model=unwrapped, tokenizer=tokenizer, step=step, optimizer=optimizer,
-                                extra=extra, head=head_unwrapped)
-                _export(unwrapped, tokenizer, out, bool(cfg.lora_r and train_model), head_unwrapped)
+                                extra=extra, head=head_unwrapped, policy=policy_unwrapped)
+                _export(unwrapped, tokenizer, out, bool(cfg.lora_r and train_model), head_unwrapped, policy_unwrapped)
+    if cfg.max_steps == 0 and accelerator.is_main_process:  # e.g. a step policy's warm start alone
+        _export(unwrapped, tokenizer, out, False, head_unwrapped, policy_unwrapped)
     accelerator.wait_for_everyone()
     return RLRun(out, unwrapped)
 
@@ -279,3 +324,17 @@ def _head_update(cfg: RLConfig, head, head_optimizer, accelerator, batch, r: tor
     head_optimizer.step()
     return {"sampler_reward": round(float(r.mean()), 4), "head_loss": round(loss.item(), 5),
             "head_entropy": round(dist.entropy().mean().item(), 4)}
+
+
+def _policy_update(cfg: RLConfig, policy, optimizer, accelerator, batch, r: torch.Tensor) -> dict:
+    """One group-relative REINFORCE step of the step policy on the rollouts' own commit decisions and
+    their sampler reward ``r`` (:func:`training.commit_policy.policy_rl_loss`)."""
+    advantages, _ = group_advantages(r, cfg.num_generations)
+    loss, logp, entropy = policy_rl_loss(policy, batch.policy_trace, advantages.to(batch.nfe.device),
+                                         cfg.entropy_coef)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    decisions = batch.policy_trace.candidates.sum().clamp(min=1)
+    return {"sampler_reward": round(float(r.mean()), 4), "policy_loss": round(loss.item(), 5),
+            "policy_entropy_per_decision": round(float(entropy.sum() / decisions), 4)}

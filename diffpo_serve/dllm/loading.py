@@ -40,6 +40,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 from diffpo_serve.dllm import model as _own_model  # noqa: F401  (registers our config and model)
 from diffpo_serve.dllm.families import FAMILY_MODULES
 from diffpo_serve.dllm.model_card import CardInfo, ModelCardError, read_card
+from diffpo_serve.dllm.step_policy import StepPolicyError, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHeadError, load_head
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class LoadedModel:
     threshold_head: torch.nn.Module | None = None  # DiFFPO's learned per-prompt threshold, if the model has one
     compiled: str | None = None  # what torch.compile compiled (compile=True), e.g. "4 Block layers"
     card: CardInfo = CardInfo()  # the model card's description and example prompts (model_card.py)
+    step_policy: torch.nn.Module | None = None  # the learned per-step commit policy (sampler `policy`), if any
     eos_ids: tuple[int, ...] = ()  # every id that ends a row; eos_id first (empty: just eos_id)
 
     def __post_init__(self):
@@ -284,7 +286,8 @@ def load_model(
     try:
         head = load_head(path, device=device)
         card = read_card(path)
-    except (ThresholdHeadError, ModelCardError) as e:
+        policy = load_policy(path, device=device)
+    except (ThresholdHeadError, ModelCardError, StepPolicyError) as e:
         raise ModelLoadError(str(e)) from e
     compiled = None
     if compile:
@@ -297,7 +300,7 @@ def load_model(
                                  "the model runs as it is") from e
     return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_list[0],
                        eos_ids=tuple(eos_list), path=str(path), name=path.name, max_length=max_length,
-                       threshold_head=head, compiled=compiled, card=card)
+                       threshold_head=head, compiled=compiled, card=card, step_policy=policy)
 
 
 def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -19,6 +19,13 @@ chosen by that row's ``sampler``:
                 prompt's features in the row's first forward pass: its mode, or a draw with the row's
                 generator when the state samples thresholds (RL rollouts). A given ``threshold``
                 overrides the head.
+``policy``      the model's learned per-step commit policy (:mod:`step_policy`): at each pass a small
+                network gives every masked token of the block a commit probability p from features
+                of that pass; greedy rows commit the tokens with p >= ``threshold`` (default: the
+                policy's trained operating point), rows of RL rollouts (``sample_commits``) draw
+                each commit from Bernoulli(p) with the row's generator and record its log-prob;
+                at least the most confident token. The previous pass's argmax, one of its
+                features, is kept per row in the state.
 
 Confidence and entropy are those of the model's policy pi = :func:`policy_logprobs` (softmax of the
 logits with the mask token excluded: a committed mask would never be unmasked); tokens are drawn from
@@ -43,10 +50,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from diffpo_serve.dllm.loading import model_logits
+from diffpo_serve.dllm.step_policy import decision_logprob, policy_commits, token_features, top2_margin
 
-SAMPLERS = ("steps", "confidence", "eb", "learned")
-DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3, "learned": None}  # learned: the head's choice
+SAMPLERS = ("steps", "confidence", "eb", "learned", "policy")
+# learned: the head's choice; policy: the step policy's operating point
+DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3, "learned": None, "policy": None}
 LEARNED = SAMPLERS.index("learned")
+POLICY = SAMPLERS.index("policy")
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,8 @@ class SamplingParams:
     gen_length: int = 16
     block_length: int | None = None  # None: one block of gen_length
     steps: int | None = None  # `steps` sampler: total forward passes (None: gen_length, one token per step)
-    threshold: float | None = None  # `confidence`: min confidence; `eb`: gamma. None: DEFAULT_THRESHOLD
+    threshold: float | None = None  # `confidence`: min confidence; `eb`: gamma; `policy`: min commit probability.
+    # None: DEFAULT_THRESHOLD
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -119,6 +130,12 @@ class BatchState:
     head_features: torch.Tensor | None = None  # b, d  prompt features the head saw (zeros until then)
     generators: list = field(default_factory=list)  # per row: torch.Generator or None (greedy)
     head: torch.nn.Module | None = None  # the model's threshold head, for rows with sampler `learned`
+    # --- the step policy (sampler `policy`)
+    prev_argmax: torch.Tensor | None = None  # b, gen_width  argmax of the row's previous pass; -1 = none yet
+    policy_logprob: torch.Tensor | None = None  # b  summed log-prob of the row's commit decisions (policy rows)
+    policy: torch.nn.Module | None = None  # the model's step policy, for rows with sampler `policy`
+    sample_commits: bool = False  # policy rows draw their commits (RL) instead of thresholding p
+    trace_features: bool = False  # compute the policy's features for every row (training data)
     sample_threshold: bool = False  # draw gamma from the head (RL) instead of taking its mode
     mask_id: int = 0
     eos_id: int = 0  # the id finished rows are filled with
@@ -168,7 +185,8 @@ class BatchState:
             width = pw - left
             canvas, attention = self.canvas[:, left:pw + right], self.attention_mask[:, left:pw + right]
         return replace(self, canvas=canvas, attention_mask=attention, prompt_width=width,
-                       commit_step=self.commit_step[:, :right], logprob=self.logprob[:, :right])
+                       commit_step=self.commit_step[:, :right], logprob=self.logprob[:, :right],
+                       prev_argmax=self.prev_argmax[:, :right])
 
     @staticmethod
     def concat(states: list["BatchState"]) -> "BatchState":
@@ -194,8 +212,9 @@ class BatchState:
                                                       torch.zeros(b, right, dtype=torch.bool, device=dev)], 1))
             parts["commit_step"].append(torch.cat([s.commit_step, s.commit_step.new_full((b, right), -1)], 1))
             parts["logprob"].append(torch.cat([s.logprob, s.logprob.new_zeros((b, right))], 1))
+            parts["prev_argmax"].append(torch.cat([s.prev_argmax, s.prev_argmax.new_full((b, right), -1)], 1))
             for k in parts:
-                if k not in ("canvas", "attention_mask", "commit_step", "logprob"):
+                if k not in ("canvas", "attention_mask", "commit_step", "logprob", "prev_argmax"):
                     parts[k].append(getattr(s, k))
         merged = {k: torch.cat(v, 0) for k, v in parts.items()}
         return replace(first, **merged, prompt_width=pw, generators=[g for s in states for g in s.generators])
@@ -214,6 +233,9 @@ def init_state(
     head: torch.nn.Module | None = None,
     sample_threshold: bool = False,
     align: int = 0,
+    policy: torch.nn.Module | None = None,
+    sample_commits: bool = False,
+    trace_features: bool = False,
 ) -> BatchState:
     """Build the state for a list of token-id prompts, each with its own (or one shared) params.
 
@@ -221,6 +243,9 @@ def init_state(
 
     ``head`` is the model's threshold head (needed by rows with sampler ``learned`` and no threshold).
     ``align``: the prompt layout (:class:`BatchState`); :func:`prompt_alignment` gives the model's.
+    ``policy``: the model's step policy (needed by rows with sampler ``policy``); ``sample_commits``:
+    its rows draw their commits (RL rollouts); ``trace_features``: every step hands out the policy's
+    features of every row (:class:`StepOutput`), e.g. to collect training data from other samplers.
     """
     if not prompts:
         raise ValueError("no prompts")
@@ -229,8 +254,12 @@ def init_state(
     if len(params) != len(prompts):
         raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
     params = [p.resolved() for p in params]
-    if head is None and any(p.threshold is None for p in params):
+    if head is None and any(p.threshold is None and p.sampler == "learned" for p in params):
         raise ValueError("sampler 'learned' needs a model with a threshold head; give a threshold to use eb")
+    if policy is None and any(p.sampler == "policy" for p in params):
+        raise ValueError("sampler 'policy' needs a model with a step policy")
+    params = [replace(p, threshold=policy.threshold) if p.sampler == "policy" and p.threshold is None else p
+              for p in params]
     b = len(prompts)
     pw = round_up(max(len(p) for p in prompts), align)
     gw = round_up(max(p.gen_length for p in params), align)
@@ -247,7 +276,8 @@ def init_state(
     for p in params:
         # a row draws with its generator: tokens when T > 0, and its gamma when it samples one from the head
         # (so greedy rollouts can still explore thresholds: their outcome then depends on gamma alone)
-        if p.temperature > 0 or (sample_threshold and p.sampler == "learned" and p.threshold is None):
+        if p.temperature > 0 or (sample_threshold and p.sampler == "learned" and p.threshold is None) \
+                or (sample_commits and p.sampler == "policy"):
             g = torch.Generator()
             g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ())))
             generators.append(g)
@@ -276,6 +306,9 @@ def init_state(
         finished=torch.zeros(b, dtype=torch.bool, device=device),
         commit_step=torch.full((b, gw), -1, dtype=torch.long, device=device),
         logprob=torch.zeros((b, gw), dtype=torch.float, device=device),
+        prev_argmax=torch.full((b, gw), -1, dtype=torch.long, device=device),
+        policy_logprob=torch.zeros(b, dtype=torch.float, device=device),
+        policy=policy, sample_commits=sample_commits, trace_features=trace_features,
         generators=generators, head=head, sample_threshold=sample_threshold, mask_id=mask_id, eos_id=eos_id,
         pad_id=pad_id, eos_ids=tuple(dict.fromkeys([int(eos_id), *(int(i) for i in eos_ids)])),
         stop_at_eos=stop_at_eos, align=align,
@@ -410,6 +443,37 @@ def _choose_thresholds(state: BatchState, rows: torch.Tensor, hidden: torch.Tens
     state.head_features[rows] = features.to(state.head_features.device)
 
 
+def _policy_step(state: BatchState, rows, policy_rows, probs, confidence, entropy, candidates, argmax, block_start,
+                 block_size, hidden, commit):
+    """The step policy's part of a pass: its features for the running rows, and for ``policy`` rows
+    their commits (greedy or drawn) with the decisions' log-prob added to ``state.policy_logprob``.
+    Returns (features, decisions, commit)."""
+    before, _ = entropy_before(entropy, candidates)
+    unchanged = argmax == state.prev_argmax[rows]
+    features = token_features(confidence, entropy, top2_margin(probs), before, unchanged, candidates, block_start,
+                              block_size, state.block_step[rows])
+    if hidden is not None:
+        features = torch.cat([features, hidden.float() * candidates[..., None]], -1)
+    decisions = commit
+    if bool(policy_rows.any()):
+        prob = state.policy.probability(features)
+        sample = torch.tensor([state.sample_commits and state.generators[r] is not None for r in rows.tolist()],
+                              device=prob.device)
+        uniform = None
+        if bool(sample.any()):
+            uniform = torch.ones_like(prob)
+            for i, r in enumerate(rows.tolist()):
+                if sample[i]:  # draw for the row's own positions only, so the batch's width does not matter
+                    n = int(state.gen_length[r])
+                    uniform[i, :n] = torch.rand(n, generator=state.generators[r]).to(prob.device)
+        p_commit, bits = policy_commits(prob, confidence, candidates, state.threshold[rows], uniform, sample)
+        commit = torch.where(policy_rows[:, None], p_commit, commit)
+        decisions = torch.where(policy_rows[:, None], bits, commit)
+        logp = decision_logprob(prob, bits, candidates)
+        state.policy_logprob[rows] += torch.where(policy_rows, logp, torch.zeros_like(logp))
+    return features, decisions, commit
+
+
 @dataclass
 class StepOutput:
     """What one step did: the rows that ran (indices into the state) and what each committed."""
@@ -417,6 +481,11 @@ class StepOutput:
     rows: torch.Tensor  # r  rows that took part in this forward pass
     committed: torch.Tensor  # r, gen_width  bool: positions committed at this step
     newly_finished: torch.Tensor  # r  bool
+    # the step policy's view of this pass (when a row used it, or with ``trace_features``), else None
+    features: torch.Tensor | None = None  # r, gen_width, F  its input per position (zeros off candidates)
+    decisions: torch.Tensor | None = None  # r, gen_width  bool: policy rows' drawn bits; other rows' commits
+    candidates: torch.Tensor | None = None  # r, gen_width  bool: the masked positions of the current block
+    argmax: torch.Tensor | None = None  # r, gen_width  the model's argmax at this pass
 
 
 @torch.no_grad()
@@ -432,7 +501,10 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
     pending = state.threshold[rows].isnan()  # `learned` rows in their first pass: the head chooses gamma
     choosing = bool(pending.any())
-    if choosing:
+    policy_rows = state.sampler[rows] == POLICY
+    use_policy = bool(policy_rows.any())
+    want_hidden = (use_policy or state.trace_features) and state.policy is not None and state.policy.uses_hidden
+    if choosing or want_hidden:
         logits, hidden = model_logits(model, canvas, attention, positions, hidden=True)
     else:
         logits = model_logits(model, canvas, attention, positions)
@@ -453,6 +525,7 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     # the behaviour distribution q; at T = 1 without a nucleus it is the policy itself, computed above
     logq = sampling_logprobs(logp, temperature, top_p) if bool(((temperature != 1) | (top_p < 1)).any()) else logp
     tokens = logp.argmax(-1)
+    argmax = tokens.clone()
     for i, r in enumerate(rows.tolist()):
         g = state.generators[r]
         if g is not None and state.temperature[r] > 0:
@@ -465,6 +538,11 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     num_transfer = transfer_counts(block_end - block_start, state.steps_per_block[rows], state.block_step[rows])
     commit = select_commits(confidence, entropy, candidates, state.sampler[rows], state.threshold[rows],
                             num_transfer)
+    features = decisions = None
+    if use_policy or state.trace_features:
+        features, decisions, commit = _policy_step(state, rows, policy_rows, probs, confidence, entropy, candidates,
+                                                   argmax, block_start, block_end - block_start,
+                                                   hidden[:, pw:] if want_hidden else None, commit)
 
     step_index = state.nfe[rows]
     gen = torch.where(commit, tokens, gen)
@@ -492,7 +570,10 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     state.block[rows] = block
     state.block_step[rows] = block_step
     state.finished[rows] = all_done
-    return StepOutput(rows=rows, committed=commit, newly_finished=all_done)
+    state.prev_argmax[rows] = argmax
+    return StepOutput(rows=rows, committed=commit, newly_finished=all_done, features=features, decisions=decisions,
+                      candidates=candidates if features is not None else None,
+                      argmax=argmax if features is not None else None)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -509,6 +590,40 @@ class GenerationOutput:
     threshold: torch.Tensor | None = None  # b  the threshold each row used (the head's gamma for `learned`)
     threshold_choice: torch.Tensor | None = None  # b  head grid index, -1 where the head did not choose
     head_features: torch.Tensor | None = None  # b, d  what the head saw
+    policy_logprob: torch.Tensor | None = None  # b  summed log-prob of the step policy's decisions (policy rows)
+    policy_trace: "PolicyTrace | None" = None  # per step: the step policy's view (return_trajectory)
+
+
+@dataclass
+class PolicyTrace:
+    """The step policy's view of every pass of :func:`generate` (S = the most passes any row took):
+    what RL needs to recompute the decisions' log-prob with gradients, and what a supervised warm
+    start labels. Rows that had finished before step s have no candidates at s."""
+
+    features: torch.Tensor  # b, S, gen_width, F
+    decisions: torch.Tensor  # b, S, gen_width  bool: policy rows' drawn bits; other rows' commits
+    candidates: torch.Tensor  # b, S, gen_width  bool
+    argmax: torch.Tensor  # b, S, gen_width  the model's argmax at each pass (-1 where the row did not run)
+
+
+def _stack_trace(steps: list[StepOutput], batch: int) -> PolicyTrace | None:
+    """Scatter each step's running rows back into full-batch tensors and stack the steps."""
+    traced = [out for out in steps if out.features is not None]
+    if not traced:
+        return None
+    f = traced[0].features
+    features = f.new_zeros((batch, len(steps), *f.shape[1:]))
+    decisions = torch.zeros((batch, len(steps), f.shape[1]), dtype=torch.bool, device=f.device)
+    candidates = torch.zeros_like(decisions)
+    argmax = torch.full(decisions.shape, -1, dtype=torch.long, device=f.device)
+    for s, out in enumerate(steps):
+        if out.features is None:  # no row of this pass used the policy (its policy rows had finished)
+            continue
+        features[out.rows, s] = out.features
+        decisions[out.rows, s] = out.decisions
+        candidates[out.rows, s] = out.candidates
+        argmax[out.rows, s] = out.argmax
+    return PolicyTrace(features, decisions, candidates, argmax)
 
 
 def generate(
@@ -526,6 +641,9 @@ def generate(
     head: torch.nn.Module | None = None,
     sample_threshold: bool = False,
     align: int | None = None,
+    policy: torch.nn.Module | None = None,
+    sample_commits: bool = False,
+    trace_features: bool = False,
 ) -> GenerationOutput:
     """Decode a batch of token-id prompts to completion with :func:`denoise_step`.
 
@@ -533,18 +651,26 @@ def generate(
     ``head``/``sample_threshold``: the threshold head for ``learned`` rows, and whether it samples.
     ``align``: the prompt layout (:class:`BatchState`); default :func:`prompt_alignment` of the model.
     ``eos_ids``: every id that ends a row besides ``eos_id`` (which fills the rest of a finished row).
+    ``policy``/``sample_commits``/``trace_features``: the step policy for ``policy`` rows, whether
+    they draw their commits, and whether every row's policy features are computed (:func:`init_state`);
+    with ``return_trajectory`` the policy's view of every pass is returned as ``policy_trace``.
     """
     device = next(model.parameters()).device
     state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, eos_ids=eos_ids,
                        device=device, stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold,
-                       align=prompt_alignment(model) if align is None else align)
+                       align=prompt_alignment(model) if align is None else align, policy=policy,
+                       sample_commits=sample_commits, trace_features=trace_features)
+    steps = []
     while not bool(state.finished.all()):
         out = denoise_step(model, state)
+        if return_trajectory:
+            steps.append(out)
         if on_step is not None:
             on_step(state, out)
     result = GenerationOutput(sequences=state.generated.clone(), nfe=state.nfe.clone(), gen_length=state.gen_length,
                               threshold=state.threshold.clone(), threshold_choice=state.threshold_choice.clone(),
-                              head_features=state.head_features.clone())
+                              head_features=state.head_features.clone(), policy_logprob=state.policy_logprob.clone())
     if return_trajectory:
         result.commit_step, result.logprob = state.commit_step.clone(), state.logprob.clone()
+        result.policy_trace = _stack_trace(steps, state.batch_size)
     return result

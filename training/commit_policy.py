@@ -1,0 +1,93 @@
+"""Training the per-step commit policy (:mod:`diffpo_serve.dllm.step_policy`): warm start and RL loss.
+
+Supervised warm start: decode training prompts at full steps (greedy, one token per pass) to get
+each prompt's answer A, then decode them again with a behaviour sampler (EB at a small gamma by
+default) while recording the policy's features of every pass (``trace_features``); a masked token
+of the current block is labelled 1 when the model's argmax there already equals A's token
+(:func:`commit_labels`): committing it now changes nothing in the answer. The policy is fit to
+those labels by binary cross-entropy (the step oracle of FACTS.md commits exactly the label-1
+tokens).
+
+RL (``diffpo-train rl --train sampler --sampler-kind policy``): rollouts draw every commit bit from
+Bernoulli(p) and record the policy's features and bits per pass (the sampler's ``PolicyTrace``);
+:func:`policy_rl_loss` is group-relative REINFORCE on the sum of a rollout's decision log-probs,
+with the advantages of the speed-aware reward r * (1 - lambda NFE / NFE_max), the model frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from diffpo_serve.dllm.loading import LoadedModel
+from diffpo_serve.dllm.sampler import PolicyTrace, SamplingParams, generate
+from diffpo_serve.dllm.step_policy import StepPolicy, decision_entropy, decision_logprob
+from training.loss import threshold_head_loss
+
+log = logging.getLogger(__name__)
+
+
+def commit_labels(argmax: torch.Tensor, answer: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(b, S, n) argmax per pass, (b, n) full-step answer, (b, S, n) bool -> (b, S, n) bool labels:
+    the argmax equals the answer's token, on candidates only."""
+    return (argmax == answer[:, None, :]) & candidates
+
+
+def policy_rl_loss(policy: StepPolicy, trace: PolicyTrace, advantages: torch.Tensor, entropy_coef: float = 0.0):
+    """Group-relative REINFORCE on the commit decisions: -mean(A * log pi(bits)) - c * mean(H), where
+    log pi(bits) sums the Bernoulli log-probs of a rollout's bits over all its passes and candidates
+    and H is the summed Bernoulli entropy of the same decisions. Returns (loss, log-probs (b,), entropy (b,))."""
+    prob = policy.probability(trace.features)  # b, S, n
+    logp = decision_logprob(prob, trace.decisions, trace.candidates).sum(-1)
+    entropy = decision_entropy(prob, trace.candidates).sum(-1)
+    return threshold_head_loss(logp, advantages, entropy, entropy_coef), logp, entropy
+
+
+@torch.no_grad()
+def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: int, behaviour: SamplingParams,
+                    batch_size: int = 256, policy: StepPolicy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate features (N, F) and labels (N,) from ``behaviour`` trajectories of ``prompts``.
+
+    ``policy`` is needed when the behaviour sampler is ``policy`` itself (later rounds of data
+    collection); its feature set also decides whether hidden states are traced.
+    """
+    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
+    feats, labels = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        full = generate(loaded.model, chunk, SamplingParams("steps", gen_length, block_length=behaviour.block_length),
+                        **kw, stop_at_eos=False)  # one token per pass, in the behaviour's blocks
+        out = generate(loaded.model, chunk, behaviour, **kw, stop_at_eos=False, return_trajectory=True,
+                       policy=policy, trace_features=True)
+        trace = out.policy_trace
+        label = commit_labels(trace.argmax, full.sequences, trace.candidates)
+        feats.append(trace.features[trace.candidates])
+        labels.append(label[trace.candidates])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_warm_start(policy: StepPolicy, features: torch.Tensor, labels: torch.Tensor, epochs: int = 5,
+                   lr: float = 3e-3, batch_size: int = 1024, seed: int = 0) -> float:
+    """Fit the policy to the labels by binary cross-entropy (standardising its inputs first); returns the
+    final epoch's mean loss."""
+    policy.fit_normalisation(features)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    y = labels.float()
+    mean = float("nan")
+    policy.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(features), generator=g)
+        total, count = 0.0, 0
+        for k in range(0, len(order), batch_size):
+            idx = order[k:k + batch_size]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(policy(features[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        mean = total / max(count, 1)
+        log.info("warm start epoch %d: BCE %.4f on %d tokens (%.3f positive)", epoch + 1, mean, len(y),
+                 float(y.mean()))
+    return mean
