@@ -170,10 +170,12 @@ def test_behaviour_distribution_by_hand():
     q = sampling_logprobs(logp, one, torch.tensor([0.76])).exp()[0, 0]
     torch.testing.assert_close(q, torch.tensor([4 / 7, 2 / 7, 1 / 7, 0.0]))
     # T = 0: a point mass on the argmax, whatever top_p; per row in a batch
-    logp2 = torch.cat([logp, logp.flip(-1)])
-    q = sampling_logprobs(logp2, torch.tensor([0.0, 1.0]), torch.tensor([0.3, 1.0]))
-    assert q[0, 0].tolist() == [0.0, -inf, -inf, -inf]
-    torch.testing.assert_close(q[1], logp.flip(-1)[0])
+    logp3 = torch.cat([logp.flip(-1), logp, logp.flip(-1)])
+    q = sampling_logprobs(logp3, torch.tensor([0.0, 0.0, 1.0]), torch.tensor([1.0, 0.9, 1.0]))
+    assert q[0, 0].tolist() == [-inf, -inf, -inf, 0.0] and q[1, 0].tolist() == [0.0, -inf, -inf, -inf]
+    torch.testing.assert_close(q[2], logp.flip(-1)[0])
+    q = sampling_logprobs(logp3, torch.tensor([0.0, 0.0, 1.0]), torch.ones(3))  # no nucleus anywhere
+    assert q[0, 0].tolist() == [-inf, -inf, -inf, 0.0] and q[1, 0].tolist() == [0.0, -inf, -inf, -inf]
 
 
 def test_recorded_logprob_is_the_behaviour_distribution(model):
