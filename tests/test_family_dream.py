@@ -308,7 +308,7 @@ def test_likelihoods_see_the_shifted_logits():
     with torch.no_grad():
         logp = two_stage_logprobs(model, prompt, torch.ones_like(prompt, dtype=torch.bool), completion, commit_step,
                                   torch.tensor([3]), torch.zeros_like(prompt, dtype=torch.bool), MASK)[0]
-    uniform = -math.log(VOCAB)
+    uniform = -math.log(VOCAB - 1)  # the policy never puts mass on the mask token (sampler.policy_logprobs)
     # pass A (all masks) scores steps 0-2: only the first follows a known token; pass B (z_3 = the first
     # three) scores steps 3-4: the fourth follows a known token, the fifth a mask
     assert logp[[0, 3]].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)

@@ -39,3 +39,45 @@ def family_module(model_type: str | None) -> ModuleType | None:
     """The native module for a config's ``model_type`` (registered with transformers), or None."""
     name = FAMILY_MODULES.get(model_type or "")
     return importlib.import_module(name) if name else None
+
+
+def _ids(value) -> list[int]:
+    """An id, a list of ids or None (as configs write them) -> a list of ids."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value if v is not None]
+    return [int(value)]
+
+
+def checkpoint_ids(config, tokenizer, generation_config, *, mask_token: str, turn_end_token: str,
+                   with_pad: bool = False) -> dict:
+    """Special ids as a chat dLLM's checkpoint states them (the shared body of the families'
+    ``special_ids`` hooks).
+
+    ``mask_id``: the config's ``mask_token_id``, else the tokenizer's ``mask_token``. ``eos_ids``: the
+    generation config's ``eos_token_id`` (an id or a list), then the config's and the tokenizer's, then
+    ``turn_end_token`` when the tokenizer's chat template ends turns with it (an instruct model ends
+    its reply there; without it a chat reply would run on to the end-of-text id). The first is primary.
+    ``with_pad``: also ``pad_id``, from the config, the generation config, then the tokenizer.
+    """
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    found: dict = {}
+    mask = _ids(getattr(config, "mask_token_id", None)) or ([vocab[mask_token]] if mask_token in vocab else [])
+    if mask:
+        found["mask_id"] = mask[0]
+    if with_pad:
+        pad = (_ids(getattr(config, "pad_token_id", None)) or _ids(getattr(generation_config, "pad_token_id", None))
+               or _ids(getattr(tokenizer, "pad_token_id", None)))
+        if pad:
+            found["pad_id"] = pad[0]
+    eos: list[int] = []
+    for source in (getattr(generation_config, "eos_token_id", None), getattr(config, "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None)):
+        eos += [i for i in _ids(source) if i not in eos]
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and turn_end_token in template and turn_end_token in vocab:
+        eos += [vocab[turn_end_token]] if vocab[turn_end_token] not in eos else []
+    if eos:
+        found["eos_ids"] = eos
+    return found

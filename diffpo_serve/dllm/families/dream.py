@@ -51,6 +51,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
+from diffpo_serve.dllm.families import checkpoint_ids
+
 MODEL_TYPE = "Dream"
 MASK_TOKEN, TURN_END_TOKEN = "<|mask|>", "<|im_end|>"
 
@@ -392,14 +394,6 @@ def load_tokenizer(path: str | Path):
     return Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value if v is not None]
-    return [int(value)]
-
-
 def special_ids(config, tokenizer, generation_config) -> dict:
     """Dream's mask, pad and end-of-sequence ids.
 
@@ -409,23 +403,5 @@ def special_ids(config, tokenizer, generation_config) -> dict:
     end ``<|im_end|>`` when the tokenizer's chat template ends turns with it (the instruct model ends its
     reply there; without it a chat reply would run on to the first ``<|endoftext|>``). First = primary.
     """
-    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
-    mask_id = _ids(getattr(config, "mask_token_id", None))
-    if not mask_id and MASK_TOKEN in vocab:
-        mask_id = [vocab[MASK_TOKEN]]
-    pad_id = (_ids(getattr(config, "pad_token_id", None)) or _ids(getattr(generation_config, "pad_token_id", None))
-              or _ids(getattr(tokenizer, "pad_token_id", None)))
-    eos: list[int] = []
-    for source in (getattr(generation_config, "eos_token_id", None), getattr(config, "eos_token_id", None),
-                   getattr(tokenizer, "eos_token_id", None)):
-        eos += [i for i in _ids(source) if i not in eos]
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and TURN_END_TOKEN in template and TURN_END_TOKEN in vocab:
-        if vocab[TURN_END_TOKEN] not in eos:
-            eos.append(vocab[TURN_END_TOKEN])
-    out: dict = {"eos_ids": eos}
-    if mask_id:
-        out["mask_id"] = mask_id[0]
-    if pad_id:
-        out["pad_id"] = pad_id[0]
-    return out
+    return checkpoint_ids(config, tokenizer, generation_config, mask_token=MASK_TOKEN, turn_end_token=TURN_END_TOKEN,
+                          with_pad=True)

@@ -51,6 +51,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, Pretrained
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
+from diffpo_serve.dllm.families import checkpoint_ids
+
 MODEL_TYPE = "llada"
 MASK_TOKEN = "<|mdm_mask|>"  # id 126336 in LLaDA's vocabulary, also its config.json's mask_token_id
 TURN_END_TOKEN = "<|eot_id|>"  # LLaDA-Instruct's chat template ends each turn with it
@@ -365,12 +367,6 @@ class LLaDAModelLM(PreTrainedModel):
         return MaskedLMOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
 
 
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
 def special_ids(config, tokenizer, generation_config) -> dict:
     """LLaDA's mask and end-of-sequence ids (the loader's family hook).
 
@@ -379,21 +375,7 @@ def special_ids(config, tokenizer, generation_config) -> dict:
     for LLaDA, the id answers are padded with), then ``<|eot_id|>`` when the tokenizer's chat template ends
     turns with it: LLaDA-Instruct ends a reply there, so a chat reply stops at the turn's end.
     """
-    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
-    found: dict = {}
-    mask = _ids(getattr(config, "mask_token_id", None)) or ([vocab[MASK_TOKEN]] if MASK_TOKEN in vocab else [])
-    if mask:
-        found["mask_id"] = mask[0]
-    eos: list[int] = []
-    for source in (getattr(generation_config, "eos_token_id", None), getattr(config, "eos_token_id", None),
-                   getattr(tokenizer, "eos_token_id", None)):
-        eos += [i for i in _ids(source) if i not in eos]
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and TURN_END_TOKEN in template and TURN_END_TOKEN in vocab:
-        eos += [vocab[TURN_END_TOKEN]] if vocab[TURN_END_TOKEN] not in eos else []
-    if eos:
-        found["eos_ids"] = eos
-    return found
+    return checkpoint_ids(config, tokenizer, generation_config, mask_token=MASK_TOKEN, turn_end_token=TURN_END_TOKEN)
 
 
 AutoConfig.register(MODEL_TYPE, LLaDAConfig, exist_ok=True)
