@@ -79,7 +79,7 @@ def test_policy_rl_loss_by_hand(model):
     h = [float(decision_entropy(prob[i], trace.candidates[i]).sum()) for i in range(2)]
     assert logp.tolist() == pytest.approx(lp, rel=1e-5)
     assert logp.tolist() == pytest.approx(out.policy_logprob.tolist(), rel=1e-4)  # what the sampler recorded
-    assert float(loss) == pytest.approx(-(0.7 * lp[0] - 0.3 * lp[1]) / 2 - 0.1 * (h[0] + h[1]) / 2, rel=1e-5)
+    assert loss.item() == pytest.approx(-(0.7 * lp[0] - 0.3 * lp[1]) / 2 - 0.1 * (h[0] + h[1]) / 2, rel=1e-5)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
