@@ -220,6 +220,7 @@ def test_gradient_checkpointing_refused_by_name_for_a_model_without_it(tmp_path)
 # ----------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow  # about 40 s on two shared CPU cores (two processes each importing torch and transformers)
 def test_two_processes_train_the_same_adapters(checkpoints, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo) with LoRA and gradient checkpointing on
     native LLaDA: each rank decodes its own rollouts, and both end with identical adapters."""
