@@ -35,11 +35,12 @@ def counts(config: dict, rank: int) -> dict:
     with torch.device("meta"):
         model = LLaDAModelLM(LLaDAConfig(**config))
     total = sum(p.numel() for p in model.parameters())
-    lora = 0
+    lora = block_linear = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and re.fullmatch(LORA_TARGET_MODULES, name):
             lora += rank * (module.in_features + module.out_features)  # A: r x in, B: out x r
-    return {"params": total, "lora_params": lora}
+            block_linear += module.weight.numel()
+    return {"params": total, "lora_params": lora, "block_linear_params": block_linear}
 
 
 def base_bytes_per_token_layer(d: int, m: int) -> int:
@@ -75,7 +76,9 @@ def table(rows_per_pass: int, prompt: int, gen: int, rank: int, cfg: dict = LLAD
     per_layer = activation_bytes_per_token_layer(d, m, rank)
     out = {
         "weights_bf16": c["params"] * 2,
-        "weights_4bit": None,  # d1's NF4 base: see the text (not what diffpo-train runs)
+        # d1's 4-bit base (bitsandbytes NF4, blocks of 64 with a float32 scale each) for the blocks' Linears,
+        # the rest (embedding, output layer, norms) in bf16; diffpo-train does not load 4-bit weights
+        "weights_4bit": c["block_linear_params"] * (0.5 + 4 / 64) + (c["params"] - c["block_linear_params"]) * 2,
         "lora_fp32": c["lora_params"] * 4,
         "lora_grads_fp32": c["lora_params"] * 4,
         "adamw_state_fp32": c["lora_params"] * 8,  # two moments
@@ -145,8 +148,9 @@ def markdown(results: list[dict], check: dict) -> str:
                      f"{b['activations_no_checkpointing'] / GB:.1f} GB | {b['activations_checkpointing'] / GB:.2f} GB | "
                      f"{b['logits'] / GB:.2f} GB | {with_ckpt / GB:.1f} GB | {without / GB:.1f} GB |")
     c = results[0]["counts"]
-    lines += ["", f"LLaDA-8B: {c['params']:,} parameters; LoRA rank {results[0]['rank']} on "
-                  f"`LORA_TARGET_MODULES`: {c['lora_params']:,} parameters.",
+    lines += ["", f"LLaDA-8B: {c['params']:,} parameters ({c['block_linear_params']:,} in the blocks' Linears); "
+                  f"LoRA rank {results[0]['rank']} on `LORA_TARGET_MODULES`: {c['lora_params']:,} parameters. "
+                  f"d1's 4-bit base would take {results[0]['bytes']['weights_4bit'] / GB:.1f} GB.",
               f"Activations per token per layer at 8B (bf16 base, fp32 LoRA, fused attention): "
               f"{results[0]['bytes']['activation_bytes_per_token_layer']:,} bytes.",
               f"Check of the formulas on the second block of a small bf16 LLaDA (d {check['d']}, MLP {check['m']}, "

@@ -125,7 +125,8 @@ def test_memory_arithmetic_counts_and_formulas():
     d, m, v, n, r = 4096, 12288, 126464, 32, 128
     per_layer = 4 * d * d + 3 * d * m + 2 * d  # q k v attn_out, ff_proj up_proj ff_out, two norms
     assert counts(LLADA_8B, r) == {"params": 2 * v * d + n * per_layer + d,  # wte, ff_out (untied), ln_f
-                                   "lora_params": n * r * (4 * 2 * d + 3 * (d + m))}
+                                   "lora_params": n * r * (4 * 2 * d + 3 * (d + m)),
+                                   "block_linear_params": n * (4 * d * d + 3 * d * m)}
     check = measure_small()
     assert check["base"] == check["formula_base"]
     assert check["lora"] - check["base"] == check["formula_lora"]

@@ -239,3 +239,17 @@ def test_two_processes_train_the_same_adapters(checkpoints, tmp_path):
     lora_b = {n: v for n, v in ranks[0]["adapters"].items() if ".lora_B." in n}
     assert len(lora_b) == 14 and all(v != 0 for v in lora_b.values())
     assert ranks[0]["rollout_texts"] != ranks[1]["rollout_texts"]  # the ranks did see different rollouts
+
+
+def test_fsdp_config_parses_and_wraps_each_family_by_its_layer_classes():
+    """docs/accelerate_fsdp.yaml (documented, not run: accelerate's FSDP needs a GPU) is a valid accelerate
+    config that names no layer class, so accelerate wraps each model's ``_no_split_modules``."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+    config = load_config_from_file(str(Path(__file__).parents[1] / "docs" / "accelerate_fsdp.yaml"))
+    assert config.distributed_type == DistributedType.FSDP
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and "fsdp_transformer_layer_cls_to_wrap" not in fsdp
+    assert fsdp["fsdp_use_orig_params"] is True and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert LLaDAModelLM._no_split_modules == ["LLaDALlamaBlock"]
+    assert DreamModel._no_split_modules == ["DreamDecoderLayer"]
