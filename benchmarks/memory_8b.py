@@ -145,7 +145,8 @@ def markdown(results: list[dict], check: dict) -> str:
         with_ckpt = b["weights_bf16"] + lora + b["activations_checkpointing"] + b["logits"]
         without = b["weights_bf16"] + lora + b["activations_no_checkpointing"] + b["logits"]
         lines.append(f"| {r['rows']} | {b['weights_bf16'] / GB:.1f} GB | {lora / GB:.2f} GB | "
-                     f"{b['activations_no_checkpointing'] / GB:.1f} GB | {b['activations_checkpointing'] / GB:.2f} GB | "
+                     f"{b['activations_no_checkpointing'] / GB:.1f} GB | "
+                     f"{b['activations_checkpointing'] / GB:.2f} GB | "
                      f"{b['logits'] / GB:.2f} GB | {with_ckpt / GB:.1f} GB | {without / GB:.1f} GB |")
     c = results[0]["counts"]
     lines += ["", f"LLaDA-8B: {c['params']:,} parameters ({c['block_linear_params']:,} in the blocks' Linears); "

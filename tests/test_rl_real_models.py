@@ -249,7 +249,8 @@ def test_fsdp_config_parses_and_wraps_each_family_by_its_layer_classes():
     config = load_config_from_file(str(Path(__file__).parents[1] / "docs" / "accelerate_fsdp.yaml"))
     assert config.distributed_type == DistributedType.FSDP
     fsdp = config.fsdp_config
-    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and "fsdp_transformer_layer_cls_to_wrap" not in fsdp
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
     assert fsdp["fsdp_use_orig_params"] is True and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert LLaDAModelLM._no_split_modules == ["LLaDALlamaBlock"]
     assert DreamModel._no_split_modules == ["DreamDecoderLayer"]
