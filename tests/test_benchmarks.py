@@ -166,3 +166,24 @@ def test_step_oracle_with_full_step_answers_commits_them(model):
     assert [r["reward"] for r in rows] == [1.0] * 4
     assert all(1 <= r["nfe"] <= int(n) for r, n in zip(rows, full.nfe))
     assert sum(r["nfe"] for r in rows) < int(full.nfe.sum())
+
+
+def test_memory_arithmetic_counts_and_formulas():
+    """benchmarks/memory_8b.py: LLaDA-8B's parameter and LoRA counts by hand, and the activation formulas
+    equal to the bytes autograd saves in a small bf16 LLaDA block (frozen base, and LoRA's addition)."""
+    pytest.importorskip("peft")
+    from benchmarks.memory_8b import LLADA_8B, counts, measure_small, table
+    d, m, v, n, r = 4096, 12288, 126464, 32, 128
+    per_layer = 4 * d * d + 3 * d * m + 2 * d  # q k v attn_out, ff_proj up_proj ff_out, two norms
+    assert counts(LLADA_8B, r) == {"params": 2 * v * d + n * per_layer + d,  # wte, ff_out (untied), ln_f
+                                   "lora_params": n * r * (4 * 2 * d + 3 * (d + m)),
+                                   "block_linear_params": n * (4 * d * d + 3 * d * m)}
+    check = measure_small()
+    assert check["base"] == check["formula_base"]
+    assert check["lora"] - check["base"] == check["formula_lora"]
+    b = table(rows_per_pass=6, prompt=256, gen=256, rank=r)["bytes"]
+    tokens = 6 * 512
+    assert b["activations_no_checkpointing"] == tokens * n * b["activation_bytes_per_token_layer"]
+    assert b["activations_checkpointing"] == tokens * n * 2 * d + tokens * b["activation_bytes_per_token_layer"]
+    assert b["logits"] == 6 * (512 * v * 2 + 2 * 256 * v * 4)
+    assert b["adamw_state_fp32"] == 2 * b["lora_fp32"] == 8 * counts(LLADA_8B, r)["lora_params"]

@@ -12,7 +12,7 @@ from training.tasks.common import DataFileError, extract_answer
 # ---------------------------------------------------------------- registry / parsing
 
 def test_registry():
-    assert set(TASKS) == {"sudoku", "countdown", "gsm8k", "math500"}
+    assert set(TASKS) == {"sudoku", "countdown", "cd3", "gsm8k", "math500"}
     for name, mod in TASKS.items():
         assert get_task(name) is mod and mod.NAME == name
         assert isinstance(mod.GEN_LENGTH, int) and mod.GEN_LENGTH > 0

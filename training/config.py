@@ -105,8 +105,10 @@ class RLConfig:
     sampler: str = option("steps", "rollout sampler (sampler/joint training always use learned or policy)",
                           choices=list(SAMPLERS))
     threshold: float | None = option(None, "rollout sampler threshold (confidence / eb)")
-    gen_length: int | None = option(None, "tokens per completion (default: the task's)")
-    block_length: int | None = option(None, "rollout block length (default: gen_length)")
+    gen_length: int | None = option(None, "tokens per completion (default: the task's; 256 through a chat template)")
+    block_length: int | None = option(None, "rollout block length (default: gen_length; 32 through a chat template)")
+    chat_template: bool = option(True, "a model whose tokenizer has a chat template reads each task's instruction in "
+                                       "it, as in eval; --no-chat-template sends the raw prompts")
     steps: int | None = option(None, "rollout forward passes for the steps sampler (default: gen_length)")
     max_steps: int = option(300, "RL steps (each: rollouts, then mu optimiser steps)")
     seed: int = option(0, "seed for prompts, rollouts, masks and tau")
@@ -116,6 +118,11 @@ class RLConfig:
     eval_examples: int = option(256, "test prompts per task for --eval-every")
     lora_r: int = option(0, "LoRA rank (0: train all weights; needs peft)")
     lora_alpha: int = option(16, "LoRA alpha")
+    gradient_checkpointing: bool = option(False, "recompute each transformer layer's activations in the backward "
+                                                 "pass instead of keeping them (less memory, about one more forward)")
+    dtype: str | None = option(None, "dtype of the trained model's weights (default: the checkpoint's); with LoRA "
+                                     "the adapters and their AdamW state stay float32, and the loss is float32 "
+                                     "in any case", choices=["float32", "bfloat16", "float16"])
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
     device: str | None = option(None, "torch device (default: accelerate's choice)")
 

@@ -78,12 +78,12 @@ def teacher_answers(cfg: DistillConfig) -> list[dict]:
         summary[name]["kept"] = sum(r["task"] == name for r in chosen)
         log.info("%s: %d of %d answers have reward >= %g", name, summary[name]["reward_at_least_min"],
                  len(rows), cfg.min_reward)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / TEACHER_FILE).write_text(json.dumps({"min_reward": cfg.min_reward, "tasks": summary}, indent=2))
     if not chosen:
         raise ValueError(f"no teacher answer has reward >= {cfg.min_reward} on some task of {cfg.tasks!r}: "
                          "nothing to distill (lower --min-reward or drop that task)")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TEACHER_FILE).write_text(json.dumps({"min_reward": cfg.min_reward, "tasks": summary}, indent=2))
     return chosen
 
 

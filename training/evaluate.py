@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from diffpo_serve.dllm.loading import LoadedModel, load_model, parse_ids
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.config import EvalConfig
-from training.prompting import CHAT_BLOCK_LENGTH, CHAT_GEN_LENGTH, prompt_ids, uses_chat_template
+from training.prompting import generation_lengths, prompt_ids, uses_chat_template
 from training.tasks import get_task
 
 
@@ -115,8 +115,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                         compile=cfg.compile)
     task = get_task(cfg.task)
     chat = uses_chat_template(loaded, cfg.chat_template)
-    gen_length = cfg.gen_length or (CHAT_GEN_LENGTH if chat else task.GEN_LENGTH)
-    block_length = cfg.block_length or (min(CHAT_BLOCK_LENGTH, gen_length) if chat else None)
+    gen_length, block_length = generation_lengths(chat, task.GEN_LENGTH, cfg.gen_length, cfg.block_length)
     params = SamplingParams(sampler=cfg.sampler, gen_length=gen_length,
                             block_length=block_length, steps=cfg.steps, threshold=cfg.threshold,
                             temperature=cfg.temperature, seed=cfg.seed if cfg.temperature > 0 else None)

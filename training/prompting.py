@@ -22,6 +22,14 @@ CHAT_GEN_LENGTH = 256
 CHAT_BLOCK_LENGTH = 32
 
 
+def generation_lengths(chat: bool, task_gen_length: int, gen_length: int | None = None,
+                       block_length: int | None = None) -> tuple[int, int | None]:
+    """``(gen_length, block_length)`` to decode with: the given ones, else d1's 256 in blocks of 32 through a
+    chat template, else the task's length in one block (``None``). Eval and RL rollouts both use this."""
+    gen = gen_length or (CHAT_GEN_LENGTH if chat else task_gen_length)
+    return gen, block_length or (min(CHAT_BLOCK_LENGTH, gen) if chat else None)
+
+
 def uses_chat_template(loaded: LoadedModel, chat_template: bool = True) -> bool:
     """Whether prompts go through the model's chat template: asked for, and the tokenizer has one."""
     return bool(chat_template and getattr(loaded.tokenizer, "chat_template", None))

@@ -24,6 +24,15 @@ reference models. Every random draw is seeded by (seed, step, process), so ``--r
 replays exactly the steps after the last checkpoint. Runs under accelerate (DDP on CPU via gloo with
 ``accelerate launch --multi_gpu --num_processes 2``, which falls back to gloo on a machine without
 GPUs); optional LoRA adapters via peft.
+
+Real architectures (native LLaDA and Dream checkpoints, :mod:`diffpo_serve.dllm.families`): ``--lora-r``
+adapts the projections the family names in ``LORA_TARGET_MODULES``, and the KL reference is then the
+same model with its adapters switched off (:class:`AdaptersOff`: no second copy of the weights);
+``--gradient-checkpointing`` recomputes layer activations in the backward pass; ``--dtype bfloat16``
+holds the weights in bf16 while the LoRA adapters, their AdamW state and the loss (log-softmax over
+float32 logits) stay float32. A model with a chat template reads each task's instruction in it and
+decodes eval's lengths (``prompting.generation_lengths``) unless ``--gen-length`` / ``--block-length``
+say otherwise. Memory arithmetic for an 8B model: docs/real_models.md.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from diffpo_serve.dllm.loading import load_model
+from diffpo_serve.dllm.families import family_module
+from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.step_policy import StepPolicy, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head
@@ -48,6 +58,7 @@ from training.checkpoint import CheckpointError, load_trainer_state, recover_int
 from training.config import RLConfig
 from training.evaluate import evaluate
 from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
+from training.prompting import generation_lengths, uses_chat_template
 from training.loss import (group_advantages, policy_loss, sampler_reward, threshold_head_loss,
                            truncated_is_weight)
 from training.rollout import rollout
@@ -55,7 +66,6 @@ from training.tasks import get_task
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
-LORA_TARGETS = ["qkv", "out", "gate", "up", "down"]  # our model; other models use peft's "all-linear"
 
 
 def surrogate_logprobs(model, batch, masked_prompt, tau, mask_id):
@@ -67,10 +77,55 @@ def surrogate_logprobs(model, batch, masked_prompt, tau, mask_id):
                               tau, masked_prompt, mask_id)
 
 
+# ----------------------------------------------------------------------------- real architectures
+
+def lora_targets(model):
+    """peft ``target_modules`` for ``model``: its native family's ``LORA_TARGET_MODULES``, else "all-linear"."""
+    family = family_module(getattr(getattr(model, "config", None), "model_type", None))
+    return getattr(family, "LORA_TARGET_MODULES", None) or "all-linear"
+
+
 def _wrap_lora(model, cfg: RLConfig):
     from peft import LoraConfig, get_peft_model
-    targets = LORA_TARGETS if getattr(model.config, "model_type", "") == "diffpo-mdm" else "all-linear"
-    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets))
+    # autocast_adapter_dtype: adapters on a bf16/fp16 base are created in float32 (so is their AdamW state)
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=lora_targets(model))
+    return get_peft_model(model, config, autocast_adapter_dtype=True)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A LoRA (peft) model seen with its adapters switched off: the frozen base weights, used as the KL
+    reference instead of a deep copy of the model (which would double the weights' memory)."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)  # not a submodule: .eval() etc. leave it alone
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states=False):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   output_hidden_states=output_hidden_states)
+
+
+def enable_gradient_checkpointing(model, path) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant, so frozen inputs are fine)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{path}: {type(model).__name__} does not support gradient checkpointing; "
+                         "drop --gradient-checkpointing")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def rollout_lengths(cfg: RLConfig, loaded: LoadedModel) -> tuple[int, int | None]:
+    """Rollout ``(gen_length, block_length)``: eval's defaults (256 in blocks of 32 through a chat template,
+    else the longest task's length in one block) unless the config sets them."""
+    task_length = max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
+    return generation_lengths(uses_chat_template(loaded, cfg.chat_template), task_length, cfg.gen_length,
+                              cfg.block_length)
+
+# -----------------------------------------------------------------------------
 
 
 def _export(model, tokenizer, out: Path, lora: bool, head=None, policy=None) -> None:
@@ -101,11 +156,12 @@ class RLRun:
     model: torch.nn.Module  # this process's trained model (unwrapped; LoRA not merged)
 
 
-def _evaluate(loaded, eval_sets: dict, params: SamplingParams) -> dict:
+def _evaluate(loaded, eval_sets: dict, params: SamplingParams, chat_template: bool = True) -> dict:
     """Greedy accuracy, exact rate and NFE on each task's held-out prompts, with the rollout sampler."""
     record = {}
     for task, data in eval_sets.items():
-        r = evaluate(loaded, task, data, replace(params, temperature=0.0, seed=None), progress=False)
+        r = evaluate(loaded, task, data, replace(params, temperature=0.0, seed=None), progress=False,
+                     chat_template=chat_template)
         record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
                        f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})
     return record
@@ -164,21 +220,29 @@ def train_rl(cfg: RLConfig) -> RLRun:
     if cfg.train == "joint" and cfg.sampler_kind == "policy":
         raise ValueError("--train joint --sampler-kind policy is not implemented yet; train the policy with "
                          "--train sampler (model frozen)")
-    base = load_model(cfg.model)
+    base = load_model(cfg.model, dtype=cfg.dtype)
     tokenizer, mask_id = base.tokenizer, base.mask_id
+    lora = bool(cfg.lora_r and train_model)
+    if cfg.dtype in ("bfloat16", "float16") and train_model and not lora:
+        log.warning("--dtype %s without --lora-r: the weights and their AdamW state are %s, and updates smaller "
+                    "than its rounding are lost", cfg.dtype, cfg.dtype)
     ref_model = None
-    if cfg.beta > 0 and train_model:
+    if cfg.beta > 0 and train_model and not lora:
         ref_model = copy.deepcopy(base.model).eval().requires_grad_(False).to(accelerator.device)
-    if cfg.lora_r and train_model:
+    if cfg.gradient_checkpointing and train_model:
+        enable_gradient_checkpointing(base.model, base.path)
+    if lora:
         if resuming:
             from peft import PeftModel
             model = PeftModel.from_pretrained(base.model, ckpt, is_trainable=True)
         else:
             model = _wrap_lora(base.model, cfg)
+        if cfg.beta > 0:  # the base weights, adapters off (a resumed run's base is the same original model)
+            ref_model = AdaptersOff(model)
     else:
         model = load_model(ckpt).model if resuming else base.model
     head = _setup_head(base, cfg, ckpt, resuming)
-    gen_length = cfg.gen_length or max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
+    gen_length, block_length = rollout_lengths(cfg, base)
     policy = _setup_policy(base, cfg, ckpt, resuming, gen_length) if train_policy else base.step_policy
     state = load_trainer_state(ckpt) if resuming else None
     if cfg.resume and not resuming:
@@ -207,7 +271,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
     loaded = replace(base, model=unwrapped, threshold_head=head_unwrapped, step_policy=policy_unwrapped)
 
     sampler = "learned" if train_head else "policy" if train_policy else cfg.sampler
-    params = SamplingParams(sampler, gen_length, block_length=cfg.block_length, steps=cfg.steps,
+    params = SamplingParams(sampler, gen_length, block_length=block_length, steps=cfg.steps,
                             threshold=None if train_head or train_policy else cfg.threshold,
                             temperature=cfg.temperature, top_p=cfg.top_p).resolved()
     pool = _example_pool(cfg, "train", cfg.train_examples)
@@ -222,14 +286,15 @@ def train_rl(cfg: RLConfig) -> RLRun:
                disable=not accelerator.is_local_main_process)
     if cfg.eval_every and start == 0 and accelerator.is_main_process:  # the starting point of the curve
         with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": 0, "rollouts": 0, **_evaluate(loaded, eval_sets, params)}) + "\n")
+            first = _evaluate(loaded, eval_sets, params, cfg.chat_template)
+            f.write(json.dumps({"step": 0, "rollouts": 0, **first}) + "\n")
     for step in bar:
         t0 = time.perf_counter()
         step_seed = (cfg.seed * 1_000_003 + step) * world + rank
         g = torch.Generator().manual_seed(step_seed)
         idx = torch.randint(0, len(pool), (cfg.prompts_per_step,), generator=g).tolist()
         batch = rollout(unwrapped, loaded, [pool[i] for i in idx], _reward, cfg.num_generations, params,
-                        seed=step_seed * 100_000, head=head_unwrapped,
+                        seed=step_seed * 100_000, head=head_unwrapped, chat_template=cfg.chat_template,
                         policy=policy_unwrapped if train_policy else None)
         rollout_seconds = time.perf_counter() - t0
         record = {}
@@ -256,7 +321,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
                   "step_seconds": round(time.perf_counter() - t0, 3)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             if accelerator.is_main_process:
-                record.update(_evaluate(loaded, eval_sets, params))
+                record.update(_evaluate(loaded, eval_sets, params, cfg.chat_template))
         bar.set_postfix(reward=f"{reward:.3f}", nfe=f"{nfe:.1f}")
         if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or any(k.startswith("eval_")
                                                                                   for k in record)):
@@ -268,7 +333,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
                 extra = {"head_optimizer": head_optimizer.state_dict()} if head_optimizer else None
                 save_checkpoint(ckpt, model=unwrapped, tokenizer=tokenizer, step=step, optimizer=optimizer,
                                 extra=extra, head=head_unwrapped, policy=policy_unwrapped)
-                _export(unwrapped, tokenizer, out, bool(cfg.lora_r and train_model), head_unwrapped, policy_unwrapped)
+                _export(unwrapped, tokenizer, out, lora, head_unwrapped, policy_unwrapped)
     if cfg.max_steps == 0 and accelerator.is_main_process:  # e.g. a step policy's warm start alone
         _export(unwrapped, tokenizer, out, False, head_unwrapped, policy_unwrapped)
     accelerator.wait_for_everyone()

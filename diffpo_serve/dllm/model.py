@@ -7,7 +7,9 @@ own config class; importing this module registers both with ``AutoConfig`` and
 ``AutoModelForMaskedLM`` so ``from_pretrained(local_dir)`` loads it, weights in safetensors.
 
 Positions come from ``position_ids`` (the sampler passes ``cumsum(attention_mask) - 1``), so a
-left-padded prompt sees the same positions as the same prompt alone.
+left-padded prompt sees the same positions as the same prompt alone. The blocks are
+:class:`~transformers.modeling_layers.GradientCheckpointingLayer` (``gradient_checkpointing_enable()``
+works) and :data:`LORA_TARGET_MODULES` names the projections RL's LoRA adapts.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
 MODEL_TYPE = "diffpo-mdm"
+LORA_TARGET_MODULES = ["qkv", "out", "gate", "up", "down"]  # peft target_modules: every Linear of the blocks
 
 
 class DiffpoConfig(PretrainedConfig):
@@ -83,7 +87,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
-class Block(nn.Module):
+class Block(GradientCheckpointingLayer):
     """One pre-norm transformer block: bidirectional self-attention then SwiGLU."""
 
     def __init__(self, config: DiffpoConfig):
@@ -114,6 +118,7 @@ class DiffpoForMaskedLM(PreTrainedModel):
     config_class = DiffpoConfig
     base_model_prefix = "diffpo"
     _no_split_modules = ["Block"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: DiffpoConfig):
         super().__init__(config)

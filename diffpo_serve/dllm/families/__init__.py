@@ -20,6 +20,9 @@ A family module may also define hooks the loader calls (all optional):
     ``load_tokenizer(path) -> tokenizer``       when transformers cannot load it without remote code
     ``special_ids(config, tokenizer, generation_config) -> dict``  defaults for ``mask_id``,
                                                 ``pad_id``, ``eos_ids`` (list) not found the generic way
+and, for training, ``LORA_TARGET_MODULES``: peft's ``target_modules`` (a list of module-name suffixes or
+a full-name regex) for the family's LoRA adapters (RL's ``--lora-r``; without it, peft's "all-linear").
+Every native model's layers support ``gradient_checkpointing_enable()``.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ from diffpo_serve.dllm.families import checkpoint_ids
 
 MODEL_TYPE = "Dream"
 MASK_TOKEN, TURN_END_TOKEN = "<|mask|>", "<|im_end|>"
+# LoRA targets (peft ``target_modules``): the seven projections of every layer, not ``lm_head``
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class DreamConfig(PretrainedConfig):

@@ -56,6 +56,9 @@ from diffpo_serve.dllm.families import checkpoint_ids
 MODEL_TYPE = "llada"
 MASK_TOKEN = "<|mdm_mask|>"  # id 126336 in LLaDA's vocabulary, also its config.json's mask_token_id
 TURN_END_TOKEN = "<|eot_id|>"  # LLaDA-Instruct's chat template ends each turn with it
+# LoRA targets (peft ``target_modules``, a full-name regex): every projection inside the blocks, not the
+# embedding or the output layer (``transformer.ff_out``, which shares its name with the blocks' MLP down)
+LORA_TARGET_MODULES = r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)"
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 _NORMS = ("default", "low_precision", "rms", "gemma_rms")
