@@ -41,9 +41,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from diffpo_serve.dllm.loading import model_logits
+from diffpo_serve.dllm.kv_cache import KVCache
+from diffpo_serve.dllm.loading import cached_forward, model_logits, supports_kv_cache
 
 SAMPLERS = ("steps", "confidence", "eb", "learned")
+CACHE_MODES = ("off", "prefix", "dual")  # the `cache` knob: see the module docstring
 DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3, "learned": None}  # learned: the head's choice
 LEARNED = SAMPLERS.index("learned")
 
@@ -60,6 +62,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    cache: str = "off"  # KV cache: "off", "prefix" or "dual" (CACHE_MODES; native models only)
 
     def resolved(self) -> "SamplingParams":
         """Fill defaults and validate; raises ValueError with a message fit for an API user."""
@@ -85,6 +88,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {self.cache!r}")
         return replace(self, block_length=block, steps=steps, threshold=threshold)
 
 
@@ -125,6 +130,12 @@ class BatchState:
     eos_ids: tuple[int, ...] = ()  # every id that ends a row (eos_id among them)
     stop_at_eos: bool = True
     align: int = 0  # 0: prompts left-padded to the longest; else prompts first, region width a multiple of it
+    # KV cache (see the module docstring): per-row mode, the block whose start the row's keys/values were
+    # computed at (-1: none yet), the keys/values themselves (canvas columns), and an extra refresh period
+    cache: torch.Tensor | None = None  # b  index into CACHE_MODES
+    cache_block: torch.Tensor | None = None  # b
+    kv: KVCache | None = None  # per layer (b, kv_heads, l, head_dim)
+    cache_refresh: int = 0  # also refresh every this many steps inside a block (0: at block starts only)
 
     @property
     def batch_size(self) -> int:
@@ -146,7 +157,8 @@ class BatchState:
         """A new state with only the given rows (index tensor or list), e.g. to drop finished ones."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.canvas.device)
         kept = {k: v[rows] for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        state = replace(self, **kept, generators=[self.generators[i] for i in rows.tolist()])
+        state = replace(self, **kept, generators=[self.generators[i] for i in rows.tolist()],
+                        kv=self.kv.select(rows) if self.kv is not None else None)
         return state._trimmed()
 
     def _trimmed(self) -> "BatchState":
@@ -161,13 +173,14 @@ class BatchState:
             right = round_up(right, self.align)
             width = round_up(int(prompt_used[-1]) + 1 if len(prompt_used) else 0, self.align)
             cols = torch.cat([torch.arange(width), torch.arange(pw, pw + right)]).to(self.canvas.device)
-            canvas, attention = self.canvas[:, cols], self.attention_mask[:, cols]
         else:
             left = int(prompt_used[0]) if len(prompt_used) else pw
             width = pw - left
-            canvas, attention = self.canvas[:, left:pw + right], self.attention_mask[:, left:pw + right]
+            cols = torch.arange(left, pw + right, device=self.canvas.device)
+        canvas, attention = self.canvas[:, cols], self.attention_mask[:, cols]
         return replace(self, canvas=canvas, attention_mask=attention, prompt_width=width,
-                       commit_step=self.commit_step[:, :right], logprob=self.logprob[:, :right])
+                       commit_step=self.commit_step[:, :right], logprob=self.logprob[:, :right],
+                       kv=self.kv.columns(cols) if self.kv is not None else None)
 
     @staticmethod
     def concat(states: list["BatchState"]) -> "BatchState":
@@ -180,6 +193,7 @@ class BatchState:
         gw = max(s.gen_width for s in states)
         first = states[0]
         parts: dict[str, list] = {k: [] for k, v in vars(first).items() if isinstance(v, torch.Tensor)}
+        kvs: list = []
         for s in states:
             left, right = pw - s.prompt_width, gw - s.gen_width
             b = s.batch_size
@@ -193,11 +207,22 @@ class BatchState:
                                                       torch.zeros(b, right, dtype=torch.bool, device=dev)], 1))
             parts["commit_step"].append(torch.cat([s.commit_step, s.commit_step.new_full((b, right), -1)], 1))
             parts["logprob"].append(torch.cat([s.logprob, s.logprob.new_zeros((b, right))], 1))
+            kvs.append(None if s.kv is None else s.kv.pad_columns(split, left, right))
             for k in parts:
                 if k not in ("canvas", "attention_mask", "commit_step", "logprob"):
                     parts[k].append(getattr(s, k))
         merged = {k: torch.cat(v, 0) for k, v in parts.items()}
-        return replace(first, **merged, prompt_width=pw, generators=[g for s in states for g in s.generators])
+        return replace(first, **merged, prompt_width=pw, generators=[g for s in states for g in s.generators],
+                       kv=_concat_kv(kvs, [s.batch_size for s in states]))
+
+
+def _concat_kv(kvs: list, sizes: list[int]) -> KVCache | None:
+    """Stack the states' caches (already padded to the batch's columns); rows without one get zeros (their
+    ``cache_block`` is -1, so they refresh before reading it)."""
+    template = next((c for c in kvs if c is not None), None)
+    if template is None:
+        return None
+    return KVCache.concat([c if c is not None else template.empty_like(n) for c, n in zip(kvs, sizes)])
 
 
 def init_state(
@@ -213,6 +238,7 @@ def init_state(
     head: torch.nn.Module | None = None,
     sample_threshold: bool = False,
     align: int = 0,
+    cache_refresh: int = 0,
 ) -> BatchState:
     """Build the state for a list of token-id prompts, each with its own (or one shared) params.
 
@@ -278,6 +304,8 @@ def init_state(
         generators=generators, head=head, sample_threshold=sample_threshold, mask_id=mask_id, eos_id=eos_id,
         pad_id=pad_id, eos_ids=tuple(dict.fromkeys([int(eos_id), *(int(i) for i in eos_ids)])),
         stop_at_eos=stop_at_eos, align=align,
+        cache=col([CACHE_MODES.index(p.cache) for p in params], torch.long),
+        cache_block=torch.full((b,), -1, dtype=torch.long, device=device), cache_refresh=cache_refresh,
     )
 
 
@@ -399,9 +427,83 @@ class StepOutput:
     newly_finished: torch.Tensor  # r  bool
 
 
+def block_columns(state: BatchState, rows: torch.Tensor):
+    """Each row's current block in generation positions: ``(columns (r, K), real (r, K) bool, start (r,),
+    end (r,))`` with K the widest block among the rows; a row's columns past its block end are clamped into
+    the canvas and marked not real."""
+    block_start = state.block[rows] * state.block_length[rows]
+    block_end = torch.minimum(block_start + state.block_length[rows], state.gen_length[rows])
+    width = int(state.block_length[rows].max())
+    j = block_start[:, None] + torch.arange(width, device=block_start.device)
+    return j.clamp(max=state.gen_width - 1), j < block_end[:, None], block_start, block_end
+
+
+def _query_columns(state: BatchState, rows: torch.Tensor, block_index: torch.Tensor) -> torch.Tensor:
+    """The canvas columns a cached forward computes for each row (r, q): with ``dual`` its block
+    (``block_index``, r x K), with ``prefix`` everything from its block's start to the canvas end; rows with
+    fewer columns than the widest repeat their last one."""
+    dual = state.cache[rows] == CACHE_MODES.index("dual")
+    if bool(dual.all()):
+        return block_index
+    length, start = state.canvas.shape[1], block_index[:, 0]
+    width = max(int(block_index.shape[1]), length - int(start.min()))
+    suffix = (start[:, None] + torch.arange(width, device=start.device)).clamp(max=length - 1)
+    block = torch.cat([block_index, block_index[:, -1:].expand(-1, width - block_index.shape[1])], 1)
+    return torch.where(dual[:, None], block, suffix)
+
+
+def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, canvas: torch.Tensor,
+                 attention: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
+                 hidden_rows: torch.Tensor | None = None):
+    """Logits (r, k, V) at canvas columns ``index`` (r, k), in the model's dtype, and the last hidden state of
+    the rows flagged in ``hidden_rows`` (the head's first pass), through the KV cache where rows use one.
+
+    A row with ``cache`` off runs the whole canvas. A cached row refreshes (one full forward that also
+    stores its keys/values) at the first step of each block (and every ``cache_refresh`` steps), otherwise
+    runs only its query columns (:func:`_query_columns`) against its stored keys/values."""
+    want_hidden = hidden_rows is not None
+    if state.cache is None or not bool((state.cache[rows] > 0).any()):
+        out = model_logits(model, canvas, attention, positions, hidden=want_hidden, logits_index=index)
+        return (out[0], out[1][hidden_rows]) if want_hidden else (out, None)
+    if not supports_kv_cache(model):
+        raise ValueError(f"cache needs a native model ({type(model).__name__} takes no KV cache); use cache 'off'")
+    on = state.cache[rows] > 0
+    refresh = ~on | (state.cache_block[rows] != state.block[rows])
+    if state.cache_refresh:
+        refresh |= state.block_step[rows] % state.cache_refresh == 0
+    logits = hidden = None
+    for group, fresh in ((refresh.nonzero().squeeze(-1), True), ((~refresh).nonzero().squeeze(-1), False)):
+        if len(group) == 0:
+            continue
+        args = (canvas[group], attention[group], positions[group])
+        if fresh:
+            need = want_hidden and bool(hidden_rows[group].any())
+            part, h, kv = cached_forward(model, *args, logits_index=index[group], return_kv=bool(on[group].any()),
+                                         hidden=need)
+            stored = group[on[group]]
+            if kv is not None and len(stored):
+                if state.kv is None:
+                    state.kv = kv.empty_like(state.batch_size)
+                state.kv.write_rows(rows[stored], kv.select(on[group].nonzero().squeeze(-1)))
+                state.cache_block[rows[stored]] = state.block[rows[stored]]
+            if need:
+                hidden = h[hidden_rows[group]]
+        else:
+            query = _query_columns(state, rows[group], index[group])
+            part, _, _ = cached_forward(model, *args, logits_index=index[group], kv_cache=state.kv.select(rows[group]),
+                                        query_index=query)
+        if logits is None:
+            logits = part.new_empty((len(rows), *part.shape[1:]))
+        logits[group] = part
+    return logits, hidden
+
+
 @torch.no_grad()
 def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
-    """One forward pass over the unfinished rows of ``state``; updates the state in place."""
+    """One forward pass over the unfinished rows of ``state``; updates the state in place.
+
+    Logits are materialised for each row's current block only (and, in a ``learned`` row's first pass, for
+    its whole answer, whose entropies the threshold head reads); the step's maths runs in block positions."""
     rows = (~state.finished).nonzero().squeeze(-1)
     pw, gw = state.prompt_width, state.gen_width
     if len(rows) == 0:
@@ -412,52 +514,62 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
     pending = state.threshold[rows].isnan()  # `learned` rows in their first pass: the head chooses gamma
     choosing = bool(pending.any())
-    if choosing:
-        logits, hidden = model_logits(model, canvas, attention, positions, hidden=True)
-    else:
-        logits = model_logits(model, canvas, attention, positions)
-    logits = logits[:, pw:].float()  # r, gw, V
-    logits[..., state.mask_id] = float("-inf")  # never 'predict' the mask token: a row could stall on it
 
     gen = canvas[:, pw:]
-    j = torch.arange(gw, device=gen.device)
-    block_start = state.block[rows] * state.block_length[rows]
-    block_end = torch.minimum(block_start + state.block_length[rows], state.gen_length[rows])
-    in_block = (j >= block_start[:, None]) & (j < block_end[:, None])
-    candidates = (gen == state.mask_id) & in_block
+    cols, in_block, block_start, block_end = block_columns(state, rows)  # r, K
+    r, width = cols.shape
+    if choosing:  # the head reads the first pass's entropies over the whole answer: all its logits this once
+        answer = torch.arange(gw, device=gen.device).expand(r, gw)
+        logits, hidden = _step_logits(model, state, rows, canvas, attention, positions, pw + answer, pending)
+        answer_logits = logits[pending].float()
+        answer_logits[..., state.mask_id] = float("-inf")
+        answer_entropy = torch.special.entr(torch.softmax(answer_logits, -1)).sum(-1)
+        del answer_logits
+        logits = logits.gather(1, cols[..., None].expand(-1, -1, logits.shape[-1]))
+    else:
+        logits, _ = _step_logits(model, state, rows, canvas, attention, positions, pw + cols)
+    logits[..., state.mask_id] = float("-inf")  # never 'predict' the mask token: a row could stall on it
+    gen_block = gen.gather(1, cols)
+    candidates = (gen_block == state.mask_id) & in_block
 
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float)  # r, K, V in float32 (the model's may be half)
     probs = logp.exp()
     entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
     if choosing:  # before any threshold is read below
-        _choose_thresholds(state, rows[pending], hidden[pending], attention[pending], entropy[pending])
+        _choose_thresholds(state, rows[pending], hidden, attention[pending], answer_entropy)
     temperature, top_p = state.temperature[rows], state.top_p[rows]
     reshaped = ((temperature > 0) & (temperature != 1)) | (top_p < 1)
     # T = 1 (or greedy) without a nucleus: the sampling distribution is the model's own, computed above
     logq = sampling_logprobs(logits, temperature, top_p) if bool(reshaped.any()) else logp
     tokens = logits.argmax(-1)
-    for i, r in enumerate(rows.tolist()):
-        g = state.generators[r]
-        if g is not None and state.temperature[r] > 0:
-            n = int(state.gen_length[r])  # draw for the row's own positions only: the batch's width
-            drawn = torch.multinomial(logq[i, :n].exp().cpu(), 1, generator=g).squeeze(-1)  # must not matter
+    for i, row in enumerate(rows.tolist()):
+        g = state.generators[row]
+        if g is not None and state.temperature[row] > 0:
+            n = int(block_end[i] - block_start[i])  # draw for the row's own block positions only: the batch's
+            drawn = torch.multinomial(logq[i, :n].exp().cpu(), 1, generator=g).squeeze(-1)  # width must not matter
             tokens[i, :n] = drawn.to(tokens.device)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
     token_logprob = logq.gather(-1, tokens[..., None]).squeeze(-1)
 
     num_transfer = transfer_counts(block_end - block_start, state.steps_per_block[rows], state.block_step[rows])
     commit = select_commits(confidence, entropy, candidates, state.sampler[rows], state.threshold[rows],
-                            num_transfer)
+                            num_transfer)  # r, K
 
+    # back from block positions to generation positions: only committed (in-block, distinct) ones are written
     step_index = state.nfe[rows]
-    gen = torch.where(commit, tokens, gen)
-    commit_step = torch.where(commit, step_index[:, None], state.commit_step[rows])
-    logprob = torch.where(commit, token_logprob, state.logprob[rows])
+    at = (torch.arange(r, device=gen.device)[:, None].expand(r, width)[commit], cols[commit])
+    gen = gen.clone()
+    gen[at] = tokens[commit]
+    committed = torch.zeros_like(gen, dtype=torch.bool)
+    committed[at] = True
+    commit_step, logprob = state.commit_step[rows], state.logprob[rows]
+    commit_step[at] = step_index[:, None].expand(r, width)[commit]
+    logprob[at] = token_logprob[commit].to(logprob.dtype)
     nfe = step_index + 1
     block, block_step = state.block[rows], state.block_step[rows] + 1
 
     masked = gen == state.mask_id
-    block_done = ~(masked & in_block).any(-1)
+    block_done = ~(gen.gather(1, cols).eq(state.mask_id) & in_block).any(-1)
     block = torch.where(block_done, block + 1, block)
     block_step = torch.where(block_done, torch.zeros_like(block_step), block_step)
     all_done = block * state.block_length[rows] >= state.gen_length[rows]
@@ -475,7 +587,7 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     state.block[rows] = block
     state.block_step[rows] = block_step
     state.finished[rows] = all_done
-    return StepOutput(rows=rows, committed=commit, newly_finished=all_done)
+    return StepOutput(rows=rows, committed=committed, newly_finished=all_done)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -509,6 +621,7 @@ def generate(
     head: torch.nn.Module | None = None,
     sample_threshold: bool = False,
     align: int | None = None,
+    cache_refresh: int = 0,
 ) -> GenerationOutput:
     """Decode a batch of token-id prompts to completion with :func:`denoise_step`.
 
@@ -516,11 +629,15 @@ def generate(
     ``head``/``sample_threshold``: the threshold head for ``learned`` rows, and whether it samples.
     ``align``: the prompt layout (:class:`BatchState`); default :func:`prompt_alignment` of the model.
     ``eos_ids``: every id that ends a row besides ``eos_id`` (which fills the rest of a finished row).
+    ``cache_refresh``: with a KV cache, also refresh it every this many steps of a block (1: every step,
+    which makes the cached decode exact; 0: at block starts only, Fast-dLLM's schedule).
     """
     device = next(model.parameters()).device
     state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, eos_ids=eos_ids,
                        device=device, stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold,
-                       align=prompt_alignment(model) if align is None else align)
+                       align=prompt_alignment(model) if align is None else align, cache_refresh=cache_refresh)
+    if bool((state.cache > 0).any()) and not supports_kv_cache(model):
+        raise ValueError(f"cache needs a native model ({type(model).__name__} takes no KV cache); use cache 'off'")
     while not bool(state.finished.all()):
         out = denoise_step(model, state)
         if on_step is not None:
