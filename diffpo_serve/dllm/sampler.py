@@ -429,13 +429,13 @@ class StepOutput:
 
 def block_columns(state: BatchState, rows: torch.Tensor):
     """Each row's current block in generation positions: ``(columns (r, K), real (r, K) bool, start (r,),
-    end (r,))`` with K the widest block among the rows; a row's columns past its block end are clamped into
-    the canvas and marked not real."""
+    end (r,))`` with K the widest block among the rows; a row with a narrower block repeats its last column
+    (marked not real), so no row ever reads or computes a column outside its own block."""
     block_start = state.block[rows] * state.block_length[rows]
     block_end = torch.minimum(block_start + state.block_length[rows], state.gen_length[rows])
     width = int(state.block_length[rows].max())
     j = block_start[:, None] + torch.arange(width, device=block_start.device)
-    return j.clamp(max=state.gen_width - 1), j < block_end[:, None], block_start, block_end
+    return torch.minimum(j, block_end[:, None] - 1), j < block_end[:, None], block_start, block_end
 
 
 def _query_columns(state: BatchState, rows: torch.Tensor, block_index: torch.Tensor) -> torch.Tensor:
