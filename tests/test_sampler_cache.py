@@ -134,3 +134,92 @@ def test_cache_refused_for_a_model_without_one():
         run(Plain(), PROMPTS[:1], SamplingParams(cache="prefix"))
     with pytest.raises(ValueError, match="cache must be one of"):
         SamplingParams(cache="full").resolved()
+
+
+# ----------------------------------------------------------------------------- the knob in the server
+
+def test_batcher_rows_joining_mid_block_with_the_cache_decode_as_generate():
+    """Through the server's batcher: cached requests arriving between steps (mid-block of others) decode
+    as offline generate does, with mixed cache modes in one batch."""
+    import asyncio
+
+    from diffpo_serve.batcher import Batcher, RowRequest, RowUpdate
+    from diffpo_serve.dllm.loading import LoadedModel
+    from diffpo_serve.dllm.tokenizer import build_tokenizer
+
+    model = tiny_model()
+    loaded = LoadedModel(model=model, tokenizer=build_tokenizer(), mask_id=MASK, pad_id=PAD, eos_id=EOS,
+                         path="<memory>", name="tiny", max_length=512, kv_cache=True)
+    requests = [
+        [RowRequest([5, 6, 7], SamplingParams(sampler="eb", gen_length=16, block_length=8, threshold=0.5,
+                                              cache="prefix"))],
+        [RowRequest([10, 11, 12, 13, 14, 15], SamplingParams(sampler="steps", gen_length=8, block_length=4, steps=8,
+                                                             cache="dual"))],
+        [RowRequest([30], SamplingParams(sampler="confidence", gen_length=12, block_length=4, threshold=0.7,
+                                         cache="off"))],
+    ]
+
+    async def main():
+        batcher = Batcher(loaded, max_batch_size=3)
+        handles = []
+        for step in range(60):
+            if step in (0, 2, 3):
+                handles.append(batcher.submit(requests[len(handles)]))
+            batcher.run_once()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        finals = []
+        for h in handles:
+            events = []
+            while not h.events.empty():
+                events.append(h.events.get_nowait())
+            finals.append([e for e in events if isinstance(e, RowUpdate) and e.finished][-1])
+        return finals
+
+    for (row,), final in zip(requests, asyncio.run(main())):
+        alone = generate(model, [row.prompt], row.params, **IDS)
+        assert final.ids == alone.sequences[0, :row.params.gen_length].tolist()
+        assert final.nfe == int(alone.nfe[0])
+
+
+def test_engine_takes_the_cache_extra_and_reports_the_default():
+    from diffpo_serve.batcher import Batcher
+    from diffpo_serve.dllm.loading import LoadedModel
+    from diffpo_serve.dllm.tokenizer import build_tokenizer
+    from diffpo_serve.engine import Engine
+    from diffpo_serve.protocol import APIError, CompletionRequest
+    from diffpo_serve.settings import ServerSettings
+
+    def engine(kv_cache, **settings):
+        loaded = LoadedModel(model=tiny_model(), tokenizer=build_tokenizer(), mask_id=MASK, pad_id=PAD, eos_id=EOS,
+                             path="<memory>", name="tiny", max_length=512, kv_cache=kv_cache)
+        return Engine(loaded, Batcher(loaded), ServerSettings(**settings))
+
+    e = engine(True, cache="dual")
+    card = e.models().model_dump()["data"][0]
+    assert card["cache"] == "dual" and card["cache_modes"] == ["off", "prefix", "dual"]
+    request = CompletionRequest(model="tiny", prompt="x", max_tokens=4)
+    assert e._sampling_params(request, 4, "max_tokens").cache == "dual"  # the server's default
+    request = CompletionRequest(model="tiny", prompt="x", max_tokens=4, cache="prefix")
+    assert e._sampling_params(request, 4, "max_tokens").cache == "prefix"  # the request's own
+    plain = engine(False)
+    assert plain.models().model_dump()["data"][0]["cache_modes"] == ["off"]
+    with pytest.raises(APIError, match="native KV cache") as err:
+        plain._sampling_params(request, 4, "max_tokens")
+    assert err.value.status == 400
+    with pytest.raises(ValueError, match="cache must be one of"):
+        ServerSettings(cache="full").validated()
+
+
+def test_cli_flags_carry_the_cache():
+    import argparse
+
+    from diffpo_serve.cli import parse_settings
+    from training.config import EvalConfig, RLConfig, add_arguments, from_args
+
+    assert parse_settings(["--cache", "prefix"], environ={}).cache == "prefix"
+    for cls in (EvalConfig, RLConfig):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, cls)
+        assert from_args(cls, parser.parse_args(["--cache", "dual"])).cache == "dual"
+        assert from_args(cls, parser.parse_args([])).cache == "off"

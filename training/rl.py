@@ -165,7 +165,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
 
     gen_length = cfg.gen_length or max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
     sampler = "learned" if train_head else cfg.sampler
-    params = SamplingParams(sampler, gen_length, block_length=cfg.block_length, steps=cfg.steps,
+    params = SamplingParams(sampler, gen_length, block_length=cfg.block_length, steps=cfg.steps, cache=cfg.cache,
                             threshold=None if train_head else cfg.threshold, temperature=cfg.temperature).resolved()
     pool = _example_pool(cfg, "train", cfg.train_examples)
     eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \

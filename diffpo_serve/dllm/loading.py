@@ -76,6 +76,7 @@ class LoadedModel:
     compiled: str | None = None  # what torch.compile compiled (compile=True), e.g. "4 Block layers"
     card: CardInfo = CardInfo()  # the model card's description and example prompts (model_card.py)
     eos_ids: tuple[int, ...] = ()  # every id that ends a row; eos_id first (empty: just eos_id)
+    kv_cache: bool = False  # the model takes the KV-cache arguments (supports_kv_cache): sampler `cache` works
 
     def __post_init__(self):
         self.eos_ids = tuple(dict.fromkeys([int(self.eos_id), *(int(i) for i in self.eos_ids)]))
@@ -298,7 +299,7 @@ def load_model(
                                  "the model runs as it is") from e
     return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_list[0],
                        eos_ids=tuple(eos_list), path=str(path), name=path.name, max_length=max_length,
-                       threshold_head=head, compiled=compiled, card=card)
+                       threshold_head=head, compiled=compiled, card=card, kv_cache=supports_kv_cache(model))
 
 
 def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
