@@ -490,8 +490,9 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
                 hidden = h[hidden_rows[group]]
         else:
             query = _query_columns(state, rows[group], index[group])
-            part, _, _ = cached_forward(model, *args, logits_index=index[group], kv_cache=state.kv.select(rows[group]),
-                                        query_index=query)
+            whole = len(group) == state.batch_size  # then rows[group] is every row in order: no copy of the cache
+            part, _, _ = cached_forward(model, *args, logits_index=index[group], query_index=query,
+                                        kv_cache=state.kv if whole else state.kv.select(rows[group]))
         if logits is None:
             logits = part.new_empty((len(rows), *part.shape[1:]))
         logits[group] = part
