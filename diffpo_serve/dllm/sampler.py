@@ -27,6 +27,22 @@ temperature is 0), and the log-probability of each committed token under that di
 recorded with its commit step: the trajectory that RL needs. Each row has its own seeded generator, so
 a row's output does not depend on the rest of the batch.
 
+A step materialises logits for each row's current block only (its maths runs in block positions; the
+model's logits stay in its dtype until the float32 softmax), so its memory grows with the block, not the
+answer (``benchmarks/step_memory.py``).
+
+**KV cache** (``cache``, per row; native models, :mod:`diffpo_serve.dllm.kv_cache`). ``off``: every step
+runs the whole canvas. ``prefix`` (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618): at a block's first step
+the row runs the whole canvas and stores every layer's keys/values; its later steps in that block run only
+the columns from the block's start to the end and read the stored keys/values of the prompt and finished
+blocks, which are stale by the tokens committed since (the approximation). ``dual``: later steps run only
+the block's columns, reading the stored keys/values of the masked suffix too. The block's first step is
+thus exact; a refresh every step (``generate(..., cache_refresh=1)``) makes the whole decode the uncached
+one. The state (``BatchState.kv``, ``cache_block``) is per row, so rows join and leave between steps
+(:meth:`BatchState.concat` pads the stored keys/values as it pads the canvas) and a row's output does not
+depend on its batch. RL rollouts with a cache record the log-probs of the cached sampler: the distribution
+actually sampled from.
+
 A row finishes when its text is determined: every block is committed, or an EOS (any of the state's
 ``eos_ids``: chat models end a turn with their own token) is committed with no mask before it (the
 positions after it are then filled with ``eos_id``, the first of them; their ``commit_step`` stays -1).
