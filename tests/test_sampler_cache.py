@@ -223,3 +223,15 @@ def test_cli_flags_carry_the_cache():
         add_arguments(parser, cls)
         assert from_args(cls, parser.parse_args(["--cache", "dual"])).cache == "dual"
         assert from_args(cls, parser.parse_args([])).cache == "off"
+
+
+def test_lora_wrapped_native_model_decodes_with_the_cache():
+    """RL rollouts run the peft-wrapped model: it still takes the cache (refreshed every step: exact)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llada()
+    wrapped = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    params = dict(sampler="steps", gen_length=8, block_length=4, steps=8)
+    plain = run(wrapped, PROMPTS[:2], SamplingParams(**params), stop_at_eos=False)
+    cached = run(wrapped, PROMPTS[:2], SamplingParams(**params, cache="dual"), stop_at_eos=False, cache_refresh=1)
+    assert cached.sequences.tolist() == plain.sequences.tolist()

@@ -396,8 +396,11 @@ def _accepted(inner: torch.nn.Module) -> frozenset[str]:
 
 def supports_kv_cache(model: torch.nn.Module) -> bool:
     """Whether the model takes the KV-cache arguments of :mod:`diffpo_serve.dllm.kv_cache` (the native
-    families do; generic masked LMs and remote code do not)."""
+    families do; generic masked LMs and remote code do not). Wrappers (DDP's ``module``, peft's base model)
+    pass the arguments through and are looked inside."""
     inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):  # peft: forward(**kwargs) reaches the base model's forward
+        inner = inner.get_base_model()
     return {"kv_cache", "query_index", "return_kv", "logits_index"} <= _accepted(inner)
 
 
