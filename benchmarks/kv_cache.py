@@ -10,7 +10,8 @@ tokens/s (rows x gen / seconds) and each mode's ratio to ``off`` from the same r
 equal to the uncached decode (random weights: a lower bound on agreement, not an accuracy).
 
 Accuracy (``--accuracy``): the bundled model on its tasks (sudoku, countdown; ``--n`` generated test prompts
-each), greedy, block_length 4, with each cache mode and sampler (``steps`` at 16 passes, ``learned``): accuracy,
+each), greedy, block_length 4, with each cache mode and sampler (``--samplers``: ``steps`` at 16 passes,
+``learned``): accuracy,
 its standard error sqrt(p (1 - p) / n) and mean NFE.
 
     python -m benchmarks.kv_cache [--preset mid] [--batch-sizes 1,16] [--runs 1] [--accuracy --n 1000]
@@ -103,7 +104,7 @@ def accuracy(args) -> list[dict]:
     for task in ("sudoku", "countdown"):
         data = get_task(task).make_dataset("test", args.n, seed=0)
         gen = get_task(task).GEN_LENGTH
-        for sampler in ("steps", "learned"):
+        for sampler in args.samplers.split(","):
             for cache in CACHE_MODES:
                 params = SamplingParams(sampler, gen, block_length=4, cache=cache)
                 result = evaluate(loaded, task, data, params, batch_size=64, progress=False)
@@ -152,6 +153,7 @@ def main(argv=None):
     ap.add_argument("--accuracy", action="store_true", help="also measure accuracy on the bundled model")
     ap.add_argument("--model", default=None, help="model for --accuracy (default: the bundled one)")
     ap.add_argument("--n", type=int, default=1000, help="--accuracy: test prompts per task")
+    ap.add_argument("--samplers", default="steps,learned", help="--accuracy: samplers to compare")
     ap.add_argument("--name", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
     name = "kv_cache" + (f"_{args.name}" if args.name else "")
@@ -169,7 +171,8 @@ def main(argv=None):
         plot(speed_rows, RESULTS / f"{name}.png")
     if accuracy_rows:
         text += (f"\n## Accuracy\n\n{args.model or 'the bundled model'}, {args.n} generated test prompts per task "
-                 "(seed 0), greedy, block_length 4; stderr = sqrt(p (1 - p) / n).\n\n"
+                 "(seed 0), greedy, block_length 4; stderr = sqrt(p (1 - p) / n); one run each (greedy decoding "
+                 "is deterministic).\n\n"
                  + markdown_table(accuracy_rows, ["task", "sampler", "cache", "n", "accuracy", "stderr", "mean_nfe",
                                                   "seconds"]) + "\n")
     print(text)
