@@ -2,6 +2,8 @@
 block's first step exact and later steps a bounded approximation, batch == alone, rows joining mid-block,
 and logits materialised for the current block only. Tiny random models; nothing is downloaded."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -235,3 +237,26 @@ def test_lora_wrapped_native_model_decodes_with_the_cache():
     plain = run(wrapped, PROMPTS[:2], SamplingParams(**params), stop_at_eos=False)
     cached = run(wrapped, PROMPTS[:2], SamplingParams(**params, cache="dual"), stop_at_eos=False, cache_refresh=1)
     assert cached.sequences.tolist() == plain.sequences.tolist()
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_learned_rows_with_the_cache(cache):
+    """`learned` rows read the head's features from a full first pass (which also fills their cache), next to
+    cached rows already mid-decode: the head's features and choices equal the uncached decode's, and with
+    refreshes every step so do the tokens; without, the row still equals itself alone."""
+    from diffpo_serve.dllm.threshold_head import ThresholdHead
+
+    model = tiny_model()
+    torch.manual_seed(0)
+    head = ThresholdHead(model.config.hidden_size, features="prompt+answer+eb")
+    params = [SamplingParams(sampler="learned", gen_length=12, block_length=4, cache=cache),
+              SamplingParams(sampler="eb", gen_length=16, block_length=4, threshold=0.5, cache=cache)]
+    plain = run(model, PROMPTS[:2], [replace(p, cache="off") for p in params], head=head)
+    exact = run(model, PROMPTS[:2], params, head=head, cache_refresh=1)
+    assert exact.sequences.tolist() == plain.sequences.tolist()
+    torch.testing.assert_close(exact.head_features, plain.head_features)
+    assert exact.threshold_choice.tolist() == plain.threshold_choice.tolist()
+    batched = run(model, PROMPTS[:2], params, head=head)
+    alone = run(model, PROMPTS[:1], params[0], head=head)
+    assert batched.sequences[0, :12].tolist() == alone.sequences[0, :12].tolist()
+    torch.testing.assert_close(batched.head_features[:1], plain.head_features[:1])
