@@ -48,6 +48,9 @@ def load_from_settings(settings: ServerSettings) -> LoadedModel:
                         eos_ids=parse_ids(settings.eos_id, "eos_id") if settings.eos_id is not None else None,
                         device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
                         compile=settings.compile)
+    if settings.cache != "off" and not loaded.kv_cache:
+        raise ModelLoadError(f"{settings.model}: --cache {settings.cache} needs a model with a native KV cache "
+                             f"({type(loaded.model).__name__} has none); use --cache off")
     weight = next(loaded.model.parameters())
     if weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type != "cpu":
         # on a CPU the sampler's aligned layout keeps rows independent (tests/test_sampler.py); a GPU's

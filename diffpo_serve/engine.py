@@ -32,7 +32,7 @@ from diffpo_serve.batcher import (BatchFailure, Batcher, Draining, QueueFull, Re
                                   RowUpdate, StepUpdate)
 from diffpo_serve.decoder_process import DecoderGone
 from diffpo_serve.dllm.loading import LoadedModel
-from diffpo_serve.dllm.sampler import SamplingParams
+from diffpo_serve.dllm.sampler import CACHE_MODES, SamplingParams
 from diffpo_serve.metrics import ServerMetrics
 from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice,
                                    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -82,7 +82,8 @@ class Engine:
         card = self.loaded.card
         return ModelCard(id=self.model_name, created=self.created, root=self.loaded.path,
                          max_model_len=self.loaded.max_length, description=card.description,
-                         examples=list(card.examples))
+                         examples=list(card.examples), cache=self.settings.cache,
+                         cache_modes=list(CACHE_MODES) if self.loaded.kv_cache else ["off"])
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -167,8 +168,12 @@ class Engine:
             raise APIError(400, "sampler `policy` needs a model with a step policy and this model has none; "
                                 "use `steps`, `confidence`, `eb` or `learned`",
                            param="sampler", code="unsupported_sampler")
+        cache = req.cache or self.settings.cache
+        if cache != "off" and not self.loaded.kv_cache:
+            raise APIError(400, f"cache `{cache}` needs a model with a native KV cache and this model has none; "
+                                "use `off`", param="cache", code="unsupported_cache")
         params = SamplingParams(
-            sampler=sampler, gen_length=gen_length, block_length=req.block_length, steps=req.steps,
+            sampler=sampler, gen_length=gen_length, block_length=req.block_length, steps=req.steps, cache=cache,
             threshold=req.threshold, top_p=1.0 if req.top_p is None else req.top_p,
             temperature=self.settings.default_temperature if req.temperature is None else req.temperature)
         try:

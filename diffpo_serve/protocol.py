@@ -114,6 +114,9 @@ _THRESHOLD_HELP = ("diffusion extra: `confidence` minimum confidence, `eb` gamma
                    "default (confidence 0.9, eb 0.3, policy: its trained operating point) and a learned head. "
                    "Ignored by `steps`.")
 _BLOCK_HELP = "diffusion extra: semi-autoregressive block length in tokens (default: one block of max_tokens)."
+_CACHE_HELP = ("diffusion extra: KV cache. `off` (every step runs the whole sequence), `prefix` (keys/values of the "
+               "prompt and finished blocks reused within a block; Fast-dLLM) or `dual` (also those of the masked "
+               "suffix); default: the server's (`cache` in /v1/models). Native models only.")
 _STEPS_HELP = ("diffusion extra: `steps` sampler only: total forward passes, a multiple of the number of "
                "blocks (default: max_tokens, one token per pass).")
 
@@ -122,6 +125,7 @@ _RETURN_STEPS_HELP = ("diffusion extra, /v1/completions with stream=true only: a
                       "that pass, their token ids and texts, the current block).")
 
 Sampler = Literal["steps", "confidence", "eb", "learned", "policy"]
+Cache = Literal["off", "prefix", "dual"]
 
 
 class CompletionRequest(_GenerationFields):
@@ -151,6 +155,7 @@ class CompletionRequest(_GenerationFields):
     threshold: float | None = Field(None, ge=0, description=_THRESHOLD_HELP, **FINITE)
     block_length: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_BLOCK_HELP, **STRICT_INT)
     steps: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_STEPS_HELP, **STRICT_INT)
+    cache: Cache | None = Field(None, description=_CACHE_HELP)
     return_steps: bool | None = Field(None, strict=True, description=_RETURN_STEPS_HELP)
 
     @field_validator("prompt")
@@ -229,6 +234,7 @@ class ChatCompletionRequest(_GenerationFields):
     threshold: float | None = Field(None, ge=0, description=_THRESHOLD_HELP, **FINITE)
     block_length: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_BLOCK_HELP, **STRICT_INT)
     steps: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_STEPS_HELP, **STRICT_INT)
+    cache: Cache | None = Field(None, description=_CACHE_HELP)
 
     def gen_length(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -383,6 +389,10 @@ class ModelCard(BaseModel):
                                     "understands (its model card's `description`)")
     examples: list[str] = Field(default_factory=list, description="extension: example prompts from its model card "
                                 "(the card's `widget` entries)")
+    cache: str | None = Field(None, description="extension: the KV cache requests use unless they name one (`off`, "
+                              "`prefix`, `dual`)")
+    cache_modes: list[str] = Field(default_factory=list, description="extension: the `cache` values this model "
+                                   "accepts (`off` only for a model without a native KV cache)")
 
 
 class ModelList(BaseModel):

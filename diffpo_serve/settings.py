@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from diffpo_serve.dllm.loading import parse_ids
-from diffpo_serve.dllm.sampler import SAMPLERS
+from diffpo_serve.dllm.sampler import CACHE_MODES, SAMPLERS
 
 ENV_PREFIX = "DIFFPO_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -48,6 +48,9 @@ class ServerSettings:
     default_sampler: str | None = option(None, f"sampler when a request names none ({', '.join(SAMPLERS)}; default: "
                                               "policy when the model has a step policy, else learned when it has a threshold head, "
                                               "else steps)")
+    cache: str = option("off", f"KV cache when a request names none ({', '.join(CACHE_MODES)}): prefix reuses the "
+                               "prompt's and finished blocks' keys/values within a block, dual also the masked "
+                               "suffix's (Fast-dLLM); native models only; see docs/benchmarks.md")
     default_temperature: float = option(0.0, "temperature when a request sets none (0: greedy; at most 2, as in OpenAI's API)")
     device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's). bfloat16 "
@@ -80,6 +83,7 @@ class ServerSettings:
             (self.max_rows_per_request >= 1, "max_rows_per_request must be >= 1"),
             (self.default_max_tokens is None or self.default_max_tokens >= 1, "default_max_tokens must be >= 1"),
             (self.default_sampler in (None, *SAMPLERS), f"default_sampler must be one of {', '.join(SAMPLERS)}"),
+            (self.cache in CACHE_MODES, f"cache must be one of {', '.join(CACHE_MODES)}"),
             (0 <= self.default_temperature <= 2, "default_temperature must be in [0, 2] (as OpenAI's temperature)"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.dtype in (None, "float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),

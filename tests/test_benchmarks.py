@@ -187,3 +187,22 @@ def test_memory_arithmetic_counts_and_formulas():
     assert b["activations_checkpointing"] == tokens * n * 2 * d + tokens * b["activation_bytes_per_token_layer"]
     assert b["logits"] == 6 * (512 * v * 2 + 2 * 256 * v * 4)
     assert b["adamw_state_fp32"] == 2 * b["lora_fp32"] == 8 * counts(LLADA_8B, r)["lora_params"]
+
+
+def test_step_memory_fit_is_the_least_squares_line():
+    from benchmarks.step_memory import fit
+    assert fit([(1, 5), (2, 7), (4, 11)], 32) == pytest.approx(2 * 32 + 3)  # y = 2x + 3 exactly
+    assert fit([(1, 1), (2, 3), (3, 2)], 4) == pytest.approx(3.0)  # slope 0.5, through the mean (2, 2)
+
+
+def test_kv_cache_speed_runs_every_mode_on_the_tiny_preset():
+    import argparse
+
+    from benchmarks.kv_cache import speed
+    args = argparse.Namespace(preset="tiny", device="cpu", dtype="float32", batch_sizes="2", prompt=8, gen=8,
+                              block=4, steps=4, runs=1)
+    rows = speed(args)
+    assert [r["cache"] for r in rows] == ["off", "prefix", "dual"]
+    off = rows[0]
+    assert off["speedup"] == 1.0 and off["same_tokens_as_off"] == 1.0
+    assert all(r["tokens_per_s"] == pytest.approx(2 * 8 / r["seconds"]) for r in rows)

@@ -110,6 +110,9 @@ class RLConfig:
     chat_template: bool = option(True, "a model whose tokenizer has a chat template reads each task's instruction in "
                                        "it, as in eval; --no-chat-template sends the raw prompts")
     steps: int | None = option(None, "rollout forward passes for the steps sampler (default: gen_length)")
+    cache: str = option("off", "rollout KV cache (native models): off, prefix or dual; the behaviour log-probs are "
+                        "then those of the cached sampler, the distribution actually sampled from",
+                        choices=["off", "prefix", "dual"])
     max_steps: int = option(300, "RL steps (each: rollouts, then mu optimiser steps)")
     seed: int = option(0, "seed for prompts, rollouts, masks and tau")
     save_every: int = option(50, "steps between checkpoints")
@@ -177,6 +180,9 @@ class EvalConfig:
     block_length: int | None = option(None, "semi-autoregressive block length (default: gen_length; 32 through a "
                                             "chat template)")
     steps: int | None = option(None, "`steps` sampler: forward passes (default: gen_length)")
+    cache: str = option("off", "KV cache (native models): off, prefix (the prompt's and finished blocks' keys/"
+                        "values reused within a block) or dual (also the masked suffix's)",
+                        choices=["off", "prefix", "dual"])
     temperature: float = option(0.0, "sampling temperature (0: greedy)")
     chat_template: bool = option(True, "a model whose tokenizer has a chat template reads each task's instruction "
                                        "(d1's reasoning/answer format) in that template; --no-chat-template sends "

@@ -34,6 +34,7 @@ class EvalResult:
     block_length: int
     steps: int | None
     seconds: float
+    cache: str  # the KV cache decoded with (off / prefix / dual)
     threshold_distribution: dict | None  # `learned`: how often each gamma was chosen
     rows: list  # per example: prompt, completion, reward, nfe
 
@@ -81,7 +82,7 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
         threshold=(sum(r["threshold"] for r in rows) / max(n, 1) if params.sampler == "learned" and
                    params.threshold is None else params.threshold if params.sampler != "steps" else None),
         gen_length=params.gen_length, block_length=params.block_length,
-        steps=params.steps if params.sampler == "steps" else None, seconds=seconds, rows=rows,
+        steps=params.steps if params.sampler == "steps" else None, seconds=seconds, rows=rows, cache=params.cache,
         threshold_distribution=_distribution([r["threshold"] for r in rows]) if params.sampler == "learned" else None)
 
 
@@ -117,7 +118,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     chat = uses_chat_template(loaded, cfg.chat_template)
     gen_length, block_length = generation_lengths(chat, task.GEN_LENGTH, cfg.gen_length, cfg.block_length)
     params = SamplingParams(sampler=cfg.sampler, gen_length=gen_length,
-                            block_length=block_length, steps=cfg.steps, threshold=cfg.threshold,
+                            block_length=block_length, steps=cfg.steps, threshold=cfg.threshold, cache=cfg.cache,
                             temperature=cfg.temperature, seed=cfg.seed if cfg.temperature > 0 else None)
     torch.manual_seed(cfg.seed)
     result = evaluate(loaded, cfg.task, data, params, batch_size=cfg.batch_size, chat_template=cfg.chat_template)

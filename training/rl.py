@@ -271,7 +271,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
     loaded = replace(base, model=unwrapped, threshold_head=head_unwrapped, step_policy=policy_unwrapped)
 
     sampler = "learned" if train_head else "policy" if train_policy else cfg.sampler
-    params = SamplingParams(sampler, gen_length, block_length=block_length, steps=cfg.steps,
+    params = SamplingParams(sampler, gen_length, block_length=block_length, steps=cfg.steps, cache=cfg.cache,
                             threshold=None if train_head or train_policy else cfg.threshold,
                             temperature=cfg.temperature, top_p=cfg.top_p).resolved()
     pool = _example_pool(cfg, "train", cfg.train_examples)

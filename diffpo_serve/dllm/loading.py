@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 
 from diffpo_serve.dllm import model as _own_model  # noqa: F401  (registers our config and model)
 from diffpo_serve.dllm.families import FAMILY_MODULES
+from diffpo_serve.dllm.kv_cache import gather_columns
 from diffpo_serve.dllm.model_card import CardInfo, ModelCardError, read_card
 from diffpo_serve.dllm.step_policy import StepPolicyError, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHeadError, load_head
@@ -77,6 +78,7 @@ class LoadedModel:
     card: CardInfo = CardInfo()  # the model card's description and example prompts (model_card.py)
     step_policy: torch.nn.Module | None = None  # the learned per-step commit policy (sampler `policy`), if any
     eos_ids: tuple[int, ...] = ()  # every id that ends a row; eos_id first (empty: just eos_id)
+    kv_cache: bool = False  # the model takes the KV-cache arguments (supports_kv_cache): sampler `cache` works
 
     def __post_init__(self):
         self.eos_ids = tuple(dict.fromkeys([int(self.eos_id), *(int(i) for i in self.eos_ids)]))
@@ -300,7 +302,8 @@ def load_model(
                                  "the model runs as it is") from e
     return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_list[0],
                        eos_ids=tuple(eos_list), path=str(path), name=path.name, max_length=max_length,
-                       threshold_head=head, compiled=compiled, card=card, step_policy=policy)
+                       threshold_head=head, compiled=compiled, card=card, step_policy=policy,
+                       kv_cache=supports_kv_cache(model))
 
 
 def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -385,22 +388,55 @@ def check_padding(model: torch.nn.Module, mask_id: int, path: Path | str = "mode
 _FORWARD_ARGS: dict[type, frozenset[str]] = {}
 
 
-def _forward(inner: torch.nn.Module, input_ids, attention_mask, position_ids, hidden: bool = False,
-             model: torch.nn.Module | None = None):
-    """One forward pass of ``model`` (default ``inner``; ``inner`` is the unwrapped module whose signature
-    decides which arguments are passed)."""
+def _accepted(inner: torch.nn.Module) -> frozenset[str]:
+    """The keyword arguments ``inner.forward`` accepts (``"*"`` when it takes ``**kwargs``)."""
     accepted = _FORWARD_ARGS.get(type(inner))
     if accepted is None:
         params = inspect.signature(inner.forward).parameters
         accepted = frozenset(params) | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params.values()) else set())
         _FORWARD_ARGS[type(inner)] = accepted
+    return accepted
+
+
+def supports_kv_cache(model: torch.nn.Module) -> bool:
+    """Whether the model takes the KV-cache arguments of :mod:`diffpo_serve.dllm.kv_cache` (the native
+    families do; generic masked LMs and remote code do not). Wrappers (DDP's ``module``, peft's base model)
+    pass the arguments through and are looked inside."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):  # peft: forward(**kwargs) reaches the base model's forward
+        inner = inner.get_base_model()
+    return {"kv_cache", "query_index", "return_kv", "logits_index"} <= _accepted(inner)
+
+
+def _forward(inner: torch.nn.Module, input_ids, attention_mask, position_ids, hidden: bool = False,
+             model: torch.nn.Module | None = None, logits_index=None):
+    """One forward pass of ``model`` (default ``inner``; ``inner`` is the unwrapped module whose signature
+    decides which arguments are passed). ``logits_index`` (b, k): only those columns' logits (asked of the
+    model when it takes the argument, else cut from the full logits)."""
+    accepted = _accepted(inner)
     kwargs = {"attention_mask": attention_mask}
     if position_ids is not None and "position_ids" in accepted:
         kwargs["position_ids"] = position_ids
+    native_index = logits_index is not None and "logits_index" in accepted
+    if native_index:
+        kwargs["logits_index"] = logits_index
     if hidden:
         kwargs["output_hidden_states"] = True
     out = (model if model is not None else inner)(input_ids=input_ids, **kwargs)
-    return (out.logits, out.hidden_states[-1]) if hidden else out.logits
+    logits = out.logits
+    if logits_index is not None and not native_index:
+        logits = gather_columns(logits, logits_index)
+    return (logits, out.hidden_states[-1]) if hidden else logits
+
+
+def cached_forward(model: torch.nn.Module, input_ids, attention_mask, position_ids, *, logits_index,
+                   kv_cache=None, query_index=None, return_kv: bool = False, hidden: bool = False):
+    """A native model's forward with the KV-cache arguments (:mod:`diffpo_serve.dllm.kv_cache`):
+    ``(logits at logits_index, last hidden state or None, the keys/values or None)``."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_index=logits_index, kv_cache=kv_cache, query_index=query_index, return_kv=return_kv,
+                output_hidden_states=hidden)
+    return out.logits, (out.hidden_states[-1] if hidden else None), out.kv_cache
 
 
 def _unpadded(model, inner, input_ids, attention_mask, hidden: bool):
@@ -428,14 +464,21 @@ def _unpadded(model, inner, input_ids, attention_mask, hidden: bool):
 
 
 def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None, *, hidden: bool = False):
+                 position_ids: torch.Tensor | None = None, *, hidden: bool = False,
+                 logits_index: torch.Tensor | None = None):
     """Logits (b, l, V) of any loaded model; passes only the arguments its ``forward`` accepts.
 
-    With ``hidden=True`` returns ``(logits, last_hidden_state)``, the latter (b, l, d). A model that
-    :func:`check_padding` marked runs on unpadded rows (:func:`ignores_padding`); the logits of padded
-    positions are then 0.
+    With ``hidden=True`` returns ``(logits, last_hidden_state)``, the latter (b, l, d). ``logits_index``
+    (b, k): the logits of those columns only, (b, k, V); a native model then never materialises the rest.
+    A model that :func:`check_padding` marked runs on unpadded rows (:func:`ignores_padding`); the logits
+    of padded positions are then 0.
     """
     inner = getattr(model, "module", model)  # DistributedDataParallel and similar wrappers
     if getattr(inner, IGNORES_PADDING, False) and not bool(attention_mask.bool().all()):
-        return _unpadded(model, inner, input_ids, attention_mask, hidden)
-    return _forward(inner, input_ids, attention_mask, position_ids, hidden, model)
+        result = _unpadded(model, inner, input_ids, attention_mask, hidden)
+        if logits_index is None:
+            return result
+        logits, h = result if hidden else (result, None)
+        logits = gather_columns(logits, logits_index)
+        return (logits, h) if hidden else logits
+    return _forward(inner, input_ids, attention_mask, position_ids, hidden, model, logits_index)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MaskedLMOutput
+
+from diffpo_serve.dllm import kv_cache as kv
 
 MODEL_TYPE = "diffpo-mdm"
 LORA_TARGET_MODULES = ["qkv", "out", "gate", "up", "down"]  # peft target_modules: every Linear of the blocks
@@ -102,11 +103,14 @@ class Block(GradientCheckpointingLayer):
         self.up = nn.Linear(d, config.intermediate_size, bias=False)
         self.down = nn.Linear(config.intermediate_size, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_bias):
+    def forward(self, x, cos, sin, attn_bias, ctx: kv.ForwardContext | None = None, layer: int = 0):
         b, l, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # no causal mask
+        if ctx is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # no causal mask
+        else:  # keys/values through the shared cache mechanism (kv_cache.py)
+            y = ctx.attend(layer, q, k, v, attn_bias)
         x = x + self.out(y.transpose(1, 2).reshape(b, l, d))
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
@@ -153,35 +157,34 @@ class DiffpoForMaskedLM(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        logits_index: torch.Tensor | None = None,
+        kv_cache: kv.KVCache | None = None,
+        query_index: torch.Tensor | None = None,
+        return_kv: bool = False,
         **kwargs,
-    ) -> MaskedLMOutput:
-        """``labels`` (-100 = ignore) gives the mean cross-entropy over the labelled positions."""
-        b, l = input_ids.shape
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        attn_bias = None
-        if attention_mask is not None:
-            # b, 1, 1, l: padded keys are never attended to
-            attn_bias = attention_mask.bool()[:, None, None, :]
-        cos, sin = rotary_tables(position_ids, self.config.hidden_size // self.config.num_attention_heads,
+    ) -> kv.DiffusionLMOutput:
+        """``labels`` (-100 = ignore) gives the mean cross-entropy over the labelled positions.
+        ``logits_index``, ``kv_cache``/``query_index``, ``return_kv``: see :mod:`diffpo_serve.dllm.kv_cache`."""
+        ctx, ids, positions, attn_bias = kv.begin(input_ids, attention_mask, position_ids, kv_cache, query_index,
+                                                  return_kv)
+        cos, sin = rotary_tables(positions, self.config.hidden_size // self.config.num_attention_heads,
                                  self.config.rope_theta)
-        x = self.embed(input_ids)
+        x = self.embed(ids)
         hidden = [x] if output_hidden_states else None
-        for block in self.blocks:
-            x = block(x, cos, sin, attn_bias)
+        cached = ctx if (kv_cache is not None or return_kv) else None  # the plain path stays the plain path
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_bias, cached, i)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x
-        logits = self.lm_head(x)
+        logits = self.lm_head(kv.logits_rows(x, logits_index, query_index))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None)
+        return kv.DiffusionLMOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None,
+                                    kv_cache=ctx.result())
 
 
 AutoConfig.register(MODEL_TYPE, DiffpoConfig, exist_ok=True)

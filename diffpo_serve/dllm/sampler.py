@@ -35,6 +35,22 @@ with its commit step: the trajectory that RL needs (its importance weight divide
 pi_old, computed with the same :func:`policy_logprobs`, by this q; see ``training/loss.py``). Each row
 has its own seeded generator, so a row's output does not depend on the rest of the batch.
 
+A step materialises logits for each row's current block only (its maths runs in block positions; the
+model's logits stay in its dtype until the float32 softmax), so its memory grows with the block, not the
+answer (``benchmarks/step_memory.py``).
+
+**KV cache** (``cache``, per row; native models, :mod:`diffpo_serve.dllm.kv_cache`). ``off``: every step
+runs the whole canvas. ``prefix`` (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618): at a block's first step
+the row runs the whole canvas and stores every layer's keys/values; its later steps in that block run only
+the columns from the block's start to the end and read the stored keys/values of the prompt and finished
+blocks, which are stale by the tokens committed since (the approximation). ``dual``: later steps run only
+the block's columns, reading the stored keys/values of the masked suffix too. The block's first step is
+thus exact; a refresh every step (``generate(..., cache_refresh=1)``) makes the whole decode the uncached
+one. The state (``BatchState.kv``, ``cache_block``) is per row, so rows join and leave between steps
+(:meth:`BatchState.concat` pads the stored keys/values as it pads the canvas) and a row's output does not
+depend on its batch. RL rollouts with a cache record the log-probs of the cached sampler: the distribution
+actually sampled from.
+
 A row finishes when its text is determined: every block is committed, or an EOS (any of the state's
 ``eos_ids``: chat models end a turn with their own token) is committed with no mask before it (the
 positions after it are then filled with ``eos_id``, the first of them; their ``commit_step`` stays -1).
@@ -49,10 +65,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from diffpo_serve.dllm.loading import model_logits
+from diffpo_serve.dllm.kv_cache import KVCache, gather_columns, locate
+from diffpo_serve.dllm.loading import cached_forward, model_logits, supports_kv_cache
 from diffpo_serve.dllm.step_policy import decision_logprob, policy_commits, token_features, top2_margin
 
 SAMPLERS = ("steps", "confidence", "eb", "learned", "policy")
+CACHE_MODES = ("off", "prefix", "dual")  # the `cache` knob: see the module docstring
 # learned: the head's choice; policy: the step policy's operating point
 DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3, "learned": None, "policy": None}
 LEARNED = SAMPLERS.index("learned")
@@ -72,6 +90,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    cache: str = "off"  # KV cache: "off", "prefix" or "dual" (CACHE_MODES; native models only)
 
     def resolved(self) -> "SamplingParams":
         """Fill defaults and validate; raises ValueError with a message fit for an API user."""
@@ -97,6 +116,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}; got {self.cache!r}")
         return replace(self, block_length=block, steps=steps, threshold=threshold)
 
 
@@ -143,6 +164,12 @@ class BatchState:
     eos_ids: tuple[int, ...] = ()  # every id that ends a row (eos_id among them)
     stop_at_eos: bool = True
     align: int = 0  # 0: prompts left-padded to the longest; else prompts first, region width a multiple of it
+    # KV cache (see the module docstring): per-row mode, the block whose start the row's keys/values were
+    # computed at (-1: none yet), the keys/values themselves (canvas columns), and an extra refresh period
+    cache: torch.Tensor | None = None  # b  index into CACHE_MODES
+    cache_block: torch.Tensor | None = None  # b
+    kv: KVCache | None = None  # per layer (b, kv_heads, l, head_dim)
+    cache_refresh: int = 0  # also refresh every this many steps inside a block (0: at block starts only)
 
     @property
     def batch_size(self) -> int:
@@ -164,7 +191,8 @@ class BatchState:
         """A new state with only the given rows (index tensor or list), e.g. to drop finished ones."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.canvas.device)
         kept = {k: v[rows] for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        state = replace(self, **kept, generators=[self.generators[i] for i in rows.tolist()])
+        state = replace(self, **kept, generators=[self.generators[i] for i in rows.tolist()],
+                        kv=self.kv.select(rows) if self.kv is not None else None)
         return state._trimmed()
 
     def _trimmed(self) -> "BatchState":
@@ -179,14 +207,15 @@ class BatchState:
             right = round_up(right, self.align)
             width = round_up(int(prompt_used[-1]) + 1 if len(prompt_used) else 0, self.align)
             cols = torch.cat([torch.arange(width), torch.arange(pw, pw + right)]).to(self.canvas.device)
-            canvas, attention = self.canvas[:, cols], self.attention_mask[:, cols]
         else:
             left = int(prompt_used[0]) if len(prompt_used) else pw
             width = pw - left
-            canvas, attention = self.canvas[:, left:pw + right], self.attention_mask[:, left:pw + right]
+            cols = torch.arange(left, pw + right, device=self.canvas.device)
+        canvas, attention = self.canvas[:, cols], self.attention_mask[:, cols]
         return replace(self, canvas=canvas, attention_mask=attention, prompt_width=width,
                        commit_step=self.commit_step[:, :right], logprob=self.logprob[:, :right],
-                       prev_argmax=self.prev_argmax[:, :right])
+                       prev_argmax=self.prev_argmax[:, :right],
+                       kv=self.kv.columns(cols) if self.kv is not None else None)
 
     @staticmethod
     def concat(states: list["BatchState"]) -> "BatchState":
@@ -199,6 +228,7 @@ class BatchState:
         gw = max(s.gen_width for s in states)
         first = states[0]
         parts: dict[str, list] = {k: [] for k, v in vars(first).items() if isinstance(v, torch.Tensor)}
+        kvs: list = []
         for s in states:
             left, right = pw - s.prompt_width, gw - s.gen_width
             b = s.batch_size
@@ -213,11 +243,22 @@ class BatchState:
             parts["commit_step"].append(torch.cat([s.commit_step, s.commit_step.new_full((b, right), -1)], 1))
             parts["logprob"].append(torch.cat([s.logprob, s.logprob.new_zeros((b, right))], 1))
             parts["prev_argmax"].append(torch.cat([s.prev_argmax, s.prev_argmax.new_full((b, right), -1)], 1))
+            kvs.append(None if s.kv is None else s.kv.pad_columns(split, left, right))
             for k in parts:
                 if k not in ("canvas", "attention_mask", "commit_step", "logprob", "prev_argmax"):
                     parts[k].append(getattr(s, k))
         merged = {k: torch.cat(v, 0) for k, v in parts.items()}
-        return replace(first, **merged, prompt_width=pw, generators=[g for s in states for g in s.generators])
+        return replace(first, **merged, prompt_width=pw, generators=[g for s in states for g in s.generators],
+                       kv=_concat_kv(kvs, [s.batch_size for s in states]))
+
+
+def _concat_kv(kvs: list, sizes: list[int]) -> KVCache | None:
+    """Stack the states' caches (already padded to the batch's columns); rows without one get zeros (their
+    ``cache_block`` is -1, so they refresh before reading it)."""
+    template = next((c for c in kvs if c is not None), None)
+    if template is None:
+        return None
+    return KVCache.concat([c if c is not None else template.empty_like(n) for c, n in zip(kvs, sizes)])
 
 
 def init_state(
@@ -236,6 +277,7 @@ def init_state(
     policy: torch.nn.Module | None = None,
     sample_commits: bool = False,
     trace_features: bool = False,
+    cache_refresh: int = 0,
 ) -> BatchState:
     """Build the state for a list of token-id prompts, each with its own (or one shared) params.
 
@@ -260,6 +302,12 @@ def init_state(
         raise ValueError("sampler 'policy' needs a model with a step policy")
     params = [replace(p, threshold=policy.threshold) if p.sampler == "policy" and p.threshold is None else p
               for p in params]
+    if policy is not None and policy.uses_hidden and any(p.cache != "off" for p in params) \
+            and (trace_features or any(p.sampler == "policy" for p in params)):
+        # a cached step runs only some columns, whose hidden states are not the full forward's the policy
+        # was trained on (and families differ in which columns they return)
+        raise ValueError("a step policy with hidden-state features (basic+hidden) needs cache 'off'; its "
+                         "basic features work with the cache")
     b = len(prompts)
     pw = round_up(max(len(p) for p in prompts), align)
     gw = round_up(max(p.gen_length for p in params), align)
@@ -312,6 +360,8 @@ def init_state(
         generators=generators, head=head, sample_threshold=sample_threshold, mask_id=mask_id, eos_id=eos_id,
         pad_id=pad_id, eos_ids=tuple(dict.fromkeys([int(eos_id), *(int(i) for i in eos_ids)])),
         stop_at_eos=stop_at_eos, align=align,
+        cache=col([CACHE_MODES.index(p.cache) for p in params], torch.long),
+        cache_block=torch.full((b,), -1, dtype=torch.long, device=device), cache_refresh=cache_refresh,
     )
 
 
@@ -443,15 +493,16 @@ def _choose_thresholds(state: BatchState, rows: torch.Tensor, hidden: torch.Tens
     state.head_features[rows] = features.to(state.head_features.device)
 
 
-def _policy_step(state: BatchState, rows, policy_rows, probs, confidence, entropy, candidates, argmax, block_start,
+def _policy_step(state: BatchState, rows, policy_rows, probs, confidence, entropy, candidates, argmax, cols,
                  block_size, hidden, commit):
-    """The step policy's part of a pass: its features for the running rows, and for ``policy`` rows
-    their commits (greedy or drawn) with the decisions' log-prob added to ``state.policy_logprob``.
-    Returns (features, decisions, commit)."""
+    """The step policy's part of a pass, in block positions (r, K; ``cols`` the generation position of each):
+    its features for the running rows, and for ``policy`` rows their commits (greedy or drawn) with the
+    decisions' log-prob added to ``state.policy_logprob``. Returns (features, decisions, commit)."""
     before, _ = entropy_before(entropy, candidates)
-    unchanged = argmax == state.prev_argmax[rows]
-    features = token_features(confidence, entropy, top2_margin(probs), before, unchanged, candidates, block_start,
-                              block_size, state.block_step[rows])
+    unchanged = argmax == state.prev_argmax[rows].gather(1, cols)
+    # block positions: column k of the block sits at (k - 0) / block size
+    features = token_features(confidence, entropy, top2_margin(probs), before, unchanged, candidates,
+                              torch.zeros_like(block_size), block_size, state.block_step[rows])
     if hidden is not None:
         features = torch.cat([features, hidden.float() * candidates[..., None]], -1)
     decisions = commit
@@ -463,9 +514,10 @@ def _policy_step(state: BatchState, rows, policy_rows, probs, confidence, entrop
         if bool(sample.any()):
             uniform = torch.ones_like(prob)
             for i, r in enumerate(rows.tolist()):
-                if sample[i]:  # draw for the row's own positions only, so the batch's width does not matter
-                    n = int(state.gen_length[r])
-                    uniform[i, :n] = torch.rand(n, generator=state.generators[r]).to(prob.device)
+                if sample[i]:  # draw for the row's whole answer, so neither the batch's width nor the block
+                    n = int(state.gen_length[r])  # layout changes the row's stream; read at its block
+                    drawn = torch.rand(n, generator=state.generators[r]).to(prob.device)
+                    uniform[i] = drawn[cols[i]]
         p_commit, bits = policy_commits(prob, confidence, candidates, state.threshold[rows], uniform, sample)
         commit = torch.where(policy_rows[:, None], p_commit, commit)
         decisions = torch.where(policy_rows[:, None], bits, commit)
@@ -488,9 +540,94 @@ class StepOutput:
     argmax: torch.Tensor | None = None  # r, gen_width  the model's argmax at this pass
 
 
+def block_columns(state: BatchState, rows: torch.Tensor):
+    """Each row's current block in generation positions: ``(columns (r, K), real (r, K) bool, start (r,),
+    end (r,))`` with K the widest block among the rows; a row with a narrower block repeats its last column
+    (marked not real), so no row ever reads or computes a column outside its own block."""
+    block_start = state.block[rows] * state.block_length[rows]
+    block_end = torch.minimum(block_start + state.block_length[rows], state.gen_length[rows])
+    width = int(state.block_length[rows].max())
+    j = block_start[:, None] + torch.arange(width, device=block_start.device)
+    return torch.minimum(j, block_end[:, None] - 1), j < block_end[:, None], block_start, block_end
+
+
+def _query_columns(state: BatchState, rows: torch.Tensor, block_index: torch.Tensor) -> torch.Tensor:
+    """The canvas columns a cached forward computes for each row (r, q): with ``dual`` its block
+    (``block_index``, r x K), with ``prefix`` everything from its block's start to the canvas end; rows with
+    fewer columns than the widest repeat their last one."""
+    dual = state.cache[rows] == CACHE_MODES.index("dual")
+    if bool(dual.all()):
+        return block_index
+    length, start = state.canvas.shape[1], block_index[:, 0]
+    width = max(int(block_index.shape[1]), length - int(start.min()))
+    suffix = (start[:, None] + torch.arange(width, device=start.device)).clamp(max=length - 1)
+    block = torch.cat([block_index, block_index[:, -1:].expand(-1, width - block_index.shape[1])], 1)
+    return torch.where(dual[:, None], block, suffix)
+
+
+def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, canvas: torch.Tensor,
+                 attention: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
+                 hidden_rows: torch.Tensor | None = None, index_hidden: bool = False):
+    """Logits (r, k, V) at canvas columns ``index`` (r, k), in the model's dtype, the last hidden state of
+    the rows flagged in ``hidden_rows`` (the head's first pass; whole canvas), and with ``index_hidden`` the
+    last hidden state of every row at ``index`` (r, k, d; the step policy's hidden features), through the
+    KV cache where rows use one.
+
+    A row with ``cache`` off runs the whole canvas. A cached row refreshes (one full forward that also
+    stores its keys/values) at the first step of each block (and every ``cache_refresh`` steps), otherwise
+    runs only its query columns (:func:`_query_columns`) against its stored keys/values. ``index_hidden``
+    needs every row on a full forward (:func:`init_state` refuses a hidden-state policy with a cache)."""
+    want_hidden = hidden_rows is not None
+    if state.cache is None or not bool((state.cache[rows] > 0).any()):
+        out = model_logits(model, canvas, attention, positions, hidden=want_hidden or index_hidden,
+                           logits_index=index)
+        if not (want_hidden or index_hidden):
+            return out, None, None
+        logits, h = out
+        return (logits, h[hidden_rows] if want_hidden else None,
+                gather_columns(h, index) if index_hidden else None)
+    if index_hidden:
+        raise ValueError("the step policy's hidden-state features need the uncached forward; use cache 'off'")
+    if not supports_kv_cache(model):
+        raise ValueError(f"cache needs a native model ({type(model).__name__} takes no KV cache); use cache 'off'")
+    on = state.cache[rows] > 0
+    refresh = ~on | (state.cache_block[rows] != state.block[rows])
+    if state.cache_refresh:
+        refresh |= state.block_step[rows] % state.cache_refresh == 0
+    logits = hidden = None
+    for group, fresh in ((refresh.nonzero().squeeze(-1), True), ((~refresh).nonzero().squeeze(-1), False)):
+        if len(group) == 0:
+            continue
+        args = (canvas[group], attention[group], positions[group])
+        if fresh:
+            need = want_hidden and bool(hidden_rows[group].any())
+            part, h, kv = cached_forward(model, *args, logits_index=index[group], return_kv=bool(on[group].any()),
+                                         hidden=need)
+            stored = group[on[group]]
+            if kv is not None and len(stored):
+                if state.kv is None:
+                    state.kv = kv.empty_like(state.batch_size)
+                state.kv.write_rows(rows[stored], kv.select(on[group].nonzero().squeeze(-1)))
+                state.cache_block[rows[stored]] = state.block[rows[stored]]
+            if need:
+                hidden = h[hidden_rows[group]]
+        else:
+            query = _query_columns(state, rows[group], index[group])
+            whole = len(group) == state.batch_size  # then rows[group] is every row in order: no copy of the cache
+            part, _, _ = cached_forward(model, *args, logits_index=index[group], query_index=query,
+                                        kv_cache=state.kv if whole else state.kv.select(rows[group]))
+        if logits is None:
+            logits = part.new_empty((len(rows), *part.shape[1:]))
+        logits[group] = part
+    return logits, hidden, None
+
+
 @torch.no_grad()
 def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
-    """One forward pass over the unfinished rows of ``state``; updates the state in place."""
+    """One forward pass over the unfinished rows of ``state``; updates the state in place.
+
+    Logits are materialised for each row's current block only (and, in a ``learned`` row's first pass, for
+    its whole answer, whose entropies the threshold head reads); the step's maths runs in block positions."""
     rows = (~state.finished).nonzero().squeeze(-1)
     pw, gw = state.prompt_width, state.gen_width
     if len(rows) == 0:
@@ -503,56 +640,83 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     choosing = bool(pending.any())
     policy_rows = state.sampler[rows] == POLICY
     use_policy = bool(policy_rows.any())
+    traced = policy_rows | state.trace_features  # rows whose step-policy features this pass computes
     want_hidden = (use_policy or state.trace_features) and state.policy is not None and state.policy.uses_hidden
-    if choosing or want_hidden:
-        logits, hidden = model_logits(model, canvas, attention, positions, hidden=True)
-    else:
-        logits = model_logits(model, canvas, attention, positions)
-    logp = policy_logprobs(logits[:, pw:], state.mask_id)  # r, gw, V; never the mask: a row could stall on it
 
     gen = canvas[:, pw:]
-    j = torch.arange(gw, device=gen.device)
-    block_start = state.block[rows] * state.block_length[rows]
-    block_end = torch.minimum(block_start + state.block_length[rows], state.gen_length[rows])
-    in_block = (j >= block_start[:, None]) & (j < block_end[:, None])
-    candidates = (gen == state.mask_id) & in_block
+    cols, in_block, block_start, block_end = block_columns(state, rows)  # r, K
+    r, width = cols.shape
+    # traced rows also read the argmax from their block's end to their answer's end: the `unchanged`
+    # feature of a block's first pass compares with the previous pass's argmax there (other rows repeat
+    # their block's last column, so they compute nothing more)
+    ahead_width = int((state.gen_length[rows] - block_end)[traced].max()) if bool(traced.any()) else 0
+    ahead = block_end[:, None] + torch.arange(ahead_width, device=gen.device)
+    ahead_real = traced[:, None] & (ahead < state.gen_length[rows][:, None])
+    ahead = torch.where(ahead_real, ahead, cols[:, -1:])
+    wanted = torch.cat([cols, ahead], 1)  # r, K + A  generation positions
+    if choosing:  # the head reads the first pass's entropies over the whole answer: all its logits this once
+        answer = torch.arange(gw, device=gen.device).expand(r, gw)
+        logits, hidden, answer_hidden = _step_logits(model, state, rows, canvas, attention, positions, pw + answer,
+                                                     pending, index_hidden=want_hidden)
+        answer_entropy = torch.special.entr(policy_logprobs(logits[pending], state.mask_id).exp()).sum(-1)
+        logits = logits.gather(1, wanted[..., None].expand(-1, -1, logits.shape[-1]))
+        index_hidden = gather_columns(answer_hidden, wanted) if want_hidden else None
+    else:
+        logits, _, index_hidden = _step_logits(model, state, rows, canvas, attention, positions, pw + wanted,
+                                               index_hidden=want_hidden)
+    if ahead_width:  # only their argmax is needed (the mask excluded, as policy_logprobs does)
+        ahead_argmax = logits[:, width:].index_fill(-1, torch.tensor([state.mask_id], device=logits.device),
+                                                    float("-inf")).argmax(-1)
+        logits = logits[:, :width]
+    gen_block = gen.gather(1, cols)
+    candidates = (gen_block == state.mask_id) & in_block
 
+    # r, K, V in float32 (the model's dtype may be half); never the mask: a row could stall on it
+    logp = policy_logprobs(logits, state.mask_id)
+    del logits
     probs = logp.exp()
     entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
     if choosing:  # before any threshold is read below
-        _choose_thresholds(state, rows[pending], hidden[pending], attention[pending], entropy[pending])
+        _choose_thresholds(state, rows[pending], hidden, attention[pending], answer_entropy)
     temperature, top_p = state.temperature[rows], state.top_p[rows]
     # the behaviour distribution q; at T = 1 without a nucleus it is the policy itself, computed above
     logq = sampling_logprobs(logp, temperature, top_p) if bool(((temperature != 1) | (top_p < 1)).any()) else logp
     tokens = logp.argmax(-1)
     argmax = tokens.clone()
-    for i, r in enumerate(rows.tolist()):
-        g = state.generators[r]
-        if g is not None and state.temperature[r] > 0:
-            n = int(state.gen_length[r])  # draw for the row's own positions only: the batch's width
-            drawn = torch.multinomial(logq[i, :n].exp().cpu(), 1, generator=g).squeeze(-1)  # must not matter
+    for i, row in enumerate(rows.tolist()):
+        g = state.generators[row]
+        if g is not None and state.temperature[row] > 0:
+            n = int(block_end[i] - block_start[i])  # draw for the row's own block positions only: the batch's
+            drawn = torch.multinomial(logq[i, :n].exp().cpu(), 1, generator=g).squeeze(-1)  # width must not matter
             tokens[i, :n] = drawn.to(tokens.device)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
     token_logprob = logq.gather(-1, tokens[..., None]).squeeze(-1)
 
     num_transfer = transfer_counts(block_end - block_start, state.steps_per_block[rows], state.block_step[rows])
     commit = select_commits(confidence, entropy, candidates, state.sampler[rows], state.threshold[rows],
-                            num_transfer)
+                            num_transfer)  # r, K
     features = decisions = None
     if use_policy or state.trace_features:
         features, decisions, commit = _policy_step(state, rows, policy_rows, probs, confidence, entropy, candidates,
-                                                   argmax, block_start, block_end - block_start,
-                                                   hidden[:, pw:] if want_hidden else None, commit)
+                                                   argmax, cols, block_end - block_start,
+                                                   index_hidden[:, :width] if want_hidden else None, commit)
 
+    # back from block positions to generation positions: only committed (in-block, distinct) ones are written
     step_index = state.nfe[rows]
-    gen = torch.where(commit, tokens, gen)
-    commit_step = torch.where(commit, step_index[:, None], state.commit_step[rows])
-    logprob = torch.where(commit, token_logprob, state.logprob[rows])
+    row_index = torch.arange(r, device=gen.device)[:, None].expand(r, width)
+    at = (row_index[commit], cols[commit])
+    gen = gen.clone()
+    gen[at] = tokens[commit]
+    committed = torch.zeros_like(gen, dtype=torch.bool)
+    committed[at] = True
+    commit_step, logprob = state.commit_step[rows], state.logprob[rows]
+    commit_step[at] = step_index[:, None].expand(r, width)[commit]
+    logprob[at] = token_logprob[commit].to(logprob.dtype)
     nfe = step_index + 1
     block, block_step = state.block[rows], state.block_step[rows] + 1
 
     masked = gen == state.mask_id
-    block_done = ~(masked & in_block).any(-1)
+    block_done = ~(gen.gather(1, cols).eq(state.mask_id) & in_block).any(-1)
     block = torch.where(block_done, block + 1, block)
     block_step = torch.where(block_done, torch.zeros_like(block_step), block_step)
     all_done = block * state.block_length[rows] >= state.gen_length[rows]
@@ -570,10 +734,32 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     state.block[rows] = block
     state.block_step[rows] = block_step
     state.finished[rows] = all_done
-    state.prev_argmax[rows] = argmax
-    return StepOutput(rows=rows, committed=commit, newly_finished=all_done, features=features, decisions=decisions,
-                      candidates=candidates if features is not None else None,
-                      argmax=argmax if features is not None else None)
+    # the argmax of this pass where it was computed (the block; for traced rows also the rest of the answer),
+    # in generation positions: the policy's `unchanged` feature and its trace read it there
+    full_argmax = torch.full_like(gen, -1)
+    real = (row_index[in_block], cols[in_block])
+    full_argmax[real] = argmax[in_block]
+    if ahead_width:
+        later = torch.arange(r, device=gen.device)[:, None].expand(r, ahead_width)
+        full_argmax[later[ahead_real], ahead[ahead_real]] = ahead_argmax[ahead_real]
+    prev = state.prev_argmax[rows]
+    state.prev_argmax[rows] = torch.where(full_argmax >= 0, full_argmax, prev)
+    if features is None:
+        return StepOutput(rows=rows, committed=committed, newly_finished=all_done)
+    return StepOutput(rows=rows, committed=committed, newly_finished=all_done,
+                      features=_to_generation(features, row_index, cols, in_block, gw),
+                      decisions=_to_generation(decisions, row_index, cols, in_block, gw),
+                      candidates=_to_generation(candidates, row_index, cols, in_block, gw),
+                      argmax=full_argmax)
+
+
+def _to_generation(values: torch.Tensor, row_index: torch.Tensor, cols: torch.Tensor, in_block: torch.Tensor,
+                   gw: int) -> torch.Tensor:
+    """Block-position values (r, K, ...) back to generation positions (r, gw, ...), zero (False) outside
+    the block."""
+    out = values.new_zeros((values.shape[0], gw, *values.shape[2:]))
+    out[row_index[in_block], cols[in_block]] = values[in_block]
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -644,6 +830,7 @@ def generate(
     policy: torch.nn.Module | None = None,
     sample_commits: bool = False,
     trace_features: bool = False,
+    cache_refresh: int = 0,
 ) -> GenerationOutput:
     """Decode a batch of token-id prompts to completion with :func:`denoise_step`.
 
@@ -654,12 +841,16 @@ def generate(
     ``policy``/``sample_commits``/``trace_features``: the step policy for ``policy`` rows, whether
     they draw their commits, and whether every row's policy features are computed (:func:`init_state`);
     with ``return_trajectory`` the policy's view of every pass is returned as ``policy_trace``.
+    ``cache_refresh``: with a KV cache, also refresh it every this many steps of a block (1: every step,
+    which makes the cached decode exact; 0: at block starts only, Fast-dLLM's schedule).
     """
     device = next(model.parameters()).device
     state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, eos_ids=eos_ids,
                        device=device, stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold,
                        align=prompt_alignment(model) if align is None else align, policy=policy,
-                       sample_commits=sample_commits, trace_features=trace_features)
+                       sample_commits=sample_commits, trace_features=trace_features, cache_refresh=cache_refresh)
+    if bool((state.cache > 0).any()) and not supports_kv_cache(model):
+        raise ValueError(f"cache needs a native model ({type(model).__name__} takes no KV cache); use cache 'off'")
     steps = []
     while not bool(state.finished.all()):
         out = denoise_step(model, state)

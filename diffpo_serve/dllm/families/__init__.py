@@ -14,7 +14,10 @@ with ``.logits`` (b, l, V), where **position i's logits are the distribution of 
 whose checkpoint predicts the next token, as Dream does, shifts inside its own module), and
 ``.hidden_states[-1]`` the final hidden state (b, l, d). ``attention_mask`` (b, l) marks real tokens:
 padded keys are never attended to; ``position_ids`` (b, l) are the tokens' positions, so a padded row
-sees exactly what it would see alone.
+sees exactly what it would see alone. A native model also takes ``logits_index`` (logits of some columns
+only), ``return_kv`` (the keys/values of every layer, ``output.kv_cache``) and ``kv_cache`` + ``query_index``
+(compute some columns, attending to the cached keys/values of the others): the shared mechanism and its
+contract are in :mod:`diffpo_serve.dllm.kv_cache`; a family passes a ``ForwardContext`` to its attention.
 
 A family module may also define hooks the loader calls (all optional):
     ``load_tokenizer(path) -> tokenizer``       when transformers cannot load it without remote code

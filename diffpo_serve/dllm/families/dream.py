@@ -23,9 +23,9 @@ row's first real token has no predecessor; it keeps its own output, as Dream's s
 column 0 (it is always a prompt token, never predicted). The shift is applied to the final hidden
 state before the output projection, so ``logits == lm_head(hidden_states[-1])`` and every consumer
 (sampler, likelihoods, threshold head) sees token-aligned logits and hidden states through the one
-interface. The other entries of ``hidden_states`` are the layers' own, unshifted outputs. A future
-cached forward that computes only some query positions must include the real position before the
-first one it needs.
+interface. The other entries of ``hidden_states`` are the layers' own, unshifted outputs. A cached
+forward (:mod:`diffpo_serve.dllm.kv_cache`) that computes only some columns appends, for each logit it
+must return, the column that logit comes from (:func:`shift_sources`), so it is computed too.
 
 RoPE tables are computed from the config in every forward (float32, as the published code does,
 then cast to the activations' dtype), never stored, so they are right after ``from_pretrained`` in
@@ -49,7 +49,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MaskedLMOutput
+
+from diffpo_serve.dllm import kv_cache as kv
 
 from diffpo_serve.dllm.families import checkpoint_ids
 
@@ -158,22 +159,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def shift_to_token_positions(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Move next-token outputs to the token they predict: (b, l, d), (b, l) -> (b, l, d).
-
-    Output position i holds input position j = the last real (attended) position before i; where there
-    is none (a row's first real token, and padding before it) position i keeps its own output. Without
-    a mask every position is real: j = i - 1, and position 0 keeps its own.
-    """
-    b, l = hidden.shape[:2]
-    columns = torch.arange(l, device=hidden.device).expand(b, l)
+def shift_sources(attention_mask: torch.Tensor | None, b: int, l: int, device=None) -> torch.Tensor:
+    """For each column i (b, l): the column whose next-token output is token i's distribution, i.e. the last
+    real (attended) column before i; where there is none (a row's first real token, and padding before it)
+    i itself. Without a mask every column is real: i - 1, and 0 for column 0."""
+    columns = torch.arange(l, device=device).expand(b, l)
     if attention_mask is None:
         real = columns
     else:
         real = torch.where(attention_mask.bool(), columns, -1)
     last_real_up_to = real.cummax(dim=1).values  # b, l: last real column <= i (-1: none)
     before = torch.cat([torch.full_like(columns[:, :1], -1), last_real_up_to[:, :-1]], dim=1)
-    source = torch.where(before >= 0, before, columns)
+    return torch.where(before >= 0, before, columns)
+
+
+def shift_to_token_positions(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Move next-token outputs to the token they predict: (b, l, d), (b, l) -> (b, l, d).
+
+    Output position i holds input position j = :func:`shift_sources` (the last real position before i; a
+    row's first real token, and padding before it, keep their own output).
+    """
+    b, l = hidden.shape[:2]
+    source = shift_sources(attention_mask, b, l, hidden.device)
     return hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
@@ -219,17 +226,21 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                ctx: kv.ForwardContext | None = None):
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, l, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups = self.num_heads // self.num_key_value_heads
-        if groups > 1:  # each key/value head serves `groups` consecutive query heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False,
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        dropout = self.attention_dropout if self.training else 0.0
+        if ctx is not None:  # keys/values through the shared cache mechanism (kv_cache.py)
+            y = ctx.attend(self.layer_idx, q, k, v, mask, dropout)
+        else:
+            groups = self.num_heads // self.num_key_value_heads
+            if groups > 1:  # each key/value head serves `groups` consecutive query heads
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, dropout_p=dropout)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
 
 
@@ -258,8 +269,9 @@ class DreamDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = DreamRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DreamRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                ctx: kv.ForwardContext | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -292,8 +304,11 @@ class DreamBaseModel(DreamPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple | None]:
-        """Returns (final normed hidden state (b, l, d), all hidden states or None)."""
+                output_hidden_states: bool = False, ctx: kv.ForwardContext | None = None
+                ) -> tuple[torch.Tensor, tuple | None]:
+        """Returns (final normed hidden state (b, l, d), all hidden states or None). With ``ctx`` (from
+        :func:`kv_cache.begin`), the inputs are already those of the computed columns, ``position_ids``
+        given, and the keys/values go through the context."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -309,7 +324,7 @@ class DreamBaseModel(DreamPreTrainedModel):
         mask = key_padding_mask(attention_mask)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, mask, ctx)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
@@ -351,20 +366,51 @@ class DreamModel(DreamPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        logits_index: torch.Tensor | None = None,
+        kv_cache: kv.KVCache | None = None,
+        query_index: torch.Tensor | None = None,
+        return_kv: bool = False,
         **kwargs,
-    ) -> MaskedLMOutput:
-        """``labels`` (b, l), -100 = ignore, gives the mean cross-entropy of the (token-aligned) logits."""
-        final, hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds,
-                                   output_hidden_states=bool(output_hidden_states))
+    ) -> kv.DiffusionLMOutput:
+        """``labels`` (b, l), -100 = ignore, gives the mean cross-entropy of the (token-aligned) logits.
+        ``logits_index``, ``kv_cache``/``query_index``, ``return_kv``: see :mod:`diffpo_serve.dllm.kv_cache`;
+        a cached forward also computes, after the given query columns, the column each wanted logit comes
+        from (the real position before it), so its keys/values are fresh too."""
         mask = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
-        final = shift_to_token_positions(final, mask)
-        logits = self.lm_head(final)
+        if kv_cache is None and not return_kv:
+            final, hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds,
+                                       output_hidden_states=bool(output_hidden_states))
+            final = shift_to_token_positions(final, mask)
+            logits = self.lm_head(final if logits_index is None else kv.gather_columns(final, logits_index))
+            past = None
+        else:
+            if input_ids is None or mask is None and attention_mask is not None:
+                raise ValueError("a cached Dream forward takes input_ids and a (batch, length) attention_mask")
+            b, l = input_ids.shape
+            wanted = logits_index if logits_index is not None else query_index
+            sources = None if wanted is None else shift_sources(mask, b, l, input_ids.device).gather(1, wanted)
+            if query_index is not None:
+                query_index = torch.cat([query_index, sources], 1)
+            ctx, ids, positions, key_mask = kv.begin(input_ids, attention_mask, position_ids, kv_cache, query_index,
+                                                     return_kv)
+            final, hidden = self.model(ids, key_mask, positions, output_hidden_states=bool(output_hidden_states),
+                                       ctx=ctx)
+            if sources is None:  # a full forward recording keys/values, every column's logits
+                final = shift_to_token_positions(final, mask)
+                logits = self.lm_head(final)
+            elif query_index is None:  # a full forward, some columns' logits
+                final = shift_to_token_positions(final, mask)
+                logits = self.lm_head(kv.gather_columns(final, logits_index))
+            else:  # the source columns were appended after the queries
+                final = final[:, query_index.shape[1] - sources.shape[1]:]
+                logits = self.lm_head(final)
+            past = ctx.result()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         if hidden is not None:
             hidden = hidden[:-1] + (final,)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden)
+        return kv.DiffusionLMOutput(loss=loss, logits=logits, hidden_states=hidden, kv_cache=past)
 
 
 AutoConfig.register(MODEL_TYPE, DreamConfig, exist_ok=True)

@@ -37,7 +37,7 @@ Training: the blocks are :class:`~transformers.modeling_layers.GradientCheckpoin
 LoRA can target (``q_proj``, ``k_proj``, ``v_proj``, ``attn_out``, ``ff_proj``, ``up_proj``, and the
 blocks' ``ff_out``, e.g. ``target_modules=r".*blocks\\.\\d+\\.(q_proj|v_proj|ff_out)"``). The attention
 computes each layer's rotated keys and values in one place (:meth:`LLaDALlamaBlock.attention`): where a
-KV cache would keep them.
+KV cache keeps them (:mod:`diffpo_serve.dllm.kv_cache`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MaskedLMOutput
+
+from diffpo_serve.dllm import kv_cache as kv
 
 from diffpo_serve.dllm.families import checkpoint_ids
 
@@ -244,8 +245,9 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.residual_dropout)
 
     def attention(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
-                  key_mask: torch.Tensor | None) -> torch.Tensor:
-        """Self-attention of the normed input x (b, l, d); ``key_mask`` (b, 1, 1, l) bool, True = attend."""
+                  key_mask: torch.Tensor | None, ctx: kv.ForwardContext | None = None) -> torch.Tensor:
+        """Self-attention of the normed input x (b, l, d); ``key_mask`` (b, 1, 1, L) bool, True = attend.
+        With ``ctx`` the keys/values go through the shared cache mechanism (:mod:`~diffpo_serve.dllm.kv_cache`)."""
         b, l, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
@@ -255,16 +257,19 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         v = v.view(b, l, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, sin, cos, self.rope_full_precision)
         k = apply_rope(k, sin, cos, self.rope_full_precision)
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,  # no causal mask
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        dropout = self.attention_dropout if self.training else 0.0
+        if ctx is not None:
+            y = ctx.attend(self.layer_id, q, k, v, key_mask, dropout)
+        else:
+            if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
+                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # no causal mask
         return self.attn_out(y.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attn_norm(x), sin, cos, key_mask))
+                key_mask: torch.Tensor | None = None, ctx: kv.ForwardContext | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attn_norm(x), sin, cos, key_mask, ctx))
         h = self.ff_norm(x)
         return x + self.dropout(self.ff_out(self.act(self.ff_proj(h)) * self.up_proj(h)))
 
@@ -338,21 +343,22 @@ class LLaDAModelLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        logits_index: torch.Tensor | None = None,
+        kv_cache: kv.KVCache | None = None,
+        query_index: torch.Tensor | None = None,
+        return_kv: bool = False,
         **kwargs,
-    ) -> MaskedLMOutput:
-        """Logits of every position; ``hidden_states`` (with ``output_hidden_states``) holds each block's
-        input and, last, the final normed hidden state."""
+    ) -> kv.DiffusionLMOutput:
+        """Logits of every position (or of ``logits_index``'s); ``hidden_states`` (with
+        ``output_hidden_states``) holds each block's input and, last, the final normed hidden state.
+        ``kv_cache``/``query_index``, ``return_kv``: see :mod:`diffpo_serve.dllm.kv_cache`."""
         config, t = self.config, self.model.transformer
-        b, l = input_ids.shape
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        # b, 1, 1, l: padded keys are never attended to (a row with no padding attends to all, as published)
-        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        sin, cos = rope_tables(position_ids, config.d_model // config.n_heads, config.rope_theta)
-        x = t.wte(input_ids)
+        # key_mask b, 1, 1, L: padded keys are never attended to (a row with no padding attends to all, as published)
+        ctx, ids, positions, key_mask = kv.begin(input_ids, attention_mask, position_ids, kv_cache, query_index,
+                                                 return_kv)
+        cached = ctx if (kv_cache is not None or return_kv) else None
+        sin, cos = rope_tables(positions, config.d_model // config.n_heads, config.rope_theta)
+        x = t.wte(ids)
         if config.input_emb_norm:
             x = x * config.d_model ** 0.5
         x = t.emb_drop(x)
@@ -360,14 +366,15 @@ class LLaDAModelLM(PreTrainedModel):
         for block in t.blocks:
             if hidden is not None:
                 hidden.append(x)
-            x = block(x, sin, cos, key_mask)
+            x = block(x, sin, cos, key_mask, cached)
         x = t.ln_f(x)
         if hidden is not None:
             hidden.append(x)
-        logits = t.ff_out(x)
+        logits = t.ff_out(kv.logits_rows(x, logits_index, query_index))
         if config.scale_logits:
             logits = logits * (1 / math.sqrt(config.d_model))
-        return MaskedLMOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
+        return kv.DiffusionLMOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None,
+                                    kv_cache=ctx.result())
 
 
 def special_ids(config, tokenizer, generation_config) -> dict:
