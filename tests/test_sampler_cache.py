@@ -260,3 +260,76 @@ def test_learned_rows_with_the_cache(cache):
     alone = run(model, PROMPTS[:1], params[0], head=head)
     assert batched.sequences[0, :12].tolist() == alone.sequences[0, :12].tolist()
     torch.testing.assert_close(batched.head_features[:1], plain.head_features[:1])
+
+
+@pytest.mark.parametrize("family", ["own", "llada"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_policy_rows_with_the_cache(family, cache):
+    """Step-policy rows (basic features) decode with the cache: greedy and sampled commits, refreshed every
+    step, equal the uncached decode (tokens, passes, the decisions' log-prob, the trace's features); without
+    refreshes a policy row next to an `eb` row in the batch equals itself alone."""
+    from test_step_policy import random_policy
+
+    model = {"own": lambda: tiny_model(), "llada": tiny_llada}[family]()
+    policy = random_policy(2)
+    params = [SamplingParams("policy", gen_length=12, block_length=4, threshold=0.5, seed=3, cache=cache),
+              SamplingParams("eb", gen_length=16, block_length=4, threshold=0.5, seed=4, cache=cache),
+              SamplingParams("policy", gen_length=8, block_length=8, threshold=0.7, seed=5, cache=cache)]
+    for sample in (False, True):
+        kw = dict(policy=policy, sample_commits=sample, return_trajectory=True, stop_at_eos=False)
+        plain = run(model, PROMPTS[:3], [replace(p, cache="off") for p in params], **kw)
+        exact = run(model, PROMPTS[:3], params, cache_refresh=1, **kw)
+        assert exact.sequences.tolist() == plain.sequences.tolist()
+        assert exact.nfe.tolist() == plain.nfe.tolist()
+        torch.testing.assert_close(exact.policy_logprob, plain.policy_logprob)
+        torch.testing.assert_close(exact.policy_trace.features, plain.policy_trace.features)
+        assert exact.policy_trace.decisions.tolist() == plain.policy_trace.decisions.tolist()
+    batched = run(model, PROMPTS[:3], params, policy=policy)
+    for i in (0, 2):
+        alone = run(model, [PROMPTS[i]], params[i], policy=policy)
+        n = params[i].gen_length
+        assert batched.sequences[i, :n].tolist() == alone.sequences[0, :n].tolist()
+        assert batched.nfe[i] == alone.nfe[0]
+        assert float(batched.policy_logprob[i]) == pytest.approx(float(alone.policy_logprob[0]), abs=1e-4)
+
+
+def test_hidden_state_policy_with_a_cache_is_refused(model):
+    """A basic+hidden policy reads the full forward's hidden states, which a cached step does not compute:
+    refused with a message naming the fix, for policy rows and for traced rows; the cache off still runs."""
+    from diffpo_serve.dllm.step_policy import StepPolicy
+
+    policy = StepPolicy(model.config.hidden_size, features="basic+hidden")
+    with pytest.raises(ValueError, match="basic\\+hidden.*cache 'off'"):
+        run(model, PROMPTS[:1], SamplingParams("policy", 8, cache="prefix"), policy=policy)
+    with pytest.raises(ValueError, match="basic\\+hidden.*cache 'off'"):
+        run(model, PROMPTS[:1], SamplingParams("eb", 8, cache="dual"), policy=policy, trace_features=True)
+    assert run(model, PROMPTS[:1], SamplingParams("policy", 8), policy=policy).nfe.item() >= 1
+    assert run(model, PROMPTS[:1], SamplingParams("eb", 8, cache="dual"), policy=policy).nfe.item() >= 1
+
+
+def test_engine_refuses_a_hidden_state_policy_with_a_cache_and_serves_a_basic_one():
+    from diffpo_serve.batcher import Batcher
+    from diffpo_serve.dllm.loading import LoadedModel
+    from diffpo_serve.dllm.step_policy import StepPolicy
+    from diffpo_serve.dllm.tokenizer import build_tokenizer
+    from diffpo_serve.engine import Engine
+    from diffpo_serve.protocol import APIError, CompletionRequest
+    from diffpo_serve.settings import ServerSettings
+
+    model = tiny_model()
+
+    def engine(policy):
+        loaded = LoadedModel(model=model, tokenizer=build_tokenizer(), mask_id=MASK, pad_id=PAD, eos_id=EOS,
+                             path="<memory>", name="tiny", max_length=512, kv_cache=True, step_policy=policy)
+        return Engine(loaded, Batcher(loaded), ServerSettings())
+
+    request = CompletionRequest(model="tiny", prompt="x", max_tokens=4, sampler="policy", cache="dual")
+    with pytest.raises(APIError, match="basic\\+hidden") as err:
+        engine(StepPolicy(model.config.hidden_size, features="basic+hidden"))._sampling_params(request, 4,
+                                                                                               "max_tokens")
+    assert err.value.status == 400 and err.value.param == "cache"
+    params = engine(StepPolicy())._sampling_params(request, 4, "max_tokens")
+    assert (params.sampler, params.cache) == ("policy", "dual")
+    off = CompletionRequest(model="tiny", prompt="x", max_tokens=4, sampler="policy", cache="off")
+    assert engine(StepPolicy(model.config.hidden_size, features="basic+hidden"))._sampling_params(
+        off, 4, "max_tokens").cache == "off"

@@ -272,3 +272,27 @@ def test_setting_the_operating_point_moves_the_threshold_into_the_network():
     assert 0 < float((p >= 0.8).float().mean()) < 1
     with pytest.raises(ValueError, match="operating point"):
         policy.set_operating_point(1.0)
+
+
+def test_unchanged_at_a_blocks_first_pass_compares_with_the_previous_blocks_last_pass(model):
+    """Logits are materialised for the block only, but a traced row also keeps the argmax of the rest of
+    its answer: at block 1's first pass `unchanged` compares with block 0's last pass at block 1's columns
+    (not with nothing), and that argmax equals the full forward's."""
+    prompt = [5, 6, 7]
+    params = SamplingParams("eb", gen_length=8, block_length=4, threshold=0.0)  # one token per pass
+    out = generate(model, [prompt], params, **IDS, trace_features=True, return_trajectory=True)
+    trace = out.policy_trace
+    assert int(out.nfe[0]) == 8
+    last, first = 3, 4  # block 0's last pass, block 1's first
+    assert trace.candidates[0, first].tolist() == [False] * 4 + [True] * 4
+    assert (trace.argmax[0, last, 4:] >= 0).all()
+    expected = (trace.argmax[0, first, 4:] == trace.argmax[0, last, 4:]).float()
+    assert trace.features[0, first, 4:, FEATURE_NAMES.index("unchanged")].tolist() == expected.tolist()
+    # the kept argmax is the full forward's at that pass
+    canvas = torch.tensor([prompt + out.sequences[0].tolist()])
+    canvas[0, 3:][out.commit_step[0] >= last] = MASK  # the canvas that pass saw
+    with torch.no_grad():
+        logits = model_logits(model, canvas, torch.ones_like(canvas, dtype=torch.bool),
+                              torch.arange(canvas.shape[1])[None])[0, 3:]
+    logits[:, MASK] = float("-inf")
+    assert trace.argmax[0, last, 4:].tolist() == logits[4:].argmax(-1).tolist()

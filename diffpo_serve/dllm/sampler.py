@@ -37,7 +37,12 @@ has its own seeded generator, so a row's output does not depend on the rest of t
 
 A step materialises logits for each row's current block only (its maths runs in block positions; the
 model's logits stay in its dtype until the float32 softmax), so its memory grows with the block, not the
-answer (``benchmarks/step_memory.py``).
+answer (``benchmarks/step_memory.py``). Two exceptions: a ``learned`` row's first pass (the head reads the
+whole answer's entropies), and rows whose step-policy features a pass computes (``policy`` rows, or every
+row with ``trace_features``), which also take the argmax from their block's end to their answer's end:
+the policy's ``unchanged`` feature at a block's first pass compares with the previous pass's argmax there.
+The policy's features, decisions and draws are computed at the block's columns and handed out in
+generation positions (:class:`StepOutput`, :class:`PolicyTrace`).
 
 **KV cache** (``cache``, per row; native models, :mod:`diffpo_serve.dllm.kv_cache`). ``off``: every step
 runs the whole canvas. ``prefix`` (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618): at a block's first step
@@ -49,7 +54,10 @@ thus exact; a refresh every step (``generate(..., cache_refresh=1)``) makes the 
 one. The state (``BatchState.kv``, ``cache_block``) is per row, so rows join and leave between steps
 (:meth:`BatchState.concat` pads the stored keys/values as it pads the canvas) and a row's output does not
 depend on its batch. RL rollouts with a cache record the log-probs of the cached sampler: the distribution
-actually sampled from.
+actually sampled from. ``policy`` rows use the cache with a basic-feature policy (with ``dual`` their later
+steps also run the columns after the block, whose argmax they read); a policy that reads hidden states
+(``basic+hidden``) is refused with a cache, since a cached step does not compute the full forward's hidden
+states it was trained on.
 
 A row finishes when its text is determined: every block is committed, or an EOS (any of the state's
 ``eos_ids``: chat models end a turn with their own token) is committed with no mask before it (the
