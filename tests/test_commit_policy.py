@@ -126,3 +126,7 @@ def test_sampler_training_of_the_step_policy(base_dir, tmp_path):
     assert "eval_sudoku_mean_nfe" in records[-1]
     with pytest.raises(ValueError, match="joint"):
         train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "j"), train="joint", sampler_kind="policy"))
+    with pytest.raises(ValueError, match="basic\\+hidden.*--cache off"):  # refused before any warm start
+        train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "h"), train="sampler", sampler_kind="policy",
+                          policy_features="basic+hidden", cache="prefix"))
+    assert not (tmp_path / "h").exists()
