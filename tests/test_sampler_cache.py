@@ -333,3 +333,27 @@ def test_engine_refuses_a_hidden_state_policy_with_a_cache_and_serves_a_basic_on
     off = CompletionRequest(model="tiny", prompt="x", max_tokens=4, sampler="policy", cache="off")
     assert engine(StepPolicy(model.config.hidden_size, features="basic+hidden"))._sampling_params(
         off, 4, "max_tokens").cache == "off"
+
+
+def test_hidden_state_policy_rows_without_a_cache_batch_with_cached_rows(model):
+    """What the server's batcher does: a basic+hidden policy row (cache off) in one batch with cached `eb`
+    rows (one still mid-block when the policy row joins) decodes as it does alone, hidden features included."""
+    from diffpo_serve.dllm.step_policy import StepPolicy
+
+    torch.manual_seed(0)
+    policy = StepPolicy(model.config.hidden_size, features="basic+hidden", threshold=0.5)
+    eb = SamplingParams("eb", gen_length=16, block_length=4, threshold=0.5, cache="dual")
+    pol = SamplingParams("policy", gen_length=12, block_length=4)
+    with pytest.raises(ValueError, match="basic\\+hidden"):
+        init_state(PROMPTS[:2], [eb, replace(pol, cache="prefix")], **IDS, policy=policy)
+    mixed = run(model, PROMPTS[:2], [eb, pol], policy=policy)
+    alone = run(model, PROMPTS[1:2], pol, policy=policy)
+    assert mixed.sequences[1, :12].tolist() == alone.sequences[0, :12].tolist()
+    assert float(mixed.policy_logprob[1]) == pytest.approx(float(alone.policy_logprob[0]), abs=1e-4)
+    state = init_state(PROMPTS[:1], eb, **IDS, policy=policy)
+    denoise_step(model, state)  # the eb row's cache is filled; its next step reads it
+    state = BatchState.concat([state, init_state(PROMPTS[1:2], pol, **IDS, policy=policy)])
+    while not bool(state.finished.all()):
+        denoise_step(model, state)
+    assert state.generated[1, :12].tolist() == alone.sequences[0, :12].tolist()
+    assert float(state.policy_logprob[1]) == pytest.approx(float(alone.policy_logprob[0]), abs=1e-4)

@@ -310,8 +310,8 @@ def init_state(
         raise ValueError("sampler 'policy' needs a model with a step policy")
     params = [replace(p, threshold=policy.threshold) if p.sampler == "policy" and p.threshold is None else p
               for p in params]
-    if policy is not None and policy.uses_hidden and any(p.cache != "off" for p in params) \
-            and (trace_features or any(p.sampler == "policy" for p in params)):
+    if policy is not None and policy.uses_hidden \
+            and any(p.cache != "off" and (trace_features or p.sampler == "policy") for p in params):
         # a cached step runs only some columns, whose hidden states are not the full forward's the policy
         # was trained on (and families differ in which columns they return)
         raise ValueError("a step policy with hidden-state features (basic+hidden) needs cache 'off'; its "
@@ -575,34 +575,35 @@ def _query_columns(state: BatchState, rows: torch.Tensor, block_index: torch.Ten
 
 def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, canvas: torch.Tensor,
                  attention: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
-                 hidden_rows: torch.Tensor | None = None, index_hidden: bool = False):
+                 hidden_rows: torch.Tensor | None = None, index_hidden: torch.Tensor | None = None):
     """Logits (r, k, V) at canvas columns ``index`` (r, k), in the model's dtype, the last hidden state of
-    the rows flagged in ``hidden_rows`` (the head's first pass; whole canvas), and with ``index_hidden`` the
-    last hidden state of every row at ``index`` (r, k, d; the step policy's hidden features), through the
-    KV cache where rows use one.
+    the rows flagged in ``hidden_rows`` (the head's first pass; whole canvas), and with ``index_hidden`` (r,
+    bool: the rows that need it) the last hidden state at ``index`` (r, k, d; the step policy's hidden
+    features; zeros for rows that do not need it and ran cached), through the KV cache where rows use one.
 
     A row with ``cache`` off runs the whole canvas. A cached row refreshes (one full forward that also
     stores its keys/values) at the first step of each block (and every ``cache_refresh`` steps), otherwise
-    runs only its query columns (:func:`_query_columns`) against its stored keys/values. ``index_hidden``
-    needs every row on a full forward (:func:`init_state` refuses a hidden-state policy with a cache)."""
+    runs only its query columns (:func:`_query_columns`) against its stored keys/values. Rows flagged in
+    ``index_hidden`` must run full forwards (:func:`init_state` refuses a hidden-state policy with a cache)."""
     want_hidden = hidden_rows is not None
+    want_index_hidden = index_hidden is not None and bool(index_hidden.any())
     if state.cache is None or not bool((state.cache[rows] > 0).any()):
-        out = model_logits(model, canvas, attention, positions, hidden=want_hidden or index_hidden,
+        out = model_logits(model, canvas, attention, positions, hidden=want_hidden or want_index_hidden,
                            logits_index=index)
-        if not (want_hidden or index_hidden):
+        if not (want_hidden or want_index_hidden):
             return out, None, None
         logits, h = out
         return (logits, h[hidden_rows] if want_hidden else None,
-                gather_columns(h, index) if index_hidden else None)
-    if index_hidden:
-        raise ValueError("the step policy's hidden-state features need the uncached forward; use cache 'off'")
+                gather_columns(h, index) if want_index_hidden else None)
     if not supports_kv_cache(model):
         raise ValueError(f"cache needs a native model ({type(model).__name__} takes no KV cache); use cache 'off'")
     on = state.cache[rows] > 0
     refresh = ~on | (state.cache_block[rows] != state.block[rows])
     if state.cache_refresh:
         refresh |= state.block_step[rows] % state.cache_refresh == 0
-    logits = hidden = None
+    if want_index_hidden and bool((index_hidden & ~refresh).any()):
+        raise ValueError("the step policy's hidden-state features need the uncached forward; use cache 'off'")
+    logits = hidden = picked = None
     for group, fresh in ((refresh.nonzero().squeeze(-1), True), ((~refresh).nonzero().squeeze(-1), False)):
         if len(group) == 0:
             continue
@@ -610,7 +611,12 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
         if fresh:
             need = want_hidden and bool(hidden_rows[group].any())
             part, h, kv = cached_forward(model, *args, logits_index=index[group], return_kv=bool(on[group].any()),
-                                         hidden=need)
+                                         hidden=need or want_index_hidden)
+            if want_index_hidden:
+                at = gather_columns(h, index[group])
+                if picked is None:
+                    picked = at.new_zeros((len(rows), *at.shape[1:]))
+                picked[group] = at
             stored = group[on[group]]
             if kv is not None and len(stored):
                 if state.kv is None:
@@ -627,7 +633,7 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
         if logits is None:
             logits = part.new_empty((len(rows), *part.shape[1:]))
         logits[group] = part
-    return logits, hidden, None
+    return logits, hidden, picked
 
 
 @torch.no_grad()
@@ -665,13 +671,13 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     if choosing:  # the head reads the first pass's entropies over the whole answer: all its logits this once
         answer = torch.arange(gw, device=gen.device).expand(r, gw)
         logits, hidden, answer_hidden = _step_logits(model, state, rows, canvas, attention, positions, pw + answer,
-                                                     pending, index_hidden=want_hidden)
+                                                     pending, index_hidden=traced if want_hidden else None)
         answer_entropy = torch.special.entr(policy_logprobs(logits[pending], state.mask_id).exp()).sum(-1)
         logits = logits.gather(1, wanted[..., None].expand(-1, -1, logits.shape[-1]))
         index_hidden = gather_columns(answer_hidden, wanted) if want_hidden else None
     else:
         logits, _, index_hidden = _step_logits(model, state, rows, canvas, attention, positions, pw + wanted,
-                                               index_hidden=want_hidden)
+                                               index_hidden=traced if want_hidden else None)
     if ahead_width:  # only their argmax is needed (the mask excluded, as policy_logprobs does)
         ahead_argmax = logits[:, width:].index_fill(-1, torch.tensor([state.mask_id], device=logits.device),
                                                     float("-inf")).argmax(-1)
