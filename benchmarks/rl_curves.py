@@ -40,6 +40,22 @@ def steps_per_task(spec: str, tasks: list[str]) -> dict[str, int]:
     return given
 
 
+def mean_curve(runs: dict, seeds: list[int]) -> tuple[list, list[float]]:
+    """The evaluation points (rollouts) and the mean accuracy over seeds at each; ``runs``: seed ->
+    [(rollouts, accuracy), ...], the same points for every seed."""
+    xs = [x for x, _ in runs[seeds[0]]]
+    return xs, [statistics.mean(runs[s][i][1] for s in seeds) for i in range(len(xs))]
+
+
+def summary(runs: dict, seeds: list[int]) -> dict:
+    """One table row: final accuracy's mean and sample standard deviation (n - 1) over seeds, and the
+    best point of the mean curve."""
+    xs, mean = mean_curve(runs, seeds)
+    finals = [runs[s][-1][1] for s in seeds]
+    return {"seeds": len(seeds), "rollouts": xs[-1], "final_acc_mean": statistics.mean(finals),
+            "final_acc_sd": statistics.stdev(finals) if len(finals) > 1 else float("nan"), "best_mean": max(mean)}
+
+
 def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]:
     """Train (or continue) one run up to ``max_steps``; its records up to that step."""
     out = RUNS / args.tag / f"{task}-{algo}-s{seed}"
@@ -98,16 +114,11 @@ def main(argv=None):
         ax = fig.add_subplot(1, len(tasks), k + 1)
         for algo, color in (("d1", "tab:blue"), ("diffpo", "tab:red")):
             runs = curves[task][algo]
-            xs = [x for x, _ in runs[seeds[0]]]
-            mean = [statistics.mean(runs[s][i][1] for s in seeds) for i in range(len(xs))]
+            xs, mean = mean_curve(runs, seeds)
             for s in seeds:
                 ax.plot(*zip(*runs[s]), color=color, alpha=0.25, lw=1)
             ax.plot(xs, mean, color=color, lw=2, label=f"{algo} (mean of {len(seeds)} seeds)")
-            finals = [runs[s][-1][1] for s in seeds]
-            rows.append({"task": task, "algo": algo, "seeds": len(seeds), "rollouts": xs[-1],
-                         "final_acc_mean": statistics.mean(finals),
-                         "final_acc_sd": statistics.stdev(finals) if len(finals) > 1 else float("nan"),
-                         "best_mean": max(mean)})
+            rows.append({"task": task, "algo": algo, **summary(runs, seeds)})
         ax.set_xlabel("rollouts")
         ax.set_ylabel("greedy test accuracy (mean reward)")
         ax.set_title(task)

@@ -171,7 +171,6 @@ def test_step_oracle_with_full_step_answers_commits_them(model):
 def test_memory_arithmetic_counts_and_formulas():
     """benchmarks/memory_8b.py: LLaDA-8B's parameter and LoRA counts by hand, and the activation formulas
     equal to the bytes autograd saves in a small bf16 LLaDA block (frozen base, and LoRA's addition)."""
-    pytest.importorskip("peft")
     from benchmarks.memory_8b import LLADA_8B, counts, measure_small, table
     d, m, v, n, r = 4096, 12288, 126464, 32, 128
     per_layer = 4 * d * d + 3 * d * m + 2 * d  # q k v attn_out, ff_proj up_proj ff_out, two norms
@@ -206,3 +205,17 @@ def test_kv_cache_speed_runs_every_mode_on_the_tiny_preset():
     off = rows[0]
     assert off["speedup"] == 1.0 and off["same_tokens_as_off"] == 1.0
     assert all(r["tokens_per_s"] == pytest.approx(2 * 8 / r["seconds"]) for r in rows)
+
+
+def test_rl_curves_summary_by_hand():
+    """Mean over seeds per point, the final accuracy's sample sd (n - 1, not the population's), the best mean."""
+    from benchmarks.rl_curves import mean_curve, summary
+    runs = {0: [(0, 0.20), (80, 0.30), (160, 0.26)],
+            1: [(0, 0.20), (80, 0.34), (160, 0.28)],
+            2: [(0, 0.20), (80, 0.32), (160, 0.33)]}
+    assert mean_curve(runs, [0, 1, 2]) == ([0, 80, 160], pytest.approx([0.20, 0.32, 0.29]))
+    row = summary(runs, [0, 1, 2])
+    assert row["rollouts"] == 160 and row["seeds"] == 3
+    assert row["final_acc_mean"] == pytest.approx(0.29)
+    assert row["final_acc_sd"] == pytest.approx((((0.26 - 0.29) ** 2 + 0.01 ** 2 + 0.04 ** 2) / 2) ** 0.5)
+    assert row["best_mean"] == pytest.approx(0.32)

@@ -28,7 +28,7 @@ from training.tasks import get_task
 import test_family_dream as dream_files
 import test_family_llada as llada_files
 
-pytest.importorskip("peft")
+import peft  # noqa: E402,F401  (the train extra; a missing install must fail these tests, not skip them)
 
 
 def text_reward(text: str, example: dict) -> float:
