@@ -207,6 +207,17 @@ def test_kv_cache_speed_runs_every_mode_on_the_tiny_preset():
     assert all(r["tokens_per_s"] == pytest.approx(2 * 8 / r["seconds"]) for r in rows)
 
 
+def test_kv_cache_ceiling_counts_columns_by_hand():
+    """prompt 4, gen 8, block 4, 4 passes (2 per block): off runs 4 x 12 columns. prefix: block 0 = 12 + 8,
+    block 1 = 12 + 4 -> 48 / 36. dual: 12 + 4 per block -> 48 / 32."""
+    from benchmarks.kv_cache import columns_ratio
+    assert columns_ratio("off", 4, 8, 4, 4) == 1.0
+    assert columns_ratio("prefix", 4, 8, 4, 4) == pytest.approx(48 / 36)
+    assert columns_ratio("dual", 4, 8, 4, 4) == pytest.approx(48 / 32)
+    # one pass per block: every pass is a refresh, nothing to skip
+    assert columns_ratio("dual", 4, 8, 4, 2) == 1.0
+
+
 def test_rl_curves_summary_by_hand():
     """Mean over seeds per point, the final accuracy's sample sd (n - 1, not the population's), the best mean."""
     from benchmarks.rl_curves import mean_curve, summary
