@@ -120,3 +120,16 @@ def test_batched_decode_masks_the_padded_cache():
     # and self-conditioning matters: the same row without it decodes differently
     without = denoiser.decode(z[:1], start[:1], caches[:1], None)
     assert (without[0] - together[0]).abs().max() > 1e-3
+
+
+def test_the_masked_paths_refuse_it_clearly(checkpoint):
+    """Until the batcher drives the canvas paradigm, the server refuses a DiffusionGemma at startup, and the
+    masked sampler (eval, RL rollouts) refuses its mask-less ids, both naming what to use instead."""
+    from diffpo_serve.api import load_from_settings
+    from diffpo_serve.dllm.sampler import SamplingParams, init_state
+    from diffpo_serve.settings import ServerSettings
+    with pytest.raises(ModelLoadError, match="serving it is not implemented yet.*dllm.canvas"):
+        load_from_settings(ServerSettings(model=str(checkpoint)))
+    loaded = load_model(checkpoint)
+    with pytest.raises(ValueError, match="needs a mask token.*dllm.canvas"):
+        init_state([[BOS, 9]], SamplingParams(), mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
