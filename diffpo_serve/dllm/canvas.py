@@ -27,7 +27,7 @@ This is transformers' ``DiffusionGemmaForBlockDiffusion.generate`` (its ``Entrop
 ``LinearTemperatureScheduleLogitsProcessor``, ``StableAndConfidentStoppingCriteria`` and ``_finalize_canvas``),
 made a step function over an explicit batch state (:class:`CanvasState`), as :mod:`sampler` is for the masked
 paradigm: every per-row quantity is a row of the state (its bound, schedule and stopping thresholds, its own
-seeded ``torch.Generator``, its own encoder cache, its block and step counters), rows join and leave between
+seeded ``torch.Generator`` (on the model's device), its own encoder cache, its block and step counters), rows join and leave between
 steps (:meth:`CanvasState.concat`, :meth:`CanvasState.select`), and a row at its block's first step runs next
 to rows in the middle of theirs. **Random numbers**: a row draws, from its own generator and in this order,
 its canvas (``C`` integers) at each block start, then at every step its proposal (one multinomial draw per
@@ -282,7 +282,7 @@ def init_state(denoiser: CanvasDenoiser, prompts: list[list[int]], params: Canva
     depth = max(p.stability_threshold for p in params)
     generators = []
     for p in params:
-        g = torch.Generator()  # CPU: the stream transformers' generate draws from under torch.manual_seed
+        g = torch.Generator(device=device)  # the stream transformers draws from on this device after manual_seed
         g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ())))
         generators.append(g)
 
@@ -342,8 +342,8 @@ def _start_blocks(denoiser: CanvasDenoiser, state: CanvasState, rows: list[int])
         else:
             ids, start = state.generated[r, (k - 1) * c:k * c], int(state.prompt_length[r]) + (k - 1) * c
         state.caches[r] = denoiser.encode(ids, start, state.caches[r])
-        noise = torch.randint(0, state.vocab_size, (1, c), generator=state.generators[r])
-        state.canvas[r] = noise[0].to(state.canvas.device)
+        g = state.generators[r]
+        state.canvas[r] = torch.randint(0, state.vocab_size, (1, c), generator=g, device=g.device)[0]
     at = torch.as_tensor(rows, dtype=torch.long, device=state.canvas.device)
     state.encoder_passes[at] += 1
     state.history[at] = -1
@@ -383,13 +383,14 @@ def denoise_step(denoiser: CanvasDenoiser, state: CanvasState) -> CanvasStepOutp
     noise = torch.empty_like(canvas)
     for i, r in enumerate(index):  # each row's own stream, in transformers' order: proposal, then renoise
         g = state.generators[r]
-        proposal[i] = torch.multinomial(probs[i].cpu(), 1, generator=g).squeeze(-1).to(canvas.device)
+        proposal[i] = torch.multinomial(probs[i], 1, generator=g).squeeze(-1)
     del probs
     argmax = processed.argmax(-1)
     entropy = token_entropy(processed)
     accepted = accept_mask(entropy, state.threshold[rows].to(entropy.device))
     for i, r in enumerate(index):
-        noise[i] = torch.randint(0, state.vocab_size, (1, c), generator=state.generators[r])[0].to(canvas.device)
+        g = state.generators[r]
+        noise[i] = torch.randint(0, state.vocab_size, (1, c), generator=g, device=g.device)[0]
     new_canvas = renoise(proposal, accepted, noise)
     stable, history = stable_rows(state.history[rows], argmax, state.stability[rows])
     confident = confident_rows(entropy, state.confidence[rows].to(entropy.device))
