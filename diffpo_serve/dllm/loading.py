@@ -5,7 +5,9 @@ It loads, from a local directory only (nothing is downloaded), in this order:
       modules (the project's own ``"diffpo-mdm"``, LLaDA's ``"llada"``, Dream's ``"Dream"``), which builds
       the model from its own classes and the checkpoint's own safetensors (one file, or shards with
       ``model.safetensors.index.json``), never with ``trust_remote_code``, even where the published
-      ``config.json`` carries an ``auto_map``;
+      ``config.json`` carries an ``auto_map`` (DiffusionGemma, which transformers ships,
+      loads with its own class, the family's ``MODEL_CLASS``; it decodes a random-token canvas,
+      ``LoadedModel.paradigm == "canvas"``, with :mod:`diffpo_serve.dllm.canvas`);
   (b) any transformers masked LM (``AutoModelForMaskedLM``: BERT, ModernBERT, ...);
   (c) other checkpoints that ship their own modelling code (``trust_remote_code``), which register
       themselves under ``AutoModel`` in their ``auto_map``. Such a model may ignore ``attention_mask``
@@ -79,6 +81,7 @@ class LoadedModel:
     step_policy: torch.nn.Module | None = None  # the learned per-step commit policy (sampler `policy`), if any
     eos_ids: tuple[int, ...] = ()  # every id that ends a row; eos_id first (empty: just eos_id)
     kv_cache: bool = False  # the model takes the KV-cache arguments (supports_kv_cache): sampler `cache` works
+    paradigm: str = "masked"  # how it decodes: "masked" (sampler.py) or "canvas" (canvas.py; mask_id is then -1)
 
     def __post_init__(self):
         self.eos_ids = tuple(dict.fromkeys([int(self.eos_id), *(int(i) for i in self.eos_ids)]))
@@ -250,6 +253,10 @@ def load_model(
         raise ModelLoadError(f"{path}: not a directory; pass the model directory")
     family = native_family(path)
     remote = trust_remote_code and family is None  # a native family never runs a checkpoint's own code
+    paradigm = str(getattr(family, "PARADIGM", "masked"))
+    if compile and paradigm != "masked":
+        raise ModelLoadError(f"{path}: compile is supported for masked models only; this one decodes in the "
+                             f"{paradigm!r} paradigm; load it without --compile (compile=False)")
     config = _read_config(path, remote)
     try:
         if family is not None and hasattr(family, "load_tokenizer"):
@@ -264,7 +271,9 @@ def load_model(
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
-        if family is not None or "AutoModelForMaskedLM" in auto_map or "AutoModel" not in auto_map:
+        if getattr(family, "MODEL_CLASS", None) is not None:  # a family transformers ships (DiffusionGemma)
+            model, info = family.MODEL_CLASS.from_pretrained(path, **kwargs)
+        elif family is not None or "AutoModelForMaskedLM" in auto_map or "AutoModel" not in auto_map:
             model, info = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
         else:  # remote-code dLLMs register their denoiser under AutoModel
             model, info = AutoModel.from_pretrained(path, **kwargs)
@@ -283,8 +292,9 @@ def load_model(
                                             eos_ids=eos_ids)
     if family is None:  # native families honour masks and positions by construction (and by their tests)
         check_padding(model, mask_id, path)
-    max_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", 0)
-                     or tokenizer.model_max_length)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_length = int(getattr(text_config, "max_position_embeddings", None)
+                     or getattr(config, "max_sequence_length", 0) or tokenizer.model_max_length)
     try:
         head = load_head(path, device=device)
         card = read_card(path)
@@ -303,7 +313,7 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_list[0],
                        eos_ids=tuple(eos_list), path=str(path), name=path.name, max_length=max_length,
                        threshold_head=head, compiled=compiled, card=card, step_policy=policy,
-                       kv_cache=supports_kv_cache(model))
+                       kv_cache=supports_kv_cache(model), paradigm=paradigm)
 
 
 def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

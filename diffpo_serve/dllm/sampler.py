@@ -304,6 +304,9 @@ def init_state(
     if len(params) != len(prompts):
         raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
     params = [p.resolved() for p in params]
+    if mask_id < 0:  # a model without a mask token (DiffusionGemma's mask_id is -1): not this paradigm
+        raise ValueError("this sampler needs a mask token; a model without one decodes a random-token canvas "
+                         "with diffpo_serve.dllm.canvas")
     if head is None and any(p.threshold is None and p.sampler == "learned" for p in params):
         raise ValueError("sampler 'learned' needs a model with a threshold head; give a threshold to use eb")
     if policy is None and any(p.sampler == "policy" for p in params):

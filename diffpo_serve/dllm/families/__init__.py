@@ -23,6 +23,12 @@ A family module may also define hooks the loader calls (all optional):
     ``load_tokenizer(path) -> tokenizer``       when transformers cannot load it without remote code
     ``special_ids(config, tokenizer, generation_config) -> dict``  defaults for ``mask_id``,
                                                 ``pad_id``, ``eos_ids`` (list) not found the generic way
+    ``MODEL_CLASS``                             the class to load the checkpoint with, instead of
+                                                ``AutoModelForMaskedLM`` (a family transformers ships itself)
+    ``PARADIGM``                                how the model decodes: ``"masked"`` (default; the sampler in
+                                                :mod:`diffpo_serve.dllm.sampler`) or ``"canvas"`` (random-token
+                                                canvas, :mod:`diffpo_serve.dllm.canvas`, whose model interface
+                                                the family's ``canvas_denoiser(model)`` hook returns)
 and, for training, ``LORA_TARGET_MODULES``: peft's ``target_modules`` (a list of module-name suffixes or
 a full-name regex) for the family's LoRA adapters (RL's ``--lora-r``; without it, peft's "all-linear").
 Every native model's layers support ``gradient_checkpointing_enable()``.
@@ -38,6 +44,7 @@ FAMILY_MODULES: dict[str, str] = {
     "diffpo-mdm": "diffpo_serve.dllm.model",
     "llada": "diffpo_serve.dllm.families.llada",
     "Dream": "diffpo_serve.dllm.families.dream",
+    "diffusion_gemma": "diffpo_serve.dllm.families.diffusion_gemma",
 }
 
 
