@@ -155,3 +155,28 @@ def test_two_processes_share_one_run(tmp_path):
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]  # two processes that each believed they were rank 0 would log every line twice
     assert load_trainer_state(out / "checkpoint")["step"] == 3
+
+
+def test_eval_every_logs_the_saved_models_greedy_accuracy(tmp_path):
+    """--eval-every: eval lines at steps 20 and 30 (the last), with the accuracy and NFE that evaluating the
+    final saved model independently gives on the same test prompts (greedy full steps: one token per pass)."""
+    from diffpo_serve.dllm.loading import load_model
+    from diffpo_serve.dllm.sampler import SamplingParams
+    from training.evaluate import evaluate
+    from training.tasks import get_task
+    out = train_sft(small_cfg(tmp_path / "run", max_steps=30, save_every=30, log_every=10, eval_every=20,
+                              eval_examples=12))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval_sudoku_accuracy" in r]
+    assert [r["step"] for r in evals] == [20, 30]
+    assert [r["step"] for r in lines if "loss" in r] == [10, 20, 30]  # eval lines are separate records
+    loaded = load_model(out)
+    data = get_task("sudoku").make_dataset("test", 12, seed=0)
+    r = evaluate(loaded, "sudoku", data, SamplingParams("steps", 16, steps=16), progress=False)
+    assert evals[-1]["eval_sudoku_accuracy"] == round(r.accuracy, 4)
+    assert evals[-1]["eval_sudoku_exact"] == round(r.exact, 4)
+    assert evals[-1]["eval_sudoku_mean_nfe"] == 16.0
+    # evaluating puts the model in eval mode and back: training goes on in train mode
+    model = loaded.model.train()
+    sft.evaluate_tasks(model, loaded.tokenizer, {"sudoku": data.select(range(2))}, 16)
+    assert model.training

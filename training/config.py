@@ -40,7 +40,9 @@ class SFTConfig:
     seed: int = option(0, "seed for data order, masking and initialisation")
     save_every: int = option(500, "steps between checkpoints")
     log_every: int = option(50, "steps between metric lines")
-    eval_every: int = option(0, "steps between quick greedy evaluations (0: off)")
+    eval_every: int = option(0, "steps between greedy full-step evaluations on each task's test split, logged "
+                             "to metrics.jsonl (0: off)")
+    eval_examples: int = option(256, "test prompts per task for --eval-every")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
     hidden_size: int = option(128, "new model: width")
     num_hidden_layers: int = option(4, "new model: layers")

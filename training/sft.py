@@ -11,7 +11,9 @@ to predict the masked tokens. Two estimates of the loss are offered:
 
 Runs under accelerate (``accelerate launch --multi_gpu --num_processes N -m training.cli sft ...`` for
 several processes; on CPU they use gloo), with a
-progress bar, JSONL metrics, periodic atomic checkpoints and ``--resume``.
+progress bar, JSONL metrics, periodic atomic checkpoints, ``--resume`` and, with ``--eval-every N``,
+greedy full-step accuracy on each task's generated test split every N steps (``eval_<task>_accuracy``
+lines in metrics.jsonl, the task's reward averaged over ``--eval-examples`` prompts).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from diffpo_serve.dllm.loading import load_model
+from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
 from diffpo_serve.dllm.tokenizer import build_tokenizer
 from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state
 from training.config import SFTConfig
 from training.data import encode_examples, left_pad, sft_pool
+from training.evaluate import evaluate
+from training.tasks import get_task
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
@@ -95,6 +99,28 @@ def new_model(cfg: SFTConfig):
     return DiffpoForMaskedLM(config), tokenizer
 
 
+def evaluate_tasks(model, tokenizer, tasks: dict, gen_length: int) -> dict:
+    """Greedy full-step (one token per pass) accuracy, exact rate and NFE of ``model`` on each task's
+    prompts (``tasks``: name -> dataset), as ``eval_<task>_<metric>`` fields; the model is left as it was
+    (train or eval mode)."""
+    from diffpo_serve.dllm.sampler import SamplingParams
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, mask_id=model.config.mask_token_id,
+                         pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, path="", name="sft",
+                         max_length=getattr(model.config, "max_position_embeddings", 1 << 30))
+    was_training = model.training
+    model.eval()
+    record = {}
+    try:
+        for task, data in tasks.items():
+            r = evaluate(loaded, task, data, SamplingParams("steps", gen_length, steps=gen_length), progress=False,
+                         chat_template=False)
+            record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
+                           f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})
+    finally:
+        model.train(was_training)
+    return record
+
+
 def train_sft(cfg: SFTConfig, pool=None) -> Path:
     """Run SFT; returns the output directory, itself a loadable model directory.
 
@@ -141,6 +167,8 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     metrics_file = out / "metrics.jsonl"
+    eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
+        if cfg.eval_every and accelerator.is_main_process else {}
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="sft",
                disable=not accelerator.is_local_main_process)
     window, t0 = [], time.time()
@@ -169,6 +197,12 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             window, t0 = [], time.time()
+        if eval_sets and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            record = {"step": step + 1, **evaluate_tasks(accelerator.unwrap_model(model), tokenizer, eval_sets,
+                                                         cfg.gen_length)}
+            bar.write(" ".join(f"{k}={v}" for k, v in record.items()))
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
