@@ -169,6 +169,7 @@ class Engine:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} exceeds the server's limit of "
                                 f"{self.settings.max_rows_per_request} choices per request", param="n")
         limit = self.loaded.max_length
+        self.paradigm.check_prompts(prompts, "prompt" if kind == "completion" else "messages")
         answer = self.paradigm.context_tokens(gen_length)  # a canvas model decodes whole canvases
         for p in prompts:
             if len(p) + answer > limit:

@@ -109,6 +109,9 @@ class Paradigm(Protocol):
 
     def params(self, req, gen_length: int, length_param: str, settings: ServerSettings): ...
 
+    def check_prompts(self, prompts: list[list[int]], param: str) -> None:
+        """Raise a 400 naming ``param`` for prompts the paradigm cannot decode."""
+
     def card(self, settings: ServerSettings) -> dict:
         """``/v1/models`` fields: ``paradigm``, ``samplers``, ``defaults``."""
 
@@ -208,6 +211,9 @@ class MaskedParadigm:
             raise _invalid(e, length_param) from None
         return params
 
+    def check_prompts(self, prompts: list[list[int]], param: str) -> None:
+        return None  # any ids the model's vocabulary holds (the engine checks that)
+
     def card(self, settings: ServerSettings) -> dict:
         sampler = self.default_sampler(settings)
         return {"paradigm": self.name, "samplers": list(self.samplers),
@@ -305,6 +311,7 @@ class CanvasParadigm:
         family = family_module(getattr(config, "model_type", None))
         self.defaults = family.canvas_defaults(getattr(loaded.model, "generation_config", None))
         self.canvas_length = int(config.canvas_length)
+        self.image_token_id = getattr(config, "image_token_id", None)
         self._denoiser = None
 
     @property
@@ -359,6 +366,12 @@ class CanvasParadigm:
                 raise APIError(400, str(e), param="t_min" if req.t_min is not None else "t_max") from None
             raise _invalid(e, length_param) from None
         return params
+
+    def check_prompts(self, prompts: list[list[int]], param: str) -> None:
+        image = self.image_token_id
+        if image is not None and any(int(image) in p for p in prompts):
+            raise APIError(400, f"the prompt holds the image token ({image}); image inputs are not supported "
+                                "(text only)", param=param, code="unsupported_parameter")
 
     def card(self, settings: ServerSettings) -> dict:
         defaults = {"sampler": self.default_sampler(settings), **self.defaults,

@@ -263,6 +263,12 @@ def test_bad_input_is_a_400_naming_the_param(canvas_server, body, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_image_token_prompts_are_a_400(canvas_server):
+    r = httpx.post(canvas_server.url + "/v1/completions", json={"model": NAME, "prompt": [2, 62, 9]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert "image token (62)" in r.json()["error"]["message"]
+
+
 def test_supported_extras_pass(canvas_server):
     r = httpx.post(canvas_server.url + "/v1/completions", timeout=30, json={
         "model": NAME, "prompt": "abc", "block_length": 8, "cache": "off", "top_p": 1, "sampler": "eb",
