@@ -32,6 +32,7 @@ from diffpo_serve.decoder_process import ProcessBatcher
 from diffpo_serve.dllm.loading import LoadedModel, ModelLoadError, load_model, parse_ids
 from diffpo_serve.engine import Engine, Generation
 from diffpo_serve.metrics import ServerMetrics, endpoint_label
+from diffpo_serve.paradigms import check_startup
 from diffpo_serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body, unavailable)
 from diffpo_serve.settings import ServerSettings
 
@@ -48,11 +49,9 @@ def load_from_settings(settings: ServerSettings) -> LoadedModel:
                         eos_ids=parse_ids(settings.eos_id, "eos_id") if settings.eos_id is not None else None,
                         device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
                         compile=settings.compile)
-    if loaded.paradigm != "masked":  # DiffusionGemma: loads, decodes offline; the batcher drives masked rows only
-        raise ModelLoadError(f"{settings.model}: {type(loaded.model).__name__} decodes a random-token canvas "
-                             f"({loaded.paradigm!r} paradigm); serving it is not implemented yet (the batcher drives "
-                             "the masked sampler); decode it with diffpo_serve.dllm.canvas.generate "
-                             "(docs/diffusion_gemma.md)")
+    problem = check_startup(loaded, settings)  # e.g. a masked-only --default-sampler for a canvas model
+    if problem is not None:
+        raise ModelLoadError(f"{settings.model}: {problem}")
     if settings.cache != "off" and not loaded.kv_cache:
         raise ModelLoadError(f"{settings.model}: --cache {settings.cache} needs a model with a native KV cache "
                              f"({type(loaded.model).__name__} has none); use --cache off")

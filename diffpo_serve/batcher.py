@@ -1,27 +1,31 @@
-"""Step-level continuous batching over the shared sampler: the queue, the decoding thread, the rows.
+"""Step-level continuous batching over the shared decoder: the queue, the decoding thread, the rows.
 
-One background thread owns the model and a :class:`~diffpo_serve.dllm.sampler.BatchState` holding
-every active row (a row is one prompt decoded once; a request with ``n`` choices over ``p`` prompts
-contributes ``n * p`` rows). The thread loops::
+One background thread owns the model and a batch state holding every active row (a row is one prompt
+decoded once; a request with ``n`` choices over ``p`` prompts contributes ``n * p`` rows). The state and
+the step belong to the model's decoding paradigm (:mod:`diffpo_serve.paradigms`: the masked sampler's
+:class:`~diffpo_serve.dllm.sampler.BatchState`, or DiffusionGemma's
+:class:`~diffpo_serve.dllm.canvas.CanvasState`), reached through one :class:`~diffpo_serve.paradigms.Paradigm`
+object; the loop is the same for both::
 
     drop rows whose request was cancelled (client gone, stop string matched, timeout)
-    admit waiting rows up to max_batch_size     -> init_state + BatchState.concat  (rows join)
-    denoise_step(model, state)                  -> one forward pass over every active row
+    admit waiting rows up to max_batch_size     -> paradigm.init_state + paradigm.concat  (rows join)
+    paradigm.step(state)                        -> one model pass over every active row
     report rows whose block advanced or that finished, then drop finished rows -> state.select
-    (rows that asked for steps: first a StepUpdate from StepOutput.committed, every step)
+    (rows that asked for steps: first a per-pass event from paradigm.step_updates, every step)
 
 so requests with different prompts, lengths and sampling parameters share every forward pass, and a
-row's output is exactly what it would be alone (the sampler keeps per-row generators and padding
-that the row cannot see). A row's threshold is the request's, the sampler's default, or, for
-``learned`` rows, the model's threshold head's choice, made once per row inside the sampler's first
-forward pass for it (no extra pass); ``policy`` rows are decided per step by the model's step
+row's output is exactly what it would be alone (each paradigm keeps per-row generators and padding
+that the row cannot see). A row's threshold is the request's, the paradigm's default, or, for
+``learned`` rows, the model's threshold head's choice, made once per row inside the first forward pass
+for it (no extra pass); ``policy`` rows (masked) are decided per step by the model's step
 policy, whose per-row state (the previous pass's argmax) lives in the BatchState and so survives rows
 joining and leaving; updates report the threshold each row really used.
 
 The asyncio side talks to the thread through :class:`RequestHandle`: :meth:`Batcher.submit` queues a
 request's rows (or raises :class:`QueueFull` / :class:`Draining`), and the thread delivers
 :class:`RowUpdate` / :class:`BatchFailure` events (and, for rows submitted with ``return_steps``,
-one :class:`StepUpdate` per forward pass, before that pass's RowUpdate) into the handle's ``asyncio.Queue`` with
+one :class:`~diffpo_serve.paradigms.StepUpdate` or :class:`~diffpo_serve.paradigms.CanvasStepUpdate` per
+forward pass, before that pass's RowUpdate) into the handle's ``asyncio.Queue`` with
 ``loop.call_soon_threadsafe``, once per step for all of that step's events (:func:`deliver_all`). The
 thread never holds the lock during a forward pass, so the event loop never waits for the model.
 """
@@ -37,9 +41,11 @@ from dataclasses import dataclass
 
 import torch
 
+from diffpo_serve.dllm.canvas import CanvasParams
 from diffpo_serve.dllm.loading import LoadedModel
-from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, init_state, prompt_alignment
+from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.metrics import ServerMetrics
+from diffpo_serve.paradigms import CanvasStepUpdate, StepUpdate, paradigm_for  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +59,10 @@ class Draining(Exception):
 
 @dataclass(frozen=True)
 class RowRequest:
-    """One row to decode: token-id prompt and (validated) sampling parameters."""
+    """One row to decode: token-id prompt and (validated) parameters of the model's paradigm."""
 
     prompt: list[int]
-    params: SamplingParams
+    params: SamplingParams | CanvasParams
     return_steps: bool = False  # also deliver a StepUpdate for each forward pass of this row
 
 
@@ -64,38 +70,15 @@ class RowRequest:
 class RowUpdate:
     """A row's determined prefix: sent when its current block advances and when it finishes.
 
-    ``ids`` are the generated ids up to the first still-masked position (the whole ``gen_length``
-    once finished, EOS-filled after an EOS). ``threshold`` is the one the row is decoded with.
+    ``ids`` are the generated ids that can no longer change (masked: up to the first still-masked
+    position; canvas: the finished blocks), the whole ``gen_length`` once finished (EOS- or pad-filled
+    after an EOS). ``threshold`` is the one the row is decoded with.
     """
 
     choice: int
     ids: list[int]
     finished: bool
     nfe: int
-    sampler: str
-    threshold: float
-
-
-@dataclass(frozen=True)
-class StepUpdate:
-    """One forward pass of a row that asked for steps, from the step's ``StepOutput.committed``.
-
-    ``positions`` (generation-region offsets) were committed at this pass with ``token_ids``;
-    ``filled_positions`` are masks after an EOS that became EOS when the row finished (not commits).
-    ``block`` is the block the pass worked on, ``[block_start, block_end)`` its positions.
-    """
-
-    choice: int
-    step: int
-    nfe: int
-    block: int
-    block_start: int
-    block_end: int
-    gen_length: int
-    positions: list[int]
-    token_ids: list[int]
-    filled_positions: list[int]
-    finished: bool
     sampler: str
     threshold: float
 
@@ -177,7 +160,7 @@ def _put_all(pairs: list[tuple[asyncio.Queue, object]]) -> None:
 class _Slot:
     handle: RequestHandle
     choice: int
-    params: SamplingParams  # as admitted (resolved)
+    params: SamplingParams | CanvasParams  # as admitted (resolved)
     reported_block: int = 0
     return_steps: bool = False
 
@@ -186,20 +169,20 @@ class Batcher:
     """The decoding thread and its queue; see the module docstring."""
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, max_queue: int = 256,
-                 metrics: ServerMetrics | None = None, step_fn=denoise_step, deliver=deliver_all):
+                 metrics: ServerMetrics | None = None, step_fn=None, deliver=deliver_all):
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics
-        self.step_fn = step_fn
+        self.paradigm = paradigm_for(loaded)
+        # step_fn(model, state) replaces the paradigm's step (tests inject failures)
+        self._step_state = self.paradigm.step if step_fn is None else (lambda state: step_fn(loaded.model, state))
         self._deliver = deliver  # takes a step's [(handle, event)]; the decoder process sends them on
-        self._device = loaded.device
-        self._align = prompt_alignment(loaded.model)  # the prompt layout generate() uses for this model
         self._cond = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
         self._slots: list[_Slot] = []  # aligned with the rows of self._state
         self._admitting = 0
-        self._state: BatchState | None = None
+        self._state = None  # the paradigm's batch state (None: no rows)
         self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -340,16 +323,13 @@ class Batcher:
     def _admit(self, admitted: list[tuple[RequestHandle, int]]) -> None:
         prompts = [h.rows[c].prompt for h, c in admitted]
         try:
-            params = [h.rows[c].params.resolved() for h, c in admitted]
-            new = init_state(prompts, params, mask_id=self.loaded.mask_id, eos_id=self.loaded.eos_id,
-                             eos_ids=self.loaded.eos_ids, pad_id=self.loaded.pad_id, device=self._device, head=self.loaded.threshold_head,
-                             policy=self.loaded.step_policy,
-                             align=self._align)
+            params = [self.paradigm.resolve(h.rows[c].params) for h, c in admitted]
+            new = self.paradigm.init_state(prompts, params)
         except Exception:
             log.exception("cannot admit %d rows", len(admitted))
             self._fail([h for h, _ in admitted], "internal error while starting the request")
             return
-        state = new if self._state is None else BatchState.concat([self._state, new])
+        state = new if self._state is None else self.paradigm.concat([self._state, new])
         with self._cond:  # the rows move from "admitting" to "running" at once
             self._state = state
             self._slots.extend(_Slot(h, c, p, return_steps=h.rows[c].return_steps)
@@ -378,7 +358,7 @@ class Batcher:
         start = time.perf_counter()
         blocks_before = state.block.clone() if any(s.return_steps for s in self._slots) else None
         try:
-            out = self.step_fn(self.loaded.model, state)
+            out = self._step_state(state)
         except Exception:
             log.exception("denoising step failed; failing the %d rows in the batch", state.batch_size)
             self._fail([s.handle for s in self._slots], "internal error during decoding")
@@ -393,69 +373,28 @@ class Batcher:
         blocks = state.block[out.rows].tolist()
         finished = state.finished[out.rows].tolist()
         report = [(r, b, f) for r, b, f in zip(rows, blocks, finished) if f or b != self._slots[r].reported_block]
-        events: list[tuple[RequestHandle, StepUpdate | RowUpdate]] = []
+        events: list[tuple[RequestHandle, object]] = []
         if blocks_before is not None:
-            events += self._step_updates(state, out, rows, blocks_before)
+            picked = [k for k, r in enumerate(rows) if self._slots[r].return_steps]
+            if picked:
+                slots = [self._slots[rows[k]] for k in picked]
+                updates = self.paradigm.step_updates(state, out, picked, blocks_before,
+                                                     [(s.choice, s.params.sampler) for s in slots])
+                events += [(s.handle, u) for s, u in zip(slots, updates)]
         if report:
             idx = torch.tensor([r for r, _, _ in report], device=state.canvas.device)
-            gen = state.generated[idx]
-            gen_length = state.gen_length[idx]
-            masked = (gen == state.mask_id).long()
-            determined = torch.minimum((masked.cumsum(-1) == 0).sum(-1), gen_length).tolist()
-            gen, nfe, thresholds = gen.tolist(), state.nfe[idx].tolist(), state.threshold[idx].tolist()
+            ids = self.paradigm.determined(state, idx)
+            nfe, thresholds = state.nfe[idx].tolist(), state.threshold[idx].tolist()
             for k, (r, b, f) in enumerate(report):
                 slot = self._slots[r]
                 slot.reported_block = b
                 events.append((slot.handle, RowUpdate(
-                    choice=slot.choice, ids=gen[k][:determined[k]], finished=bool(f), nfe=int(nfe[k]),
+                    choice=slot.choice, ids=ids[k], finished=bool(f), nfe=int(nfe[k]),
                     sampler=slot.params.sampler, threshold=round(float(thresholds[k]), 6))))
         if any(finished):  # finished rows leave before their results go out
             done = set(r for r, f in zip(rows, finished) if f)
             self._keep([i for i in range(len(self._slots)) if i not in done])
         self._deliver(events)
-
-    def _step_updates(self, state: BatchState, out, rows: list[int],
-                      blocks_before: torch.Tensor) -> list[tuple[RequestHandle, StepUpdate]]:
-        """The StepUpdates of this step's rows that asked for them (state already stepped)."""
-        picked = [k for k, r in enumerate(rows) if self._slots[r].return_steps]
-        if not picked:
-            return []
-        device = state.canvas.device
-        k_idx = torch.tensor(picked, device=device)
-        idx = out.rows[k_idx]
-        committed = out.committed[k_idx]
-        gen = state.generated[idx]
-        gen_length = state.gen_length[idx]
-        j = torch.arange(state.gen_width, device=device)
-        finished = state.finished[idx]
-        # masks that the finishing EOS turned into EOS: never committed, inside the row, not masked
-        filled = (finished[:, None] & (state.commit_step[idx] == -1) & (j[None, :] < gen_length[:, None])
-                  & (gen != state.mask_id))
-        block_length = state.block_length[idx]
-        block = blocks_before[idx]
-        start = block * block_length
-        end = torch.minimum(start + block_length, gen_length)
-        committed_at: list[list[int]] = [[] for _ in picked]
-        token_at: list[list[int]] = [[] for _ in picked]
-        for (k, pos), token in zip(committed.nonzero().tolist(), gen[committed].tolist()):  # both row-major
-            committed_at[k].append(pos)
-            token_at[k].append(token)
-        filled_at: list[list[int]] = [[] for _ in picked]
-        for k, pos in filled.nonzero().tolist():
-            filled_at[k].append(pos)
-        nfe, thresholds = state.nfe[idx].tolist(), state.threshold[idx].tolist()
-        block, start, end = block.tolist(), start.tolist(), end.tolist()
-        gen_length, finished = gen_length.tolist(), finished.tolist()
-        updates = []
-        for k, i in enumerate(picked):
-            slot = self._slots[rows[i]]
-            updates.append((slot.handle, StepUpdate(
-                choice=slot.choice, step=int(nfe[k]) - 1, nfe=int(nfe[k]), block=int(block[k]),
-                block_start=int(start[k]), block_end=int(end[k]), gen_length=int(gen_length[k]),
-                positions=committed_at[k], token_ids=token_at[k],
-                filled_positions=filled_at[k], finished=bool(finished[k]), sampler=slot.params.sampler,
-                threshold=round(float(thresholds[k]), 6))))
-        return updates
 
     def _fail_everything(self, message: str, shutting_down: bool = False) -> None:
         with self._cond:

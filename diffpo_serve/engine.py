@@ -12,10 +12,16 @@ advances (every earlier position is then committed) and when it finishes; the te
 prefix is sent minus any tail that could still become a stop string (and any incomplete UTF-8
 character), so nothing sent is ever taken back.
 
+What differs between decoding paradigms (masked, canvas) is asked of the model's
+:class:`~diffpo_serve.paradigms.Paradigm`: the request's params and the 400s for what the paradigm
+cannot do, the defaults, and the answer's positions for the context-length check.
+
 Step events (``return_steps``, streamed completions only): the batcher also reports each forward pass
-of such rows (:class:`~diffpo_serve.batcher.StepUpdate`, before that pass's row update), and the
-stream turns each into a ``text_completion.step`` chunk with the committed positions, their ids and
-texts. They come from the same batched decoder as every other row; nothing is decoded twice.
+of such rows (a :class:`~diffpo_serve.paradigms.StepUpdate` or, for a canvas model, a
+:class:`~diffpo_serve.paradigms.CanvasStepUpdate`, before that pass's row update), and the stream turns
+each into a ``text_completion.step`` chunk: the committed positions, their ids and texts (masked), or the
+current block's whole draft and the positions the bound kept (canvas). They come from the same batched
+decoder as every other row; nothing is decoded twice.
 """
 
 from __future__ import annotations
@@ -29,31 +35,23 @@ from dataclasses import replace
 from typing import AsyncIterator
 
 from diffpo_serve.batcher import (BatchFailure, Batcher, Draining, QueueFull, RequestHandle, RowRequest,
-                                  RowUpdate, StepUpdate)
+                                  RowUpdate)
 from diffpo_serve.decoder_process import DecoderGone
 from diffpo_serve.dllm.loading import LoadedModel
-from diffpo_serve.dllm.sampler import CACHE_MODES, SamplingParams
+from diffpo_serve.dllm.sampler import CACHE_MODES
 from diffpo_serve.metrics import ServerMetrics
+from diffpo_serve.paradigms import CanvasStepUpdate, StepUpdate, paradigm_for
 from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice,
                                    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                   ChatMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
-                                   CompletionResponse, CompletionStepChoice, CompletionStepChunk,
+                                   ChatMessage, ChatStreamChoice, CompletionCanvasStepChoice, CompletionChoice,
+                                   CompletionRequest, CompletionResponse, CompletionStepChoice, CompletionStepChunk,
                                    CompletionStreamChoice, CompletionStreamResponse,
                                    DeltaMessage, ModelCard, ModelList, Usage, error_body, unavailable)
 from diffpo_serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-FALLBACK_GEN_LENGTH = 16
-
-
-def default_gen_length(loaded: LoadedModel, settings: ServerSettings) -> int:
-    """``--default-max-tokens``, else the model's ``generation_config.max_new_tokens``, else 16."""
-    if settings.default_max_tokens is not None:
-        return settings.default_max_tokens
-    gen_config = getattr(loaded.model, "generation_config", None)
-    value = getattr(gen_config, "max_new_tokens", None)
-    return int(value) if value else FALLBACK_GEN_LENGTH
+STEP_EVENTS = (StepUpdate, CanvasStepUpdate)
 
 
 class Engine:
@@ -66,10 +64,12 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.model_name = settings.served_model_name or loaded.name
-        self.default_gen_length = default_gen_length(loaded, settings)
+        self.paradigm = paradigm_for(loaded)
+        self.default_gen_length = self.paradigm.default_gen_length(settings)
         self.created = int(time.time())
         config = getattr(loaded.model, "config", None)
-        self.vocab_size = int(getattr(config, "vocab_size", 0) or len(loaded.tokenizer))
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config  # DiffusionGemma nests it
+        self.vocab_size = int(getattr(text, "vocab_size", 0) or len(loaded.tokenizer))
 
     # ------------------------------------------------------------------ models
 
@@ -83,7 +83,8 @@ class Engine:
         return ModelCard(id=self.model_name, created=self.created, root=self.loaded.path,
                          max_model_len=self.loaded.max_length, description=card.description,
                          examples=list(card.examples), cache=self.settings.cache,
-                         cache_modes=list(CACHE_MODES) if self.loaded.kv_cache else ["off"])
+                         cache_modes=list(CACHE_MODES) if self.loaded.kv_cache else ["off"],
+                         **self.paradigm.card(self.settings))
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -156,36 +157,9 @@ class Engine:
             raise APIError(400, "the prompt is empty: the last user message has no content", param="messages")
         return ids
 
-    def _sampling_params(self, req, gen_length: int, length_param: str) -> SamplingParams:
-        sampler = req.sampler or self.settings.default_sampler or (
-            "policy" if self.loaded.step_policy is not None else
-            "learned" if self.loaded.threshold_head is not None else "steps")
-        if sampler == "learned" and req.threshold is None and self.loaded.threshold_head is None:
-            raise APIError(400, "sampler `learned` needs a model with a threshold head and this model has none; "
-                                "give `threshold` or use `steps`, `confidence` or `eb`",
-                           param="sampler", code="unsupported_sampler")
-        if sampler == "policy" and self.loaded.step_policy is None:
-            raise APIError(400, "sampler `policy` needs a model with a step policy and this model has none; "
-                                "use `steps`, `confidence`, `eb` or `learned`",
-                           param="sampler", code="unsupported_sampler")
-        cache = req.cache or self.settings.cache
-        if cache != "off" and not self.loaded.kv_cache:
-            raise APIError(400, f"cache `{cache}` needs a model with a native KV cache and this model has none; "
-                                "use `off`", param="cache", code="unsupported_cache")
-        if cache != "off" and sampler == "policy" and self.loaded.step_policy.uses_hidden:
-            raise APIError(400, f"cache `{cache}` cannot serve sampler `policy` with this model's step policy: it "
-                                "reads hidden states (basic+hidden features), which need `cache` `off`",
-                           param="cache", code="unsupported_cache")
-        params = SamplingParams(
-            sampler=sampler, gen_length=gen_length, block_length=req.block_length, steps=req.steps, cache=cache,
-            threshold=req.threshold, top_p=1.0 if req.top_p is None else req.top_p,
-            temperature=self.settings.default_temperature if req.temperature is None else req.temperature)
-        try:
-            params.resolved()
-        except ValueError as e:
-            field = str(e).split(" ", 1)[0]
-            raise APIError(400, str(e), param=length_param if field == "gen_length" else field) from None
-        return params
+    def _sampling_params(self, req, gen_length: int, length_param: str):
+        """The request's row params in the model's paradigm (raises :class:`APIError`)."""
+        return self.paradigm.params(req, gen_length, length_param, self.settings)
 
     def _start(self, kind: str, req, prompts: list[list[int]], endpoint: str) -> "Generation":
         length_param = ("max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None
@@ -195,13 +169,15 @@ class Engine:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} exceeds the server's limit of "
                                 f"{self.settings.max_rows_per_request} choices per request", param="n")
         limit = self.loaded.max_length
+        self.paradigm.check_prompts(prompts, "prompt" if kind == "completion" else "messages")
+        answer = self.paradigm.context_tokens(gen_length)  # a canvas model decodes whole canvases
         for p in prompts:
-            if len(p) + gen_length > limit:
+            if len(p) + answer > limit:
                 param = "prompt" if len(p) >= limit and kind == "completion" else length_param
                 param = "messages" if len(p) >= limit and kind == "chat" else param
                 raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                                    f"requested {len(p) + gen_length} tokens ({len(p)} in the prompt, "
-                                    f"{gen_length} for the completion). Please reduce the prompt or "
+                                    f"requested {len(p) + answer} tokens ({len(p)} in the prompt, "
+                                    f"{answer} for the completion). Please reduce the prompt or "
                                     f"{length_param}.", param=param, code="context_length_exceeded")
         base = self._sampling_params(req, gen_length, length_param)
         return_steps = kind == "completion" and bool(req.return_steps)
@@ -336,7 +312,7 @@ class Generation:
     def cancel(self) -> None:
         self.handle.cancel()
 
-    async def _updates(self) -> AsyncIterator[tuple[ChoiceText, str | StepUpdate]]:
+    async def _updates(self) -> AsyncIterator[tuple[ChoiceText, str | StepUpdate | CanvasStepUpdate]]:
         """Yield (choice, new text) as rows report, until every choice is done.
 
         For rows that asked for steps, also (choice, StepUpdate) for each of their forward passes.
@@ -359,7 +335,7 @@ class Generation:
             choice = self.choices[event.choice]
             if choice.done:
                 continue
-            if isinstance(event, StepUpdate):
+            if isinstance(event, STEP_EVENTS):
                 yield choice, event
                 continue
             delta = choice.update(event)
@@ -418,7 +394,7 @@ class Generation:
                 for c in self.choices:
                     yield self._chunk(c, "", role=True)
             async for choice, delta in self._updates():
-                if isinstance(delta, StepUpdate):
+                if isinstance(delta, STEP_EVENTS):
                     piece = self._step_chunk(choice, delta)
                 elif delta or choice.done:
                     piece = self._chunk(choice, delta)
@@ -450,7 +426,16 @@ class Generation:
                                              choices=[CompletionStreamChoice(index=c.index, text=delta, **final)])
         return self._dump(chunk)
 
-    def _step_chunk(self, c: ChoiceText, step: StepUpdate) -> str:
+    def _step_chunk(self, c: ChoiceText, step: StepUpdate | CanvasStepUpdate) -> str:
+        if isinstance(step, CanvasStepUpdate):
+            choice = CompletionCanvasStepChoice(
+                index=c.index, step=step.step, nfe=step.nfe, block=step.block, block_start=step.block_start,
+                block_end=step.block_end, gen_length=step.gen_length, draft_ids=step.draft_ids,
+                draft_tokens=self.engine.token_texts(step.draft_ids), accepted_positions=step.accepted_positions,
+                block_done=step.block_done, eos_token_id=self.engine.loaded.eos_id, finished=step.finished,
+                threshold=step.threshold)
+            return sse(CompletionStepChunk(id=self.id, created=self.created, model=self.model,
+                                           choices=[choice]).model_dump())
         chunk = CompletionStepChunk(id=self.id, created=self.created, model=self.model, choices=[
             CompletionStepChoice(
                 index=c.index, step=step.step, nfe=step.nfe, block=step.block, block_start=step.block_start,

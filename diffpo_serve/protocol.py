@@ -15,9 +15,21 @@ Responses are OpenAI's objects plus documented extension fields:
 
 Step events (``/v1/completions`` only, fenced): a streamed request with the diffusion extra
 ``"return_steps": true`` also gets one :class:`CompletionStepChunk` (``object:
-"text_completion.step"``) per forward pass of each choice, carrying the positions the sampler
-committed at that pass, their token ids and texts, and the block it worked on. Requests without the
-flag never see them; ``return_steps`` without ``stream`` is a 400.
+"text_completion.step"``) per forward pass of each choice. For a masked model
+(:class:`CompletionStepChoice`, ``"paradigm": "masked"``) it carries the positions the sampler
+committed at that pass, their token ids and texts, and the block it worked on. For a canvas model
+(DiffusionGemma; :class:`CompletionCanvasStepChoice`, ``"paradigm": "canvas"``) it carries the current
+block's whole *draft* (every position's token as that decoder pass reads it, which the next pass may
+change) and the positions the entropy bound kept. Requests without the flag never see them;
+``return_steps`` without ``stream`` is a 400.
+
+Streaming text is the same for both paradigms: an ordinary chunk carries text only once it is
+determined (masked: every earlier position committed; canvas: a finished block), so the ordinary
+chunks of a stream concatenate to the final text and nothing sent is ever taken back.
+
+Canvas models (``paradigm`` ``canvas`` in ``/v1/models``) take their own extras ``t_min``, ``t_max``
+(the temperature schedule), ``stability_threshold`` and ``confidence_threshold`` (the early stop); a
+masked model refuses them, and a canvas model refuses the masked-only ones (400 naming the parameter).
 
 ``usage.completion_tokens`` counts real tokens: up to and including the EOS or the token that
 completed a stop string, never the rest of the fixed-size canvas.
@@ -108,17 +120,25 @@ _SAMPLER_HELP = ("diffusion extra: decoding strategy. `steps` (LLaDA low-confide
                  "commit while the summed entropy stays <= threshold), `learned` (threshold from the model's "
                  "threshold head; only for models that have one), `policy` (the model's learned per-step commit "
                  "policy: each pass commits the masked tokens whose commit probability >= threshold; only for "
-                 "models that have one). Default: the server's --default-sampler.")
+                 "models that have one). Canvas models take `eb` and `learned` only. Default: the server's "
+                 "--default-sampler.")
 _THRESHOLD_HELP = ("diffusion extra: `confidence` minimum confidence, `eb` gamma, or `policy` minimum commit "
                    "probability (0: the whole block at once; above 1: one token per pass); overrides the sampler "
-                   "default (confidence 0.9, eb 0.3, policy: its trained operating point) and a learned head. "
-                   "Ignored by `steps`.")
-_BLOCK_HELP = "diffusion extra: semi-autoregressive block length in tokens (default: one block of max_tokens)."
+                   "default (confidence 0.9, eb 0.3, policy: its trained operating point; a canvas model: its "
+                   "checkpoint's entropy bound) and a learned head. Ignored by `steps`.")
+_BLOCK_HELP = ("diffusion extra: semi-autoregressive block length in tokens (default: one block of max_tokens; "
+               "a canvas model's is fixed: its canvas_length).")
+_CANVAS_HELP = "diffusion extra, canvas models only (default: the checkpoint's generation config): "
+_T_MIN_HELP = _CANVAS_HELP + "the temperature schedule's floor (T = t_min + (t_max - t_min) * steps left / steps)."
+_T_MAX_HELP = _CANVAS_HELP + "the temperature at a block's first denoising step."
+_STABILITY_HELP = _CANVAS_HELP + "steps the draft must stay unchanged before a block may stop early."
+_CONFIDENCE_HELP = _CANVAS_HELP + "mean entropy below which a stable block stops early (0: never early)."
 _CACHE_HELP = ("diffusion extra: KV cache. `off` (every step runs the whole sequence), `prefix` (keys/values of the "
                "prompt and finished blocks reused within a block; Fast-dLLM) or `dual` (also those of the masked "
                "suffix); default: the server's (`cache` in /v1/models). Native models only.")
 _STEPS_HELP = ("diffusion extra: `steps` sampler only: total forward passes, a multiple of the number of "
-               "blocks (default: max_tokens, one token per pass).")
+               "blocks (default: max_tokens, one token per pass). A canvas model: the most denoising steps "
+               "per block (default: its checkpoint's).")
 
 _RETURN_STEPS_HELP = ("diffusion extra, /v1/completions with stream=true only: also stream one "
                       "`text_completion.step` chunk per forward pass of each choice (positions committed at "
@@ -157,6 +177,10 @@ class CompletionRequest(_GenerationFields):
     steps: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_STEPS_HELP, **STRICT_INT)
     cache: Cache | None = Field(None, description=_CACHE_HELP)
     return_steps: bool | None = Field(None, strict=True, description=_RETURN_STEPS_HELP)
+    t_min: float | None = Field(None, ge=0, description=_T_MIN_HELP, **FINITE)
+    t_max: float | None = Field(None, gt=0, description=_T_MAX_HELP, **FINITE)
+    stability_threshold: int | None = Field(None, ge=0, le=MAX_EXTRA_INT, description=_STABILITY_HELP, **STRICT_INT)
+    confidence_threshold: float | None = Field(None, ge=0, description=_CONFIDENCE_HELP, **FINITE)
 
     @field_validator("prompt")
     @classmethod
@@ -235,6 +259,10 @@ class ChatCompletionRequest(_GenerationFields):
     block_length: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_BLOCK_HELP, **STRICT_INT)
     steps: int | None = Field(None, ge=1, le=MAX_EXTRA_INT, description=_STEPS_HELP, **STRICT_INT)
     cache: Cache | None = Field(None, description=_CACHE_HELP)
+    t_min: float | None = Field(None, ge=0, description=_T_MIN_HELP, **FINITE)
+    t_max: float | None = Field(None, gt=0, description=_T_MAX_HELP, **FINITE)
+    stability_threshold: int | None = Field(None, ge=0, le=MAX_EXTRA_INT, description=_STABILITY_HELP, **STRICT_INT)
+    confidence_threshold: float | None = Field(None, ge=0, description=_CONFIDENCE_HELP, **FINITE)
 
     def gen_length(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -308,6 +336,7 @@ class CompletionStepChoice(BaseModel):
     text: str = ""  # always empty: the text arrives in the ordinary chunks
     logprobs: None = None
     finish_reason: None = None
+    paradigm: Literal["masked"] = "masked"
     step: int = Field(description="0-based index of this forward pass of the choice (= nfe - 1)")
     nfe: int = Field(description="forward passes of the choice so far, this one included")
     block: int = Field(description="index of the block this pass worked on")
@@ -323,12 +352,45 @@ class CompletionStepChoice(BaseModel):
     threshold: float | None = Field(description="threshold / gamma the choice is decoded with; null for `steps`")
 
 
+class CompletionCanvasStepChoice(BaseModel):
+    """One decoder pass of one choice of a canvas model (DiffusionGemma; extension, only with ``return_steps``).
+
+    A canvas model rewrites its whole current block at every pass: ``draft_ids`` / ``draft_tokens`` are the
+    tokens of positions ``[block_start, block_end)`` (0-based in the choice's generation region) as this pass
+    reads them (the argmax of its processed logits), and the next pass may change any of them.
+    ``accepted_positions`` are the positions the entropy bound (``threshold``) kept in the canvas at this pass;
+    every other position was re-randomised. When ``block_done`` is true the block ended at this pass and its
+    draft is final (pad after an EOS). Replaying: a position shows the draft of the last pass whose block holds
+    it; the final drafts of the blocks, cut at the first EOS, are the choice's final ids. One event per decoder
+    pass: a choice's step count equals its ``nfe``.
+    """
+
+    index: int
+    text: str = ""  # always empty: the text arrives in the ordinary chunks
+    logprobs: None = None
+    finish_reason: None = None
+    paradigm: Literal["canvas"] = "canvas"
+    step: int = Field(description="0-based index of this decoder pass of the choice (= nfe - 1)")
+    nfe: int = Field(description="decoder passes of the choice so far, this one included")
+    block: int = Field(description="index of the block (canvas) this pass denoised")
+    block_start: int = Field(description="first position of that block")
+    block_end: int = Field(description="end (exclusive) of that block, cut at gen_length")
+    gen_length: int
+    draft_ids: list[int]
+    draft_tokens: list[str]
+    accepted_positions: list[int]
+    block_done: bool = Field(description="the block ended at this pass: its draft is final")
+    eos_token_id: int
+    finished: bool = Field(description="the choice's text is determined after this pass")
+    threshold: float = Field(description="the entropy bound the choice is decoded with")
+
+
 class CompletionStepChunk(BaseModel):
     id: str
     object: Literal["text_completion.step"] = "text_completion.step"
     created: int
     model: str
-    choices: list[CompletionStepChoice]
+    choices: list[CompletionStepChoice | CompletionCanvasStepChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -393,6 +455,14 @@ class ModelCard(BaseModel):
                               "`prefix`, `dual`)")
     cache_modes: list[str] = Field(default_factory=list, description="extension: the `cache` values this model "
                                    "accepts (`off` only for a model without a native KV cache)")
+    paradigm: str = Field("masked", description="extension: how the model decodes: `masked` (mask tokens filled "
+                          "in) or `canvas` (DiffusionGemma: blocks of random tokens rewritten at every step)")
+    samplers: list[str] = Field(default_factory=list, description="extension: the `sampler` values this model "
+                                "accepts")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="extension: what a request gets for the "
+                                     "diffusion extras it leaves out (sampler, gen_length, threshold, ...; a canvas "
+                                     "model also its steps per block, temperature schedule, stopping thresholds "
+                                     "and canvas_length)")
 
 
 class ModelList(BaseModel):

@@ -321,3 +321,86 @@ def test_masked_models_have_no_canvas_interface():
     from conftest import tiny_model
     with pytest.raises(ValueError, match="does not decode in the canvas paradigm"):
         cv.denoiser_for(tiny_model())
+
+
+# ----------------------------------------------------------------------------- the learned bound (threshold head)
+
+def canvas_head(denoiser, k=None, features="prompt+answer+eb", seed=0):
+    from diffpo_serve.dllm.threshold_head import ThresholdHead
+    torch.manual_seed(seed)
+    head = ThresholdHead(denoiser.hidden_size, features=features).eval()
+    if k is not None:
+        from test_threshold_head import always
+        always(head, k)
+    return head
+
+
+@pytest.mark.parametrize("k", [0, 6, 12])
+def test_learned_with_a_fixed_head_equals_eb(denoiser, k):
+    """A head that always picks grid index k decodes every row token for token as ``eb`` at that bound (same
+    seeds), reports it, and the head's pick costs no decoder pass."""
+    head = canvas_head(denoiser, k)
+    gamma = float(head.grid[k])
+    learned = cv.generate(denoiser, PROMPTS, [cv.CanvasParams(gen_length=16, steps=4, seed=s, sampler="learned")
+                                              for s in range(3)], eos_ids=EOS_IDS, pad_id=PAD, head=head)
+    eb = cv.generate(denoiser, PROMPTS, [cv.CanvasParams(gen_length=16, steps=4, seed=s, threshold=gamma)
+                                         for s in range(3)], eos_ids=EOS_IDS, pad_id=PAD)
+    assert torch.equal(learned.sequences, eb.sequences) and torch.equal(learned.nfe, eb.nfe)
+    assert learned.threshold_choice.tolist() == [k] * 3 and eb.threshold_choice.tolist() == [-1] * 3
+    assert torch.allclose(learned.threshold, torch.full((3,), gamma))
+
+
+def test_the_heads_bound_changes_the_decode(denoiser):
+    """Not vacuous: the smallest and the largest bound of the grid decode differently (NFE or tokens)."""
+    outs = [cv.generate(denoiser, PROMPTS, [cv.CanvasParams(gen_length=16, steps=4, seed=s, sampler="learned")
+                                            for s in range(3)], eos_ids=EOS_IDS, pad_id=PAD,
+                        head=canvas_head(denoiser, k)) for k in (0, 12)]
+    assert not torch.equal(outs[0].sequences, outs[1].sequences)
+
+
+def test_head_reads_the_first_pass_prompt_canvas_and_entropies(denoiser):
+    """By hand: a `prompt+answer+eb` head reads the mean of the encoder's final hidden states over the prompt,
+    the mean of the decoder's over the first (random) canvas, and the eb commit fractions and mean entropy of
+    that pass's entropies of the processed logits (T = t_max at a block's first step): what the accept rule
+    compares with the bound."""
+    from diffpo_serve.dllm.threshold_head import eb_commit_fractions
+    head = canvas_head(denoiser)
+    prompt, seed, t_max = PROMPTS[0], 5, 0.9
+    out = cv.generate(denoiser, [prompt], cv.CanvasParams(gen_length=8, steps=3, seed=seed, sampler="learned",
+                                                          t_max=t_max), eos_ids=EOS_IDS, pad_id=PAD, head=head)
+    cache, enc = denoiser.encode(torch.tensor(prompt), 0, None, return_hidden=True)
+    z = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(seed))  # the row's first draw
+    logits, dec = denoiser.decode(z, torch.tensor([len(prompt)]), [cache], None, return_hidden=True)
+    entropy = cv.token_entropy(logits / t_max)
+    expected = torch.cat([enc[0].mean(0), dec[0].mean(0),
+                          eb_commit_fractions(entropy, torch.ones_like(entropy, dtype=torch.bool), head.grid)[0]])
+    torch.testing.assert_close(out.head_features[0], expected, rtol=0, atol=1e-5)
+    assert int(out.threshold_choice[0]) == int(head(expected[None]).argmax())
+
+
+def test_sampled_bounds_are_seeded_per_row_and_batch_invariant(denoiser):
+    """With ``sample_threshold`` each row draws its bound from its own generator: the same draws in any order
+    of the batch, and different seeds draw different bounds."""
+    head = canvas_head(denoiser, features="prompt")
+    params = [cv.CanvasParams(gen_length=8, steps=3, seed=s, sampler="learned") for s in range(6)]
+    prompts = [PROMPTS[s % 3] for s in range(6)]
+    a = cv.generate(denoiser, prompts, params, eos_ids=EOS_IDS, pad_id=PAD, head=head, sample_threshold=True)
+    b = cv.generate(denoiser, prompts[::-1], params[::-1], eos_ids=EOS_IDS, pad_id=PAD, head=head,
+                    sample_threshold=True)
+    assert a.threshold_choice.tolist() == b.threshold_choice.flip(0).tolist()
+    assert torch.equal(a.sequences, b.sequences.flip(0))
+    assert len(set(a.threshold_choice.tolist())) > 1
+
+
+def test_learned_needs_a_head_and_a_canvas_sampler(denoiser):
+    with pytest.raises(ValueError, match="threshold head"):
+        cv.init_state(denoiser, PROMPTS[:1], cv.CanvasParams(sampler="learned"), eos_ids=EOS_IDS, pad_id=PAD)
+    with pytest.raises(ValueError, match="sampler must be one of eb, learned"):
+        cv.CanvasParams(sampler="steps").resolved(denoiser.defaults)
+    from diffpo_serve.dllm.threshold_head import ThresholdHead
+    with pytest.raises(ValueError, match="hidden states of width 32"):
+        cv.init_state(denoiser, PROMPTS[:1], cv.CanvasParams(sampler="learned"), eos_ids=EOS_IDS, pad_id=PAD,
+                      head=ThresholdHead(32))
+    # a given threshold overrides the head, as for masked models
+    given = cv.CanvasParams(sampler="learned", threshold=0.5).resolved(denoiser.defaults)
+    assert given.threshold == 0.5

@@ -122,14 +122,10 @@ def test_batched_decode_masks_the_padded_cache():
     assert (without[0] - together[0]).abs().max() > 1e-3
 
 
-def test_the_masked_paths_refuse_it_clearly(checkpoint):
-    """Until the batcher drives the canvas paradigm, the server refuses a DiffusionGemma at startup, and the
-    masked sampler (eval, RL rollouts) refuses its mask-less ids, both naming what to use instead."""
-    from diffpo_serve.api import load_from_settings
+def test_the_masked_sampler_refuses_it_clearly(checkpoint):
+    """The masked sampler (eval, RL rollouts of masked models) refuses its mask-less ids, naming what to use
+    instead. (The server serves it through the canvas paradigm: tests/test_server_canvas.py.)"""
     from diffpo_serve.dllm.sampler import SamplingParams, init_state
-    from diffpo_serve.settings import ServerSettings
-    with pytest.raises(ModelLoadError, match="serving it is not implemented yet.*dllm.canvas"):
-        load_from_settings(ServerSettings(model=str(checkpoint)))
     loaded = load_model(checkpoint)
     with pytest.raises(ValueError, match="needs a mask token.*dllm.canvas"):
         init_state([[BOS, 9]], SamplingParams(), mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)

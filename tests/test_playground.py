@@ -249,3 +249,47 @@ def test_screenshot_of_compare_mode_with_the_bundled_model(page, tmp_path):
         screenshot.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_canvas_model_shows_its_changing_draft(page, tmp_path):
+    """DiffusionGemma (a tiny random checkpoint): the page offers its samplers only, runs pass by pass with
+    the API's NFE, and the replay shows blocks of random tokens becoming drafts that change between passes
+    and end final; the text is the API's."""
+    from tiny_diffusion_gemma import random_model, write_checkpoint
+    generation = {"max_new_tokens": 16, "max_denoising_steps": 4,
+                  "sampler_config": {"entropy_bound": 0.3, "_cls_name": "EntropyBoundSamplerConfig"}}
+    path = write_checkpoint(tmp_path / "tiny-dg", random_model(seed=3), generation=generation)
+    with live_server(model=str(path), decoder_process=False) as srv:
+        open_playground(page, srv.url)
+        enabled = page.eval_on_selector_all("#sampler option", "os => os.filter(o => !o.disabled).map(o => o.value)")
+        assert enabled == ["eb", "learned"] and page.input_value("#sampler") == "eb"
+        assert page.is_disabled("#block_length") and page.is_disabled("#temperature")
+        page.fill("#prompt", "abc")
+        set_field(page, "seed", "4")
+        page.select_option("#speed", "0")
+        page.click("#run")
+        wait_finished(page)
+        body = panel_request(page, 0)
+        assert body == {"model": "tiny-dg", "prompt": "abc", "sampler": "eb", "max_tokens": 16, "seed": 4}
+        reply = api_completion(srv.url, body).json()
+        (choice,) = reply["choices"]
+        assert stat(page, 0, "nfe") == str(choice["nfe"]) and page.text_content("#panels .output") == choice["text"]
+        assert float(stat(page, 0, "threshold")) == pytest.approx(0.3)
+        assert page.is_hidden("#panels .masked-legend") and page.is_visible("#panels .canvas-legend")
+
+        slider = page.locator("#panels .step-slider")
+
+        def show_step(k: int) -> list[str]:
+            slider.evaluate("(el, k) => { el.value = String(k); el.dispatchEvent(new Event('input')); }", k)
+            return page.eval_on_selector_all("#panels .cell .tok", "ts => ts.map(t => t.textContent)")
+
+        assert page.locator("#panels .cell").count() == 16
+        show_step(0)
+        assert page.locator("#panels .cell.masked").count() == 16  # random tokens, nothing denoised yet
+        first = show_step(1)
+        assert page.locator("#panels .cell.draft").count() == 8 and page.locator("#panels .cell.masked").count() == 8
+        assert page.locator("#panels .cell.in-block").count() == 8 and page.locator("#panels .cell.fresh").count() >= 1
+        second = show_step(2)
+        assert first[:8] != second[:8]  # the draft changes between passes: it does not only fill in
+        show_step(choice["nfe"])
+        assert page.locator("#panels .cell.draft").count() == 0 and page.locator("#panels .cell.masked").count() == 0

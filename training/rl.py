@@ -33,6 +33,9 @@ holds the weights in bf16 while the LoRA adapters, their AdamW state and the los
 float32 logits) stay float32. A model with a chat template reads each task's instruction in it and
 decodes eval's lengths (``prompting.generation_lengths``) unless ``--gen-length`` / ``--block-length``
 say otherwise. Memory arithmetic for an 8B model: docs/real_models.md.
+
+A canvas model (DiffusionGemma) trains its threshold head only (``--train sampler``); model RL is refused
+because DiFFPO's likelihoods assume a mask state (:mod:`training.canvas_rl` has the reasons and the flags).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.step_policy import StepPolicy, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head
+from training import canvas_rl
 from training.commit_policy import fit_warm_start, policy_rl_loss, warm_start_data
 from training.checkpoint import CheckpointError, load_trainer_state, recover_interrupted, save_checkpoint
 from training.config import RLConfig
@@ -179,7 +183,7 @@ def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
     if base.threshold_head is not None:
         return base.threshold_head.train()
     torch.manual_seed(cfg.seed)  # a resumed run rebuilds nothing, but two fresh runs start alike
-    return ThresholdHead(base.model.config.hidden_size, features=cfg.head_features)
+    return ThresholdHead(base.model.config.get_text_config().hidden_size, features=cfg.head_features)
 
 
 def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: int):
@@ -221,6 +225,8 @@ def train_rl(cfg: RLConfig) -> RLRun:
         raise ValueError("--train joint --sampler-kind policy is not implemented yet; train the policy with "
                          "--train sampler (model frozen)")
     base = load_model(cfg.model, dtype=cfg.dtype)
+    if base.paradigm == "canvas":
+        canvas_rl.check(cfg, base.path)
     tokenizer, mask_id = base.tokenizer, base.mask_id
     if train_policy and cfg.cache != "off" and (base.step_policy.uses_hidden if base.step_policy is not None
                                                  else cfg.policy_features == "basic+hidden"):
@@ -275,9 +281,13 @@ def train_rl(cfg: RLConfig) -> RLRun:
     loaded = replace(base, model=unwrapped, threshold_head=head_unwrapped, step_policy=policy_unwrapped)
 
     sampler = "learned" if train_head else "policy" if train_policy else cfg.sampler
-    params = SamplingParams(sampler, gen_length, block_length=block_length, steps=cfg.steps, cache=cfg.cache,
-                            threshold=None if train_head or train_policy else cfg.threshold,
-                            temperature=cfg.temperature, top_p=cfg.top_p).resolved()
+    if base.paradigm == "canvas":  # the head's rollouts; NFE_max = decoder passes of every step of every block
+        params, nfe_max = canvas_rl.rollout_params(cfg, loaded, gen_length)
+    else:
+        params = SamplingParams(sampler, gen_length, block_length=block_length, steps=cfg.steps, cache=cfg.cache,
+                                threshold=None if train_head or train_policy else cfg.threshold,
+                                temperature=cfg.temperature, top_p=cfg.top_p).resolved()
+        nfe_max = gen_length  # one token per pass
     pool = _example_pool(cfg, "train", cfg.train_examples)
     eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
         if cfg.eval_every else {}
@@ -303,7 +313,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
         rollout_seconds = time.perf_counter() - t0
         record = {}
         # the NFE-penalised reward, once per step: the head's, and the model's with --model-reward sampler
-        speed = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, gen_length, cfg.lam) \
+        speed = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, nfe_max, cfg.lam) \
             if train_head or train_policy or cfg.model_reward == "sampler" else None
         if train_model:
             rewards = batch.rewards if cfg.model_reward == "task" else speed.to(batch.rewards.device)

@@ -1,4 +1,10 @@
-"""RL rollouts: G completions per prompt from the shared sampler, with their trajectories and rewards."""
+"""RL rollouts: G completions per prompt from the shared sampler, with their trajectories and rewards.
+
+A masked model decodes with :func:`diffpo_serve.dllm.sampler.generate` (commit steps and behaviour log-probs
+recorded for the model's loss); a canvas model (DiffusionGemma) with :func:`diffpo_serve.dllm.canvas.generate`,
+which records each row's bound and the head's features but no per-token trajectory (it has no mask state;
+only its threshold head is trained: :mod:`training.canvas_rl`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from diffpo_serve.dllm import canvas
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import PolicyTrace, SamplingParams, generate
 from training.data import left_pad
@@ -19,8 +26,8 @@ class RolloutBatch:
     prompt_ids: torch.Tensor  # B, P  left-padded
     prompt_attention: torch.Tensor  # B, P  bool
     completion: torch.Tensor  # B, n  generated ids
-    commit_step: torch.Tensor  # B, n  0-based step of each commit, -1 = EOS fill / padding
-    behaviour_logprob: torch.Tensor  # B, n  log-prob under the sampling distribution when committed
+    commit_step: torch.Tensor | None  # B, n  0-based step of each commit, -1 = EOS fill / padding (None: canvas)
+    behaviour_logprob: torch.Tensor | None  # B, n  log-prob under the sampling distribution when committed
     nfe: torch.Tensor  # B
     rewards: torch.Tensor  # B
     texts: list[str]
@@ -37,7 +44,7 @@ class RolloutBatch:
 
 @torch.no_grad()
 def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], reward_fn, num_generations: int,
-            params: SamplingParams, seed: int, head: torch.nn.Module | None = None,
+            params: SamplingParams | canvas.CanvasParams, seed: int, head: torch.nn.Module | None = None,
             chat_template: bool = True, policy: torch.nn.Module | None = None) -> RolloutBatch:
     """Sample ``num_generations`` completions for each example (each row seeded ``seed + row``).
 
@@ -53,16 +60,23 @@ def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], r
     row_params = [replace(params, seed=seed + i) for i in range(len(prompts))]
     was_training = model.training
     model.eval()
-    out = generate(model, prompts, row_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id, eos_ids=loaded.eos_ids,
-                   pad_id=loaded.pad_id, return_trajectory=True, head=head, sample_threshold=True, policy=policy,
-                   sample_commits=policy is not None)
+    if isinstance(params, canvas.CanvasParams):
+        out = canvas.generate(canvas.denoiser_for(model), prompts, row_params, eos_ids=loaded.eos_ids,
+                              pad_id=loaded.pad_id, head=head, sample_threshold=True)
+        completion = out.sequences[:, :int(out.gen_length.max())]  # whole canvases, cut at the lengths asked for
+        commit_step = logprob = trace = None  # no mask state: no per-token trajectory
+    else:
+        out = generate(model, prompts, row_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
+                       eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, return_trajectory=True, head=head,
+                       sample_threshold=True, policy=policy, sample_commits=policy is not None)
+        completion, commit_step, logprob = out.sequences, out.commit_step, out.logprob
+        trace = out.policy_trace if policy is not None else None
     model.train(was_training)
-    texts = [loaded.decode(seq)[0] for seq in out.sequences.tolist()]
+    texts = [loaded.decode(seq[:n])[0] for seq, n in zip(completion.tolist(), out.gen_length.tolist())]
     rewards = torch.tensor([reward_fn(t, ex) for t, ex in zip(texts, row_examples)])
     prompt_ids, prompt_attention = left_pad(prompts, loaded.pad_id)
-    return RolloutBatch(prompt_ids=prompt_ids.to(out.sequences.device),
-                        prompt_attention=prompt_attention.to(out.sequences.device), completion=out.sequences,
-                        commit_step=out.commit_step, behaviour_logprob=out.logprob, nfe=out.nfe, rewards=rewards,
+    return RolloutBatch(prompt_ids=prompt_ids.to(completion.device),
+                        prompt_attention=prompt_attention.to(completion.device), completion=completion,
+                        commit_step=commit_step, behaviour_logprob=logprob, nfe=out.nfe, rewards=rewards,
                         texts=texts, num_generations=num_generations, threshold=out.threshold,
-                        threshold_choice=out.threshold_choice, head_features=out.head_features,
-                        policy_trace=out.policy_trace if policy is not None else None)
+                        threshold_choice=out.threshold_choice, head_features=out.head_features, policy_trace=trace)

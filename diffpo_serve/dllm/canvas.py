@@ -56,6 +56,8 @@ import torch
 from diffpo_serve.dllm.families import family_module
 from diffpo_serve.dllm.sampler import entropy_before
 
+SAMPLERS = ("eb", "learned")  # the canvas accept rule is the entropy bound; `learned`: the head picks the bound
+
 
 class CanvasDenoiser(Protocol):
     """The model interface of the canvas paradigm (one per family; see the module docstring)."""
@@ -67,12 +69,16 @@ class CanvasDenoiser(Protocol):
     device: torch.device
     dtype: torch.dtype  # the dtype self-conditioning logits are kept in
 
-    def encode(self, ids: torch.Tensor, start: int, cache):
-        """Append one row's ``ids`` (n,), at positions ``start ..``, to its encoder cache (None: a new one);
-        returns the cache."""
+    hidden_size: int  # width of the hidden states ``return_hidden`` gives (the threshold head's input)
 
-    def decode(self, canvas: torch.Tensor, start: torch.Tensor, caches: list, self_conditioning, has_self_conditioning):
-        """Logits (b, C, V) float32 of one decoder pass over ``canvas`` (b, C) at positions ``start + j``."""
+    def encode(self, ids: torch.Tensor, start: int, cache, return_hidden: bool = False):
+        """Append one row's ``ids`` (n,), at positions ``start ..``, to its encoder cache (None: a new one);
+        returns the cache, and with ``return_hidden`` also the encoder's final hidden states (1, n, d)."""
+
+    def decode(self, canvas: torch.Tensor, start: torch.Tensor, caches: list, self_conditioning, has_self_conditioning,
+               return_hidden: bool = False):
+        """Logits (b, C, V) float32 of one decoder pass over ``canvas`` (b, C) at positions ``start + j``; with
+        ``return_hidden`` also the decoder's final hidden states (b, C, d)."""
 
 
 def denoiser_for(model: torch.nn.Module) -> CanvasDenoiser:
@@ -102,17 +108,23 @@ class CanvasParams:
     stability_threshold: int | None = None  # steps the argmax must stay unchanged to stop a block early (0: no need)
     confidence_threshold: float | None = None  # mean entropy below which a stable block stops (0: never early)
     seed: int | None = None  # the row's generator (None: a random seed)
+    sampler: str = "eb"  # "eb": the bound is ``threshold``; "learned": the threshold head picks it (unless given)
 
     def resolved(self, defaults: dict) -> "CanvasParams":
-        """Fill unset fields from ``defaults`` and validate; raises ValueError with a message for an API user."""
+        """Fill unset fields from ``defaults`` and validate; raises ValueError with a message for an API user.
+        A ``learned`` row without a ``threshold`` keeps None: the head chooses it at the row's first pass."""
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} for a canvas model (its accept rule is "
+                             f"the entropy bound); got {self.sampler!r}")
+        learned = self.sampler == "learned" and self.threshold is None
         p = replace(self, **{k: defaults[k] for k in ("gen_length", "threshold", "steps", "t_min", "t_max",
                                                         "stability_threshold", "confidence_threshold")
-                             if getattr(self, k) is None})
+                             if getattr(self, k) is None and not (k == "threshold" and learned)})
         if p.gen_length < 1:
             raise ValueError(f"gen_length must be >= 1; got {p.gen_length}")
         if p.steps < 1:
             raise ValueError(f"steps must be >= 1; got {p.steps}")
-        if not 0 <= p.threshold < math.inf:
+        if not learned and not 0 <= p.threshold < math.inf:
             raise ValueError(f"threshold (the entropy bound) must be a finite number >= 0; got {p.threshold}")
         if not (0 <= p.t_min <= p.t_max < math.inf and p.t_max > 0):
             raise ValueError(f"the temperature schedule needs 0 <= t_min <= t_max and t_max > 0; got t_min {p.t_min}, "
@@ -121,7 +133,7 @@ class CanvasParams:
             raise ValueError(f"stability_threshold must be an integer >= 0; got {p.stability_threshold}")
         if not 0 <= p.confidence_threshold < math.inf:
             raise ValueError(f"confidence_threshold must be a finite number >= 0; got {p.confidence_threshold}")
-        return replace(p, threshold=float(p.threshold), t_min=float(p.t_min), t_max=float(p.t_max),
+        return replace(p, threshold=None if learned else float(p.threshold), t_min=float(p.t_min), t_max=float(p.t_max),
                        stability_threshold=int(p.stability_threshold),
                        confidence_threshold=float(p.confidence_threshold))
 
@@ -210,6 +222,8 @@ class CanvasState:
     t_span: torch.Tensor  # b  float32: t_max - t_min
     stability: torch.Tensor  # b  stability_threshold
     confidence: torch.Tensor  # b  confidence_threshold
+    threshold_choice: torch.Tensor  # b  the head's grid index for `learned` rows it chose for, else -1
+    head_features: torch.Tensor  # b, F  what the head read (zeros where it did not choose; F = 0 without a head)
     prompts: list = field(default_factory=list)  # per row: prompt ids (1-D long tensor)
     generators: list = field(default_factory=list)  # per row: torch.Generator
     caches: list = field(default_factory=list)  # per row: the denoiser's encoder cache (None before the first pass)
@@ -217,6 +231,8 @@ class CanvasState:
     pad_id: int = 0
     canvas_length: int = 0
     vocab_size: int = 0
+    head: torch.nn.Module | None = None  # the threshold head of `learned` rows (None: no such rows)
+    sample_threshold: bool = False  # `learned` rows draw their bound from the head (RL) instead of its mode
 
     @property
     def batch_size(self) -> int:
@@ -244,6 +260,10 @@ class CanvasState:
         first = states[0]
         if len({(s.canvas_length, s.vocab_size) for s in states}) > 1:
             raise ValueError("cannot concat canvas states of different models")
+        heads = {id(s.head) for s in states if s.head is not None}
+        if len(heads) > 1 or (heads and any(s.head is None for s in states)):
+            raise ValueError("cannot concat canvas states built with different threshold heads (or with and "
+                             "without one); build every state with the model's head")
         width = max(s.generated.shape[1] for s in states)
         depth = max(s.history.shape[1] for s in states)
         parts: dict[str, list] = {k: [] for k in first._tensors()}
@@ -261,9 +281,12 @@ class CanvasState:
 
 
 def init_state(denoiser: CanvasDenoiser, prompts: list[list[int]], params: CanvasParams | list[CanvasParams], *,
-               eos_ids: list[int] | tuple[int, ...], pad_id: int) -> CanvasState:
+               eos_ids: list[int] | tuple[int, ...], pad_id: int, head: torch.nn.Module | None = None,
+               sample_threshold: bool = False) -> CanvasState:
     """The state for a list of token-id prompts, each with its own (or one shared) params. No model pass runs
-    here: each row's first :func:`denoise_step` runs its encoder pass."""
+    here: each row's first :func:`denoise_step` runs its encoder pass. ``head``: the threshold head that picks
+    the bound of ``learned`` rows without a ``threshold`` (at their first pass; :func:`denoise_step`), its mode,
+    or with ``sample_threshold`` a draw from the row's own generator (RL rollouts)."""
     if not prompts:
         raise ValueError("no prompts")
     if isinstance(params, CanvasParams):
@@ -271,6 +294,11 @@ def init_state(denoiser: CanvasDenoiser, prompts: list[list[int]], params: Canva
     if len(params) != len(prompts):
         raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
     params = [p.resolved(denoiser.defaults) for p in params]
+    if head is None and any(p.threshold is None for p in params):
+        raise ValueError("sampler 'learned' needs a model with a threshold head; give a threshold to use eb")
+    if head is not None and head.hidden_size != denoiser.hidden_size:
+        raise ValueError(f"the threshold head reads hidden states of width {head.hidden_size}; this model's are "
+                         f"{denoiser.hidden_size} wide")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a canvas model needs a prompt of at least one token (its encoder reads it)")
     image = denoiser.image_token_id
@@ -306,14 +334,17 @@ def init_state(denoiser: CanvasDenoiser, prompts: list[list[int]], params: Canva
         nfe=torch.zeros(b, dtype=torch.long, device=device),
         encoder_passes=torch.zeros(b, dtype=torch.long, device=device),
         finished=torch.zeros(b, dtype=torch.bool, device=device),
-        threshold=col([p.threshold for p in params], torch.float),
+        threshold=col([math.nan if p.threshold is None else p.threshold for p in params], torch.float),
         steps=col([p.steps for p in params], torch.long),
         t_min=col([p.t_min for p in params], torch.float),
         t_span=col([p.t_max - p.t_min for p in params], torch.float),
         stability=col([p.stability_threshold for p in params], torch.long),
         confidence=col([p.confidence_threshold for p in params], torch.float),
+        threshold_choice=torch.full((b,), -1, dtype=torch.long, device=device),
+        head_features=torch.zeros((b, head.feature_size if head is not None else 0), device=device),
         prompts=[torch.as_tensor(p, dtype=torch.long) for p in prompts], generators=generators, caches=[None] * b,
         eos_ids=tuple(dict.fromkeys(int(i) for i in eos_ids)), pad_id=int(pad_id), canvas_length=c, vocab_size=v,
+        head=head, sample_threshold=sample_threshold,
     )
 
 
@@ -331,17 +362,22 @@ class CanvasStepOutput:
     newly_finished: torch.Tensor  # r  bool
 
 
-def _start_blocks(denoiser: CanvasDenoiser, state: CanvasState, rows: list[int]) -> None:
+def _start_blocks(denoiser: CanvasDenoiser, state: CanvasState, rows: list[int], hidden_for: set) -> dict:
     """Block starts: the encoder reads what the row's cache lacks (the prompt, or the last block), then the
-    row's canvas is drawn from its generator and its self-conditioning and argmax history are cleared."""
+    row's canvas is drawn from its generator and its self-conditioning and argmax history are cleared.
+    Returns the encoder's final hidden states (1, n, d) of the rows in ``hidden_for`` (the head's input)."""
     c = state.canvas_length
+    hidden = {}
     for r in rows:
         k = int(state.block[r])
         if k == 0:
             ids, start = state.prompts[r], 0
         else:
             ids, start = state.generated[r, (k - 1) * c:k * c], int(state.prompt_length[r]) + (k - 1) * c
-        state.caches[r] = denoiser.encode(ids, start, state.caches[r])
+        if r in hidden_for:
+            state.caches[r], hidden[r] = denoiser.encode(ids, start, state.caches[r], return_hidden=True)
+        else:
+            state.caches[r] = denoiser.encode(ids, start, state.caches[r])
         g = state.generators[r]
         state.canvas[r] = torch.randint(0, state.vocab_size, (1, c), generator=g, device=g.device)[0]
     at = torch.as_tensor(rows, dtype=torch.long, device=state.canvas.device)
@@ -351,6 +387,32 @@ def _start_blocks(denoiser: CanvasDenoiser, state: CanvasState, rows: list[int])
     state.self_conditioning[at] = 0
     state.block_step[at] = 0
     state.needs_encode[at] = False
+    return hidden
+
+
+def _choose_bounds(state: CanvasState, rows: list[int], positions: list[int], prompt_hidden: dict,
+                   canvas_hidden: torch.Tensor, entropy: torch.Tensor) -> None:
+    """The threshold head picks the bound of the ``learned`` rows ``rows`` (state indices) at their first pass,
+    before that pass's accept rule reads it. Per row it reads, as it does for a masked model
+    (:meth:`ThresholdHead.extract`), a first pass over [prompt ; answer]: the encoder's final hidden states of
+    the prompt, the decoder's over the random canvas (``canvas_hidden`` (r, C, d), row ``positions[i]`` of this
+    step) and, for ``prompt+answer+eb`` heads, the pass's per-position entropies over the canvas (``entropy``,
+    of the processed logits: what the accept rule compares with the bound). The mode, or with
+    ``sample_threshold`` a draw from the row's generator (after its proposal draw)."""
+    head = state.head
+    features = []
+    for r, i in zip(rows, positions):
+        enc = prompt_hidden[r][0].to(canvas_hidden)
+        hidden = torch.cat([enc, canvas_hidden[i]], 0)[None]
+        attention = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        features.append(head.extract(hidden, attention, enc.shape[0], entropy[i][None]))
+    features = torch.cat(features).to(next(head.parameters()).device)
+    gens = [state.generators[r] for r in rows] if state.sample_threshold else None
+    choice = head.choose(features, gens).to(state.threshold.device)
+    at = torch.as_tensor(rows, dtype=torch.long, device=state.threshold.device)
+    state.threshold[at] = head.grid.to(state.threshold.device)[choice]
+    state.threshold_choice[at] = choice
+    state.head_features[at] = features.to(state.head_features.device)
 
 
 @torch.no_grad()
@@ -362,16 +424,21 @@ def denoise_step(denoiser: CanvasDenoiser, state: CanvasState) -> CanvasStepOutp
     if len(rows) == 0:
         empty = state.canvas.new_zeros((0, c))
         return CanvasStepOutput(rows, rows, empty, empty.bool(), rows.bool(), rows.bool())
-    starting = [int(r) for r in rows.tolist() if bool(state.needs_encode[r])]
-    if starting:
-        _start_blocks(denoiser, state, starting)
     index = rows.tolist()
+    # `learned` rows at their first pass (their bound is still NaN): the head picks it in this step
+    choosing = state.threshold[rows].isnan().nonzero().squeeze(-1).tolist() if state.head is not None else []
+    starting = [int(r) for r in index if bool(state.needs_encode[r])]
+    prompt_hidden = _start_blocks(denoiser, state, starting, {index[i] for i in choosing}) if starting else {}
     canvas = state.canvas[rows]
     block = state.block[rows]
     has_sc = state.has_self_conditioning[rows]
     sc = state.self_conditioning[rows] if bool(has_sc.any()) else None
     start = state.prompt_length[rows] + block * c
-    logits = denoiser.decode(canvas, start, [state.caches[r] for r in index], sc, has_sc)
+    caches = [state.caches[r] for r in index]
+    if choosing:
+        logits, canvas_hidden = denoiser.decode(canvas, start, caches, sc, has_sc, return_hidden=True)
+    else:
+        logits = denoiser.decode(canvas, start, caches, sc, has_sc)
     state.nfe[rows] += 1
 
     remaining = state.steps[rows] - state.block_step[rows]  # N .. 1
@@ -387,6 +454,8 @@ def denoise_step(denoiser: CanvasDenoiser, state: CanvasState) -> CanvasStepOutp
     del probs
     argmax = processed.argmax(-1)
     entropy = token_entropy(processed)
+    if choosing:  # before the accept rule reads the bound
+        _choose_bounds(state, [index[i] for i in choosing], choosing, prompt_hidden, canvas_hidden, entropy)
     accepted = accept_mask(entropy, state.threshold[rows].to(entropy.device))
     for i, r in enumerate(index):
         g = state.generators[r]
@@ -432,19 +501,25 @@ class CanvasOutput:
     nfe: torch.Tensor  # b  decoder passes
     encoder_passes: torch.Tensor  # b  encoder passes (one per block)
     blocks: torch.Tensor  # b  blocks decoded
-    threshold: torch.Tensor  # b  the entropy bound each row used
+    threshold: torch.Tensor  # b  the entropy bound each row used (the head's for `learned` rows)
+    threshold_choice: torch.Tensor  # b  the head's grid index, -1 where the head did not choose
+    head_features: torch.Tensor  # b, F  what the head read
+    gen_length: torch.Tensor  # b  tokens asked for (sequences hold whole blocks)
 
 
 def generate(denoiser: CanvasDenoiser, prompts: list[list[int]], params: CanvasParams | list[CanvasParams], *,
-             eos_ids: list[int] | tuple[int, ...], pad_id: int, on_step=None) -> CanvasOutput:
+             eos_ids: list[int] | tuple[int, ...], pad_id: int, on_step=None, head: torch.nn.Module | None = None,
+             sample_threshold: bool = False) -> CanvasOutput:
     """Decode a batch of token-id prompts to completion with :func:`denoise_step` (``denoiser``: a
     :class:`CanvasDenoiser`, e.g. :func:`denoiser_for` of a loaded model). ``on_step(state, output)`` is
-    called after every step."""
-    state = init_state(denoiser, prompts, params, eos_ids=eos_ids, pad_id=pad_id)
+    called after every step; ``head``/``sample_threshold`` as in :func:`init_state`."""
+    state = init_state(denoiser, prompts, params, eos_ids=eos_ids, pad_id=pad_id, head=head,
+                       sample_threshold=sample_threshold)
     while not bool(state.finished.all()):
         out = denoise_step(denoiser, state)
         if on_step is not None:
             on_step(state, out)
     return CanvasOutput(sequences=state.generated.clone(), nfe=state.nfe.clone(),
                         encoder_passes=state.encoder_passes.clone(), blocks=state.block.clone() + 1,
-                        threshold=state.threshold.clone())
+                        threshold=state.threshold.clone(), threshold_choice=state.threshold_choice.clone(),
+                        head_features=state.head_features.clone(), gen_length=state.gen_length.clone())

@@ -92,9 +92,15 @@ class LoadedModel:
 
     def without_weights(self) -> "LoadedModel":
         """A picklable copy for a process that tokenises but never runs the model (the serving front
-        with ``--decoder-process``): ``model`` keeps only ``config.vocab_size`` and ``generation_config``."""
+        with ``--decoder-process``): ``model`` keeps only ``generation_config`` and, of its config,
+        ``vocab_size`` (the text config's, where the config nests one), ``model_type``, and a canvas
+        model's ``canvas_length`` and ``image_token_id`` (None otherwise)."""
         config = getattr(self.model, "config", None)
-        stand_in = WeightlessModel(config=types.SimpleNamespace(vocab_size=getattr(config, "vocab_size", None)),
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        stand_in = WeightlessModel(config=types.SimpleNamespace(vocab_size=getattr(text, "vocab_size", None),
+                                                                model_type=getattr(config, "model_type", None),
+                                                                canvas_length=getattr(config, "canvas_length", None),
+                                                                image_token_id=getattr(config, "image_token_id", None)),
                                    generation_config=getattr(self.model, "generation_config", None))
         return replace(self, model=stand_in)
 

@@ -116,7 +116,7 @@ class ThresholdHead(nn.Module):
         choice = logits.argmax(-1)
         for i, g in enumerate(generators or []):
             if g is not None:
-                probs = torch.softmax(logits[i].float(), -1).cpu()
+                probs = torch.softmax(logits[i].float(), -1).to(g.device)  # the generator's device
                 choice[i] = torch.multinomial(probs, 1, generator=g).item()
         return choice
 

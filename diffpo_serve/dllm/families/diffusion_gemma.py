@@ -101,6 +101,7 @@ class DiffusionGemmaDenoiser:
         self.text_config = model.config.get_text_config()
         self.canvas_length = int(model.config.canvas_length)
         self.vocab_size = int(self.text_config.vocab_size)
+        self.hidden_size = int(self.text_config.hidden_size)
         self.image_token_id = getattr(model.config, "image_token_id", None)
         self.defaults = canvas_defaults(getattr(model, "generation_config", None))
         attn = self.text_config._attn_implementation or "sdpa"
@@ -123,8 +124,9 @@ class DiffusionGemmaDenoiser:
         return DynamicCache(config=self.text_config)
 
     @torch.no_grad()
-    def encode(self, ids: torch.Tensor, start: int, cache: DynamicCache | None) -> DynamicCache:
-        """Append ``ids`` (n,) of one row, at positions ``start ..``, to its cache (a new one when None)."""
+    def encode(self, ids: torch.Tensor, start: int, cache: DynamicCache | None, return_hidden: bool = False):
+        """Append ``ids`` (n,) of one row, at positions ``start ..``, to its cache (a new one when None); returns
+        the cache, and with ``return_hidden`` also the encoder's final (normed) hidden states (1, n, d)."""
         cache = self.new_cache() if cache is None else cache
         ids = ids.reshape(1, -1).to(self.device)
         n = ids.shape[1]
@@ -134,17 +136,20 @@ class DiffusionGemmaDenoiser:
         encoder = self.model.model.encoder
         masks = encoder.create_masks_for_generate(config=self.config, inputs_embeds=dummy, attention_mask=attention,
                                                   cache=cache, position_ids=positions)
-        return encoder(input_ids=ids, attention_mask=masks, cache=cache, position_ids=positions).cache
+        out = encoder(input_ids=ids, attention_mask=masks, cache=cache, position_ids=positions)
+        return (out.cache, out.last_hidden_state) if return_hidden else out.cache
 
     @torch.no_grad()
     def decode(self, canvas: torch.Tensor, start: torch.Tensor, caches: list, self_conditioning: torch.Tensor | None,
-               has_self_conditioning: torch.Tensor | None = None) -> torch.Tensor:
+               has_self_conditioning: torch.Tensor | None = None, return_hidden: bool = False):
         """Logits (b, C, V) float32 (softcapped, as the model returns them) of one decoder pass.
 
         ``canvas`` (b, C) token ids; ``start`` (b,) each row's first canvas position (its sequence length so
         far); ``caches`` the rows' encoder caches; ``self_conditioning`` (b, C, V) the previous step's
         processed logits or None; ``has_self_conditioning`` (b,) bool: rows whose previous logits are real
-        (the others, at a block's first step, get the zero signal, as with no logits at all)."""
+        (the others, at a block's first step, get the zero signal, as with no logits at all). With
+        ``return_hidden``, also the decoder's final hidden states (b, C, d): the LM head's input, read with a
+        forward hook (transformers' output does not carry them)."""
         b, length = canvas.shape
         device = self.device
         positions = (start.to(device)[:, None] + torch.arange(length, device=device)).to(torch.int32)
@@ -155,9 +160,16 @@ class DiffusionGemmaDenoiser:
             kwargs["self_conditioning_logits"] = self_conditioning.to(device=device, dtype=self.dtype)
             if has_self_conditioning is not None and not bool(has_self_conditioning.all()):
                 kwargs["self_conditioning_mask"] = has_self_conditioning.to(device)
-        out = self.model(decoder_input_ids=canvas.to(device), cache=cache, decoder_attention_mask=masks,
-                         decoder_position_ids=positions, **kwargs)
-        return out.logits
+        seen = []
+        hook = self.model.lm_head.register_forward_hook(lambda _m, args, _o: seen.append(args[0])) \
+            if return_hidden else None
+        try:
+            out = self.model(decoder_input_ids=canvas.to(device), cache=cache, decoder_attention_mask=masks,
+                             decoder_position_ids=positions, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return (out.logits, seen[0]) if return_hidden else out.logits
 
     def _merged(self, caches: list, query_length: int):
         """One cache holding the rows' caches left-padded per layer, and the decoder's masks per layer type."""
