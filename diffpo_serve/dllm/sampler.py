@@ -465,6 +465,49 @@ def entropy_before(entropy: torch.Tensor, candidates: torch.Tensor) -> tuple[tor
     return exclusive.gather(-1, rank), rank  # back to position order
 
 
+def remasking_confidence(logits: torch.Tensor, tokens: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """The score LLaDA's low-confidence remasking ranks by (its ``generate``'s ``x0_p``), (b, n) in float32
+    (exactly the values it computes): the softmax of the raw logits (b, n, V), the mask token included, taken
+    in the logits' own dtype as the published sampler takes it, at the position's prediction: for ``greedy``
+    rows (b,) the largest probability (the raw argmax's, even where that is the mask token, which the policy
+    never commits), else the probability of the drawn token (``tokens``, b, n).
+
+    It is not the policy's confidence (:func:`policy_logprobs`: float32, the mask excluded): in bfloat16 the
+    softmax rounds to 8 significant bits, so many scores tie and the order among ties decides the commits.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    drawn = probs.gather(-1, tokens[..., None]).squeeze(-1)
+    return torch.where(greedy[:, None], probs.amax(-1), drawn).float()
+
+
+def low_confidence_commits(score: torch.Tensor, candidates: torch.Tensor, num_transfer: torch.Tensor,
+                           cols: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                           length: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``steps`` rule (b, n bool): each row commits its ``num_transfer`` highest-scoring candidates.
+
+    Ties are broken as LLaDA's ``generate`` breaks them: it calls ``torch.topk`` on a vector as long as the
+    row's sequence (prompt + answer) holding the scores of the block's masked positions and -inf elsewhere,
+    and topk's order among equal values depends on that layout. So the same vector is built here: ``cols``
+    (b, n) are the block's generation positions, ``offset`` (b,) the row's prompt length and ``length`` (b,)
+    its answer length (default: the block alone, at offset 0).
+    """
+    b, n = score.shape
+    cols = torch.arange(n, device=score.device).expand(b, n) if cols is None else cols
+    offset = torch.zeros(b, dtype=torch.long) if offset is None else offset
+    length = torch.full((b,), n, dtype=torch.long) if length is None else length
+    commit = torch.zeros_like(candidates)
+    for i in range(b):
+        k = int(num_transfer[i])
+        if k <= 0 or not bool(candidates[i].any()):
+            continue
+        at = int(offset[i]) + cols[i][candidates[i]]
+        vector = score.new_full((int(offset[i]) + int(length[i]),), float("-inf"))
+        vector[at] = score[i][candidates[i]]
+        chosen = torch.topk(vector, min(k, vector.numel())).indices
+        commit[i] = candidates[i] & torch.isin(int(offset[i]) + cols[i], chosen)
+    return commit
+
+
 def select_commits(
     confidence: torch.Tensor,
     entropy: torch.Tensor,
@@ -472,15 +515,23 @@ def select_commits(
     sampler: torch.Tensor,
     threshold: torch.Tensor,
     num_transfer: torch.Tensor,
+    layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Which candidate positions each row commits now (b, n bool); rows with a candidate commit >= 1.
 
     confidence, entropy, candidates: (b, n); sampler (index into SAMPLERS), threshold, num_transfer: (b,).
-    ``learned`` rows select like ``eb`` (their threshold is the head's gamma).
+    ``steps`` rows select with :func:`low_confidence_commits` (their confidence should be
+    :func:`remasking_confidence`; ``layout`` = its ``(cols, offset, length)``). ``learned`` rows select like
+    ``eb`` (their threshold is the head's gamma).
     """
     conf_rank, _ = _ranks(confidence, candidates, descending=True)
     top1 = (conf_rank == 0) & candidates
-    steps_sel = (conf_rank < num_transfer[:, None]) & candidates
+    steps_sel = torch.zeros_like(candidates)
+    steps = (sampler == 0).nonzero().squeeze(-1)
+    if len(steps):
+        cols, offset, length = (None, None, None) if layout is None else (t[steps] for t in layout)
+        steps_sel[steps] = low_confidence_commits(confidence[steps], candidates[steps], num_transfer[steps],
+                                                  cols, offset, length)
     conf_sel = ((confidence >= threshold[:, None]) & candidates) | top1
     before, ent_rank = entropy_before(entropy, candidates)
     eb_sel = ((before <= threshold[:, None]) & candidates) | ((ent_rank == 0) & candidates)
@@ -687,7 +738,6 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
 
     # r, K, V in float32 (the model's dtype may be half); never the mask: a row could stall on it
     logp = policy_logprobs(logits, state.mask_id)
-    del logits
     probs = logp.exp()
     entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
     if choosing:  # before any threshold is read below
@@ -705,10 +755,17 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
             tokens[i, :n] = drawn.to(tokens.device)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
     token_logprob = logq.gather(-1, tokens[..., None]).squeeze(-1)
+    score, steps_rows = confidence, (state.sampler[rows] == 0).nonzero().squeeze(-1)
+    if len(steps_rows):  # `steps` ranks as LLaDA's generate does (remasking_confidence)
+        score = confidence.clone()
+        score[steps_rows] = remasking_confidence(logits[steps_rows], tokens[steps_rows],
+                                                 temperature[steps_rows] == 0)
+    del logits
 
     num_transfer = transfer_counts(block_end - block_start, state.steps_per_block[rows], state.block_step[rows])
-    commit = select_commits(confidence, entropy, candidates, state.sampler[rows], state.threshold[rows],
-                            num_transfer)  # r, K
+    layout = (cols, attention[:, :pw].sum(-1), state.gen_length[rows])  # the row's sequence, for topk's ties
+    commit = select_commits(score, entropy, candidates, state.sampler[rows], state.threshold[rows],
+                            num_transfer, layout)  # r, K
     features = decisions = None
     if use_policy or state.trace_features:
         features, decisions, commit = _policy_step(state, rows, policy_rows, probs, confidence, entropy, candidates,

@@ -259,12 +259,12 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         k = apply_rope(k, sin, cos, self.rope_full_precision)
         dropout = self.attention_dropout if self.training else 0.0
         if ctx is not None:
-            y = ctx.attend(self.layer_id, q, k, v, key_mask, dropout)
+            y = ctx.attend(self.layer_id, q, k, v, key_mask, dropout, unpadded=True)
         else:
             if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
                 k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # no causal mask
+            y = kv.unpadded_attention(q, k, v, key_mask, dropout)  # no causal mask; padding as if absent
         return self.attn_out(y.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
