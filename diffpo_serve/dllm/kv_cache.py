@@ -19,7 +19,9 @@ With a cache computed from the same sequence, the cached forward gives the full 
 query columns up to rounding (tested per family): that is what makes a cache exact when refreshed, and
 Fast-dLLM's approximation (arXiv 2505.22618) when reused while the sequence changes. This module owns the
 mechanism (:class:`KVCache`, :class:`ForwardContext`: the one place that merges fresh keys into cached ones
-and runs attention) so the three families call it instead of each keeping a copy.
+and runs attention) so the three families call it instead of each keeping a copy, and
+:func:`unpadded_attention`, the attention LLaDA and Dream run with or without a cache: padding left out of
+the sums, so a padded row computes what the published (unpadded, unmasked) forward computes for it.
 """
 
 from __future__ import annotations
@@ -146,8 +148,11 @@ def unpadded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
     LLaDA's and Dream's published forwards run a prompt: no padding, no mask). Here each row's real keys
     (and, when q covers all L columns, its real queries) are gathered into contiguous columns and
     attended with no mask, rows with as many real keys in one call: a padded row computes bit for bit what
-    its unpadded forward computes, alone or in any batch, in any dtype. Padding query columns get zeros.
-    Without padding this is one plain SDPA call; any other mask (additive, per query) goes to SDPA as is.
+    SDPA computes for it unpadded. Alone and in a batch agree wherever SDPA is itself batch-invariant: in
+    bfloat16 at every shape measured; in float32 on CPU with several threads, short rows (under ~20 tokens)
+    can round differently in a batch (SDPA's thread split, padding or not). Padding query columns get
+    zeros. Without padding this is one plain SDPA call; any other mask (additive, per query) goes to SDPA
+    as is.
     """
     if key_mask is None or key_mask.dtype != torch.bool or tuple(key_mask.shape[1:3]) != (1, 1) \
             or bool(key_mask.all()):

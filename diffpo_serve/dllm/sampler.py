@@ -10,6 +10,8 @@ chosen by that row's ``sampler``:
 ``steps``       LLaDA's low-confidence remasking: ``steps`` forward passes in all, split evenly over
                 the blocks; at each, the ``k`` most confident predictions are committed, ``k`` following
                 LLaDA's schedule (block size // steps-per-block, the remainder going to the first steps).
+                Confidence and ties are LLaDA's own (:func:`remasking_confidence`,
+                :func:`low_confidence_commits`), so a row decodes as LLaDA's published ``generate``.
 ``confidence``  Fast-dLLM's parallel decoding (Wu et al. 2025, arXiv 2505.22618): commit every masked
                 token whose confidence is >= ``threshold`` (at least the most confident one).
 ``eb``          The entropy-bounded sampler (Ben-Hamu et al. 2025, arXiv 2505.24857): sort the block's
@@ -28,7 +30,8 @@ chosen by that row's ``sampler``:
                 features, is kept per row in the state.
 
 Confidence and entropy are those of the model's policy pi = :func:`policy_logprobs` (softmax of the
-logits with the mask token excluded: a committed mask would never be unmasked); tokens are drawn from
+logits with the mask token excluded: a committed mask would never be unmasked), except the score ``steps``
+ranks by, which is LLaDA's (mask included, in the model's dtype); tokens are drawn from
 the behaviour distribution q = :func:`sampling_logprobs` (pi at ``temperature`` cut to ``top_p``; a
 point mass on the argmax when the temperature is 0), and log q of each committed token is recorded
 with its commit step: the trajectory that RL needs (its importance weight divides the surrogate's
@@ -493,19 +496,18 @@ def low_confidence_commits(score: torch.Tensor, candidates: torch.Tensor, num_tr
     """
     b, n = score.shape
     cols = torch.arange(n, device=score.device).expand(b, n) if cols is None else cols
-    offset = torch.zeros(b, dtype=torch.long) if offset is None else offset
-    length = torch.full((b,), n, dtype=torch.long) if length is None else length
-    commit = torch.zeros_like(candidates)
-    for i in range(b):
-        k = int(num_transfer[i])
-        if k <= 0 or not bool(candidates[i].any()):
-            continue
-        at = int(offset[i]) + cols[i][candidates[i]]
-        vector = score.new_full((int(offset[i]) + int(length[i]),), float("-inf"))
-        vector[at] = score[i][candidates[i]]
-        chosen = torch.topk(vector, min(k, vector.numel())).indices
-        commit[i] = candidates[i] & torch.isin(int(offset[i]) + cols[i], chosen)
-    return commit
+    offset = torch.zeros(b, dtype=torch.long, device=score.device) if offset is None else offset
+    length = torch.full((b,), n, dtype=torch.long, device=score.device) if length is None else length
+    at = offset[:, None] + cols  # b, n  positions in the row's sequence
+    ends = (offset + length).tolist()
+    sequence = score.new_full((b, max(ends, default=0)), float("-inf"))
+    # a narrower block repeats its last column (not a candidate, so -inf): amax keeps the real score there
+    sequence.scatter_reduce_(1, at, score.masked_fill(~candidates, float("-inf")), "amax")
+    chosen = torch.zeros(sequence.shape, dtype=torch.bool, device=score.device)
+    for i, k in enumerate(num_transfer.tolist()):
+        if k > 0 and ends[i] > 0:  # one 1-D topk per row, as LLaDA's generate calls it
+            chosen[i, torch.topk(sequence[i, :ends[i]], min(k, ends[i])).indices] = True
+    return chosen.gather(1, at) & candidates
 
 
 def select_commits(

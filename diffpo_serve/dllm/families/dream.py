@@ -32,9 +32,9 @@ then cast to the activations' dtype), never stored, so they are right after ``fr
 any dtype: transformers 5 no longer initialises the published code's ``inv_freq`` buffers on load.
 Only the plain RoPE Dream uses (``rope_scaling`` null) is supported; a scaled variant is refused.
 
-Attention takes the (b, l) key-padding mask (padded keys are never attended to; passed to SDPA as
-(b, 1, 1, l)) and ``position_ids`` (default ``cumsum(mask) - 1``), so a padded row sees exactly
-what it sees alone. Dream's sliding-window fields are read and kept but unused (the published models
+Attention takes the (b, l) key-padding mask and ``position_ids`` (default ``cumsum(mask) - 1``); padded
+keys are left out of the sums, not masked (:func:`~diffpo_serve.dllm.kv_cache.unpadded_attention`), so a
+padded row computes bit for bit what it computes alone and unpadded, in float32 and bfloat16. Dream's sliding-window fields are read and kept but unused (the published models
 set ``use_sliding_window`` false).
 """
 

@@ -27,7 +27,9 @@ guessing. Logits cover ``embedding_size`` tokens, as published.
 Unlike the published forward (which ignores ``attention_mask`` and places every token at its column
 index), this one honours the key-padding mask and ``position_ids`` (RoPE at the given positions), so a
 left-padded row, or a row whose prompt region is padded after the prompt, computes what it would
-alone. Importing this module registers :class:`LLaDAConfig` and :class:`LLaDAModelLM` with transformers'
+alone: bit for bit the published forward's logits on the unpadded row, in float32 and bfloat16, because
+attention leaves the padding out of its sums (:func:`~diffpo_serve.dllm.kv_cache.unpadded_attention`)
+instead of masking it, which would regroup bfloat16's rounding. Importing this module registers :class:`LLaDAConfig` and :class:`LLaDAModelLM` with transformers'
 ``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` under ``model_type`` ``"llada"``; with
 ``trust_remote_code=False`` transformers then builds our classes even though the published config
 carries an ``auto_map`` to its own code.
