@@ -265,7 +265,10 @@ def test_padded_row_sees_what_it_sees_alone(tmp_path, dtype):
         inside = model_logits(model, canvas, attention, positions)[:, real].float()
         unpositioned = model(canvas, attention_mask=attention,
                              position_ids=torch.arange(canvas.shape[1])[None]).logits[:, real].float()
-    assert torch.equal(alone, inside)  # bit for bit in both dtypes: padding is left out, not only masked
+    if dtype == torch.bfloat16:  # bit for bit: the padding is left out of attention's sums, not only masked
+        assert torch.equal(alone, inside)
+    else:  # float32 on several CPU threads rounds products of another row count differently, padding or not
+        assert (alone - inside).abs().max() <= 1e-5 * alone.abs().max()
     # the positions matter: the same tokens at their column indices give other logits
     assert (alone - unpositioned).abs().max() > 0.05 * alone.abs().max()
 

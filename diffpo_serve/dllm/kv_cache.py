@@ -150,8 +150,8 @@ def unpadded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
     attended with no mask, rows with as many real keys in one call: a padded row computes bit for bit what
     SDPA computes for it unpadded. Alone and in a batch agree wherever SDPA is itself batch-invariant: in
     bfloat16 at every shape measured; in float32 on CPU with several threads, short rows (under ~20 tokens)
-    can round differently in a batch (SDPA's thread split, padding or not). Padding query columns get
-    zeros. Without padding this is one plain SDPA call; any other mask (additive, per query) goes to SDPA
+    can round differently in a batch (SDPA's thread split, padding or not; float32 matrix products do the
+    same). Padding query columns get zeros. Without padding this is one plain SDPA call; any other mask (additive, per query) goes to SDPA
     as is.
     """
     if key_mask is None or key_mask.dtype != torch.bool or tuple(key_mask.shape[1:3]) != (1, 1) \
