@@ -362,9 +362,9 @@ def test_remasking_score_is_the_published_softmax_with_the_mask_in_the_logits_dt
     (greedy: the largest probability, even the mask's), or at the drawn token; in the logits' own dtype."""
     logits = torch.tensor([[[3.0, 0.0, 2.5], [2.0, 0.0, -10.0], [0.0, 0.0, 5.0]]])  # id 2 is the mask
     exact = torch.softmax(logits.double(), -1)
-    greedy = remasking_confidence(logits, torch.tensor([[0, 0, 1]]), torch.tensor([True]))
+    greedy = remasking_confidence(logits)
     assert greedy[0].tolist() == pytest.approx([exact[0, 0, 0].item(), exact[0, 1, 0].item(), exact[0, 2, 2].item()], rel=1e-6)
-    drawn = remasking_confidence(logits, torch.tensor([[0, 0, 1]]), torch.tensor([False]))
+    drawn = remasking_confidence(logits, torch.tensor([[0, 0, 1]]))
     assert drawn[0, 2].item() == pytest.approx(exact[0, 2, 1].item(), rel=1e-6)
     # with the mask left out (the policy's confidence) position 0 would lead (0.953 > 0.881); LLaDA commits 1
     policy = policy_logprobs(logits, mask_id=2).exp().amax(-1)
@@ -372,8 +372,8 @@ def test_remasking_score_is_the_published_softmax_with_the_mask_in_the_logits_dt
     one = low_confidence_commits(greedy, torch.tensor([[True, True, False]]), torch.tensor([1]))
     assert one.tolist() == [[False, True, False]]
     # bfloat16 logits: the scores are bfloat16 numbers (8 significant bits), not float32 ones
-    half = remasking_confidence(logits.bfloat16(), torch.tensor([[0, 0, 1]]), torch.tensor([True]))
-    assert torch.equal(half, half.bfloat16().float())
+    half = remasking_confidence(logits.bfloat16())
+    assert torch.equal(half, half.bfloat16().double())
     assert half[0].tolist() == pytest.approx(greedy[0].tolist(), rel=2 ** -8)
 
 

@@ -468,19 +468,20 @@ def entropy_before(entropy: torch.Tensor, candidates: torch.Tensor) -> tuple[tor
     return exclusive.gather(-1, rank), rank  # back to position order
 
 
-def remasking_confidence(logits: torch.Tensor, tokens: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
-    """The score LLaDA's low-confidence remasking ranks by (its ``generate``'s ``x0_p``), (b, n) in float32
+def remasking_confidence(logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The score LLaDA's low-confidence remasking ranks by (its ``generate``'s ``x0_p``), (b, n) in float64
     (exactly the values it computes): the softmax of the raw logits (b, n, V), the mask token included, taken
-    in the logits' own dtype as the published sampler takes it, at the position's prediction: for ``greedy``
-    rows (b,) the largest probability (the raw argmax's, even where that is the mask token, which the policy
-    never commits), else the probability of the drawn token (``tokens``, b, n).
+    in the logits' own dtype as the published sampler takes it, at the position's prediction: for a greedy
+    decode (``tokens`` None) the largest probability (the raw argmax's, even where that is the mask token,
+    which the policy never commits), else the probability of each drawn token (``tokens``, b, n).
 
     It is not the policy's confidence (:func:`policy_logprobs`: float32, the mask excluded): in bfloat16 the
     softmax rounds to 8 significant bits, so many scores tie and the order among ties decides the commits.
     """
     probs = torch.softmax(logits, dim=-1)
-    drawn = probs.gather(-1, tokens[..., None]).squeeze(-1)
-    return torch.where(greedy[:, None], probs.amax(-1), drawn).float()
+    if tokens is None:
+        return probs.amax(-1).double()
+    return probs.gather(-1, tokens[..., None]).squeeze(-1).double()
 
 
 def low_confidence_commits(score: torch.Tensor, candidates: torch.Tensor, num_transfer: torch.Tensor,
@@ -738,8 +739,15 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     gen_block = gen.gather(1, cols)
     candidates = (gen_block == state.mask_id) & in_block
 
+    # `steps` rows rank by LLaDA's score, from the logits in their own dtype (remasking_confidence): greedy
+    # rows now, rows that draw their tokens once drawn (only their logits are kept)
+    steps_rows = (state.sampler[rows] == 0).nonzero().squeeze(-1)
+    drawing = state.temperature[rows][steps_rows] > 0
+    steps_score = remasking_confidence(logits[steps_rows[~drawing]]) if len(steps_rows) else None
+    drawn_logits = logits[steps_rows[drawing]] if bool(drawing.any()) else None
     # r, K, V in float32 (the model's dtype may be half); never the mask: a row could stall on it
     logp = policy_logprobs(logits, state.mask_id)
+    del logits
     probs = logp.exp()
     entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
     if choosing:  # before any threshold is read below
@@ -757,12 +765,12 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
             tokens[i, :n] = drawn.to(tokens.device)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
     token_logprob = logq.gather(-1, tokens[..., None]).squeeze(-1)
-    score, steps_rows = confidence, (state.sampler[rows] == 0).nonzero().squeeze(-1)
-    if len(steps_rows):  # `steps` ranks as LLaDA's generate does (remasking_confidence)
-        score = confidence.clone()
-        score[steps_rows] = remasking_confidence(logits[steps_rows], tokens[steps_rows],
-                                                 temperature[steps_rows] == 0)
-    del logits
+    score = confidence
+    if len(steps_rows):
+        score = confidence.double()  # holds every score exactly, whatever the model's dtype
+        score[steps_rows[~drawing]] = steps_score
+        if drawn_logits is not None:
+            score[steps_rows[drawing]] = remasking_confidence(drawn_logits, tokens[steps_rows[drawing]])
 
     num_transfer = transfer_counts(block_end - block_start, state.steps_per_block[rows], state.block_step[rows])
     layout = (cols, attention[:, :pw].sum(-1), state.gen_length[rows])  # the row's sequence, for topk's ties
