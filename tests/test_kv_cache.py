@@ -148,3 +148,50 @@ def test_kv_cache_rows_and_columns():
     assert target.keys[1][0].abs().sum() == 0 and target.keys[1][1].tolist() == keys[1][0].tolist()
     with pytest.raises(ValueError, match="query_index"):
         kv.locate(torch.tensor([[1, 2]]), torch.tensor([[3]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpadded_attention_computes_each_row_as_if_unpadded(dtype):
+    """Each row's real queries over its real keys, exactly as one unmasked SDPA call on that row alone (padding
+    left, in the middle, at the end; two rows with as many real keys share a call); zeros at padding queries;
+    queries that are not the key columns (a cached step) attend over the real keys too; gradients flow.
+    One thread: SDPA itself is batch-invariant in bfloat16, but in float32 on CPU its split over several
+    threads can change a short row's rounding with the batch (a property of SDPA, not of the padding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_unpadded_attention(dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_unpadded_attention(dtype):
+    g = torch.Generator().manual_seed(0)
+    b, h, L, d = 4, 2, 11, 8
+    q, k, v = (torch.randn(b, h, L, d, generator=g).to(dtype) for _ in range(3))
+    real = torch.ones(b, L, dtype=torch.bool)
+    real[0, :3] = False  # left padding
+    real[1, 4:6] = False  # between a prompt and its answer
+    real[2, -2:] = False  # right padding (row 2 has 9 real keys, as row 1)
+    out = kv.unpadded_attention(q, k, v, real[:, None, None, :])
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for i in range(b):
+        cols = real[i].nonzero().squeeze(-1)
+        alone = sdpa(q[i:i + 1, :, cols], k[i:i + 1, :, cols], v[i:i + 1, :, cols])[0]
+        assert torch.equal(out[i][:, cols], alone), i
+        assert not out[i][:, ~real[i]].any()
+    # the masked call the families made before sums the padding's exact zeros in other lanes: not bit-equal
+    masked = sdpa(q, k, v, attn_mask=real[:, None, None, :])
+    if dtype == torch.bfloat16:
+        assert not torch.equal(masked[0][:, real[0]], out[0][:, real[0]])
+    # no padding at all: the plain call
+    assert torch.equal(kv.unpadded_attention(q, k, v, torch.ones(b, 1, 1, L, dtype=torch.bool)), sdpa(q, k, v))
+    # queries of some columns only (a cached step): over each row's real keys
+    part = kv.unpadded_attention(q[:, :, :4], k, v, real[:, None, None, :])
+    for i in range(b):
+        cols = real[i].nonzero().squeeze(-1)
+        assert torch.equal(part[i], sdpa(q[i:i + 1, :, :4], k[i:i + 1, :, cols], v[i:i + 1, :, cols])[0])
+    # differentiable: padded keys get no gradient, real ones do
+    kg = k.float().requires_grad_()
+    kv.unpadded_attention(q.float(), kg, v.float(), real[:, None, None, :]).sum().backward()
+    assert not kg.grad[0][:, :3].any() and kg.grad[0][:, 3:].abs().sum() > 0

@@ -8,8 +8,8 @@ import torch
 from benchmarks.llada_reference import llada_generate
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, entropy_before, generate,
-                                       init_state, policy_logprobs, prompt_alignment, sampling_logprobs,
-                                       select_commits, transfer_counts)
+                                       init_state, low_confidence_commits, policy_logprobs, prompt_alignment,
+                                       remasking_confidence, sampling_logprobs, select_commits, transfer_counts)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -353,3 +353,50 @@ def test_half_precision_greedy_outputs_do_not_depend_on_the_batch():
     batched = generate(model, prompts, p, **IDS)
     for i, q in enumerate(prompts):
         assert generate(model, [q], p, **IDS).sequences[0].tolist() == batched.sequences[i].tolist()
+
+
+# ----------------------------------------------------------------------------- `steps`: LLaDA's own rule
+
+def test_remasking_score_is_the_published_softmax_with_the_mask_in_the_logits_dtype():
+    """The `steps` score is LLaDA's: the softmax over every logit, the mask token's too, at the prediction
+    (greedy: the largest probability, even the mask's), or at the drawn token; in the logits' own dtype."""
+    logits = torch.tensor([[[3.0, 0.0, 2.5], [2.0, 0.0, -10.0], [0.0, 0.0, 5.0]]])  # id 2 is the mask
+    exact = torch.softmax(logits.double(), -1)
+    greedy = remasking_confidence(logits)
+    assert greedy[0].tolist() == pytest.approx([exact[0, 0, 0].item(), exact[0, 1, 0].item(), exact[0, 2, 2].item()], rel=1e-6)
+    drawn = remasking_confidence(logits, torch.tensor([[0, 0, 1]]))
+    assert drawn[0, 2].item() == pytest.approx(exact[0, 2, 1].item(), rel=1e-6)
+    # with the mask left out (the policy's confidence) position 0 would lead (0.953 > 0.881); LLaDA commits 1
+    policy = policy_logprobs(logits, mask_id=2).exp().amax(-1)
+    assert policy[0, 0] > policy[0, 1] and greedy[0, 0] < greedy[0, 1]
+    one = low_confidence_commits(greedy, torch.tensor([[True, True, False]]), torch.tensor([1]))
+    assert one.tolist() == [[False, True, False]]
+    # bfloat16 logits: the scores are bfloat16 numbers (8 significant bits), not float32 ones
+    half = remasking_confidence(logits.bfloat16())
+    assert torch.equal(half, half.bfloat16().double())
+    assert half[0].tolist() == pytest.approx(greedy[0].tolist(), rel=2 ** -8)
+
+
+def test_steps_ties_break_as_topk_over_the_rows_sequence():
+    """LLaDA's generate calls torch.topk on a vector as long as the row's sequence (prompt + answer), -inf
+    outside the block's masked positions; among equal scores (frequent in bfloat16) topk's choice depends on
+    that vector, so the same vector is built. Row 0: prompt of 7, answer of 8, block = answer positions 4-7
+    with a three-way tie. Row 1: a narrower block (its last column repeated, not real) beside it."""
+    score = torch.tensor([[0.5, 0.25, 0.5, 0.5], [0.1, 0.9, 0.3, 0.7]])
+    candidates = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    cols = torch.tensor([[4, 5, 6, 7], [0, 1, 2, 2]])
+    chosen = low_confidence_commits(score, candidates, torch.tensor([1, 1]), cols, torch.tensor([7, 3]),
+                                    torch.tensor([8, 3]))
+    vector = torch.full((7 + 8,), float("-inf"))
+    vector[7 + 4:] = score[0]
+    expected = (torch.topk(vector, 1).indices - 7 - 4).tolist()
+    assert chosen[0].nonzero().flatten().tolist() == expected
+    # the layout matters here: neither the first tied position nor topk over the block alone
+    assert expected != [0] and expected != torch.topk(score[0], 1).indices.tolist()
+    # row 1: position 1 (0.9) is no candidate and the repeated column (0.7) is not real: the best real one wins
+    assert chosen[1].tolist() == [False, False, True, False]
+    # through select_commits with the layout, and two per step
+    sel = select_commits(score, torch.zeros_like(score), candidates, torch.tensor([0, 0]), torch.zeros(2),
+                         torch.tensor([2, 2]), (cols, torch.tensor([7, 3]), torch.tensor([8, 3])))
+    vector_2 = (torch.topk(vector, 2).indices - 7 - 4).sort().values.tolist()
+    assert sel[0].nonzero().flatten().tolist() == vector_2 and sel[1].tolist() == [True, False, True, False]

@@ -34,7 +34,9 @@ def save_tiny_model(directory) -> str:
 
 
 class Scripted(torch.nn.Module):
-    """A fake denoiser that writes a fixed answer per prompt, then EOS, with certainty.
+    """A fake denoiser that writes a fixed answer per prompt, then EOS, with certainty: a logit of 20 minus a
+    thousandth per position, in float64, so that `steps` commits left to right (its score is the softmax in
+    the logits' dtype; exact ties would go as torch.topk orders them, which LLaDA's sampler follows).
 
     ``answers`` maps the text of a prompt's first token (a character, or a whole word like
     ``countdown``) to the text its generation region should hold;
@@ -56,7 +58,7 @@ class Scripted(torch.nn.Module):
         if self.delay:
             time.sleep(self.delay)
         b, l = input_ids.shape
-        logits = torch.zeros(b, l, self.vocab)
+        logits = torch.zeros(b, l, self.vocab, dtype=torch.float64)
         for r in range(b):
             real = attention_mask[r].nonzero().squeeze(-1)
             tokens = input_ids[r, real].tolist()
@@ -65,7 +67,7 @@ class Scripted(torch.nn.Module):
             answer = self.answers.get(first, self.default)
             for k in range(len(tokens) - prompt_len):
                 target = answer[k] if k < len(answer) else EOS
-                logits[r, real[prompt_len + k], target] = 20.0
+                logits[r, real[prompt_len + k], target] = 20.0 - 1e-3 * k
         return type("Out", (), {"logits": logits})()
 
     def _prompt_len(self, tokens):

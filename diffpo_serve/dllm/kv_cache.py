@@ -19,7 +19,9 @@ With a cache computed from the same sequence, the cached forward gives the full 
 query columns up to rounding (tested per family): that is what makes a cache exact when refreshed, and
 Fast-dLLM's approximation (arXiv 2505.22618) when reused while the sequence changes. This module owns the
 mechanism (:class:`KVCache`, :class:`ForwardContext`: the one place that merges fresh keys into cached ones
-and runs attention) so the three families call it instead of each keeping a copy.
+and runs attention) so the three families call it instead of each keeping a copy, and
+:func:`unpadded_attention`, the attention LLaDA and Dream run with or without a cache: padding left out of
+the sums, so a padded row computes what the published (unpadded, unmasked) forward computes for it.
 """
 
 from __future__ import annotations
@@ -113,10 +115,11 @@ class ForwardContext:
     values: list = field(default_factory=list)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-               dropout_p: float = 0.0) -> torch.Tensor:
+               dropout_p: float = 0.0, unpadded: bool = False) -> torch.Tensor:
         """Bidirectional attention of queries q (b, h, q, d) over the whole sequence's keys: the fresh k, v
         (b, kv_heads, q, d) of the query columns merged into the cached ones of the others; grouped-query
-        heads are expanded here. ``key_mask`` (b, 1, 1, L) bool, True = may be attended to."""
+        heads are expanded here. ``key_mask`` (b, 1, 1, L) bool, True = may be attended to. ``unpadded``: run
+        it as :func:`unpadded_attention` (else one masked SDPA call)."""
         if self.cache is not None:
             idx = self.query_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
             k = self.cache.keys[layer].to(k.dtype).scatter(2, idx, k)
@@ -127,10 +130,53 @@ class ForwardContext:
         groups = q.shape[1] // k.shape[1]
         if groups > 1:  # grouped-query attention: each key/value head serves `groups` consecutive query heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if unpadded:
+            return unpadded_attention(q, k, v, key_mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
 
     def result(self) -> KVCache | None:
         return KVCache(tuple(self.keys), tuple(self.values)) if self.record else None
+
+
+def unpadded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                       dropout_p: float = 0.0) -> torch.Tensor:
+    """Bidirectional attention of q (b, h, q, d) over k, v (b, h, L, d) as if each row's padding were absent.
+
+    ``key_mask`` (b, 1, 1, L) bool, True = a real key. SDPA's kernels sum a query's scores in vector lanes
+    and blocks whose grouping depends on where the keys sit, so masked keys change how a row's real ones
+    are rounded: in bfloat16 enough to flip greedy decodes against the same row unpadded (which is how
+    LLaDA's and Dream's published forwards run a prompt: no padding, no mask). Here each row's real keys
+    (and, when q covers all L columns, its real queries) are gathered into contiguous columns and
+    attended with no mask, rows with as many real keys in one call: a padded row computes bit for bit what
+    SDPA computes for it unpadded. Alone and in a batch agree wherever SDPA is itself batch-invariant: in
+    bfloat16 at every shape measured; in float32 on CPU with several threads, short rows (under ~20 tokens)
+    can round differently in a batch (SDPA's thread split, padding or not; float32 matrix products do the
+    same). Padding query columns get zeros. Without padding this is one plain SDPA call; any other mask (additive, per query) goes to SDPA
+    as is.
+    """
+    if key_mask is None or key_mask.dtype != torch.bool or tuple(key_mask.shape[1:3]) != (1, 1) \
+            or bool(key_mask.all()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_mask is None or bool(key_mask.all())
+                                              else key_mask, dropout_p=dropout_p)
+    real = key_mask[:, 0, 0, :].expand(q.shape[0], k.shape[2])  # b, L
+    whole = q.shape[2] == k.shape[2]  # queries are the same columns as the keys: gather the real ones too
+    counts = real.sum(-1)
+    out = q.new_zeros(q.shape)
+    for n in counts.unique().tolist():
+        if n == 0:
+            continue
+        rows = (counts == n).nonzero().squeeze(-1)
+        cols = real[rows].nonzero()[:, 1].view(len(rows), 1, n, 1)  # each row's real columns, in order
+
+        def at(t):
+            return t[rows].gather(2, cols.expand(-1, t.shape[1], -1, t.shape[3]))
+        if whole:
+            y = F.scaled_dot_product_attention(at(q), at(k), at(v), dropout_p=dropout_p)
+            y = q.new_zeros((len(rows), *q.shape[1:])).scatter(2, cols.expand(-1, q.shape[1], -1, q.shape[3]), y)
+        else:
+            y = F.scaled_dot_product_attention(q[rows], at(k), at(v), dropout_p=dropout_p)
+        out = out.index_put((rows,), y)
+    return out
 
 
 def begin(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,

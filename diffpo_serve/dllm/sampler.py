@@ -10,6 +10,8 @@ chosen by that row's ``sampler``:
 ``steps``       LLaDA's low-confidence remasking: ``steps`` forward passes in all, split evenly over
                 the blocks; at each, the ``k`` most confident predictions are committed, ``k`` following
                 LLaDA's schedule (block size // steps-per-block, the remainder going to the first steps).
+                Confidence and ties are LLaDA's own (:func:`remasking_confidence`,
+                :func:`low_confidence_commits`), so a row decodes as LLaDA's published ``generate``.
 ``confidence``  Fast-dLLM's parallel decoding (Wu et al. 2025, arXiv 2505.22618): commit every masked
                 token whose confidence is >= ``threshold`` (at least the most confident one).
 ``eb``          The entropy-bounded sampler (Ben-Hamu et al. 2025, arXiv 2505.24857): sort the block's
@@ -28,7 +30,8 @@ chosen by that row's ``sampler``:
                 features, is kept per row in the state.
 
 Confidence and entropy are those of the model's policy pi = :func:`policy_logprobs` (softmax of the
-logits with the mask token excluded: a committed mask would never be unmasked); tokens are drawn from
+logits with the mask token excluded: a committed mask would never be unmasked), except the score ``steps``
+ranks by, which is LLaDA's (mask included, in the model's dtype); tokens are drawn from
 the behaviour distribution q = :func:`sampling_logprobs` (pi at ``temperature`` cut to ``top_p``; a
 point mass on the argmax when the temperature is 0), and log q of each committed token is recorded
 with its commit step: the trajectory that RL needs (its importance weight divides the surrogate's
@@ -468,6 +471,49 @@ def entropy_before(entropy: torch.Tensor, candidates: torch.Tensor) -> tuple[tor
     return exclusive.gather(-1, rank), rank  # back to position order
 
 
+def remasking_confidence(logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The score LLaDA's low-confidence remasking ranks by (its ``generate``'s ``x0_p``), (b, n) in float64
+    (exactly the values it computes): the softmax of the raw logits (b, n, V), the mask token included, taken
+    in the logits' own dtype as the published sampler takes it, at the position's prediction: for a greedy
+    decode (``tokens`` None) the largest probability (the raw argmax's, even where that is the mask token,
+    which the policy never commits), else the probability of each drawn token (``tokens``, b, n).
+
+    It is not the policy's confidence (:func:`policy_logprobs`: float32, the mask excluded): in bfloat16 the
+    softmax rounds to 8 significant bits, so many scores tie and the order among ties decides the commits.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    if tokens is None:
+        return probs.amax(-1).double()
+    return probs.gather(-1, tokens[..., None]).squeeze(-1).double()
+
+
+def low_confidence_commits(score: torch.Tensor, candidates: torch.Tensor, num_transfer: torch.Tensor,
+                           cols: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                           length: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``steps`` rule (b, n bool): each row commits its ``num_transfer`` highest-scoring candidates.
+
+    Ties are broken as LLaDA's ``generate`` breaks them: it calls ``torch.topk`` on a vector as long as the
+    row's sequence (prompt + answer) holding the scores of the block's masked positions and -inf elsewhere,
+    and topk's order among equal values depends on that layout. So the same vector is built here: ``cols``
+    (b, n) are the block's generation positions, ``offset`` (b,) the row's prompt length and ``length`` (b,)
+    its answer length (default: the block alone, at offset 0).
+    """
+    b, n = score.shape
+    cols = torch.arange(n, device=score.device).expand(b, n) if cols is None else cols
+    offset = torch.zeros(b, dtype=torch.long, device=score.device) if offset is None else offset
+    length = torch.full((b,), n, dtype=torch.long, device=score.device) if length is None else length
+    at = offset[:, None] + cols  # b, n  positions in the row's sequence
+    ends = (offset + length).tolist()
+    sequence = score.new_full((b, max(ends, default=0)), float("-inf"))
+    # a narrower block repeats its last column (not a candidate, so -inf): amax keeps the real score there
+    sequence.scatter_reduce_(1, at, score.masked_fill(~candidates, float("-inf")), "amax")
+    chosen = torch.zeros(sequence.shape, dtype=torch.bool, device=score.device)
+    for i, k in enumerate(num_transfer.tolist()):
+        if k > 0 and ends[i] > 0:  # one 1-D topk per row, as LLaDA's generate calls it
+            chosen[i, torch.topk(sequence[i, :ends[i]], min(k, ends[i])).indices] = True
+    return chosen.gather(1, at) & candidates
+
+
 def select_commits(
     confidence: torch.Tensor,
     entropy: torch.Tensor,
@@ -475,15 +521,23 @@ def select_commits(
     sampler: torch.Tensor,
     threshold: torch.Tensor,
     num_transfer: torch.Tensor,
+    layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Which candidate positions each row commits now (b, n bool); rows with a candidate commit >= 1.
 
     confidence, entropy, candidates: (b, n); sampler (index into SAMPLERS), threshold, num_transfer: (b,).
-    ``learned`` rows select like ``eb`` (their threshold is the head's gamma).
+    ``steps`` rows select with :func:`low_confidence_commits` (their confidence should be
+    :func:`remasking_confidence`; ``layout`` = its ``(cols, offset, length)``). ``learned`` rows select like
+    ``eb`` (their threshold is the head's gamma).
     """
     conf_rank, _ = _ranks(confidence, candidates, descending=True)
     top1 = (conf_rank == 0) & candidates
-    steps_sel = (conf_rank < num_transfer[:, None]) & candidates
+    steps_sel = torch.zeros_like(candidates)
+    steps = (sampler == 0).nonzero().squeeze(-1)
+    if len(steps):
+        cols, offset, length = (None, None, None) if layout is None else (t[steps] for t in layout)
+        steps_sel[steps] = low_confidence_commits(confidence[steps], candidates[steps], num_transfer[steps],
+                                                  cols, offset, length)
     conf_sel = ((confidence >= threshold[:, None]) & candidates) | top1
     before, ent_rank = entropy_before(entropy, candidates)
     eb_sel = ((before <= threshold[:, None]) & candidates) | ((ent_rank == 0) & candidates)
@@ -688,6 +742,12 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     gen_block = gen.gather(1, cols)
     candidates = (gen_block == state.mask_id) & in_block
 
+    # `steps` rows rank by LLaDA's score, from the logits in their own dtype (remasking_confidence): greedy
+    # rows now, rows that draw their tokens once drawn (only their logits are kept)
+    steps_rows = (state.sampler[rows] == 0).nonzero().squeeze(-1)
+    drawing = state.temperature[rows][steps_rows] > 0
+    steps_score = remasking_confidence(logits[steps_rows[~drawing]]) if len(steps_rows) else None
+    drawn_logits = logits[steps_rows[drawing]] if bool(drawing.any()) else None
     # r, K, V in float32 (the model's dtype may be half); never the mask: a row could stall on it
     logp = policy_logprobs(logits, state.mask_id)
     del logits
@@ -708,10 +768,17 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
             tokens[i, :n] = drawn.to(tokens.device)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
     token_logprob = logq.gather(-1, tokens[..., None]).squeeze(-1)
+    score = confidence
+    if len(steps_rows):
+        score = confidence.double()  # holds every score exactly, whatever the model's dtype
+        score[steps_rows[~drawing]] = steps_score
+        if drawn_logits is not None:
+            score[steps_rows[drawing]] = remasking_confidence(drawn_logits, tokens[steps_rows[drawing]])
 
     num_transfer = transfer_counts(block_end - block_start, state.steps_per_block[rows], state.block_step[rows])
-    commit = select_commits(confidence, entropy, candidates, state.sampler[rows], state.threshold[rows],
-                            num_transfer)  # r, K
+    layout = (cols, attention[:, :pw].sum(-1), state.gen_length[rows])  # the row's sequence, for topk's ties
+    commit = select_commits(score, entropy, candidates, state.sampler[rows], state.threshold[rows],
+                            num_transfer, layout)  # r, K
     features = decisions = None
     if use_policy or state.trace_features:
         features, decisions, commit = _policy_step(state, rows, policy_rows, probs, confidence, entropy, candidates,

@@ -32,9 +32,9 @@ then cast to the activations' dtype), never stored, so they are right after ``fr
 any dtype: transformers 5 no longer initialises the published code's ``inv_freq`` buffers on load.
 Only the plain RoPE Dream uses (``rope_scaling`` null) is supported; a scaled variant is refused.
 
-Attention takes the (b, l) key-padding mask (padded keys are never attended to; passed to SDPA as
-(b, 1, 1, l)) and ``position_ids`` (default ``cumsum(mask) - 1``), so a padded row sees exactly
-what it sees alone. Dream's sliding-window fields are read and kept but unused (the published models
+Attention takes the (b, l) key-padding mask and ``position_ids`` (default ``cumsum(mask) - 1``); padded
+keys are left out of the sums, not masked (:func:`~diffpo_serve.dllm.kv_cache.unpadded_attention`), so a
+padded row computes bit for bit what it computes alone and unpadded, in float32 and bfloat16. Dream's sliding-window fields are read and kept but unused (the published models
 set ``use_sliding_window`` false).
 """
 
@@ -235,12 +235,12 @@ class DreamAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout = self.attention_dropout if self.training else 0.0
         if ctx is not None:  # keys/values through the shared cache mechanism (kv_cache.py)
-            y = ctx.attend(self.layer_idx, q, k, v, mask, dropout)
+            y = ctx.attend(self.layer_idx, q, k, v, mask, dropout, unpadded=True)
         else:
             groups = self.num_heads // self.num_key_value_heads
             if groups > 1:  # each key/value head serves `groups` consecutive query heads
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, dropout_p=dropout)
+            y = kv.unpadded_attention(q, k, v, mask, dropout)  # padding as if absent (a 4-D mask as given)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
 
 

@@ -27,7 +27,9 @@ guessing. Logits cover ``embedding_size`` tokens, as published.
 Unlike the published forward (which ignores ``attention_mask`` and places every token at its column
 index), this one honours the key-padding mask and ``position_ids`` (RoPE at the given positions), so a
 left-padded row, or a row whose prompt region is padded after the prompt, computes what it would
-alone. Importing this module registers :class:`LLaDAConfig` and :class:`LLaDAModelLM` with transformers'
+alone: bit for bit the published forward's logits on the unpadded row, in float32 and bfloat16, because
+attention leaves the padding out of its sums (:func:`~diffpo_serve.dllm.kv_cache.unpadded_attention`)
+instead of masking it, which would regroup bfloat16's rounding. Importing this module registers :class:`LLaDAConfig` and :class:`LLaDAModelLM` with transformers'
 ``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` under ``model_type`` ``"llada"``; with
 ``trust_remote_code=False`` transformers then builds our classes even though the published config
 carries an ``auto_map`` to its own code.
@@ -259,12 +261,12 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         k = apply_rope(k, sin, cos, self.rope_full_precision)
         dropout = self.attention_dropout if self.training else 0.0
         if ctx is not None:
-            y = ctx.attend(self.layer_id, q, k, v, key_mask, dropout)
+            y = ctx.attend(self.layer_id, q, k, v, key_mask, dropout, unpadded=True)
         else:
             if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
                 k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # no causal mask
+            y = kv.unpadded_attention(q, k, v, key_mask, dropout)  # no causal mask; padding as if absent
         return self.attn_out(y.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
