@@ -81,6 +81,7 @@ class RowUpdate:
     nfe: int
     sampler: str
     threshold: float
+    encoder_passes: int | None = None  # canvas rows: prompt-encoder passes so far (None: masked rows)
 
 
 @dataclass(frozen=True)
@@ -385,12 +386,14 @@ class Batcher:
             idx = torch.tensor([r for r, _, _ in report], device=state.canvas.device)
             ids = self.paradigm.determined(state, idx)
             nfe, thresholds = state.nfe[idx].tolist(), state.threshold[idx].tolist()
+            encoder = self.paradigm.encoder_passes(state, idx)
             for k, (r, b, f) in enumerate(report):
                 slot = self._slots[r]
                 slot.reported_block = b
                 events.append((slot.handle, RowUpdate(
                     choice=slot.choice, ids=ids[k], finished=bool(f), nfe=int(nfe[k]),
-                    sampler=slot.params.sampler, threshold=round(float(thresholds[k]), 6))))
+                    sampler=slot.params.sampler, threshold=round(float(thresholds[k]), 6),
+                    encoder_passes=encoder[k])))
         if any(finished):  # finished rows leave before their results go out
             done = set(r for r, f in zip(rows, finished) if f)
             self._keep([i for i in range(len(self._slots)) if i not in done])

@@ -243,12 +243,13 @@ class ChoiceText:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.nfe = 0
+        self.encoder_passes: int | None = None  # canvas models only
         self.sampler = ""
         self.threshold: float | None = None
 
     def update(self, event: RowUpdate) -> str:
         """Take a row update; return the text that can be sent now (may be empty)."""
-        self.nfe, self.sampler = event.nfe, event.sampler
+        self.nfe, self.sampler, self.encoder_passes = event.nfe, event.sampler, event.encoder_passes
         self.threshold = None if event.sampler == "steps" else event.threshold
         text, eos = self._loaded.decode(event.ids)
         hit = find_stop(text, self._stops)
@@ -364,8 +365,9 @@ class Generation:
     def usage(self) -> Usage:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(c.completion_tokens for c in self.choices)
+        encoder = [c.encoder_passes for c in self.choices if c.encoder_passes is not None]
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     nfe=sum(c.nfe for c in self.choices))
+                     nfe=sum(c.nfe for c in self.choices), encoder_passes=sum(encoder) if encoder else None)
 
     async def result(self) -> CompletionResponse | ChatCompletionResponse:
         """Wait for every choice and build the response (raises :class:`APIError`)."""
@@ -378,10 +380,10 @@ class Generation:
         if self.kind == "chat":
             return ChatCompletionResponse(**common, choices=[
                 ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                           nfe=c.nfe, threshold=c.threshold) for c in self.choices])
+                           nfe=c.nfe, threshold=c.threshold, encoder_passes=c.encoder_passes) for c in self.choices])
         return CompletionResponse(**common, choices=[
             CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason, nfe=c.nfe,
-                             threshold=c.threshold) for c in self.choices])
+                             threshold=c.threshold, encoder_passes=c.encoder_passes) for c in self.choices])
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE lines: (chat: a role delta per choice,) text chunks, the usage chunk, ``[DONE]``.
@@ -416,7 +418,8 @@ class Generation:
         yield tail + "data: [DONE]\n\n"
 
     def _chunk(self, c: ChoiceText, delta: str, role: bool = False) -> str:
-        final = dict(finish_reason=c.finish_reason, nfe=c.nfe, threshold=c.threshold) if c.done else {}
+        final = dict(finish_reason=c.finish_reason, nfe=c.nfe, threshold=c.threshold,
+                     encoder_passes=c.encoder_passes) if c.done else {}
         if self.kind == "chat":
             message = DeltaMessage(role="assistant", content="") if role else DeltaMessage(content=delta or None)
             chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,

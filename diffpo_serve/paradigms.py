@@ -128,6 +128,9 @@ class Paradigm(Protocol):
 
     def determined(self, state, rows: torch.Tensor) -> list[list[int]]: ...
 
+    def encoder_passes(self, state, rows: torch.Tensor) -> list[int | None]:
+        """Prompt-encoder passes of each row so far (reported beside NFE); None where the paradigm has none."""
+
     def step_updates(self, state, out, picked: list[int], blocks_before: torch.Tensor,
                      slots: list[tuple[int, str]]) -> list: ...
 
@@ -242,6 +245,9 @@ class MaskedParadigm:
 
     def step(self, state: masked.BatchState) -> masked.StepOutput:
         return masked.denoise_step(self.loaded.model, state)
+
+    def encoder_passes(self, state: masked.BatchState, rows: torch.Tensor) -> list[None]:
+        return [None] * len(rows)  # one forward over prompt and answer: no separate encoder
 
     def determined(self, state: masked.BatchState, rows: torch.Tensor) -> list[list[int]]:
         """The generated ids up to the first still-masked position (all of ``gen_length`` once finished)."""
@@ -399,6 +405,9 @@ class CanvasParadigm:
 
     def step(self, state: cv.CanvasState) -> cv.CanvasStepOutput:
         return cv.denoise_step(self.denoiser, state)
+
+    def encoder_passes(self, state: cv.CanvasState, rows: torch.Tensor) -> list[int]:
+        return state.encoder_passes[rows].tolist()  # one per block started
 
     def determined(self, state: cv.CanvasState, rows: torch.Tensor) -> list[list[int]]:
         """The finished blocks' ids, cut at ``gen_length`` (all of it once the row is finished)."""

@@ -11,7 +11,9 @@ Responses are OpenAI's objects plus documented extension fields:
 
 * every choice carries ``nfe`` (forward passes the choice took) and ``threshold`` (the confidence
   threshold or EB gamma its row was decoded with; ``null`` for the ``steps`` sampler, which has none);
-* ``usage.nfe`` is the sum of the choices' ``nfe``.
+* ``usage.nfe`` is the sum of the choices' ``nfe``;
+* a canvas model's choices also carry ``encoder_passes`` (its prompt-encoder passes, one per block; NFE counts
+  decoder passes only) and ``usage.encoder_passes`` their sum; ``null`` for masked models.
 
 Step events (``/v1/completions`` only, fenced): a streamed request with the diffusion extra
 ``"return_steps": true`` also gets one :class:`CompletionStepChunk` (``object:
@@ -277,11 +279,17 @@ def now() -> int:
     return int(time.time())
 
 
+_ENCODER_HELP = ("extension, canvas models: prompt-encoder passes this choice took (one per block; `nfe` counts "
+                 "decoder passes); null for masked models")
+_ENCODER_SUM_HELP = "extension, canvas models: encoder passes, summed over the choices; null for masked models"
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     nfe: int = Field(description="extension: forward passes, summed over the choices")
+    encoder_passes: int | None = Field(None, description=_ENCODER_SUM_HELP)
 
 
 class CompletionChoice(BaseModel):
@@ -291,6 +299,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
     nfe: int = Field(description="extension: forward passes this choice took")
     threshold: float | None = Field(description="extension: threshold / gamma used; null for `steps`")
+    encoder_passes: int | None = Field(None, description=_ENCODER_HELP)
 
 
 class CompletionResponse(BaseModel):
@@ -310,6 +319,7 @@ class CompletionStreamChoice(BaseModel):
     finish_reason: FinishReason | None = None
     nfe: int | None = None  # extension, on the choice's last chunk
     threshold: float | None = None  # extension, on the choice's last chunk
+    encoder_passes: int | None = None  # extension (canvas models), on the choice's last chunk
 
 
 class CompletionStreamResponse(BaseModel):
@@ -405,6 +415,7 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason | None
     nfe: int = Field(description="extension: forward passes this choice took")
     threshold: float | None = Field(description="extension: threshold / gamma used; null for `steps`")
+    encoder_passes: int | None = Field(None, description=_ENCODER_HELP)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -429,6 +440,7 @@ class ChatStreamChoice(BaseModel):
     finish_reason: FinishReason | None = None
     nfe: int | None = None  # extension, on the choice's last chunk
     threshold: float | None = None  # extension, on the choice's last chunk
+    encoder_passes: int | None = None  # extension (canvas models), on the choice's last chunk
 
 
 class ChatCompletionChunk(BaseModel):

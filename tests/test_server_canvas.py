@@ -120,6 +120,22 @@ def test_concurrent_seeded_requests_equal_their_solo_results(client, loaded):
             assert (choice.text, choice.finish_reason, choice.model_extra["nfe"]) == (text, finish, nfe)
 
 
+def test_encoder_passes_are_reported_per_choice_and_summed(client, loaded):
+    """Each choice's ``encoder_passes`` is its decode's alone (one per block it started: 24 tokens are 3 blocks
+    of 8 unless an EOS ends it sooner), ``usage.encoder_passes`` their sum, and the stream's last chunk says it."""
+    r = client.completions.create(model=NAME, prompt="abc", seed=20, max_tokens=24, n=4)
+    alone = [cv.generate(cv.denoiser_for(loaded.model), [loaded.encode("abc")],
+                         cv.CanvasParams(gen_length=24, seed=20 + i), eos_ids=loaded.eos_ids, pad_id=loaded.pad_id)
+             for i in range(4)]
+    expected = [int(out.encoder_passes[0]) for out in alone]
+    assert [c.model_extra["encoder_passes"] for c in r.choices] == expected
+    assert all(1 <= e <= 3 for e in expected) and r.usage.model_extra["encoder_passes"] == sum(expected)
+    *content, usage = list(client.completions.create(model=NAME, prompt="abc", seed=20, max_tokens=24, stream=True,
+                                                     stream_options={"include_usage": True}))
+    assert content[-1].choices[0].model_extra["encoder_passes"] == expected[0]
+    assert usage.usage.model_extra["encoder_passes"] == expected[0]
+
+
 # ----------------------------------------------------------------------------- the batcher, step by step
 
 def test_rows_joining_mid_block_and_leaving_equal_alone(loaded):

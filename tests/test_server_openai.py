@@ -52,6 +52,7 @@ def test_completion_shape_and_usage(client, server):
     assert r.usage.total_tokens == prompt_tokens + r.usage.completion_tokens
     # default sampler `steps` with steps = max_tokens: one token per forward pass
     assert choice.nfe == r.usage.nfe and choice.threshold is None
+    assert choice.encoder_passes is None and r.usage.encoder_passes is None  # canvas models only
     if choice.finish_reason == "length":
         assert choice.nfe == 16 and r.usage.completion_tokens == 16
 

@@ -174,18 +174,30 @@ class EvalConfig:
     task: str = option("countdown", "task name (sudoku, countdown, cd3, gsm8k, math500)")
     data: str | None = option(None, "data file (sudoku CSV, countdown/gsm8k/math500 JSONL); default: generated test split")
     model: str | None = option(None, "model directory; default: the bundled model")
-    sampler: str = option("steps", "unmasking strategy (learned: the model's threshold head picks gamma; policy: "
-                          "the model's step policy commits each pass)", choices=list(SAMPLERS))
+    sampler: str | None = option(None, "unmasking strategy (learned: the model's threshold head picks gamma; policy: "
+                                 "the model's step policy commits each pass); default: steps, and for a canvas "
+                                 "model (DiffusionGemma) learned if it has a threshold head, else eb",
+                                 choices=list(SAMPLERS))
     threshold: float | None = option(None, "confidence threshold, EB gamma or the policy's minimum commit "
-                                     "probability (default per sampler)")
+                                     "probability (default per sampler); a canvas model: its entropy bound "
+                                     "(default: its checkpoint's)")
     gen_length: int | None = option(None, "tokens to generate (default: the task's; 256 through a chat template)")
     block_length: int | None = option(None, "semi-autoregressive block length (default: gen_length; 32 through a "
-                                            "chat template)")
-    steps: int | None = option(None, "`steps` sampler: forward passes (default: gen_length)")
+                                            "chat template; a canvas model's is fixed: its canvas_length)")
+    steps: int | None = option(None, "`steps` sampler: forward passes (default: gen_length); a canvas model: the "
+                                     "most denoising steps per block (default: its checkpoint's)")
     cache: str = option("off", "KV cache (native models): off, prefix (the prompt's and finished blocks' keys/"
                         "values reused within a block) or dual (also the masked suffix's)",
                         choices=["off", "prefix", "dual"])
-    temperature: float = option(0.0, "sampling temperature (0: greedy)")
+    temperature: float = option(0.0, "sampling temperature (0: greedy); a canvas model samples with its own "
+                                      "schedule (--t-min/--t-max) and refuses any other than 0")
+    t_min: float | None = option(None, "canvas models only: the temperature schedule's floor (default: the "
+                                       "checkpoint's)")
+    t_max: float | None = option(None, "canvas models only: the temperature at a block's first denoising step")
+    stability_threshold: int | None = option(None, "canvas models only: steps the draft must stay unchanged before "
+                                                   "a block may stop early")
+    confidence_threshold: float | None = option(None, "canvas models only: mean entropy below which a stable block "
+                                                      "stops early (0: never early)")
     chat_template: bool = option(True, "a model whose tokenizer has a chat template reads each task's instruction "
                                        "(d1's reasoning/answer format) in that template; --no-chat-template sends "
                                        "the raw prompts")

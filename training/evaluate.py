@@ -2,6 +2,13 @@
 
 Decodes every prompt with the shared sampler (batched), scores it with the task's reward, prints a
 readable table and, as the last stdout line, one JSON object with the summary.
+
+A canvas model (DiffusionGemma) decodes with :func:`diffpo_serve.dllm.canvas.generate` instead; its flags are
+mapped, and refused, as the server maps a request (:func:`canvas_params` hands them to the
+:class:`~diffpo_serve.paradigms.CanvasParadigm`): ``--threshold`` the entropy bound, ``--steps`` the most
+denoising steps per block, ``--t-min``/``--t-max``/``--stability-threshold``/``--confidence-threshold`` its
+schedule and early stop; masked-only flags are errors naming the flag. Its NFE counts decoder passes; the
+summary adds the mean encoder passes (one per block).
 """
 
 from __future__ import annotations
@@ -13,8 +20,12 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from diffpo_serve.dllm import canvas
 from diffpo_serve.dllm.loading import LoadedModel, load_model, parse_ids
 from diffpo_serve.dllm.sampler import SamplingParams, generate
+from diffpo_serve.paradigms import CANVAS_ONLY, paradigm_for
+from diffpo_serve.protocol import APIError, CompletionRequest
+from diffpo_serve.settings import ServerSettings
 from training.config import EvalConfig
 from training.prompting import generation_lengths, prompt_ids, uses_chat_template
 from training.tasks import get_task
@@ -26,31 +37,34 @@ class EvalResult:
     n: int
     accuracy: float  # mean reward
     exact: float  # fraction with reward 1
-    mean_nfe: float
+    mean_nfe: float  # model passes (a canvas model's: decoder passes)
+    mean_encoder_passes: float | None  # a canvas model's encoder passes (one per block); None for masked models
     tokens_per_second: float  # completion tokens (up to EOS) per second of decoding
     sampler: str
     threshold: float | None
     gen_length: int
-    block_length: int
-    steps: int | None
+    block_length: int  # a canvas model's: its canvas length
+    steps: int | None  # `steps` sampler: passes; a canvas model: the most denoising steps per block
     seconds: float
     cache: str  # the KV cache decoded with (off / prefix / dual)
     threshold_distribution: dict | None  # `learned`: how often each gamma was chosen
-    rows: list  # per example: prompt, completion, reward, nfe
+    rows: list  # per example: prompt, completion, reward, nfe, threshold (canvas: also encoder_passes)
 
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "rows"}
 
 
-def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParams, batch_size: int = 64,
-             progress: bool = True, desc: str = "eval", chat_template: bool = True) -> EvalResult:
+def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParams | canvas.CanvasParams,
+             batch_size: int = 64, progress: bool = True, desc: str = "eval", chat_template: bool = True) -> EvalResult:
     """Decode and score every example of ``dataset`` (columns: prompt + the task's fields).
 
-    ``chat_template``: a model with a chat template reads the task's instruction in it
-    (training/prompting.py); False sends the raw prompts.
+    ``params``: :class:`SamplingParams` for a masked model, :class:`canvas.CanvasParams` for a canvas model;
+    with a ``seed``, example i decodes with ``seed + i``. ``chat_template``: a model with a chat template reads
+    the task's instruction in it (training/prompting.py); False sends the raw prompts.
     """
     task = get_task(task_name)
-    params = params.resolved()
+    denoiser = canvas.denoiser_for(loaded.model) if isinstance(params, canvas.CanvasParams) else None
+    params = params.resolved(denoiser.defaults) if denoiser is not None else params.resolved()
     rows, total_tokens, seconds = [], 0, 0.0
     examples = list(dataset)
     bar = tqdm(total=len(examples), desc=f"{desc} {task_name}", disable=not progress)
@@ -60,17 +74,14 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
         chunk_params = params if params.seed is None else [
             replace(params, seed=params.seed + start + i) for i in range(len(chunk))]
         t0 = time.perf_counter()
-        out = generate(loaded.model, prompts, chunk_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
-                       eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, head=loaded.threshold_head,
-                       policy=loaded.step_policy)
+        sequences, nfes, thresholds, encoder_passes = _decode(loaded, denoiser, prompts, chunk_params)
         seconds += time.perf_counter() - t0
-        for ex, seq, nfe, thr in zip(chunk, out.sequences, out.nfe.tolist(), out.threshold.tolist()):
-            ids = seq.tolist()
+        for ex, ids, nfe, thr, enc in zip(chunk, sequences, nfes, thresholds, encoder_passes):
             text, _ = loaded.decode(ids)
             end = loaded.eos_index(ids)
             total_tokens += end if end is not None else params.gen_length
             rows.append({"prompt": ex["prompt"], "completion": text, "reward": task.reward(text, ex), "nfe": nfe,
-                         "threshold": thr})
+                         "threshold": thr, **({} if enc is None else {"encoder_passes": enc})})
         bar.update(len(chunk))
     bar.close()
     n = len(rows)
@@ -78,12 +89,48 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
     return EvalResult(
         task=task_name, n=n, accuracy=sum(rewards) / max(n, 1), exact=sum(r >= 1.0 for r in rewards) / max(n, 1),
         mean_nfe=sum(r["nfe"] for r in rows) / max(n, 1), tokens_per_second=total_tokens / max(seconds, 1e-9),
+        mean_encoder_passes=None if denoiser is None else sum(r["encoder_passes"] for r in rows) / max(n, 1),
         sampler=params.sampler,
         threshold=(sum(r["threshold"] for r in rows) / max(n, 1) if params.sampler == "learned" and
                    params.threshold is None else params.threshold if params.sampler != "steps" else None),
-        gen_length=params.gen_length, block_length=params.block_length,
-        steps=params.steps if params.sampler == "steps" else None, seconds=seconds, rows=rows, cache=params.cache,
+        gen_length=params.gen_length,
+        block_length=params.block_length if denoiser is None else denoiser.canvas_length,
+        steps=params.steps if params.sampler == "steps" or denoiser is not None else None, seconds=seconds,
+        rows=rows, cache="off" if denoiser is not None else params.cache,
         threshold_distribution=_distribution([r["threshold"] for r in rows]) if params.sampler == "learned" else None)
+
+
+def _decode(loaded: LoadedModel, denoiser, prompts: list[list[int]], params: list) -> tuple[list, list, list, list]:
+    """One batch in the model's paradigm: per row its token ids (a canvas row's cut at its ``gen_length``), NFE,
+    bound and encoder passes (None for a masked model)."""
+    if denoiser is not None:
+        out = canvas.generate(denoiser, prompts, params, eos_ids=loaded.eos_ids, pad_id=loaded.pad_id,
+                              head=loaded.threshold_head)
+        sequences = [ids[:n] for ids, n in zip(out.sequences.tolist(), out.gen_length.tolist())]
+        return sequences, out.nfe.tolist(), out.threshold.tolist(), out.encoder_passes.tolist()
+    out = generate(loaded.model, prompts, params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
+                   eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, head=loaded.threshold_head,
+                   policy=loaded.step_policy)
+    return out.sequences.tolist(), out.nfe.tolist(), out.threshold.tolist(), [None] * len(prompts)
+
+
+def canvas_params(cfg: EvalConfig, loaded: LoadedModel, gen_length: int) -> canvas.CanvasParams:
+    """The eval flags of a canvas model as :class:`canvas.CanvasParams`, mapped and refused exactly as the server
+    maps a request's fields (:meth:`diffpo_serve.paradigms.CanvasParadigm.params`); a refusal is a ValueError
+    naming the model and the flag. ``--temperature 0`` (the default) means unset, as the server's
+    ``--default-temperature 0``; ``--block-length`` 32, the chat-template default of masked models, is not
+    applied (a canvas model's blocks are its canvas)."""
+    if cfg.mask_id is not None:
+        raise ValueError(f"{loaded.path}: --mask-id: this model has no mask token (it decodes a random-token canvas)")
+    request = CompletionRequest.model_construct(
+        model=loaded.path, prompt="", sampler=cfg.sampler, threshold=cfg.threshold, steps=cfg.steps,
+        block_length=cfg.block_length, cache=cfg.cache, temperature=cfg.temperature or None,
+        **{name: getattr(cfg, name) for name in CANVAS_ONLY})
+    try:
+        params = paradigm_for(loaded).params(request, gen_length, "gen_length", ServerSettings())
+    except APIError as e:
+        raise ValueError(f"{loaded.path}: --{(e.param or 'gen_length').replace('_', '-')}: {e.message}") from None
+    return replace(params, seed=cfg.seed)
 
 
 def _distribution(values: list[float]) -> dict:
@@ -117,9 +164,17 @@ def run_eval(cfg: EvalConfig) -> dict:
     task = get_task(cfg.task)
     chat = uses_chat_template(loaded, cfg.chat_template)
     gen_length, block_length = generation_lengths(chat, task.GEN_LENGTH, cfg.gen_length, cfg.block_length)
-    params = SamplingParams(sampler=cfg.sampler, gen_length=gen_length,
-                            block_length=block_length, steps=cfg.steps, threshold=cfg.threshold, cache=cfg.cache,
-                            temperature=cfg.temperature, seed=cfg.seed if cfg.temperature > 0 else None)
+    if loaded.paradigm == "canvas":
+        params = canvas_params(cfg, loaded, gen_length)
+    else:
+        for name in CANVAS_ONLY:
+            if getattr(cfg, name) is not None:
+                raise ValueError(f"{loaded.path}: --{name.replace('_', '-')} is an option of canvas models "
+                                 "(DiffusionGemma's temperature schedule and early stop); this model decodes masked "
+                                 "tokens")
+        params = SamplingParams(sampler=cfg.sampler or "steps", gen_length=gen_length,
+                                block_length=block_length, steps=cfg.steps, threshold=cfg.threshold, cache=cfg.cache,
+                                temperature=cfg.temperature, seed=cfg.seed if cfg.temperature > 0 else None)
     torch.manual_seed(cfg.seed)
     result = evaluate(loaded, cfg.task, data, params, batch_size=cfg.batch_size, chat_template=cfg.chat_template)
     if cfg.output:
