@@ -757,7 +757,11 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
         _choose_thresholds(state, rows[pending], hidden, attention[pending], answer_entropy)
     temperature, top_p = state.temperature[rows], state.top_p[rows]
     # the behaviour distribution q; at T = 1 without a nucleus it is the policy itself, computed above
-    logq = sampling_logprobs(logp, temperature, top_p) if bool(((temperature != 1) | (top_p < 1)).any()) else logp
+    # greedy rows' q is the point mass on the argmax (log q = 0 at the committed token): an all-greedy batch
+    # skips building it over the vocabulary
+    greedy = bool((temperature == 0).all())
+    logq = None if greedy else sampling_logprobs(logp, temperature, top_p) \
+        if bool(((temperature != 1) | (top_p < 1)).any()) else logp
     tokens = logp.argmax(-1)
     argmax = tokens.clone()
     for i, row in enumerate(rows.tolist()):
@@ -767,7 +771,7 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
             drawn = torch.multinomial(logq[i, :n].exp().cpu(), 1, generator=g).squeeze(-1)  # width must not matter
             tokens[i, :n] = drawn.to(tokens.device)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
-    token_logprob = logq.gather(-1, tokens[..., None]).squeeze(-1)
+    token_logprob = confidence.new_zeros(confidence.shape) if greedy else logq.gather(-1, tokens[..., None]).squeeze(-1)
     score = confidence
     if len(steps_rows):
         score = confidence.double()  # holds every score exactly, whatever the model's dtype
