@@ -178,5 +178,5 @@ def test_eval_every_logs_the_saved_models_greedy_accuracy(tmp_path):
     assert evals[-1]["eval_sudoku_mean_nfe"] == 16.0
     # evaluating puts the model in eval mode and back: training goes on in train mode
     model = loaded.model.train()
-    sft.evaluate_tasks(model, loaded.tokenizer, {"sudoku": data.select(range(2))}, 16)
+    sft.evaluate_model(model, loaded.tokenizer, {"sudoku": data.select(range(2))}, 16)
     assert model.training

@@ -185,3 +185,15 @@ def run_eval(cfg: EvalConfig) -> dict:
     summary = {**result.summary(), "chat_template": chat, "model": loaded.path, "dtype": str(next(loaded.model.parameters()).dtype)[6:]}
     print(json.dumps(summary))
     return summary
+
+
+def evaluate_tasks(loaded: LoadedModel, eval_sets: dict, params: SamplingParams, chat_template: bool = True) -> dict:
+    """Greedy accuracy, exact rate and NFE of ``loaded`` on each task's prompts (``eval_sets``: task name ->
+    dataset) with ``params`` made greedy, as the ``eval_<task>_<metric>`` fields the trainers log."""
+    record = {}
+    for task, data in eval_sets.items():
+        r = evaluate(loaded, task, data, replace(params, temperature=0.0, seed=None), progress=False,
+                     chat_template=chat_template)
+        record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
+                       f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})
+    return record

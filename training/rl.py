@@ -60,7 +60,7 @@ from training import canvas_rl
 from training.commit_policy import fit_warm_start, policy_rl_loss, warm_start_data
 from training.checkpoint import CheckpointError, load_trainer_state, recover_interrupted, save_checkpoint
 from training.config import RLConfig
-from training.evaluate import evaluate
+from training.evaluate import evaluate_tasks
 from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
 from training.prompting import generation_lengths, uses_chat_template
 from training.loss import (group_advantages, policy_loss, sampler_reward, threshold_head_loss,
@@ -158,17 +158,6 @@ def _reward(text: str, example: dict) -> float:
 class RLRun:
     output_dir: Path  # a loadable model directory
     model: torch.nn.Module  # this process's trained model (unwrapped; LoRA not merged)
-
-
-def _evaluate(loaded, eval_sets: dict, params: SamplingParams, chat_template: bool = True) -> dict:
-    """Greedy accuracy, exact rate and NFE on each task's held-out prompts, with the rollout sampler."""
-    record = {}
-    for task, data in eval_sets.items():
-        r = evaluate(loaded, task, data, replace(params, temperature=0.0, seed=None), progress=False,
-                     chat_template=chat_template)
-        record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
-                       f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})
-    return record
 
 
 def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
@@ -300,7 +289,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
                disable=not accelerator.is_local_main_process)
     if cfg.eval_every and start == 0 and accelerator.is_main_process:  # the starting point of the curve
         with (out / "metrics.jsonl").open("a") as f:
-            first = _evaluate(loaded, eval_sets, params, cfg.chat_template)
+            first = evaluate_tasks(loaded, eval_sets, params, cfg.chat_template)
             f.write(json.dumps({"step": 0, "rollouts": 0, **first}) + "\n")
     for step in bar:
         t0 = time.perf_counter()
@@ -335,7 +324,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
                   "step_seconds": round(time.perf_counter() - t0, 3)}
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             if accelerator.is_main_process:
-                record.update(_evaluate(loaded, eval_sets, params, cfg.chat_template))
+                record.update(evaluate_tasks(loaded, eval_sets, params, cfg.chat_template))
         bar.set_postfix(reward=f"{reward:.3f}", nfe=f"{nfe:.1f}")
         if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or any(k.startswith("eval_")
                                                                                   for k in record)):

@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 
 from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
+from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.tokenizer import build_tokenizer
 from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state
 from training.config import SFTConfig
 from training.data import encode_examples, left_pad, sft_pool
-from training.evaluate import evaluate
+from training.evaluate import evaluate_tasks
 from training.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -99,26 +100,20 @@ def new_model(cfg: SFTConfig):
     return DiffpoForMaskedLM(config), tokenizer
 
 
-def evaluate_tasks(model, tokenizer, tasks: dict, gen_length: int) -> dict:
-    """Greedy full-step (one token per pass) accuracy, exact rate and NFE of ``model`` on each task's
-    prompts (``tasks``: name -> dataset), as ``eval_<task>_<metric>`` fields; the model is left as it was
-    (train or eval mode)."""
-    from diffpo_serve.dllm.sampler import SamplingParams
+def evaluate_model(model, tokenizer, eval_sets: dict, gen_length: int) -> dict:
+    """:func:`training.evaluate.evaluate_tasks` of the model being trained, greedy at full steps (one token
+    per pass), on each task's prompts (``eval_sets``: name -> dataset), in eval mode; the model is left in
+    the mode it was in."""
     loaded = LoadedModel(model=model, tokenizer=tokenizer, mask_id=model.config.mask_token_id,
                          pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, path="", name="sft",
                          max_length=getattr(model.config, "max_position_embeddings", 1 << 30))
     was_training = model.training
     model.eval()
-    record = {}
     try:
-        for task, data in tasks.items():
-            r = evaluate(loaded, task, data, SamplingParams("steps", gen_length, steps=gen_length), progress=False,
-                         chat_template=False)
-            record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
-                           f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})
+        return evaluate_tasks(loaded, eval_sets, SamplingParams("steps", gen_length, steps=gen_length),
+                              chat_template=False)
     finally:
         model.train(was_training)
-    return record
 
 
 def train_sft(cfg: SFTConfig, pool=None) -> Path:
@@ -198,7 +193,7 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
                     f.write(json.dumps(record) + "\n")
             window, t0 = [], time.time()
         if eval_sets and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-            record = {"step": step + 1, **evaluate_tasks(accelerator.unwrap_model(model), tokenizer, eval_sets,
+            record = {"step": step + 1, **evaluate_model(accelerator.unwrap_model(model), tokenizer, eval_sets,
                                                          cfg.gen_length)}
             bar.write(" ".join(f"{k}={v}" for k, v in record.items()))
             with metrics_file.open("a") as f:
