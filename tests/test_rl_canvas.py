@@ -5,6 +5,8 @@ masked-sampler settings are refused with the reason."""
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import replace as dc_replace
 
 import pytest
 import torch
@@ -12,11 +14,14 @@ from safetensors.torch import load_file
 from tiny_diffusion_gemma import random_model, write_checkpoint
 
 import training.rl as rl
+from diffpo_serve.dllm.canvas import CanvasParams
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.threshold_head import load_head
 from training import canvas_rl
 from training.config import RLConfig
+from training.evaluate import evaluate
 from training.loss import group_advantages
+from training.tasks import get_task
 
 G = 4
 GENERATION = {"max_new_tokens": 16, "max_denoising_steps": 3,
@@ -91,7 +96,6 @@ def test_one_sampler_step_moves_only_the_head_in_the_rewarded_direction(checkpoi
     (dict(cache="prefix"), "--cache is a masked-sampler setting"),
     (dict(block_length=4), "--block-length"),
     (dict(temperature=0.0), "--temperature"),
-    (dict(eval_every=1), "--eval-every"),
 ])
 def test_what_a_canvas_model_cannot_train_is_refused_with_the_reason(checkpoint, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -105,3 +109,35 @@ def test_rollout_params_and_nfe_max(checkpoint):
     assert nfe_max == 3 * 5  # ceil(20 / 8) blocks of at most 5 passes
     params, nfe_max = canvas_rl.rollout_params(RLConfig(), loaded, 16)
     assert nfe_max == 2 * 3  # the checkpoint's 3 steps per block
+
+
+def test_eval_every_logs_the_heads_decoding_with_fixed_seeds(checkpoint, tmp_path, monkeypatch):
+    """``--eval-every 1``: step 0 evaluates the starting head, step 1 the trained one, each decoding the test
+    prompts as ``diffpo-train eval`` does with the head's bounds and seeds 0, 1, 2 (so the values are reproducible
+    and the two points differ only by the head)."""
+    heads = []
+    real_update = rl._head_update
+
+    def spy_update(c, head, optimizer, accelerator, batch, r):
+        heads.append(copy.deepcopy(head))
+        return real_update(c, head, optimizer, accelerator, batch, r)
+
+    monkeypatch.setattr(rl, "_reward", text_reward)
+    monkeypatch.setattr(rl, "_head_update", spy_update)
+    out = rl.train_rl(cfg(checkpoint, tmp_path / "run", eval_every=1, eval_examples=3, head_lr=0.5)).output_dir
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval_sudoku_accuracy" in r}
+    assert sorted(evals) == [0, 1]
+
+    data = get_task("sudoku").make_dataset("test", 3, seed=0)
+    params = CanvasParams(gen_length=12, sampler="learned", seed=0)
+    loaded = load_model(checkpoint)
+    for step, head in [(0, heads[0]), (1, load_head(out))]:
+        expected = evaluate(dc_replace(loaded, threshold_head=head), "sudoku", data, params, progress=False)
+        assert evals[step]["eval_sudoku_accuracy"] == round(expected.accuracy, 4)
+        assert evals[step]["eval_sudoku_exact"] == round(expected.exact, 4)
+        assert evals[step]["eval_sudoku_mean_nfe"] == round(expected.mean_nfe, 3)
+    # the two points are different heads' decodings: at least the bounds they chose differ
+    again = [evaluate(dc_replace(loaded, threshold_head=h), "sudoku", data, params, progress=False)
+             for h in (heads[0], load_head(out))]
+    assert [r["threshold"] for r in again[0].rows] != [r["threshold"] for r in again[1].rows]

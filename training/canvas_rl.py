@@ -19,10 +19,12 @@ denoising steps per block), where a masked model's is ``gen_length`` (one token 
 - ``--sampler-kind policy``: the step policy decides which *masked* tokens to commit at each pass; a canvas
   has no masked tokens (its accept rule keeps a prefix of the entropy-sorted positions and re-randomises the
   rest).
-- ``--cache``, ``--block-length``, ``--temperature`` / ``--top-p`` other than 1, ``--eval-every``: masked-sampler
-  settings (a canvas model keeps its own encoder cache per row, decodes whole canvases of C tokens, samples
-  with its checkpoint's temperature schedule) and the masked evaluation. ``--steps`` is the most denoising steps
-  per block (default: the checkpoint's).
+- ``--cache``, ``--block-length``, ``--temperature`` / ``--top-p`` other than 1: masked-sampler settings (a canvas
+  model keeps its own encoder cache per row, decodes whole canvases of C tokens, samples with its checkpoint's
+  temperature schedule). ``--steps`` is the most denoising steps per block (default: the checkpoint's).
+
+``--eval-every`` evaluates the head's decoding (``learned``) on each task's test prompts, with fixed seeds
+(:func:`training.evaluate.evaluate_tasks`), and logs ``eval_<task>_accuracy`` / ``_exact`` / ``_mean_nfe``.
 """
 
 from __future__ import annotations
@@ -43,13 +45,12 @@ def check(cfg: RLConfig, path: str) -> None:
         raise ValueError(f"{path} decodes a random-token canvas: --sampler-kind {cfg.sampler_kind} decides which "
                          "masked tokens to commit, and a canvas has none; use --sampler-kind head")
     refused = [("--cache", cfg.cache != "off"), ("--block-length", cfg.block_length is not None),
-               ("--temperature", cfg.temperature != 1.0), ("--top-p", cfg.top_p != 1.0),
-               ("--eval-every", cfg.eval_every != 0)]
+               ("--temperature", cfg.temperature != 1.0), ("--top-p", cfg.top_p != 1.0)]
     for flag, used in refused:
         if used:
             raise ValueError(f"{path} decodes a random-token canvas: {flag} is a masked-sampler setting (its blocks "
-                             "are the model's canvas, its temperature the checkpoint's schedule, and the evaluation "
-                             "is the masked sampler's); leave it at its default")
+                             "are the model's canvas, its temperature the checkpoint's schedule); leave it at its "
+                             "default")
 
 
 def rollout_params(cfg: RLConfig, loaded: LoadedModel, gen_length: int) -> tuple[canvas.CanvasParams, int]:

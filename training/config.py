@@ -119,7 +119,8 @@ class RLConfig:
     seed: int = option(0, "seed for prompts, rollouts, masks and tau")
     save_every: int = option(50, "steps between checkpoints")
     log_every: int = option(1, "steps between metric lines")
-    eval_every: int = option(0, "steps between greedy evaluations on the test split (0: off)")
+    eval_every: int = option(0, "steps between evaluations on the test split (0: off): greedy; a canvas model "
+                             "with fixed seeds")
     eval_examples: int = option(256, "test prompts per task for --eval-every")
     lora_r: int = option(0, "LoRA rank (0: train all weights; needs peft)")
     lora_alpha: int = option(16, "LoRA alpha")

@@ -187,13 +187,17 @@ def run_eval(cfg: EvalConfig) -> dict:
     return summary
 
 
-def evaluate_tasks(loaded: LoadedModel, eval_sets: dict, params: SamplingParams, chat_template: bool = True) -> dict:
-    """Greedy accuracy, exact rate and NFE of ``loaded`` on each task's prompts (``eval_sets``: task name ->
-    dataset) with ``params`` made greedy, as the ``eval_<task>_<metric>`` fields the trainers log."""
+def evaluate_tasks(loaded: LoadedModel, eval_sets: dict, params: SamplingParams | canvas.CanvasParams,
+                   chat_template: bool = True) -> dict:
+    """Accuracy, exact rate and NFE of ``loaded`` on each task's prompts (``eval_sets``: task name -> dataset),
+    as the ``eval_<task>_<metric>`` fields the trainers log. A masked model decodes with ``params`` made greedy;
+    a canvas model cannot (it starts from random tokens and samples with its temperature schedule), so it
+    decodes with fixed seeds (example i with seed i) and every point of a curve sees the same random streams."""
     record = {}
     for task, data in eval_sets.items():
-        r = evaluate(loaded, task, data, replace(params, temperature=0.0, seed=None), progress=False,
-                     chat_template=chat_template)
+        fixed = replace(params, seed=0) if isinstance(params, canvas.CanvasParams) else \
+            replace(params, temperature=0.0, seed=None)
+        r = evaluate(loaded, task, data, fixed, progress=False, chat_template=chat_template)
         record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
                        f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})
     return record
