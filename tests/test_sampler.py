@@ -8,7 +8,7 @@ import torch
 from benchmarks.llada_reference import llada_generate
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, entropy_before, generate,
-                                       init_state, low_confidence_commits, policy_logprobs, prompt_alignment,
+                                       greedy_tokens, init_state, low_confidence_commits, policy_logprobs, prompt_alignment,
                                        remasking_confidence, sampling_logprobs, select_commits, transfer_counts)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
@@ -152,6 +152,15 @@ def test_policy_excludes_the_mask_token():
     logits.requires_grad_()
     policy_logprobs(logits, mask_id=1)[0, 0, 3].backward()  # out of place, and gradients stay finite
     assert torch.isfinite(logits.grad).all() and logits.grad[0, 0, 1] == 0
+
+
+def test_greedy_tokens_leave_out_the_mask_and_break_ties_to_the_lowest_id():
+    logits = torch.tensor([[[0.0, 9.0, 3.0, 4.0],     # the mask (1) is the favourite: the next one, 3
+                            [5.0, 2.0, 5.0, 1.0],     # a tie between 0 and 2: the lowest id
+                            [1.0, 9.0, 7.0, 7.0],     # the mask first, then a tie: 2
+                            [0.0, 1.0, 2.0, 2.5]]])   # no mask involved
+    assert greedy_tokens(logits, mask_id=1).tolist() == [[3, 0, 2, 3]]
+    assert greedy_tokens(logits.bfloat16(), mask_id=1).tolist() == [[3, 0, 2, 3]]
 
 
 def test_behaviour_distribution_by_hand():

@@ -1,6 +1,6 @@
 """The KV cache in the one sampler (cache off / prefix / dual): exact when refreshed every step, the
 block's first step exact and later steps a bounded approximation, batch == alone, rows joining mid-block,
-and logits materialised for the current block only. Tiny random models; nothing is downloaded."""
+and logits materialised at the current block's masked columns only. Tiny random models; nothing is downloaded."""
 
 from dataclasses import replace
 
@@ -9,7 +9,7 @@ import torch
 
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, _step_logits, block_columns, denoise_step,
-                                       generate, init_state)
+                                       generate, init_state, masked_columns)
 from test_kv_cache import tiny_dream, tiny_llada
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
@@ -108,19 +108,37 @@ def test_rows_join_mid_block_and_leave_with_the_cache(model, cache):
         assert joined.nfe[row] == exp.nfe[0]
 
 
-def test_step_materialises_logits_for_the_block_only(model, monkeypatch):
-    """The model is asked for the current block's columns only (gen 16, block 4: 4 of 16 + prompt)."""
+def test_step_materialises_logits_at_the_blocks_masked_columns_only(model, monkeypatch):
+    """The model is asked for the current block's still-masked columns only (gen 16, block 4, 2 tokens per
+    pass: 4 then 2 of 16 + prompt in each block); a row whose step-policy features are traced reads its
+    whole block (4 every pass)."""
     seen = []
     real = model.forward
 
     def spy(*args, **kw):
         out = real(*args, **kw)
-        seen.append(tuple(out.logits.shape))
+        seen.append(out.logits.shape[1])
         return out
 
     monkeypatch.setattr(model, "forward", spy)
-    run(model, PROMPTS[:2], SamplingParams(sampler="steps", gen_length=16, block_length=4, steps=8))
-    assert seen and all(shape[1] == 4 for shape in seen), seen
+    params = SamplingParams(sampler="steps", gen_length=16, block_length=4, steps=8)
+    run(model, PROMPTS[:2], params, stop_at_eos=False)
+    assert seen == [4, 2] * 4
+    seen.clear()
+    run(model, PROMPTS[:2], params, stop_at_eos=False, trace_features=True)
+    assert seen == [4 + 12, 4 + 12, 4 + 8, 4 + 8, 4 + 4, 4 + 4, 4, 4]  # the block, and its argmax ahead
+
+
+def test_masked_columns_by_hand():
+    gen = torch.tensor([[MASK, 7, MASK, MASK, 9, 9],
+                        [3, 4, MASK, 5, 9, 9],
+                        [MASK, MASK, 1, 2, 9, 9]])
+    cols = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
+    real = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]])  # row 2: a block of 3 (col 3 a repeat)
+    keep = torch.tensor([False, False, True])
+    picked, kept = masked_columns(gen, cols, real, MASK, keep)
+    assert picked.tolist() == [[0, 2, 3], [2, 2, 2], [0, 1, 2]]
+    assert kept.tolist() == [[True, True, True], [True, False, False], [True, True, True]]
 
 
 def test_cache_refused_for_a_model_without_one():

@@ -38,9 +38,12 @@ with its commit step: the trajectory that RL needs (its importance weight divide
 pi_old, computed with the same :func:`policy_logprobs`, by this q; see ``training/loss.py``). Each row
 has its own seeded generator, so a row's output does not depend on the rest of the batch.
 
-A step materialises logits for each row's current block only (its maths runs in block positions; the
-model's logits stay in its dtype until the float32 softmax), so its memory grows with the block, not the
-answer (``benchmarks/step_memory.py``). Two exceptions: a ``learned`` row's first pass (the head reads the
+A step materialises logits for each row's current block only, and of a greedy row's block only at its
+still-masked columns (:func:`masked_columns`; its maths runs in those positions; the model's logits stay in
+its dtype until the float32 softmax), so its memory grows with the block, not the answer
+(``benchmarks/step_memory.py``). A batch of greedy ``steps`` rows reads only the argmax
+(:func:`greedy_tokens`) and LLaDA's score from the logits; the policy's log-probs, probabilities and
+entropies are built only when some row reads them. Two exceptions: a ``learned`` row's first pass (the head reads the
 whole answer's entropies), and rows whose step-policy features a pass computes (``policy`` rows, or every
 row with ``trace_features``), which also take the argmax from their block's end to their answer's end:
 the policy's ``unchanged`` feature at a block's first pass compares with the previous pass's argmax there.
@@ -471,6 +474,18 @@ def entropy_before(entropy: torch.Tensor, candidates: torch.Tensor) -> tuple[tor
     return exclusive.gather(-1, rank), rank  # back to position order
 
 
+def greedy_tokens(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The greedy token at each position (...,): the argmax of the raw logits with the mask token left out
+    (the policy never commits it), without copying the logits: the rare positions whose argmax is the mask
+    token take the argmax of their logits with that column at -inf. Ties go to the lowest id, as ``argmax``."""
+    tokens = logits.argmax(-1)
+    hit = tokens == mask_id
+    if bool(hit.any()):
+        column = torch.tensor([mask_id], device=logits.device)
+        tokens[hit] = logits[hit].index_fill(-1, column, float("-inf")).argmax(-1)
+    return tokens
+
+
 def remasking_confidence(logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """The score LLaDA's low-confidence remasking ranks by (its ``generate``'s ``x0_p``), (b, n) in float64
     (exactly the values it computes): the softmax of the raw logits (b, n, V), the mask token included, taken
@@ -616,6 +631,23 @@ def block_columns(state: BatchState, rows: torch.Tensor):
     return torch.minimum(j, block_end[:, None] - 1), j < block_end[:, None], block_start, block_end
 
 
+def masked_columns(gen: torch.Tensor, cols: torch.Tensor, real: torch.Tensor, mask_id: int,
+                   keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns a step computes logits at, ``(columns (r, M), real (r, M) bool)``: for each row of its
+    block (``cols``, ``real`` from :func:`block_columns`) the still-masked ones, in order, since a committed
+    token is never read again; rows flagged in ``keep`` (r, bool) take the whole block, in order. M is the
+    most any row takes, and a row with fewer repeats its last one (not real), as :func:`block_columns` does."""
+    masked = (gen.gather(1, cols) == mask_id) & real
+    take = torch.where(keep[:, None], real, masked)
+    count = take.sum(-1)
+    k = cols.shape[1]
+    width = max(int(count.max()), 1)
+    order = ((~take).long() * k + torch.arange(k, device=cols.device)).argsort(-1)[:, :width]  # taken first
+    picked = cols.gather(1, order)
+    kept = torch.arange(width, device=cols.device) < count[:, None]
+    return torch.where(kept, picked, picked.gather(1, (count - 1).clamp(min=0)[:, None])), kept
+
+
 def _query_columns(state: BatchState, rows: torch.Tensor, block_index: torch.Tensor) -> torch.Tensor:
     """The canvas columns a cached forward computes for each row (r, q): with ``dual`` its block
     (``block_index``, r x K), with ``prefix`` everything from its block's start to the canvas end; rows with
@@ -632,7 +664,8 @@ def _query_columns(state: BatchState, rows: torch.Tensor, block_index: torch.Ten
 
 def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, canvas: torch.Tensor,
                  attention: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
-                 hidden_rows: torch.Tensor | None = None, index_hidden: torch.Tensor | None = None):
+                 hidden_rows: torch.Tensor | None = None, index_hidden: torch.Tensor | None = None,
+                 block_index: torch.Tensor | None = None):
     """Logits (r, k, V) at canvas columns ``index`` (r, k), in the model's dtype, the last hidden state of
     the rows flagged in ``hidden_rows`` (the head's first pass; whole canvas), and with ``index_hidden`` (r,
     bool: the rows that need it) the last hidden state at ``index`` (r, k, d; the step policy's hidden
@@ -640,7 +673,8 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
 
     A row with ``cache`` off runs the whole canvas. A cached row refreshes (one full forward that also
     stores its keys/values) at the first step of each block (and every ``cache_refresh`` steps), otherwise
-    runs only its query columns (:func:`_query_columns`) against its stored keys/values. Rows flagged in
+    runs only its query columns (:func:`_query_columns` of its block's columns ``block_index``, r x K, default
+    ``index``; ``index`` must lie within them) against its stored keys/values. Rows flagged in
     ``index_hidden`` must run full forwards (:func:`init_state` refuses a hidden-state policy with a cache)."""
     want_hidden = hidden_rows is not None
     want_index_hidden = index_hidden is not None and bool(index_hidden.any())
@@ -683,10 +717,13 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
             if need:
                 hidden = h[hidden_rows[group]]
         else:
-            query = _query_columns(state, rows[group], index[group])
+            query = _query_columns(state, rows[group], (index if block_index is None else block_index)[group])
             whole = len(group) == state.batch_size  # then rows[group] is every row in order: no copy of the cache
             part, _, _ = cached_forward(model, *args, logits_index=index[group], query_index=query,
                                         kv_cache=state.kv if whole else state.kv.select(rows[group]))
+        if len(group) == len(rows):  # one group: its rows are all the rows, in order (no copy of the logits)
+            logits = part
+            continue
         if logits is None:
             logits = part.new_empty((len(rows), *part.shape[1:]))
         logits[group] = part
@@ -715,7 +752,13 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     want_hidden = (use_policy or state.trace_features) and state.policy is not None and state.policy.uses_hidden
 
     gen = canvas[:, pw:]
-    cols, in_block, block_start, block_end = block_columns(state, rows)  # r, K
+    block_cols, in_block, block_start, block_end = block_columns(state, rows)  # r, K
+    # logits only where they are read: a greedy row's masked block columns, r x M; the step's maths runs in
+    # these positions. Traced rows keep their whole block (the policy's features name block positions), and so
+    # do sampling rows (their generator draws one token per block position, so a row's random stream, and
+    # thus its output, stays what it is alone and in any batch)
+    keep = traced | (state.temperature[rows] > 0)
+    cols, in_block = masked_columns(gen, block_cols, in_block, state.mask_id, keep=keep)
     r, width = cols.shape
     # traced rows also read the argmax from their block's end to their answer's end: the `unchanged`
     # feature of a block's first pass compares with the previous pass's argmax there (other rows repeat
@@ -734,10 +777,10 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
         index_hidden = gather_columns(answer_hidden, wanted) if want_hidden else None
     else:
         logits, _, index_hidden = _step_logits(model, state, rows, canvas, attention, positions, pw + wanted,
-                                               index_hidden=traced if want_hidden else None)
+                                               index_hidden=traced if want_hidden else None,
+                                               block_index=pw + block_cols)
     if ahead_width:  # only their argmax is needed (the mask excluded, as policy_logprobs does)
-        ahead_argmax = logits[:, width:].index_fill(-1, torch.tensor([state.mask_id], device=logits.device),
-                                                    float("-inf")).argmax(-1)
+        ahead_argmax = greedy_tokens(logits[:, width:], state.mask_id)
         logits = logits[:, :width]
     gen_block = gen.gather(1, cols)
     candidates = (gen_block == state.mask_id) & in_block
@@ -746,36 +789,48 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     # rows now, rows that draw their tokens once drawn (only their logits are kept)
     steps_rows = (state.sampler[rows] == 0).nonzero().squeeze(-1)
     drawing = state.temperature[rows][steps_rows] > 0
-    steps_score = remasking_confidence(logits[steps_rows[~drawing]]) if len(steps_rows) else None
+    scored = steps_rows[~drawing]
+    steps_score = None if len(scored) == 0 else remasking_confidence(logits if len(scored) == r else logits[scored])
     drawn_logits = logits[steps_rows[drawing]] if bool(drawing.any()) else None
-    # r, K, V in float32 (the model's dtype may be half); never the mask: a row could stall on it
-    logp = policy_logprobs(logits, state.mask_id)
-    del logits
-    probs = logp.exp()
-    entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
+    temperature, top_p = state.temperature[rows], state.top_p[rows]
+    greedy = bool((temperature == 0).all())
+    tokens = greedy_tokens(logits, state.mask_id)
+    argmax = tokens.clone()
+    # a batch of greedy `steps` rows with no step-policy features needs nothing else from the vocabulary: its
+    # tokens are the argmax and its score LLaDA's; the policy's log-probs, probabilities and entropies (four
+    # more passes over r x K x V values) are not built
+    lean = greedy and len(steps_rows) == r and not (use_policy or state.trace_features)
+    if lean:
+        del logits
+        logp = probs = logq = None
+        confidence = entropy = torch.zeros(tokens.shape, device=tokens.device)  # read by no `steps` row
+    else:
+        # r, K, V in float32 (the model's dtype may be half); never the mask: a row could stall on it
+        logp = policy_logprobs(logits, state.mask_id)
+        del logits
+        probs = logp.exp()
+        entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
+        # the behaviour distribution q; at T = 1 without a nucleus it is the policy itself, computed above
+        # greedy rows' q is the point mass on the argmax (log q = 0 at the committed token): an all-greedy batch
+        # skips building it over the vocabulary
+        logq = None if greedy else sampling_logprobs(logp, temperature, top_p) \
+            if bool(((temperature != 1) | (top_p < 1)).any()) else logp
     if choosing:  # before any threshold is read below
         _choose_thresholds(state, rows[pending], hidden, attention[pending], answer_entropy)
-    temperature, top_p = state.temperature[rows], state.top_p[rows]
-    # the behaviour distribution q; at T = 1 without a nucleus it is the policy itself, computed above
-    # greedy rows' q is the point mass on the argmax (log q = 0 at the committed token): an all-greedy batch
-    # skips building it over the vocabulary
-    greedy = bool((temperature == 0).all())
-    logq = None if greedy else sampling_logprobs(logp, temperature, top_p) \
-        if bool(((temperature != 1) | (top_p < 1)).any()) else logp
-    tokens = logp.argmax(-1)
-    argmax = tokens.clone()
     for i, row in enumerate(rows.tolist()):
         g = state.generators[row]
         if g is not None and state.temperature[row] > 0:
             n = int(block_end[i] - block_start[i])  # draw for the row's own block positions only: the batch's
             drawn = torch.multinomial(logq[i, :n].exp().cpu(), 1, generator=g).squeeze(-1)  # width must not matter
             tokens[i, :n] = drawn.to(tokens.device)
-    confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
+    if not lean:
+        confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
     token_logprob = confidence.new_zeros(confidence.shape) if greedy else logq.gather(-1, tokens[..., None]).squeeze(-1)
     score = confidence
     if len(steps_rows):
         score = confidence.double()  # holds every score exactly, whatever the model's dtype
-        score[steps_rows[~drawing]] = steps_score
+        if steps_score is not None:
+            score[scored] = steps_score
         if drawn_logits is not None:
             score[steps_rows[drawing]] = remasking_confidence(drawn_logits, tokens[steps_rows[drawing]])
 
