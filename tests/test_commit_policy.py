@@ -1,6 +1,7 @@
 """Training the per-step commit policy: warm-start labels, the BCE fit, the REINFORCE step, the trainer."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,9 +125,156 @@ def test_sampler_training_of_the_step_policy(base_dir, tmp_path):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"sampler_reward", "policy_loss", "policy_entropy_per_decision"} <= set(records[-1])
     assert "eval_sudoku_mean_nfe" in records[-1]
-    with pytest.raises(ValueError, match="joint"):
-        train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "j"), train="joint", sampler_kind="policy"))
-    with pytest.raises(ValueError, match="basic\\+hidden.*--cache off"):  # refused before any warm start
-        train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "h"), train="sampler", sampler_kind="policy",
-                          policy_features="basic+hidden", cache="prefix"))
-    assert not (tmp_path / "h").exists()
+    for train in ("sampler", "joint"):  # refused before any warm start
+        with pytest.raises(ValueError, match="basic\\+hidden.*--cache off"):
+            train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "h"), train=train, sampler_kind="policy",
+                              policy_features="basic+hidden", cache="prefix"))
+        assert not (tmp_path / "h").exists()
+
+
+# ----------------------------------------------------------------------------- joint: the model and the policy
+
+def joint_cfg(base, out, **kw):
+    from training.config import RLConfig
+    base_kw = dict(model=str(base), output_dir=str(out), tasks="sudoku", train_examples=16, num_generations=3,
+                   prompts_per_step=2, num_iterations=1, max_steps=1, save_every=1, gen_length=16, seed=0, lr=1e-2,
+                   beta=0.0, sampler_kind="policy", warm_start_prompts=8, warm_start_epochs=1, lam=0.5)
+    return RLConfig(**{**base_kw, **kw})
+
+
+def varied_reward(text, example):
+    """A reward that differs between a group's rollouts (a random tiny model solves nothing)."""
+    return float(len(set(text)) % 3) / 2
+
+
+def weights(directory, name="model.safetensors"):
+    return load_file(Path(directory) / name)
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def joint_runs(base_dir, tmp_path_factory):
+    """One step from ``base_dir`` of: the warm start alone (sampler, 0 steps), joint, sampler alone, and the
+    model alone rolled out by the warm-started policy (from the warm start's export); the joint run's
+    rollout batch and what reached its model and policy updates."""
+    import training.rl as rl
+    tmp = tmp_path_factory.mktemp("joint")
+    seen = {"rollout": [], "model": [], "policy": [], "is_weight": [], "loss": []}
+    real_rollout, real_model, real_policy = rl.rollout, rl._model_update, rl._policy_update
+    real_is_weight, real_loss = rl.truncated_is_weight, rl.policy_loss
+
+    def spy_rollout(*args, **kw):
+        batch = real_rollout(*args, **kw)
+        seen["rollout"].append((args[5], kw.get("policy"), batch))
+        return batch
+
+    def spy_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest):
+        seen["model"].append((batch, rewards.clone()))
+        return real_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest)
+
+    def spy_policy(c, policy, opt, acc, batch, r):
+        seen["policy"].append((batch, r.clone()))
+        return real_policy(c, policy, opt, acc, batch, r)
+
+    def spy_is_weight(old, behaviour, cap):
+        seen["is_weight"].append(behaviour.clone())
+        return real_is_weight(old, behaviour, cap)
+
+    def spy_loss(logp, old, adv, token_mask, **kw):
+        seen["loss"].append((adv.clone(), token_mask.clone()))
+        return real_loss(logp, old, adv, token_mask, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rl, "_reward", varied_reward)
+        warm = rl.train_rl(joint_cfg(base_dir, tmp / "warm", train="sampler", max_steps=0)).output_dir
+        with pytest.MonkeyPatch.context() as spies:
+            for name, spy in (("rollout", spy_rollout), ("_model_update", spy_model), ("_policy_update", spy_policy),
+                              ("truncated_is_weight", spy_is_weight), ("policy_loss", spy_loss)):
+                spies.setattr(rl, name, spy)
+            joint = rl.train_rl(joint_cfg(base_dir, tmp / "joint", train="joint")).output_dir
+        sampler = rl.train_rl(joint_cfg(base_dir, tmp / "sampler", train="sampler")).output_dir
+        model = rl.train_rl(joint_cfg(warm, tmp / "model", train="model", sampler="policy")).output_dir
+    return dict(warm=warm, joint=joint, sampler=sampler, model=model, seen=seen)
+
+
+def test_joint_step_trains_the_model_and_the_policy_on_policy_decoded_rollouts(base_dir, joint_runs):
+    from diffpo_serve.dllm.loading import load_model
+    from training.likelihood import scored
+    from training.loss import group_advantages, sampler_reward
+    seen = joint_runs["seen"]
+    (params, policy, batch), = seen["rollout"]
+    assert params.sampler == "policy" and params.threshold is None and policy is not None
+    trace = batch.policy_trace
+    assert trace is not None
+    # the commits are the policy's Bernoulli draws: every pass commits exactly its drawn bits (or, when none
+    # is drawn, one token), and the draws are not the greedy rule p >= threshold
+    greedy_differs = False
+    for i in range(len(batch.texts)):
+        for s in range(int(batch.nfe[i])):
+            committed = batch.commit_step[i] == s
+            bits = trace.decisions[i, s]
+            if bits.any():
+                assert torch.equal(committed, bits), (i, s)
+            else:
+                assert int(committed.sum()) == 1, (i, s)
+            with torch.no_grad():
+                p = policy.probability(trace.features[i, s])
+            cand = trace.candidates[i, s]
+            greedy_differs |= not torch.equal(bits[cand], p[cand] >= policy.threshold)
+    assert greedy_differs
+    assert (batch.nfe > 1).any() and (batch.nfe < 16).any()
+    # the model's loss got this batch: its behaviour log-probs (DiFFPO's weight), its commit steps (the mask)
+    # and the advantages of its task rewards; the policy's update the same batch with the NFE-penalised reward
+    (model_batch, model_rewards), = seen["model"]
+    (policy_batch, policy_r), = seen["policy"]
+    assert model_batch is batch and policy_batch is batch
+    assert torch.equal(model_rewards, batch.rewards)
+    torch.testing.assert_close(policy_r, sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+    (behaviour,), ((adv, token_mask),) = seen["is_weight"], seen["loss"]
+    assert torch.equal(behaviour, batch.behaviour_logprob)
+    assert torch.equal(token_mask, scored(batch.commit_step))
+    want, _ = group_advantages(batch.rewards, 3)
+    assert bool((want != 0).any())
+    torch.testing.assert_close(adv, want)
+    # both moved: every model tensor, and the policy away from its warm start; both exported and loadable
+    before, after = weights(base_dir), weights(joint_runs["joint"])
+    assert not any(torch.equal(before[k], after[k]) for k in before)
+    warm = weights(joint_runs["warm"], "step_policy.safetensors")
+    assert not same(warm, weights(joint_runs["joint"], "step_policy.safetensors"))
+    loaded = load_model(joint_runs["joint"])
+    assert loaded.step_policy is not None and loaded.threshold_head is None
+    records = [json.loads(x) for x in (Path(joint_runs["joint"]) / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "kl", "policy_loss", "sampler_reward"} <= set(records[-1])
+
+
+def test_joint_step_is_the_sampler_step_and_the_model_step_on_the_same_rollouts(base_dir, joint_runs):
+    """Rollouts come before either update, so the joint step's policy equals --train sampler's (same
+    warm start, same batch) and its model equals --train model's rolled out by the warm-started policy."""
+    policy = "step_policy.safetensors"
+    assert same(weights(joint_runs["joint"], policy), weights(joint_runs["sampler"], policy))
+    assert same(weights(joint_runs["joint"]), weights(joint_runs["model"]))
+    assert same(weights(joint_runs["model"], policy), weights(joint_runs["warm"], policy))  # frozen there
+    assert same(weights(joint_runs["sampler"]), weights(base_dir))  # and the model frozen here
+    assert not same(weights(joint_runs["joint"]), weights(base_dir))
+
+
+def test_joint_policy_resume_replays_the_run(base_dir, tmp_path, kill_after_checkpoint, monkeypatch):
+    import training.rl as rl
+    from training.checkpoint import load_trainer_state
+    monkeypatch.setattr(rl, "_reward", varied_reward)
+    straight = rl.train_rl(joint_cfg(base_dir, tmp_path / "straight", train="joint", max_steps=2)).output_dir
+    disarm = kill_after_checkpoint(rl)
+    with pytest.raises(KeyboardInterrupt):
+        rl.train_rl(joint_cfg(base_dir, tmp_path / "killed", train="joint", max_steps=2))
+    disarm()
+    state = load_trainer_state(tmp_path / "killed" / rl.CHECKPOINT)  # saved after step 1: both optimisers
+    assert state["step"] == 0 and state["optimizer"]["state"] and state["extra"]["head_optimizer"]["state"]
+    resumed = rl.train_rl(joint_cfg(base_dir, tmp_path / "killed", train="joint", max_steps=2,
+                                    resume=True)).output_dir
+    for name in ("model.safetensors", "step_policy.safetensors"):
+        assert same(weights(straight, name), weights(resumed, name)), name
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -92,6 +92,7 @@ def test_one_sampler_step_moves_only_the_head_in_the_rewarded_direction(checkpoi
 @pytest.mark.parametrize("kw, match", [
     (dict(train="model"), "--train model is not supported.*mask tokens"),
     (dict(train="joint"), "--train joint is not supported"),
+    (dict(train="joint", sampler_kind="policy"), "--train joint is not supported.*mask tokens"),
     (dict(sampler_kind="policy"), "--sampler-kind policy"),
     (dict(cache="prefix"), "--cache is a masked-sampler setting"),
     (dict(block_length=4), "--block-length"),

@@ -8,10 +8,11 @@ of the current block is labelled 1 when the model's argmax there already equals 
 those labels by binary cross-entropy (the step oracle of FACTS.md commits exactly the label-1
 tokens).
 
-RL (``diffpo-train rl --train sampler --sampler-kind policy``): rollouts draw every commit bit from
-Bernoulli(p) and record the policy's features and bits per pass (the sampler's ``PolicyTrace``);
+RL (``diffpo-train rl --train sampler|joint --sampler-kind policy``): rollouts draw every commit bit
+from Bernoulli(p) and record the policy's features and bits per pass (the sampler's ``PolicyTrace``);
 :func:`policy_rl_loss` is group-relative REINFORCE on the sum of a rollout's decision log-probs,
-with the advantages of the speed-aware reward r * (1 - lambda NFE / NFE_max), the model frozen.
+with the advantages of the speed-aware reward r * (1 - lambda NFE / NFE_max), the model frozen
+(``sampler``) or trained by DiFFPO / d1 on the same rollouts (``joint``).
 """
 
 from __future__ import annotations

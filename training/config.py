@@ -64,7 +64,7 @@ class RLConfig:
                         "frozen) or joint (both, from the same rollouts)", choices=["model", "sampler", "joint"])
     sampler_kind: str = option("head", "the learned sampler of --train sampler/joint: head (the per-prompt "
                                "threshold head, sampler `learned`) or policy (the per-step commit policy, sampler "
-                               "`policy`; --train sampler only for now)", choices=["head", "policy"])
+                               "`policy`)", choices=["head", "policy"])
     policy_features: str = option("basic", "a new step policy's input: basic (8 per-token features of the pass) "
                                   "or basic+hidden (also the token's final hidden state)", choices=list(FEATURE_SETS))
     warm_start_prompts: int = option(4000, "a new step policy: training prompts (per task) of its supervised warm "
@@ -104,7 +104,8 @@ class RLConfig:
                                 "without sampling noise)")
     top_p: float = option(1.0, "rollout nucleus: tokens are drawn from the top-p nucleus (the importance "
                           "weight divides by that distribution)")
-    sampler: str = option("steps", "rollout sampler (sampler/joint training always use learned or policy)",
+    sampler: str = option("steps", "rollout sampler (sampler/joint training always use learned or policy; policy "
+                          "with --train model: the model's own step policy, frozen, its commits drawn)",
                           choices=list(SAMPLERS))
     threshold: float | None = option(None, "rollout sampler threshold (confidence / eb)")
     gen_length: int | None = option(None, "tokens per completion (default: the task's; 256 through a chat template)")

@@ -8,10 +8,13 @@ take mu optimiser steps on the clipped objective of :mod:`training.loss`.
 the threshold head (model frozen), by group-relative REINFORCE on r = reward * (1 - lambda NFE/NFE_max)
 over the G rollouts of a prompt, each of which drew its own gamma, or, with ``--sampler-kind policy``,
 the per-step commit policy by the same REINFORCE on the Bernoulli commit decisions of every pass
-(:mod:`training.commit_policy`; a new policy first gets a supervised warm start); ``joint`` both from the same
-rollouts (the model's loss uses each rollout's behaviour log-probs under its own gamma, and with
-``--model-reward sampler`` the same NFE-penalised reward as the head, so among correct rollouts the
-model is pushed toward those that decoded in fewer passes). The two algorithms differ
+(:mod:`training.commit_policy`; a new policy first gets a supervised warm start, from the starting model);
+``joint`` the model and the head or the policy from the same rollouts, all decoded before either update: the
+model's loss reads each rollout's commit steps and behaviour log-probs, which come from its own gamma (head)
+or its own Bernoulli commits (policy), the learned sampler takes exactly the step ``--train sampler`` would
+take on that batch, and with ``--model-reward sampler`` the model gets the same NFE-penalised reward, so
+among correct rollouts it is pushed toward those that decoded in fewer passes. ``--train model --sampler
+policy`` rolls out with the model's own step policy, frozen, its commits drawn. The two algorithms differ
 only in the likelihood surrogate (:mod:`training.likelihood`) and the importance weight:
 
   d1      one-pass mean-field log-probs, w = 1;
@@ -208,11 +211,8 @@ def train_rl(cfg: RLConfig) -> RLRun:
     recover_interrupted(ckpt)
     resuming = cfg.resume and ckpt.exists()
     train_model = cfg.train in ("model", "joint")
-    train_policy = cfg.train == "sampler" and cfg.sampler_kind == "policy"
+    train_policy = cfg.train in ("sampler", "joint") and cfg.sampler_kind == "policy"
     train_head = cfg.train in ("sampler", "joint") and cfg.sampler_kind == "head"
-    if cfg.train == "joint" and cfg.sampler_kind == "policy":
-        raise ValueError("--train joint --sampler-kind policy is not implemented yet; train the policy with "
-                         "--train sampler (model frozen)")
     base = load_model(cfg.model, dtype=cfg.dtype)
     if base.paradigm == "canvas":
         canvas_rl.check(cfg, base.path)
@@ -298,7 +298,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
         idx = torch.randint(0, len(pool), (cfg.prompts_per_step,), generator=g).tolist()
         batch = rollout(unwrapped, loaded, [pool[i] for i in idx], _reward, cfg.num_generations, params,
                         seed=step_seed * 100_000, head=head_unwrapped, chat_template=cfg.chat_template,
-                        policy=policy_unwrapped if train_policy else None)
+                        policy=policy_unwrapped if sampler == "policy" else None)
         rollout_seconds = time.perf_counter() - t0
         record = {}
         # the NFE-penalised reward, once per step: the head's, and the model's with --model-reward sampler
@@ -405,4 +405,4 @@ def _policy_update(cfg: RLConfig, policy, optimizer, accelerator, batch, r: torc
     optimizer.step()
     decisions = batch.policy_trace.candidates.sum().clamp(min=1)
     return {"sampler_reward": round(float(r.mean()), 4), "policy_loss": round(loss.item(), 5),
-            "policy_entropy_per_decision": round(float(entropy.sum() / decisions), 4)}
+            "policy_entropy_per_decision": round(float(entropy.detach().sum() / decisions), 4)}
