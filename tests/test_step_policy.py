@@ -48,7 +48,7 @@ def test_features_by_hand_on_a_tiny_model(model):
     for _ in range(3):
         canvas = state.canvas.clone()
         outs.append((canvas, denoise_step(model, state)))
-    seen_unchanged = set()
+    seen_unchanged, seen_left = set(), set()
     for s, (canvas, out) in enumerate(outs):
         with torch.no_grad():
             logits = model_logits(model, canvas, torch.ones_like(canvas, dtype=torch.bool),
@@ -65,12 +65,17 @@ def test_features_by_hand_on_a_tiny_model(model):
                 continue
             top = sorted(probs[j].tolist(), reverse=True)
             before = sum(ent[k] for k in masked if (ent[k], k) < (ent[j], j))
+            rank = sum(1 for k in masked if (ent[k], k) < (ent[j], j))
             unchanged = 0.0 if s == 0 else float(outs[s - 1][1].argmax[0, j] == out.argmax[0, j])
             seen_unchanged.add(unchanged) if s else None
-            expected = [top[0], ent[j], top[0] - top[1], before, j / 4, len(masked) / 4, unchanged, s / 4]
+            left = float(j == 0 or (j - 1) not in masked)
+            expected = [top[0], ent[j], top[0] - top[1], before, j / 4, len(masked) / 4, unchanged, s / 4,
+                        rank / 4, left, math.log(top[0]), float(ent[j] < 0.01)]
+            seen_left.add(left)
             assert f[j].tolist() == pytest.approx(expected, abs=1e-5), (s, j)
         assert out.argmax[0].tolist() == logits.argmax(-1).tolist()
     assert seen_unchanged == {0.0, 1.0}  # the run exercises both values of `unchanged` after the first pass
+    assert seen_left == {0.0, 1.0}
     assert len(FEATURE_NAMES) == out.features.shape[-1]
 
 
@@ -81,11 +86,22 @@ def test_token_features_pure_function_by_hand():
     before = torch.tensor([[0.0, 0.5, 0.1, 1.5]])
     unchanged = torch.tensor([[True, False, True, False]])
     cand = torch.tensor([[False, True, True, True]])
-    f = token_features(conf, ent, margin, before, unchanged, cand, torch.tensor([1]), torch.tensor([3]),
+    ent = torch.tensor([[0.1, 1.0, 0.005, 2.0]])
+    rank = torch.tensor([[3, 1, 0, 2]])  # ascending entropy among the candidates (column 0 is none)
+    f = token_features(conf, ent, margin, before, rank, unchanged, cand, torch.tensor([1]), torch.tensor([3]),
                        torch.tensor([2]))
     assert f[0, 0].abs().sum() == 0
-    assert f[0, 2].tolist() == pytest.approx([0.7, 0.4, 0.5, 0.1, 1 / 3, 1.0, 1.0, 2 / 3])
-    assert f[0, 3].tolist() == pytest.approx([0.2, 2.0, 0.05, 1.5, 2 / 3, 1.0, 0.0, 2 / 3])
+    # column 1 follows a committed token (column 0 is no candidate); columns 2 and 3 follow masked ones
+    assert f[0, 1].tolist() == pytest.approx([0.5, 1.0, 0.1, 0.5, 0.0, 1.0, 0.0, 2 / 3, 1 / 3, 1.0, math.log(0.5),
+                                              0.0])
+    assert f[0, 2].tolist() == pytest.approx([0.7, 0.005, 0.5, 0.1, 1 / 3, 1.0, 1.0, 2 / 3, 0.0, 0.0, math.log(0.7),
+                                              1.0])
+    assert f[0, 3].tolist() == pytest.approx([0.2, 2.0, 0.05, 1.5, 2 / 3, 1.0, 0.0, 2 / 3, 2 / 3, 0.0, math.log(0.2),
+                                              0.0])
+    # the first column's left neighbour is the previous block (or the prompt): committed
+    first = token_features(conf, ent, margin, before, rank, unchanged, torch.ones_like(cand), torch.tensor([0]),
+                           torch.tensor([4]), torch.tensor([0]))
+    assert first[0, :, FEATURE_NAMES.index("left_committed")].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- decisions

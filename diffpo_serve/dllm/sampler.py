@@ -578,10 +578,10 @@ def _policy_step(state: BatchState, rows, policy_rows, probs, confidence, entrop
     """The step policy's part of a pass, in block positions (r, K; ``cols`` the generation position of each):
     its features for the running rows, and for ``policy`` rows their commits (greedy or drawn) with the
     decisions' log-prob added to ``state.policy_logprob``. Returns (features, decisions, commit)."""
-    before, _ = entropy_before(entropy, candidates)
+    before, rank = entropy_before(entropy, candidates)
     unchanged = argmax == state.prev_argmax[rows].gather(1, cols)
     # block positions: column k of the block sits at (k - 0) / block size
-    features = token_features(confidence, entropy, top2_margin(probs), before, unchanged, candidates,
+    features = token_features(confidence, entropy, top2_margin(probs), before, rank, unchanged, candidates,
                               torch.zeros_like(block_size), block_size, state.block_step[rows])
     if hidden is not None:
         features = torch.cat([features, hidden.float() * candidates[..., None]], -1)

@@ -17,6 +17,12 @@ Features (per masked token of the current block, all read from the pass the samp
   6 unchanged        1 if the argmax equals the previous pass's argmax at this position, else 0
                      (0 in a row's first pass; the previous argmax is kept in the sampler's BatchState)
   7 pass_index       forward passes already taken in this block / block size
+  8 entropy_rank     rank of the token's entropy among the block's masked tokens (0 = lowest) / block size
+  9 left_committed   1 if the position before it holds a token (committed, or the previous block/prompt)
+ 10 log_confidence   log p(argmax) (resolves confidences near 1, where most commits happen)
+ 11 near_certain     1 if the entropy is below 0.01 nats
+
+(8-11 are the extra features of FACTS.md's supervised probe, which needed 19-25% fewer passes than EB.)
 
 With ``features="basic+hidden"`` the token's final hidden state is appended. A small MLP maps the
 (standardised) features to a logit; its sigmoid is the commit probability p.
@@ -45,7 +51,8 @@ from torch import nn
 
 WEIGHTS, CONFIG = "step_policy.safetensors", "step_policy.json"
 FEATURE_NAMES = ("confidence", "entropy", "margin", "entropy_before", "position", "masked_fraction", "unchanged",
-                 "pass_index")
+                 "pass_index", "entropy_rank", "left_committed", "log_confidence", "near_certain")
+NEAR_CERTAIN = 0.01  # nats: the `near_certain` flag
 FEATURE_SETS = ("basic", "basic+hidden")
 DEFAULT_OPERATING_POINT = 0.5
 
@@ -63,12 +70,14 @@ def top2_margin(probs: torch.Tensor) -> torch.Tensor:
 
 
 def token_features(confidence: torch.Tensor, entropy: torch.Tensor, margin: torch.Tensor, before: torch.Tensor,
-                   unchanged: torch.Tensor, candidates: torch.Tensor, block_start: torch.Tensor,
+                   rank: torch.Tensor, unchanged: torch.Tensor, candidates: torch.Tensor, block_start: torch.Tensor,
                    block_size: torch.Tensor, block_step: torch.Tensor) -> torch.Tensor:
-    """The basic features (b, n, 8) in :data:`FEATURE_NAMES` order; zeros outside ``candidates``.
+    """The basic features (b, n, 12) in :data:`FEATURE_NAMES` order; zeros outside ``candidates``.
 
-    confidence, entropy, margin, before (EB's entropy before each candidate), unchanged (bool),
-    candidates (bool): (b, n) over the generation region; block_start, block_size, block_step: (b,).
+    confidence, entropy, margin, before (EB's entropy before each candidate), rank (its entropy rank among
+    the candidates, 0 = lowest), unchanged (bool), candidates (bool): (b, n) over consecutive positions
+    (column ``block_start`` is the block's first; the position before column 0 holds a token);
+    block_start, block_size, block_step: (b,).
     """
     n = confidence.shape[-1]
     size = block_size.to(confidence.dtype).clamp(min=1)[:, None]
@@ -76,8 +85,11 @@ def token_features(confidence: torch.Tensor, entropy: torch.Tensor, margin: torc
     position = (j - block_start[:, None]).to(confidence.dtype) / size
     masked_fraction = (candidates.sum(-1, keepdim=True).to(confidence.dtype) / size).expand(-1, n)
     pass_index = (block_step.to(confidence.dtype)[:, None] / size).expand(-1, n)
+    left_committed = torch.cat([torch.ones_like(candidates[:, :1]), ~candidates[:, :-1]], -1)
     feats = torch.stack([confidence, entropy, margin, before, position, masked_fraction,
-                         unchanged.to(confidence.dtype), pass_index], -1)
+                         unchanged.to(confidence.dtype), pass_index, rank.to(confidence.dtype) / size,
+                         left_committed.to(confidence.dtype), confidence.clamp(min=1e-12).log(),
+                         (entropy < NEAR_CERTAIN).to(confidence.dtype)], -1)
     return feats * candidates[..., None].to(feats.dtype)
 
 
