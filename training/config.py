@@ -65,7 +65,7 @@ class RLConfig:
     sampler_kind: str = option("head", "the learned sampler of --train sampler/joint: head (the per-prompt "
                                "threshold head, sampler `learned`) or policy (the per-step commit policy, sampler "
                                "`policy`)", choices=["head", "policy"])
-    policy_features: str = option("basic", "a new step policy's input: basic (8 per-token features of the pass) "
+    policy_features: str = option("basic", "a new step policy's input: basic (12 per-token features of the pass) "
                                   "or basic+hidden (also the token's final hidden state)", choices=list(FEATURE_SETS))
     warm_start_prompts: int = option(4000, "a new step policy: training prompts (per task) of its supervised warm "
                                      "start (label: the argmax equals the full-step answer's token; 0: no warm start)")
