@@ -80,6 +80,22 @@ def test_sudoku_generator():
             assert 4 <= puzzle.count("0") <= 12
             assert all(p in ("0", s) for p, s in zip(puzzle, sol))
             assert sudoku.reward(ex["answer"], ex) == 1.0
+            # exactly one grid completes it (brute force over all 288)
+            assert [g for g in sudoku.all_grids() if all(p in ("0", c) for p, c in zip(puzzle, g))] == [sol]
+    # the blank counts stay uniform over 4-12 (uniqueness redraws the cells, not the count)
+    counts = [p.count("0") for p in sudoku.make_dataset("test", 900, seed=0)["puzzle"]]
+    assert set(counts) == set(range(4, 13)) and all(60 <= counts.count(k) <= 140 for k in range(4, 13))
+
+
+def test_sudoku_solution_count_by_hand():
+    grid = "1234341221434321"
+    assert sudoku.is_valid_solution(grid) and sudoku.solution_count(grid) == 1
+    assert sudoku.solution_count("0" * 16) == 288
+    # blanking cells 0, 1, 8, 9 (columns 0-1 of rows 0 and 2) lets "12" / "21" there swap: two grids
+    two = "0034341200434321"
+    assert {g for g in sudoku.all_grids() if all(p in ("0", c) for p, c in zip(two, g))} == {grid, "2134341212434321"}
+    assert sudoku.solution_count(two) == 2
+    assert sudoku.solution_count("1134" + grid[4:]) == 0  # a given that breaks a row
 
 
 def test_sudoku_reward():

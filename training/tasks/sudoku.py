@@ -1,5 +1,10 @@
 """4x4 sudoku task: grid enumeration, train/test split by solution grid,
-puzzle generation, CSV loading (Puzzle,Solution) and the blank-cell reward."""
+puzzle generation, CSV loading (Puzzle,Solution) and the blank-cell reward.
+
+Generated puzzles have exactly one solution, as published sudoku sets do: the reward compares the filled
+blanks with the one solution, so a puzzle that several grids complete would score a right answer as wrong.
+(Blanking 4-12 random cells without that check left 33% of 1,000 test puzzles ambiguous, which capped cell
+accuracy near 0.89 whatever the model.)"""
 
 from __future__ import annotations
 
@@ -54,6 +59,26 @@ def all_grids() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=None)
+def _digit_sets() -> list[list[int]]:
+    """For each cell and digit 1-4, the set of grids (a bit per grid of :func:`all_grids`) holding that digit there."""
+    sets = [[0] * 5 for _ in range(16)]
+    for k, grid in enumerate(all_grids()):
+        for i, ch in enumerate(grid):
+            sets[i][int(ch)] |= 1 << k
+    return sets
+
+
+def solution_count(puzzle: str) -> int:
+    """How many valid grids complete ``puzzle`` (16 chars, '0' for a blank): those that agree with every given."""
+    sets = _digit_sets()
+    consistent = (1 << len(all_grids())) - 1
+    for i, ch in enumerate(puzzle):
+        if ch != "0":
+            consistent &= sets[i][int(ch)]
+    return bin(consistent).count("1")
+
+
+@lru_cache(maxsize=None)
 def split_grids(split: str) -> tuple[str, ...]:
     """The solution grids reserved for `split` (disjoint; 230 train / 58 test)."""
     check_split(split, 0)
@@ -86,9 +111,13 @@ def make_dataset(split: str, n: int, seed: int = 0) -> datasets.Dataset:
     rng = make_rng(NAME, split, seed)
     rows = []
     for _ in range(n):
-        solution = rng.choice(grids)
-        blanks = set(rng.sample(range(16), rng.randint(MIN_BLANKS, MAX_BLANKS)))
-        puzzle = "".join("0" if i in blanks else ch for i, ch in enumerate(solution))
+        k = rng.randint(MIN_BLANKS, MAX_BLANKS)  # uniform, as before uniqueness was required
+        while True:  # blank sets of k cells whose puzzle has more than one solution are redrawn
+            solution = rng.choice(grids)
+            blanks = set(rng.sample(range(16), k))
+            puzzle = "".join("0" if i in blanks else ch for i, ch in enumerate(solution))
+            if solution_count(puzzle) == 1:
+                break
         rows.append(_row(puzzle, solution))
     return _to_dataset(rows)
 
