@@ -300,6 +300,45 @@ def test_reference_kl_uses_the_frozen_reference(spy):
     torch.testing.assert_close(got, want)
 
 
+def test_the_update_centres_the_rewards_it_is_given_with_its_std_scaling_and_clip(spy):
+    """The advantages come from the ``rewards`` argument (the model's reward: the task's, or the NFE-penalised
+    one), not from the batch's task rewards; ``scale_std`` divides each group by its own std; epsilon and
+    beta reach the loss."""
+    model = tiny_model(seed=3, init=0.3)
+    batch = make_batch(model, PROMPTS[:2], 3, [1, 0, 0, 1, 1, 0], temperature=1.0, **EB)
+    given = torch.tensor([0.9, 0.3, 0.0, 0.2, 0.8, 0.8])
+    update(cfg(num_generations=3, scale_std=True, epsilon=0.3), model, batch, rewards=given)
+    (_, _, adv, _), kw = spy.loss[0]
+    std1, std2 = math.sqrt((0.5 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 3), math.sqrt((0.4 ** 2 + 2 * 0.2 ** 2) / 3)
+    want = torch.tensor([0.5, -0.1, -0.4, -0.4, 0.2, 0.2]) / (torch.tensor([std1] * 3 + [std2] * 3) + 1e-4)
+    torch.testing.assert_close(adv, want)
+    assert kw["epsilon"] == 0.3 and kw["beta"] == 0.0
+
+
+@pytest.mark.parametrize("algo", ["d1", "diffpo"])
+def test_one_prompt_mask_and_tau_serve_the_current_old_and_reference_models(spy, algo):
+    """With p_mask > 0 each inner step draws one prompt mask (and tau) and scores the current, old and
+    reference models under it: before any update the three surrogates are equal (the reference is the
+    same weights), and the mask really masked (they differ from the unmasked surrogate)."""
+    model = tiny_model(seed=3, init=0.3)
+    batch = make_batch(model, PROMPTS, 2, [1, 0, 0, 1, 1, 0], temperature=1.0, **EB)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no step: the current model stays the old one
+    rl._model_update(cfg(algo=algo, beta=0.1, p_mask=0.5, num_iterations=2), model, model, copy.deepcopy(model),
+                     optimizer, Accelerator(cpu=True), batch, batch.rewards, torch.Generator().manual_seed(0), MASK)
+    no_mask = torch.zeros_like(batch.prompt_attention)
+    with torch.no_grad():
+        unmasked = mean_field_logprobs(model, batch.prompt_ids, batch.prompt_attention, batch.completion, no_mask,
+                                       MASK)
+    scoredm = batch.commit_step >= 0
+    olds = []
+    for (logp, old, _, _), kw in spy.loss:
+        torch.testing.assert_close(logp, old, atol=1e-6, rtol=0)
+        torch.testing.assert_close(kw["logp_ref"], old, atol=1e-6, rtol=0)
+        olds.append(old)
+    assert (olds[0] - unmasked)[scoredm].abs().max() > 1e-3
+    assert (olds[0] - olds[1])[scoredm].abs().max() > 1e-3  # a fresh mask (and tau) per inner step
+
+
 # ----------------------------------------------------------------------------- the threshold head
 
 def head_batch(features, choice):
@@ -381,15 +420,15 @@ def test_policy_update_is_group_relative_reinforce_by_hand():
     one row's step moves the others too: only the difference within a group is the update's own)."""
     policy, batch = policy_batch()
     trace = batch.policy_trace
-    r = torch.tensor([1.0, 0.0, 0.2, 0.8])
-    adv = torch.tensor([0.5, -0.5, -0.3, 0.3])
+    r = torch.tensor([1.0, 0.0, 0.2, 0.6])  # group means 0.5 and 0.4
+    adv = torch.tensor([0.5, -0.5, -0.2, 0.2])
     logp, entropy = rollout_logp_and_entropy(policy, trace)
     stats = policy_update(cfg(entropy_coef=0.1), policy, batch, r, lr=0.01)
     want_loss = -(adv * logp).mean() - 0.1 * entropy.mean()
     assert stats["policy_loss"] == pytest.approx(want_loss.item(), abs=2e-5)
     assert stats["policy_entropy_per_decision"] == pytest.approx(float(entropy.sum() / trace.candidates.sum()),
                                                                  abs=1e-4)
-    assert stats["sampler_reward"] == pytest.approx(0.5)
+    assert stats["sampler_reward"] == pytest.approx(0.45)
     after, _ = rollout_logp_and_entropy(policy, trace)
     delta = after - logp
     assert delta[0] - delta[1] > 0.1 and delta[3] - delta[2] > 0.1, delta
@@ -448,6 +487,12 @@ def test_rollout_groups_rows_by_prompt_and_scores_each_with_its_own_example(load
         not torch.equal(batch.completion[2], batch.completion[3])
 
 
+def test_a_rollout_is_exact_at_full_reward_only():
+    """The accuracy the trainer logs counts rewards of 1 (a partial reward below 1 is not exact)."""
+    batch = make_batch(tiny_model(seed=3, init=0.3), PROMPTS[:2], 2, [1.0, 0.99, 0.0, 1.0], **EB)
+    assert batch.exact.tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
 def test_train_rl_hands_its_settings_to_rollouts_and_updates(loaded, tmp_path, monkeypatch):
     """One joint step of train_rl: the rollouts get the configured G, temperature and top-p (gamma from
     the head), the head learns from the NFE-penalised reward and the model from the task reward."""
@@ -483,3 +528,33 @@ def test_train_rl_hands_its_settings_to_rollouts_and_updates(loaded, tmp_path, m
     batch = seen["batch"]
     assert torch.equal(seen["model_rewards"], batch.rewards) and (batch.rewards > 0).all()
     torch.testing.assert_close(seen["head_rewards"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+
+
+def test_train_rl_hands_the_step_policy_its_rollouts_and_the_nfe_penalised_reward(loaded, tmp_path, monkeypatch):
+    """One --train sampler --sampler-kind policy step: the rollouts draw their commits from the policy being
+    trained, and its update gets r = reward * (1 - lambda NFE / NFE_max) of those very rollouts."""
+    from training.loss import sampler_reward
+    seen = {}
+    real_rollout, real_update = rl.rollout, rl._policy_update
+
+    def spy_rollout(*args, **kw):
+        seen["policy"], seen["params"] = kw.get("policy"), args[5]
+        seen["batch"] = real_rollout(*args, **kw)
+        return seen["batch"]
+
+    def spy_update(c, policy, opt, acc, batch, r):
+        seen["updated"], seen["r"] = policy, r.clone()
+        return real_update(c, policy, opt, acc, batch, r)
+
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "_policy_update", spy_update)
+    monkeypatch.setattr(rl, "_reward", lambda text, example: 1.0 if len(text) % 2 else 0.5)  # never 0
+    config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
+                      num_generations=3, prompts_per_step=2, max_steps=1, save_every=1, gen_length=16, lam=0.5,
+                      train="sampler", sampler_kind="policy", warm_start_prompts=0, temperature=0.0)
+    rl.train_rl(config)
+    batch = seen["batch"]
+    assert seen["params"].sampler == "policy" and seen["policy"] is not None
+    assert seen["updated"] is seen["policy"] and batch.policy_trace is not None
+    assert (batch.nfe > 1).any() and (batch.nfe < 16).any()
+    torch.testing.assert_close(seen["r"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
