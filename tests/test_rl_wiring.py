@@ -61,13 +61,20 @@ def update(config, model, batch, rewards=None, seed=0, lr=0.05):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records every call of the trainer's policy_loss (args, kwargs) and draw_tau (num_steps, tau)."""
-    calls = SimpleNamespace(loss=[], tau=[])
-    real_loss, real_tau = rl.policy_loss, rl.draw_tau
+    """Records every call of the trainer's policy_loss (args, kwargs; its stats in ``stats``), draw_tau
+    (num_steps, tau) and the gradient clipping (the norm it returned, in ``norms``)."""
+    calls = SimpleNamespace(loss=[], stats=[], tau=[], norms=[])
+    real_loss, real_tau, real_clip = rl.policy_loss, rl.draw_tau, Accelerator.clip_grad_norm_
 
     def loss(*args, **kw):
         calls.loss.append((tuple(a.detach().clone() for a in args), dict(kw)))
-        return real_loss(*args, **kw)
+        out = real_loss(*args, **kw)
+        calls.stats.append(out[1])
+        return out
+
+    def clip(self, *args, **kw):
+        calls.norms.append(float(real_clip(self, *args, **kw)))
+        return calls.norms[-1]
 
     def tau(num_steps, generator=None):
         t = real_tau(num_steps, generator)
@@ -76,6 +83,7 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(rl, "policy_loss", loss)
     monkeypatch.setattr(rl, "draw_tau", tau)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
     return calls
 
 
@@ -132,9 +140,15 @@ def test_trainer_is_weight_advantages_and_mask_by_hand(spy, temperature):
     prompts = [p for p in PROMPTS[:2] for _ in range(3)]
     batch = make_batch(model, PROMPTS[:2], 3, [1, 0, 0, 1, 1, 0], temperature=temperature, **EB)
     before = copy.deepcopy(model)
-    update(cfg(num_generations=3, num_iterations=2, C=3.0), model, batch, lr=0.5)
+    metrics = update(cfg(num_generations=3, num_iterations=2, C=3.0), model, batch, lr=0.5)
 
     assert len(spy.loss) == 2 and len(spy.tau) == 2
+    # the metrics are the inner steps' means
+    for name in ("loss", "kl", "ratio_clip_fraction", "is_clip_fraction", "mean_is_weight"):
+        values = [getattr(s, name) for s in spy.stats]
+        assert metrics[name] == pytest.approx(sum(values) / 2, abs=1e-4), name
+    assert len(spy.norms) == 2 and spy.norms[0] != spy.norms[1]
+    assert metrics["grad_norm"] == pytest.approx(sum(spy.norms) / 2, abs=1e-4)
     mask = batch.commit_step >= 0
     for (num_steps, tau), ((logp, old, adv, token_mask), kw) in zip(spy.tau, spy.loss):
         assert torch.equal(num_steps, batch.nfe)
@@ -378,8 +392,14 @@ def test_head_update_is_group_relative_reinforce(monkeypatch):
     choice = torch.tensor([0, 1, 2, 3, 1, 2])
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
     before = head.log_prob(features, choice)
-    head_update(cfg(entropy_coef=0.0), head, head_batch(features, choice), r, lr=0.05)
+    with torch.no_grad():
+        entropy = head.distribution(features).entropy()
+        want_loss = -(torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) * before).mean() - 0.2 * entropy.mean()
+    stats = head_update(cfg(entropy_coef=0.2), head, head_batch(features, choice), r, lr=0.05)
     torch.testing.assert_close(seen[0], torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0, 0.0]))
+    assert stats["sampler_reward"] == pytest.approx(0.5)
+    assert stats["head_loss"] == pytest.approx(want_loss.item(), abs=1e-5)
+    assert stats["head_entropy"] == pytest.approx(entropy.mean().item(), abs=1e-4)
     delta = head.log_prob(features, choice) - before
     assert delta[0] > 0 and delta[1] < 0, delta
 
