@@ -8,8 +8,8 @@ import torch
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.loading import ModelLoadError, load_model, model_logits
 from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, generate, init_state
-from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, StepPolicy, decision_logprob, load_policy, policy_commits,
-                                           token_features)
+from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, StepPolicy, decision_entropy, decision_logprob, load_policy,
+                                           policy_commits, token_features)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -110,6 +110,26 @@ def test_decision_logprob_by_hand():
     cand = torch.tensor([True, True, True, False])
     expected = math.log(0.2) + math.log(0.3) + math.log(0.9)  # the non-candidate does not count
     assert float(decision_logprob(prob, bits, cand)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_decision_entropy_by_hand():
+    prob = torch.tensor([0.5, 0.2, 0.9])
+    cand = torch.tensor([True, True, False])
+    expected = math.log(2) - (0.2 * math.log(0.2) + 0.8 * math.log(0.8))  # the non-candidate does not count
+    assert float(decision_entropy(prob, cand)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_saturated_decisions_stay_finite_at_eps():
+    """A saturated policy (p = 0 or 1) is clamped to [eps, 1 - eps]: the unlikely bit costs log(eps), and
+    the entropy is the clamped Bernoulli's, both finite (no -inf or NaN reaches the REINFORCE loss)."""
+    eps = 1e-6
+    prob = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    bits = torch.tensor([False, True, True, False])
+    one = torch.tensor([True, True, False, False])
+    assert float(decision_logprob(prob, bits, one)) == pytest.approx(2 * math.log(eps), rel=1e-3)
+    assert float(decision_logprob(prob, bits, ~one)) == pytest.approx(2 * math.log(1 - eps), abs=1e-5)
+    h = -(eps * math.log(eps) + (1 - eps) * math.log(1 - eps))
+    assert float(decision_entropy(prob, one)) == pytest.approx(2 * h, rel=1e-2)
 
 
 def test_constant_policies_commit_a_block_per_pass_or_one_token_per_pass(model):
