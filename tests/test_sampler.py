@@ -176,6 +176,8 @@ def test_behaviour_distribution_by_hand():
     torch.testing.assert_close(q[2], logp.flip(-1)[0])
     q = sampling_logprobs(logp3, torch.tensor([0.0, 0.0, 1.0]), torch.ones(3))  # no nucleus anywhere
     assert q[0, 0].tolist() == [-inf, -inf, -inf, 0.0] and q[1, 0].tolist() == [0.0, -inf, -inf, -inf]
+    q = sampling_logprobs(logp3[:2], torch.zeros(2), torch.ones(2))  # an all-greedy batch
+    assert q[0, 0].tolist() == [-inf, -inf, -inf, 0.0] and q[1, 0].tolist() == [0.0, -inf, -inf, -inf]
 
 
 def test_recorded_logprob_is_the_behaviour_distribution(model):
