@@ -3,7 +3,9 @@
 Each mutant changes one AST node (a flipped + / - or * / /, a comparison's strictness, a dropped minus
 or ``not``, mean <-> sum, min <-> max, exp <-> log, a ``dim=`` swapped, the two arguments of a call
 swapped), writes the module, runs the given test files (``-x``, slow tests excluded) and restores it.
-A mutant the tests pass "survived": either the suite misses that bug or the change is equivalent.
+A mutant the tests pass "survived": either the suite misses that bug or the change is equivalent. One whose
+tests run past MUTATE_TIMEOUT seconds (environment, default 300; a mutant can stall the sampler's loop)
+counts as killed (rc -9).
 Results go to OUT.jsonl (one line per mutant; a rerun skips those done).
 
 Run it in a scratch copy of the repository, never in a working tree (it rewrites the modules):
@@ -18,6 +20,7 @@ source order (unfiltered), so differently filtered runs of one module share OUT.
 """
 import ast
 import json
+import os
 import subprocess
 import sys
 import time
@@ -122,7 +125,7 @@ def main():
             try:
                 r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                                     "-m", "not slow", *tests.split(",")], capture_output=True, text=True,
-                                   timeout=300)
+                                   timeout=float(os.environ.get("MUTATE_TIMEOUT", 300)))
                 rc = r.returncode
                 tail = r.stdout.strip().splitlines()[-1:] if r.stdout else []
             except subprocess.TimeoutExpired:
