@@ -40,12 +40,13 @@ def random_policy(seed: int = 0, threshold: float = 0.5) -> StepPolicy:
 # ----------------------------------------------------------------------------- features by hand
 
 def test_features_by_hand_on_a_tiny_model(model):
-    """Three passes of a 12-token answer in blocks of 4: every feature recomputed from the logits."""
+    """Six passes of a 12-token answer in blocks of 4 (block 0's four, block 1's first two): every feature
+    recomputed from the logits, positions and fractions relative to the row's current block."""
     prompt = [5, 6, 7]
     params = SamplingParams("eb", gen_length=12, block_length=4, threshold=0.0)  # one token per pass
     state = init_state([prompt], params, **IDS, trace_features=True)
     outs = []
-    for _ in range(3):
+    for _ in range(6):
         canvas = state.canvas.clone()
         outs.append((canvas, denoise_step(model, state)))
     seen_unchanged = set()
@@ -55,8 +56,9 @@ def test_features_by_hand_on_a_tiny_model(model):
                                   torch.arange(canvas.shape[1])[None])[0, 3:].double()
         logits[:, MASK] = float("-inf")
         probs = torch.softmax(logits, -1)
-        masked = [j for j in range(4) if canvas[0, 3 + j] == MASK]  # block 0 is positions 0..3
-        assert len(masked) == 4 - s
+        start, step = 4 * (s // 4), s % 4  # the current block's first position, the pass within the block
+        masked = [j for j in range(start, start + 4) if canvas[0, 3 + j] == MASK]
+        assert len(masked) == 4 - step
         ent = {j: -sum(float(q) * math.log(float(q)) for q in probs[j] if q > 0) for j in masked}
         f = out.features[0]
         for j in range(12):
@@ -67,9 +69,10 @@ def test_features_by_hand_on_a_tiny_model(model):
             before = sum(ent[k] for k in masked if (ent[k], k) < (ent[j], j))
             unchanged = 0.0 if s == 0 else float(outs[s - 1][1].argmax[0, j] == out.argmax[0, j])
             seen_unchanged.add(unchanged) if s else None
-            expected = [top[0], ent[j], top[0] - top[1], before, j / 4, len(masked) / 4, unchanged, s / 4]
+            expected = [top[0], ent[j], top[0] - top[1], before, (j - start) / 4, len(masked) / 4, unchanged,
+                        step / 4]
             assert f[j].tolist() == pytest.approx(expected, abs=1e-5), (s, j)
-        assert out.argmax[0].tolist() == logits.argmax(-1).tolist()
+        assert out.argmax[0, start:].tolist() == logits.argmax(-1)[start:].tolist()  # the block and after it
     assert seen_unchanged == {0.0, 1.0}  # the run exercises both values of `unchanged` after the first pass
     assert len(FEATURE_NAMES) == out.features.shape[-1]
 
@@ -272,6 +275,8 @@ def test_hidden_state_features_reach_the_policy(model):
     cand0 = out.policy_trace.candidates[:, 0]
     pw = max(len(p) for p in PROMPTS[:2])
     assert torch.allclose(f[:, 0, :, len(FEATURE_NAMES):][cand0], hidden[:, pw:][cand0], atol=1e-5)
+    assert (f[~out.policy_trace.candidates] == 0).all()  # hidden states too are zero off the candidates
+    assert torch.isfinite(out.policy_logprob).all()
 
 
 def _first_pass_inputs(prompts, gen):
