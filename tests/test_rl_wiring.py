@@ -8,6 +8,7 @@ independently (forward passes on unpadded inputs, the formulas written out).
 """
 
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -548,6 +549,17 @@ def test_train_rl_hands_its_settings_to_rollouts_and_updates(loaded, tmp_path, m
     batch = seen["batch"]
     assert torch.equal(seen["model_rewards"], batch.rewards) and (batch.rewards > 0).all()
     torch.testing.assert_close(seen["head_rewards"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+    # the step's metrics line, by hand from the batch
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    groups = batch.rewards.view(2, 3)
+    assert (record["step"], record["rollouts"]) == (1, 6)
+    assert record["reward"] == pytest.approx(float(batch.rewards.mean()), abs=1e-4)
+    assert record["accuracy"] == pytest.approx(float((batch.rewards >= 1).float().mean()), abs=1e-4)
+    assert record["mean_nfe"] == pytest.approx(float(batch.nfe.float().mean()), abs=1e-3)
+    assert record["mean_threshold"] == pytest.approx(float(batch.threshold.mean()), abs=1e-5)
+    assert record["zero_variance_groups"] == int((groups.max(1).values == groups.min(1).values).sum())
+    assert 0 < record["step_seconds"] < 120
+    assert record["rollouts_per_second"] >= 6 / record["step_seconds"]  # the rollouts are part of the step
 
 
 def test_train_rl_hands_the_step_policy_its_rollouts_and_the_nfe_penalised_reward(loaded, tmp_path, monkeypatch):
@@ -578,3 +590,31 @@ def test_train_rl_hands_the_step_policy_its_rollouts_and_the_nfe_penalised_rewar
     assert seen["updated"] is seen["policy"] and batch.policy_trace is not None
     assert (batch.nfe > 1).any() and (batch.nfe < 16).any()
     torch.testing.assert_close(seen["r"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+
+
+def test_train_rl_model_alone_can_learn_from_the_nfe_penalised_reward(loaded, tmp_path, monkeypatch):
+    """--train model --model-reward sampler (no head): the model's update still gets
+    r = reward * (1 - lambda NFE / NFE_max) of the step's rollouts."""
+    from training.loss import sampler_reward
+    seen = {}
+    real_rollout, real_model = rl.rollout, rl._model_update
+
+    def spy_rollout(*args, **kw):
+        seen["batch"] = real_rollout(*args, **kw)
+        return seen["batch"]
+
+    def spy_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest):
+        seen["rewards"] = rewards.clone()
+        return real_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest)
+
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "_model_update", spy_model)
+    monkeypatch.setattr(rl, "_reward", lambda text, example: 1.0 if len(text) % 2 else 0.5)
+    config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
+                      num_generations=2, prompts_per_step=2, num_iterations=1, max_steps=1, save_every=1,
+                      gen_length=16, sampler="eb", threshold=3.0, temperature=1.0, lam=0.5, train="model",
+                      model_reward="sampler", beta=0.0)
+    rl.train_rl(config)
+    batch = seen["batch"]
+    assert (batch.nfe < 16).any()
+    torch.testing.assert_close(seen["rewards"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
