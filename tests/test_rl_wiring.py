@@ -618,3 +618,32 @@ def test_train_rl_model_alone_can_learn_from_the_nfe_penalised_reward(loaded, tm
     batch = seen["batch"]
     assert (batch.nfe < 16).any()
     torch.testing.assert_close(seen["rewards"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+
+
+def test_train_rl_evaluates_logs_and_saves_on_schedule(loaded, tmp_path, monkeypatch):
+    """Five steps with eval_every 3, log_every 4, save_every 3: evaluations before the first step and after
+    steps 3 and 5 (the last); metric lines for steps 0, 3 (eval), 4 (log) and 5 (eval); checkpoints after
+    steps 3 and 5. (Periods of 3 and 4 tell step + 1 from step - 1.)"""
+    done, evals, saves = [], [], []
+    real_rollout = rl.rollout
+
+    def spy_rollout(*args, **kw):
+        done.append(1)
+        return real_rollout(*args, **kw)
+
+    def spy_eval(*args, **kw):
+        evals.append(len(done))
+        return {"eval_sudoku_accuracy": 0.0}
+
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "evaluate_tasks", spy_eval)
+    monkeypatch.setattr(rl, "save_checkpoint", lambda *a, **kw: saves.append(kw["step"] + 1))
+    monkeypatch.setattr(rl, "_export", lambda *a, **kw: None)
+    config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
+                      num_generations=2, prompts_per_step=1, num_iterations=1, max_steps=5, eval_every=3,
+                      log_every=4, save_every=3, gen_length=8, sampler="eb", threshold=3.0, beta=0.0)
+    rl.train_rl(config)
+    assert evals == [0, 3, 5]
+    assert saves == [3, 5]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 3, 4, 5]
