@@ -143,3 +143,16 @@ def test_sampler_training_of_the_step_policy(base_dir, tmp_path):
         train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "h"), train="sampler", sampler_kind="policy",
                           policy_features="basic+hidden", cache="prefix"))
     assert not (tmp_path / "h").exists()
+
+
+def test_a_warm_start_alone_is_exported(base_dir, tmp_path):
+    """max_steps 0: no RL step, but the warm-started policy is written beside the model, loadable."""
+    from diffpo_serve.dllm.loading import load_model
+    from training.config import RLConfig
+    from training.rl import train_rl
+    cfg = RLConfig(model=str(base_dir), output_dir=str(tmp_path / "warm"), tasks="sudoku", train_examples=8,
+                   max_steps=0, gen_length=8, train="sampler", sampler_kind="policy", warm_start_prompts=4,
+                   warm_start_epochs=1)
+    out = train_rl(cfg).output_dir
+    policy = load_model(out).step_policy
+    assert policy is not None and float(policy.scale.sub(1).abs().sum()) > 0  # fitted: inputs standardised
