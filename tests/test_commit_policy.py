@@ -62,6 +62,19 @@ def test_warm_start_fit_learns_a_separable_rule():
     assert policy.shift[0] == pytest.approx(float(x[:, 0].mean()), abs=1e-5)  # inputs standardised from the data
 
 
+def test_warm_start_fit_reports_the_epochs_token_weighted_mean_bce():
+    """At lr 0 the policy stays put, so the epoch's reported BCE is the BCE over all tokens (batches of
+    unequal size weighted by their size), computed here on the standardised inputs."""
+    torch.manual_seed(0)
+    x = torch.rand(300, len(FEATURE_NAMES))
+    y = x[:, 0] > 0.5
+    policy = StepPolicy()
+    loss = fit_warm_start(policy, x, y, epochs=1, lr=0.0, batch_size=128)  # batches of 128, 128, 44
+    with torch.no_grad():
+        want = torch.nn.functional.binary_cross_entropy_with_logits(policy(x), y.float())
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+
+
 def _rollouts(model, policy, n=2):
     params = [SamplingParams("policy", gen_length=8, block_length=4, seed=3 + i) for i in range(n)]
     return generate(model, PROMPTS[:n], params, **IDS, policy=policy, sample_commits=True, return_trajectory=True)
@@ -278,3 +291,16 @@ def test_joint_policy_resume_replays_the_run(base_dir, tmp_path, kill_after_chec
         assert same(weights(straight, name), weights(resumed, name)), name
     steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_a_warm_start_alone_is_exported(base_dir, tmp_path):
+    """max_steps 0: no RL step, but the warm-started policy is written beside the model, loadable."""
+    from diffpo_serve.dllm.loading import load_model
+    from training.config import RLConfig
+    from training.rl import train_rl
+    cfg = RLConfig(model=str(base_dir), output_dir=str(tmp_path / "warm"), tasks="sudoku", train_examples=8,
+                   max_steps=0, gen_length=8, train="sampler", sampler_kind="policy", warm_start_prompts=4,
+                   warm_start_epochs=1)
+    out = train_rl(cfg).output_dir
+    policy = load_model(out).step_policy
+    assert policy is not None and float(policy.scale.sub(1).abs().sum()) > 0  # fitted: inputs standardised

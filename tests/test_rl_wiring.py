@@ -8,6 +8,7 @@ independently (forward passes on unpadded inputs, the formulas written out).
 """
 
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from accelerate import Accelerator
 import training.rl as rl
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
+from diffpo_serve.dllm.step_policy import StepPolicy
 from diffpo_serve.dllm.threshold_head import ThresholdHead
 from training.config import RLConfig
 from training.data import left_pad
@@ -60,13 +62,20 @@ def update(config, model, batch, rewards=None, seed=0, lr=0.05):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records every call of the trainer's policy_loss (args, kwargs) and draw_tau (num_steps, tau)."""
-    calls = SimpleNamespace(loss=[], tau=[])
-    real_loss, real_tau = rl.policy_loss, rl.draw_tau
+    """Records every call of the trainer's policy_loss (args, kwargs; its stats in ``stats``), draw_tau
+    (num_steps, tau) and the gradient clipping (the norm it returned, in ``norms``)."""
+    calls = SimpleNamespace(loss=[], stats=[], tau=[], norms=[])
+    real_loss, real_tau, real_clip = rl.policy_loss, rl.draw_tau, Accelerator.clip_grad_norm_
 
     def loss(*args, **kw):
         calls.loss.append((tuple(a.detach().clone() for a in args), dict(kw)))
-        return real_loss(*args, **kw)
+        out = real_loss(*args, **kw)
+        calls.stats.append(out[1])
+        return out
+
+    def clip(self, *args, **kw):
+        calls.norms.append(float(real_clip(self, *args, **kw)))
+        return calls.norms[-1]
 
     def tau(num_steps, generator=None):
         t = real_tau(num_steps, generator)
@@ -75,6 +84,7 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(rl, "policy_loss", loss)
     monkeypatch.setattr(rl, "draw_tau", tau)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
     return calls
 
 
@@ -131,9 +141,15 @@ def test_trainer_is_weight_advantages_and_mask_by_hand(spy, temperature):
     prompts = [p for p in PROMPTS[:2] for _ in range(3)]
     batch = make_batch(model, PROMPTS[:2], 3, [1, 0, 0, 1, 1, 0], temperature=temperature, **EB)
     before = copy.deepcopy(model)
-    update(cfg(num_generations=3, num_iterations=2, C=3.0), model, batch, lr=0.5)
+    metrics = update(cfg(num_generations=3, num_iterations=2, C=3.0), model, batch, lr=0.5)
 
     assert len(spy.loss) == 2 and len(spy.tau) == 2
+    # the metrics are the inner steps' means
+    for name in ("loss", "kl", "ratio_clip_fraction", "is_clip_fraction", "mean_is_weight"):
+        values = [getattr(s, name) for s in spy.stats]
+        assert metrics[name] == pytest.approx(sum(values) / 2, abs=1e-4), name
+    assert len(spy.norms) == 2 and spy.norms[0] != spy.norms[1]
+    assert metrics["grad_norm"] == pytest.approx(sum(spy.norms) / 2, abs=1e-4)
     mask = batch.commit_step >= 0
     for (num_steps, tau), ((logp, old, adv, token_mask), kw) in zip(spy.tau, spy.loss):
         assert torch.equal(num_steps, batch.nfe)
@@ -299,6 +315,45 @@ def test_reference_kl_uses_the_frozen_reference(spy):
     torch.testing.assert_close(got, want)
 
 
+def test_the_update_centres_the_rewards_it_is_given_with_its_std_scaling_and_clip(spy):
+    """The advantages come from the ``rewards`` argument (the model's reward: the task's, or the NFE-penalised
+    one), not from the batch's task rewards; ``scale_std`` divides each group by its own std; epsilon and
+    beta reach the loss."""
+    model = tiny_model(seed=3, init=0.3)
+    batch = make_batch(model, PROMPTS[:2], 3, [1, 0, 0, 1, 1, 0], temperature=1.0, **EB)
+    given = torch.tensor([0.9, 0.3, 0.0, 0.2, 0.8, 0.8])
+    update(cfg(num_generations=3, scale_std=True, epsilon=0.3), model, batch, rewards=given)
+    (_, _, adv, _), kw = spy.loss[0]
+    std1, std2 = math.sqrt((0.5 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 3), math.sqrt((0.4 ** 2 + 2 * 0.2 ** 2) / 3)
+    want = torch.tensor([0.5, -0.1, -0.4, -0.4, 0.2, 0.2]) / (torch.tensor([std1] * 3 + [std2] * 3) + 1e-4)
+    torch.testing.assert_close(adv, want)
+    assert kw["epsilon"] == 0.3 and kw["beta"] == 0.0
+
+
+@pytest.mark.parametrize("algo", ["d1", "diffpo"])
+def test_one_prompt_mask_and_tau_serve_the_current_old_and_reference_models(spy, algo):
+    """With p_mask > 0 each inner step draws one prompt mask (and tau) and scores the current, old and
+    reference models under it: before any update the three surrogates are equal (the reference is the
+    same weights), and the mask really masked (they differ from the unmasked surrogate)."""
+    model = tiny_model(seed=3, init=0.3)
+    batch = make_batch(model, PROMPTS, 2, [1, 0, 0, 1, 1, 0], temperature=1.0, **EB)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no step: the current model stays the old one
+    rl._model_update(cfg(algo=algo, beta=0.1, p_mask=0.5, num_iterations=2), model, model, copy.deepcopy(model),
+                     optimizer, Accelerator(cpu=True), batch, batch.rewards, torch.Generator().manual_seed(0), MASK)
+    no_mask = torch.zeros_like(batch.prompt_attention)
+    with torch.no_grad():
+        unmasked = mean_field_logprobs(model, batch.prompt_ids, batch.prompt_attention, batch.completion, no_mask,
+                                       MASK)
+    scoredm = batch.commit_step >= 0
+    olds = []
+    for (logp, old, _, _), kw in spy.loss:
+        torch.testing.assert_close(logp, old, atol=1e-6, rtol=0)
+        torch.testing.assert_close(kw["logp_ref"], old, atol=1e-6, rtol=0)
+        olds.append(old)
+    assert (olds[0] - unmasked)[scoredm].abs().max() > 1e-3
+    assert (olds[0] - olds[1])[scoredm].abs().max() > 1e-3  # a fresh mask (and tau) per inner step
+
+
 # ----------------------------------------------------------------------------- the threshold head
 
 def head_batch(features, choice):
@@ -338,10 +393,75 @@ def test_head_update_is_group_relative_reinforce(monkeypatch):
     choice = torch.tensor([0, 1, 2, 3, 1, 2])
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
     before = head.log_prob(features, choice)
-    head_update(cfg(entropy_coef=0.0), head, head_batch(features, choice), r, lr=0.05)
+    with torch.no_grad():
+        entropy = head.distribution(features).entropy()
+        want_loss = -(torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) * before).mean() - 0.2 * entropy.mean()
+    stats = head_update(cfg(entropy_coef=0.2), head, head_batch(features, choice), r, lr=0.05)
     torch.testing.assert_close(seen[0], torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0, 0.0]))
+    assert stats["sampler_reward"] == pytest.approx(0.5)
+    assert stats["head_loss"] == pytest.approx(want_loss.item(), abs=1e-5)
+    assert stats["head_entropy"] == pytest.approx(entropy.mean().item(), abs=1e-4)
     delta = head.log_prob(features, choice) - before
     assert delta[0] > 0 and delta[1] < 0, delta
+
+
+# ----------------------------------------------------------------------------- the step policy
+
+def policy_batch(n_prompts=2, g=2):
+    """Sampled step-policy rollouts (G per prompt, row i seeded 3 + i) of a fresh policy, with their trace."""
+    torch.manual_seed(1)
+    policy = StepPolicy()
+    rows = [p for p in PROMPTS[:n_prompts] for _ in range(g)]
+    out = generate(tiny_model(seed=3, init=0.3), rows,
+                   [SamplingParams("policy", gen_length=8, block_length=4, seed=3 + i) for i in range(len(rows))],
+                   mask_id=MASK, eos_id=EOS, pad_id=PAD, policy=policy, sample_commits=True, return_trajectory=True)
+    return policy, SimpleNamespace(policy_trace=out.policy_trace, nfe=out.nfe)
+
+
+def policy_update(config, policy, batch, r, lr):
+    optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
+    return rl._policy_update(config, policy, optimizer, Accelerator(cpu=True), batch, r)
+
+
+def rollout_logp_and_entropy(policy, trace):
+    """Per rollout: the summed Bernoulli log-prob of its drawn bits and the summed entropy, by hand."""
+    with torch.no_grad():
+        prob = policy.probability(trace.features)
+    p = prob.clamp(1e-6, 1 - 1e-6)
+    c = trace.candidates.float()
+    logp = (torch.where(trace.decisions, p.log(), (1 - p).log()) * c).sum((1, 2))
+    entropy = (-(p * p.log() + (1 - p) * (1 - p).log()) * c).sum((1, 2))
+    return logp, entropy
+
+
+def test_policy_update_is_group_relative_reinforce_by_hand():
+    """The step policy's update: advantages centred per group (two groups, different means), the loss and
+    the per-decision entropy it reports by hand, and one step moves log pi of the bits of the rollout
+    with the positive advantage up relative to the other's in each group (the rows share one network, so
+    one row's step moves the others too: only the difference within a group is the update's own)."""
+    policy, batch = policy_batch()
+    trace = batch.policy_trace
+    r = torch.tensor([1.0, 0.0, 0.2, 0.6])  # group means 0.5 and 0.4
+    adv = torch.tensor([0.5, -0.5, -0.2, 0.2])
+    logp, entropy = rollout_logp_and_entropy(policy, trace)
+    stats = policy_update(cfg(entropy_coef=0.1), policy, batch, r, lr=0.01)
+    want_loss = -(adv * logp).mean() - 0.1 * entropy.mean()
+    assert stats["policy_loss"] == pytest.approx(want_loss.item(), abs=2e-5)
+    assert stats["policy_entropy_per_decision"] == pytest.approx(float(entropy.sum() / trace.candidates.sum()),
+                                                                 abs=1e-4)
+    assert stats["sampler_reward"] == pytest.approx(0.45)
+    after, _ = rollout_logp_and_entropy(policy, trace)
+    delta = after - logp
+    assert delta[0] - delta[1] > 0.1 and delta[3] - delta[2] > 0.1, delta
+
+
+def test_policy_update_entropy_bonus_raises_the_policys_entropy():
+    """Equal rewards (zero advantages): only the bonus acts, and the decisions' entropy rises."""
+    policy, batch = policy_batch()
+    _, before = rollout_logp_and_entropy(policy, batch.policy_trace)
+    policy_update(cfg(entropy_coef=1.0), policy, batch, torch.full((4,), 0.5), lr=0.01)
+    _, after = rollout_logp_and_entropy(policy, batch.policy_trace)
+    assert (after > before).all(), (before, after)
 
 
 # ----------------------------------------------------------------------------- the rollout
@@ -388,6 +508,12 @@ def test_rollout_groups_rows_by_prompt_and_scores_each_with_its_own_example(load
         not torch.equal(batch.completion[2], batch.completion[3])
 
 
+def test_a_rollout_is_exact_at_full_reward_only():
+    """The accuracy the trainer logs counts rewards of 1 (a partial reward below 1 is not exact)."""
+    batch = make_batch(tiny_model(seed=3, init=0.3), PROMPTS[:2], 2, [1.0, 0.99, 0.0, 1.0], **EB)
+    assert batch.exact.tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
 def test_train_rl_hands_its_settings_to_rollouts_and_updates(loaded, tmp_path, monkeypatch):
     """One joint step of train_rl: the rollouts get the configured G, temperature and top-p (gamma from
     the head), the head learns from the NFE-penalised reward and the model from the task reward."""
@@ -423,3 +549,101 @@ def test_train_rl_hands_its_settings_to_rollouts_and_updates(loaded, tmp_path, m
     batch = seen["batch"]
     assert torch.equal(seen["model_rewards"], batch.rewards) and (batch.rewards > 0).all()
     torch.testing.assert_close(seen["head_rewards"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+    # the step's metrics line, by hand from the batch
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    groups = batch.rewards.view(2, 3)
+    assert (record["step"], record["rollouts"]) == (1, 6)
+    assert record["reward"] == pytest.approx(float(batch.rewards.mean()), abs=1e-4)
+    assert record["accuracy"] == pytest.approx(float((batch.rewards >= 1).float().mean()), abs=1e-4)
+    assert record["mean_nfe"] == pytest.approx(float(batch.nfe.float().mean()), abs=1e-3)
+    assert record["mean_threshold"] == pytest.approx(float(batch.threshold.mean()), abs=1e-5)
+    assert record["zero_variance_groups"] == int((groups.max(1).values == groups.min(1).values).sum())
+    assert 0 < record["step_seconds"] < 120
+    assert record["rollouts_per_second"] >= 6 / record["step_seconds"]  # the rollouts are part of the step
+
+
+def test_train_rl_hands_the_step_policy_its_rollouts_and_the_nfe_penalised_reward(loaded, tmp_path, monkeypatch):
+    """One --train sampler --sampler-kind policy step: the rollouts draw their commits from the policy being
+    trained, and its update gets r = reward * (1 - lambda NFE / NFE_max) of those very rollouts."""
+    from training.loss import sampler_reward
+    seen = {}
+    real_rollout, real_update = rl.rollout, rl._policy_update
+
+    def spy_rollout(*args, **kw):
+        seen["policy"], seen["params"] = kw.get("policy"), args[5]
+        seen["batch"] = real_rollout(*args, **kw)
+        return seen["batch"]
+
+    def spy_update(c, policy, opt, acc, batch, r):
+        seen["updated"], seen["r"] = policy, r.clone()
+        return real_update(c, policy, opt, acc, batch, r)
+
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "_policy_update", spy_update)
+    monkeypatch.setattr(rl, "_reward", lambda text, example: 1.0 if len(text) % 2 else 0.5)  # never 0
+    config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
+                      num_generations=3, prompts_per_step=2, max_steps=1, save_every=1, gen_length=16, lam=0.5,
+                      train="sampler", sampler_kind="policy", warm_start_prompts=0, temperature=0.0)
+    rl.train_rl(config)
+    batch = seen["batch"]
+    assert seen["params"].sampler == "policy" and seen["policy"] is not None
+    assert seen["updated"] is seen["policy"] and batch.policy_trace is not None
+    assert (batch.nfe > 1).any() and (batch.nfe < 16).any()
+    torch.testing.assert_close(seen["r"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+
+
+def test_train_rl_model_alone_can_learn_from_the_nfe_penalised_reward(loaded, tmp_path, monkeypatch):
+    """--train model --model-reward sampler (no head): the model's update still gets
+    r = reward * (1 - lambda NFE / NFE_max) of the step's rollouts."""
+    from training.loss import sampler_reward
+    seen = {}
+    real_rollout, real_model = rl.rollout, rl._model_update
+
+    def spy_rollout(*args, **kw):
+        seen["batch"] = real_rollout(*args, **kw)
+        return seen["batch"]
+
+    def spy_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest):
+        seen["rewards"] = rewards.clone()
+        return real_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest)
+
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "_model_update", spy_model)
+    monkeypatch.setattr(rl, "_reward", lambda text, example: 1.0 if len(text) % 2 else 0.5)
+    config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
+                      num_generations=2, prompts_per_step=2, num_iterations=1, max_steps=1, save_every=1,
+                      gen_length=16, sampler="eb", threshold=3.0, temperature=1.0, lam=0.5, train="model",
+                      model_reward="sampler", beta=0.0)
+    rl.train_rl(config)
+    batch = seen["batch"]
+    assert (batch.nfe < 16).any()
+    torch.testing.assert_close(seen["rewards"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+
+
+def test_train_rl_evaluates_logs_and_saves_on_schedule(loaded, tmp_path, monkeypatch):
+    """Five steps with eval_every 3, log_every 4, save_every 3: evaluations before the first step and after
+    steps 3 and 5 (the last); metric lines for steps 0, 3 (eval), 4 (log) and 5 (eval); checkpoints after
+    steps 3 and 5. (Periods of 3 and 4 tell step + 1 from step - 1.)"""
+    done, evals, saves = [], [], []
+    real_rollout = rl.rollout
+
+    def spy_rollout(*args, **kw):
+        done.append(1)
+        return real_rollout(*args, **kw)
+
+    def spy_eval(*args, **kw):
+        evals.append(len(done))
+        return {"eval_sudoku_accuracy": 0.0}
+
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "evaluate_tasks", spy_eval)
+    monkeypatch.setattr(rl, "save_checkpoint", lambda *a, **kw: saves.append(kw["step"] + 1))
+    monkeypatch.setattr(rl, "_export", lambda *a, **kw: None)
+    config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
+                      num_generations=2, prompts_per_step=1, num_iterations=1, max_steps=5, eval_every=3,
+                      log_every=4, save_every=3, gen_length=8, sampler="eb", threshold=3.0, beta=0.0)
+    rl.train_rl(config)
+    assert evals == [0, 3, 5]
+    assert saves == [3, 5]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 3, 4, 5]

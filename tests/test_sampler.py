@@ -52,7 +52,8 @@ def test_mixed_params_in_one_batch_equal_alone(model):
     params = [SamplingParams(sampler="steps", gen_length=8, steps=4),
               SamplingParams(sampler="eb", gen_length=16, block_length=4, threshold=0.3),
               SamplingParams(sampler="confidence", gen_length=12, block_length=6, threshold=0.7),
-              SamplingParams(sampler="eb", gen_length=16, temperature=1.0, seed=7)]
+              # a drawing row in narrower blocks than the batch's widest: its stream must not see the width
+              SamplingParams(sampler="eb", gen_length=16, block_length=4, threshold=0.3, temperature=1.0, seed=7)]
     batched = run(model, PROMPTS, params)
     for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
         alone = run(model, [prompt], p)
@@ -184,6 +185,8 @@ def test_behaviour_distribution_by_hand():
     assert q[0, 0].tolist() == [-inf, -inf, -inf, 0.0] and q[1, 0].tolist() == [0.0, -inf, -inf, -inf]
     torch.testing.assert_close(q[2], logp.flip(-1)[0])
     q = sampling_logprobs(logp3, torch.tensor([0.0, 0.0, 1.0]), torch.ones(3))  # no nucleus anywhere
+    assert q[0, 0].tolist() == [-inf, -inf, -inf, 0.0] and q[1, 0].tolist() == [0.0, -inf, -inf, -inf]
+    q = sampling_logprobs(logp3[:2], torch.zeros(2), torch.ones(2))  # an all-greedy batch
     assert q[0, 0].tolist() == [-inf, -inf, -inf, 0.0] and q[1, 0].tolist() == [0.0, -inf, -inf, -inf]
 
 

@@ -8,8 +8,8 @@ import torch
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.loading import ModelLoadError, load_model, model_logits
 from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, generate, init_state
-from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, StepPolicy, decision_logprob, load_policy, policy_commits,
-                                           token_features)
+from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, StepPolicy, decision_entropy, decision_logprob, load_policy,
+                                           policy_commits, token_features)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -40,12 +40,13 @@ def random_policy(seed: int = 0, threshold: float = 0.5) -> StepPolicy:
 # ----------------------------------------------------------------------------- features by hand
 
 def test_features_by_hand_on_a_tiny_model(model):
-    """Three passes of a 12-token answer in blocks of 4: every feature recomputed from the logits."""
+    """Six passes of a 12-token answer in blocks of 4 (block 0's four, block 1's first two): every feature
+    recomputed from the logits, positions and fractions relative to the row's current block."""
     prompt = [5, 6, 7]
     params = SamplingParams("eb", gen_length=12, block_length=4, threshold=0.0)  # one token per pass
     state = init_state([prompt], params, **IDS, trace_features=True)
     outs = []
-    for _ in range(3):
+    for _ in range(6):
         canvas = state.canvas.clone()
         outs.append((canvas, denoise_step(model, state)))
     seen_unchanged, seen_left = set(), set()
@@ -55,8 +56,9 @@ def test_features_by_hand_on_a_tiny_model(model):
                                   torch.arange(canvas.shape[1])[None])[0, 3:].double()
         logits[:, MASK] = float("-inf")
         probs = torch.softmax(logits, -1)
-        masked = [j for j in range(4) if canvas[0, 3 + j] == MASK]  # block 0 is positions 0..3
-        assert len(masked) == 4 - s
+        start, step = 4 * (s // 4), s % 4  # the current block's first position, the pass within the block
+        masked = [j for j in range(start, start + 4) if canvas[0, 3 + j] == MASK]
+        assert len(masked) == 4 - step
         ent = {j: -sum(float(q) * math.log(float(q)) for q in probs[j] if q > 0) for j in masked}
         f = out.features[0]
         for j in range(12):
@@ -68,12 +70,12 @@ def test_features_by_hand_on_a_tiny_model(model):
             rank = sum(1 for k in masked if (ent[k], k) < (ent[j], j))
             unchanged = 0.0 if s == 0 else float(outs[s - 1][1].argmax[0, j] == out.argmax[0, j])
             seen_unchanged.add(unchanged) if s else None
-            left = float(j == 0 or (j - 1) not in masked)
-            expected = [top[0], ent[j], top[0] - top[1], before, j / 4, len(masked) / 4, unchanged, s / 4,
-                        rank / 4, left, math.log(top[0]), float(ent[j] < 0.01)]
+            left = float(j == start or (j - 1) not in masked)
+            expected = [top[0], ent[j], top[0] - top[1], before, (j - start) / 4, len(masked) / 4, unchanged,
+                        step / 4, rank / 4, left, math.log(top[0]), float(ent[j] < 0.01)]
             seen_left.add(left)
             assert f[j].tolist() == pytest.approx(expected, abs=1e-5), (s, j)
-        assert out.argmax[0].tolist() == logits.argmax(-1).tolist()
+        assert out.argmax[0, start:].tolist() == logits.argmax(-1)[start:].tolist()  # the block and after it
     assert seen_unchanged == {0.0, 1.0}  # the run exercises both values of `unchanged` after the first pass
     assert seen_left == {0.0, 1.0}
     assert len(FEATURE_NAMES) == out.features.shape[-1]
@@ -126,6 +128,26 @@ def test_decision_logprob_by_hand():
     cand = torch.tensor([True, True, True, False])
     expected = math.log(0.2) + math.log(0.3) + math.log(0.9)  # the non-candidate does not count
     assert float(decision_logprob(prob, bits, cand)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_decision_entropy_by_hand():
+    prob = torch.tensor([0.5, 0.2, 0.9])
+    cand = torch.tensor([True, True, False])
+    expected = math.log(2) - (0.2 * math.log(0.2) + 0.8 * math.log(0.8))  # the non-candidate does not count
+    assert float(decision_entropy(prob, cand)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_saturated_decisions_stay_finite_at_eps():
+    """A saturated policy (p = 0 or 1) is clamped to [eps, 1 - eps]: the unlikely bit costs log(eps), and
+    the entropy is the clamped Bernoulli's, both finite (no -inf or NaN reaches the REINFORCE loss)."""
+    eps = 1e-6
+    prob = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    bits = torch.tensor([False, True, True, False])
+    one = torch.tensor([True, True, False, False])
+    assert float(decision_logprob(prob, bits, one)) == pytest.approx(2 * math.log(eps), rel=1e-3)
+    assert float(decision_logprob(prob, bits, ~one)) == pytest.approx(2 * math.log(1 - eps), abs=1e-5)
+    h = -(eps * math.log(eps) + (1 - eps) * math.log(1 - eps))
+    assert float(decision_entropy(prob, one)) == pytest.approx(2 * h, rel=1e-2)
 
 
 def test_constant_policies_commit_a_block_per_pass_or_one_token_per_pass(model):
@@ -268,6 +290,8 @@ def test_hidden_state_features_reach_the_policy(model):
     cand0 = out.policy_trace.candidates[:, 0]
     pw = max(len(p) for p in PROMPTS[:2])
     assert torch.allclose(f[:, 0, :, len(FEATURE_NAMES):][cand0], hidden[:, pw:][cand0], atol=1e-5)
+    assert (f[~out.policy_trace.candidates] == 0).all()  # hidden states too are zero off the candidates
+    assert torch.isfinite(out.policy_logprob).all()
 
 
 def _first_pass_inputs(prompts, gen):

@@ -3,17 +3,24 @@
 Each mutant changes one AST node (a flipped + / - or * / /, a comparison's strictness, a dropped minus
 or ``not``, mean <-> sum, min <-> max, exp <-> log, a ``dim=`` swapped, the two arguments of a call
 swapped), writes the module, runs the given test files (``-x``, slow tests excluded) and restores it.
-A mutant the tests pass "survived": either the suite misses that bug or the change is equivalent.
+A mutant the tests pass "survived": either the suite misses that bug or the change is equivalent. One whose
+tests run past MUTATE_TIMEOUT seconds (environment, default 300; a mutant can stall the sampler's loop)
+counts as killed (rc -9).
 Results go to OUT.jsonl (one line per mutant; a rerun skips those done).
 
 Run it in a scratch copy of the repository, never in a working tree (it rewrites the modules):
 
     git archive HEAD | tar -x -C /tmp/mut && cd /tmp/mut
     PYTHONPATH=$PWD python tools/mutate.py /tmp/mut.jsonl \
-        training/loss.py:tests/test_rl_wiring.py,tests/test_rl.py  [module[@func+func]:tests ...]
+        training/loss.py:tests/test_rl_wiring.py,tests/test_rl.py  [module[@func+func][#FIRST-LAST]:tests ...]
+
+``@func+func`` keeps the sites inside those functions/classes, ``#FIRST-LAST`` those on lines FIRST..LAST;
+tests may be pytest node ids (``tests/test_x.py::test_y``). A mutant's ``index`` counts the module's sites in
+source order (unfiltered), so differently filtered runs of one module share OUT.jsonl's record of what is done.
 """
 import ast
 import json
+import os
 import subprocess
 import sys
 import time
@@ -85,24 +92,30 @@ def main():
             r = json.loads(line)
             done.add((r["file"], r["index"]))
     for spec in sys.argv[2:]:
-        fname, tests = spec.split(":")
-        funcs = None
+        fname, tests = spec.split(":", 1)
+        funcs, lines = None, None
+        if "#" in fname:
+            fname, span = fname.split("#")
+            first, last = (int(x) for x in span.split("-"))
+            lines = range(first, last + 1)
         if "@" in fname:
             fname, f = fname.split("@")
             funcs = set(f.split("+"))
         path = Path(fname)
         src = path.read_text()
         tree = ast.parse(src)
+        # skip docstring/annotation-only and f-string noise: only nodes with a lineno
+        cand = [(n, k) for n, k in sites(tree) if hasattr(n, "lineno")]
+        cand.sort(key=lambda nk: (nk[0].lineno, nk[0].col_offset, nk[1]))
+        keep = set(range(len(cand)))
         if funcs:
             scopes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in funcs]
-            cand = [s for sc in scopes for s in sites(sc)]
-        else:
-            cand = sites(tree)
-        # skip docstring/annotation-only and f-string noise: only nodes with a lineno
-        cand = [(n, k) for n, k in cand if hasattr(n, "lineno")]
-        cand.sort(key=lambda nk: (nk[0].lineno, nk[0].col_offset, nk[1]))
+            inside = {(id(n), k) for sc in scopes for n, k in sites(sc)}
+            keep = {i for i in keep if (id(cand[i][0]), cand[i][1]) in inside}
+        if lines is not None:
+            keep = {i for i in keep if cand[i][0].lineno in lines}
         for i, (node, kind) in enumerate(cand):
-            if (fname, i) in done:
+            if i not in keep or (fname, i) in done:
                 continue
             undo, label = apply(node, kind)
             mutated = ast.unparse(tree)
@@ -112,7 +125,7 @@ def main():
             try:
                 r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                                     "-m", "not slow", *tests.split(",")], capture_output=True, text=True,
-                                   timeout=300)
+                                   timeout=float(os.environ.get("MUTATE_TIMEOUT", 300)))
                 rc = r.returncode
                 tail = r.stdout.strip().splitlines()[-1:] if r.stdout else []
             except subprocess.TimeoutExpired:
