@@ -223,8 +223,11 @@ def test_resume_after_a_kill_replays_the_same_run(base_dir, tmp_path, kill_after
     assert steps == [1, 2, 3, 4]
 
 
-def test_lora_trains_adapters_and_exports_a_plain_model(base_dir, tmp_path):
+def test_lora_trains_adapters_and_exports_a_plain_model(base_dir, tmp_path, monkeypatch):
     from diffpo_serve.dllm.loading import load_model
+    import training.rl as rl_module
+    # a reward that differs within a group (the tiny model's sudoku rewards may all tie: no gradient at all)
+    monkeypatch.setattr(rl_module, "_reward", lambda text, example: float(len(set(text)) % 3) / 2)
     out = train_rl(rl_cfg(base_dir, tmp_path / "lora", lora_r=4, max_steps=2, save_every=2, beta=0.0)).output_dir
     loaded = load_model(out)  # merged: loads like any model
     before, after = load_file(base_dir / "model.safetensors"), load_file(out / "model.safetensors")
@@ -294,6 +297,9 @@ def test_model_reward_is_the_task_or_the_nfe_penalised_reward(base_dir, tmp_path
         return real(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, rewards, *rest)
 
     monkeypatch.setattr(rl, "_model_update", spy)
+    # a task reward that is not 0 everywhere (the tiny model's sudoku rewards may all be), so the sampler
+    # reward's NFE penalty shows
+    monkeypatch.setattr(rl, "_reward", lambda text, example: float(len(set(text)) % 3) / 2 + 0.5)
     train_rl(rl_cfg(base_dir, tmp_path / model_reward, train="joint", model_reward=model_reward, lam=0.8,
                     max_steps=2))
     assert len(seen) == 2
