@@ -85,6 +85,13 @@ def test_lr_schedule():
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.1)
+    # warm-up ends at step 10 exactly (peak, cosine progress 0), then the cosine over the 90 steps left:
+    # halfway (step 55) the multiplier is 0.1 + 0.9 * 0.5 * (1 + cos(pi / 2)) = 0.55, a third of the way
+    # (step 40) 0.1 + 0.45 * (1 + cos(pi / 3)) = 0.775; past max_steps it stays at the floor
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(40, cfg) == pytest.approx(0.775)
+    assert lr_at(150, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
 
 
