@@ -130,6 +130,11 @@ def test_countdown_generator():
             assert countdown.reward(ex["answer"], ex) == 1.0
             assert countdown.split_of(nums, target) == split
     assert not keys["train"] & keys["test"]
+    # one key in TEST_BUCKETS (10) goes to test, whatever the order of the numbers
+    pairs = [((a, b, c), t) for a in range(1, 13) for b in range(a, 13) for c in range(b, 13) for t in (10, 24, 99)]
+    share = sum(countdown.split_of(nums, t) == "test" for nums, t in pairs) / len(pairs)
+    assert len(pairs) == 1092 and 0.07 < share < 0.13
+    assert all(countdown.split_of(nums[::-1], t) == countdown.split_of(nums, t) for nums, t in pairs)
 
 
 @pytest.mark.parametrize("completion,expected", [
