@@ -221,3 +221,32 @@ def test_health_and_metrics_stay_open(server):
     assert metrics.status_code == 200 and "diffpo_requests_total" in metrics.text
     assert httpx.get(server.url + "/v1/models").status_code == 401
     assert httpx.get(server.url + "/v1/models", headers=AUTH).status_code == 200
+
+
+# ----------------------------------------------------------------------------- field bounds, at the edge
+
+EDGES = [  # (field, the last accepted value, the first refused one) on both endpoints unless noted
+    ("n", 1, 0), ("n", 128, 129), ("max_tokens", 1, 0), ("temperature", 0, -1e-9), ("temperature", 2, 2 + 1e-9),
+    ("top_p", 1, 1 + 1e-9), ("top_p", 1e-9, 0), ("seed", 2**64 - 1, 2**64), ("seed", -(2**63), -(2**63) - 1),
+    ("threshold", 0, -1e-9), ("steps", 1, 0), ("steps", 1 << 20, (1 << 20) + 1), ("block_length", 1, 0),
+    ("block_length", 1 << 20, (1 << 20) + 1), ("t_min", 0, -1e-9), ("t_max", 1e-9, 0),
+    ("stability_threshold", 0, -1), ("stability_threshold", 1 << 20, (1 << 20) + 1),
+    ("confidence_threshold", 0, -1e-9), ("stop", [str(i) for i in range(16)], [str(i) for i in range(17)]),
+]
+COMPLETION_EDGES = [("logprobs", 0, -1), ("best_of", 1, 0)]
+CHAT_EDGES = [("max_completion_tokens", 1, 0), ("top_logprobs", 0, -1)]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_field_bounds_at_the_edge(endpoint):
+    """Each bound's strictness (ge vs gt, le vs lt, > vs >= MAX_STOP_STRINGS): the edge value validates, the next
+    one is refused naming the field (the server answers that with 400 and param = the field)."""
+    from pydantic import ValidationError
+
+    from diffpo_serve.protocol import ChatCompletionRequest, CompletionRequest
+    model, base = (CompletionRequest, OK) if endpoint == "completions" else (ChatCompletionRequest, CHAT)
+    for field, good, bad in EDGES + (COMPLETION_EDGES if endpoint == "completions" else CHAT_EDGES):
+        assert getattr(model.model_validate({**base, field: good}), field) == good, field
+        with pytest.raises(ValidationError) as e:
+            model.model_validate({**base, field: bad})
+        assert [err["loc"][0] for err in e.value.errors()] == [field], (field, bad)
