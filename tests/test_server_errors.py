@@ -250,3 +250,31 @@ def test_field_bounds_at_the_edge(endpoint):
         with pytest.raises(ValidationError) as e:
             model.model_validate({**base, field: bad})
         assert [err["loc"][0] for err in e.value.errors()] == [field], (field, bad)
+
+
+def test_validation_messages_by_value():
+    """The 400 message and param for each shape of validation error, and a nested field's dotted name (a union
+    member's name such as ``str`` or ``list[int]`` is not part of it)."""
+    from fastapi.exceptions import RequestValidationError
+
+    from diffpo_serve.api import _param_of, _validation_message
+
+    def message(*errors):
+        return _validation_message(RequestValidationError(list(errors)))
+
+    assert message() == ("invalid request", None)
+    assert message({"type": "json_invalid", "loc": ("body", 9), "msg": "JSON decode error",
+                    "ctx": {"error": "Expecting value"}}) == ("the body is not valid JSON (Expecting value)", None)
+    assert message({"type": "json_invalid", "loc": ("body", 9)}) == ("the body is not valid JSON", None)
+    assert message({"type": "missing", "loc": ("body",)}) == ("the request body is missing: send a JSON object", None)
+    assert message({"type": "model_attributes_type", "loc": ("body",)}) == ("the request body must be a JSON object",
+                                                                            None)
+    role = {"type": "literal_error", "loc": ("body", "messages", 0, "role"), "msg": "Input should be 'user'"}
+    assert message(role) == ("messages[0].role: Input should be 'user'", "messages[0].role")
+    assert message(role, {"type": "missing", "loc": ("body", "model")}, {"type": "missing", "loc": ("body", "x")}) \
+        == ("messages[0].role: Input should be 'user' (and 2 more problem(s))", "messages[0].role")
+    assert _param_of(("body",)) is None
+    assert _param_of(("body", "stream_options", "include_usage")) == "stream_options.include_usage"
+    assert _param_of(("body", "prompt", "str")) == "prompt"
+    assert _param_of(("body", "prompt", "list[int]", 0)) == "prompt"
+    assert _param_of(("body", "messages", 1, "content", 0, "type")) == "messages[1].content[0].type"
