@@ -278,3 +278,34 @@ def test_validation_messages_by_value():
     assert _param_of(("body", "prompt", "str")) == "prompt"
     assert _param_of(("body", "prompt", "list[int]", 0)) == "prompt"
     assert _param_of(("body", "messages", 1, "content", 0, "type")) == "messages[1].content[0].type"
+
+
+def test_other_http_errors_and_crashes_get_the_envelope():
+    """Any other HTTP error keeps its status and detail (a 4xx is an invalid_request_error, a 5xx a server_error;
+    500 is the first of those); an unhandled exception is a 500 internal_error, never a traceback."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from starlette.exceptions import HTTPException
+
+    from diffpo_serve.api import install_error_handlers
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/status/{code}")
+    def status(code: int):
+        raise HTTPException(code, detail=f"detail {code}")
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("secret internals")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    for code, kind in [(418, "invalid_request_error"), (499, "invalid_request_error"), (500, "server_error"),
+                       (502, "server_error")]:
+        r = client.get(f"/status/{code}")
+        assert r.status_code == code
+        assert r.json() == {"error": {"message": f"detail {code}", "type": kind, "param": None, "code": None}}
+    r = client.get("/boom")
+    assert r.status_code == 500 and "secret" not in r.text
+    assert r.json() == {"error": {"message": "internal server error", "type": "server_error", "param": None,
+                                  "code": "internal_error"}}
