@@ -1,6 +1,7 @@
 """``diffpo-train eval``: the JSON summary line, scoring, and errors on bad input."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -95,3 +96,41 @@ def test_eval_in_bfloat16_reports_its_dtype(model_dir, capsys):
     assert half["n"] == 8 and 1 <= half["mean_nfe"] <= 16
     with pytest.raises(SystemExit):  # argparse: not a dtype
         main(args + ["--dtype", "int8"])
+
+
+def test_eval_aggregates_by_hand(model_dir, monkeypatch):
+    """accuracy = mean reward, exact = share of rewards of 1 (a reward of exactly 1.0 counts), mean NFE, tokens
+    per second (completion tokens up to EOS, a row without EOS counting gen_length), the mean learned bound and
+    its distribution, and example i's seed (seed + i across batches), with decoding, rewards and the clock faked."""
+    import training.evaluate as ev
+    from training.tasks import sudoku
+    loaded = load_model(model_dir)
+    data = get_task("sudoku").make_dataset("test", 5, seed=1)
+    digit = loaded.tokenizer("1", add_special_tokens=False)["input_ids"][0]
+    ends = [3, None, 0, 15, 7]  # EOS position per example (None: no EOS, 16 tokens count)
+    nfes, bounds = [3, 5, 7, 9, 11], [0.5, 0.5, 0.25, 0.9, 0.25]
+    seeds = []
+
+    def fake_decode(loaded_, denoiser, prompts, params):
+        seeds.extend(p.seed for p in params)
+        rows = range(len(seeds) - len(prompts), len(seeds))
+        seqs = [[loaded.eos_id if k == ends[i] else digit for k in range(16)] for i in rows]
+        return seqs, [nfes[i] for i in rows], [bounds[i] for i in rows], [None] * len(prompts)
+
+    rewards = iter([1.0, 0.5, 0.0, 1.0, 0.25])
+    seen = []
+    monkeypatch.setattr(ev, "_decode", fake_decode)
+    monkeypatch.setattr(sudoku, "reward", lambda text, ex: seen.append((text, ex["prompt"])) or next(rewards))
+    clock = iter(range(100))
+    monkeypatch.setattr(ev, "time", SimpleNamespace(perf_counter=lambda: 0.5 * next(clock)))  # 0.5 s a batch
+    params = SamplingParams("learned", 16, block_length=16, temperature=1.0, seed=40)
+    r = evaluate(loaded, "sudoku", data, params, batch_size=2, progress=False, chat_template=False)
+    assert seeds == [40, 41, 42, 43, 44]
+    assert [p for _, p in seen] == data["prompt"] and [t for t, _ in seen][:3] == ["111", "1" * 16, ""]
+    assert r.n == 5 and r.accuracy == pytest.approx(2.75 / 5) and r.exact == pytest.approx(2 / 5)
+    assert r.mean_nfe == pytest.approx(7.0) and r.seconds == pytest.approx(1.5)
+    assert r.tokens_per_second == pytest.approx((3 + 16 + 0 + 15 + 7) / 1.5)
+    assert r.threshold == pytest.approx(2.4 / 5)
+    assert r.threshold_distribution == {"0.25": 2, "0.5": 2, "0.9": 1}
+    assert [row["reward"] for row in r.rows] == [1.0, 0.5, 0.0, 1.0, 0.25]
+    assert [row["nfe"] for row in r.rows] == nfes

@@ -221,3 +221,91 @@ def test_health_and_metrics_stay_open(server):
     assert metrics.status_code == 200 and "diffpo_requests_total" in metrics.text
     assert httpx.get(server.url + "/v1/models").status_code == 401
     assert httpx.get(server.url + "/v1/models", headers=AUTH).status_code == 200
+
+
+# ----------------------------------------------------------------------------- field bounds, at the edge
+
+EDGES = [  # (field, the last accepted value, the first refused one) on both endpoints unless noted
+    ("n", 1, 0), ("n", 128, 129), ("max_tokens", 1, 0), ("temperature", 0, -1e-9), ("temperature", 2, 2 + 1e-9),
+    ("top_p", 1, 1 + 1e-9), ("top_p", 1e-9, 0), ("seed", 2**64 - 1, 2**64), ("seed", -(2**63), -(2**63) - 1),
+    ("threshold", 0, -1e-9), ("steps", 1, 0), ("steps", 1 << 20, (1 << 20) + 1), ("block_length", 1, 0),
+    ("block_length", 1 << 20, (1 << 20) + 1), ("t_min", 0, -1e-9), ("t_max", 1e-9, 0),
+    ("stability_threshold", 0, -1), ("stability_threshold", 1 << 20, (1 << 20) + 1),
+    ("confidence_threshold", 0, -1e-9), ("stop", [str(i) for i in range(16)], [str(i) for i in range(17)]),
+]
+COMPLETION_EDGES = [("logprobs", 0, -1), ("best_of", 1, 0)]
+CHAT_EDGES = [("max_completion_tokens", 1, 0), ("top_logprobs", 0, -1)]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_field_bounds_at_the_edge(endpoint):
+    """Each bound's strictness (ge vs gt, le vs lt, > vs >= MAX_STOP_STRINGS): the edge value validates, the next
+    one is refused naming the field (the server answers that with 400 and param = the field)."""
+    from pydantic import ValidationError
+
+    from diffpo_serve.protocol import ChatCompletionRequest, CompletionRequest
+    model, base = (CompletionRequest, OK) if endpoint == "completions" else (ChatCompletionRequest, CHAT)
+    for field, good, bad in EDGES + (COMPLETION_EDGES if endpoint == "completions" else CHAT_EDGES):
+        assert getattr(model.model_validate({**base, field: good}), field) == good, field
+        with pytest.raises(ValidationError) as e:
+            model.model_validate({**base, field: bad})
+        assert [err["loc"][0] for err in e.value.errors()] == [field], (field, bad)
+
+
+def test_validation_messages_by_value():
+    """The 400 message and param for each shape of validation error, and a nested field's dotted name (a union
+    member's name such as ``str`` or ``list[int]`` is not part of it)."""
+    from fastapi.exceptions import RequestValidationError
+
+    from diffpo_serve.api import _param_of, _validation_message
+
+    def message(*errors):
+        return _validation_message(RequestValidationError(list(errors)))
+
+    assert message() == ("invalid request", None)
+    assert message({"type": "json_invalid", "loc": ("body", 9), "msg": "JSON decode error",
+                    "ctx": {"error": "Expecting value"}}) == ("the body is not valid JSON (Expecting value)", None)
+    assert message({"type": "json_invalid", "loc": ("body", 9)}) == ("the body is not valid JSON", None)
+    assert message({"type": "missing", "loc": ("body",)}) == ("the request body is missing: send a JSON object", None)
+    assert message({"type": "model_attributes_type", "loc": ("body",)}) == ("the request body must be a JSON object",
+                                                                            None)
+    role = {"type": "literal_error", "loc": ("body", "messages", 0, "role"), "msg": "Input should be 'user'"}
+    assert message(role) == ("messages[0].role: Input should be 'user'", "messages[0].role")
+    assert message(role, {"type": "missing", "loc": ("body", "model")}, {"type": "missing", "loc": ("body", "x")}) \
+        == ("messages[0].role: Input should be 'user' (and 2 more problem(s))", "messages[0].role")
+    assert _param_of(("body",)) is None
+    assert _param_of(("body", "stream_options", "include_usage")) == "stream_options.include_usage"
+    assert _param_of(("body", "prompt", "str")) == "prompt"
+    assert _param_of(("body", "prompt", "list[int]", 0)) == "prompt"
+    assert _param_of(("body", "messages", 1, "content", 0, "type")) == "messages[1].content[0].type"
+
+
+def test_other_http_errors_and_crashes_get_the_envelope():
+    """Any other HTTP error keeps its status and detail (a 4xx is an invalid_request_error, a 5xx a server_error;
+    500 is the first of those); an unhandled exception is a 500 internal_error, never a traceback."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from starlette.exceptions import HTTPException
+
+    from diffpo_serve.api import install_error_handlers
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/status/{code}")
+    def status(code: int):
+        raise HTTPException(code, detail=f"detail {code}")
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("secret internals")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    for code, kind in [(418, "invalid_request_error"), (499, "invalid_request_error"), (500, "server_error"),
+                       (502, "server_error")]:
+        r = client.get(f"/status/{code}")
+        assert r.status_code == code
+        assert r.json() == {"error": {"message": f"detail {code}", "type": kind, "param": None, "code": None}}
+    r = client.get("/boom")
+    assert r.status_code == 500 and "secret" not in r.text
+    assert r.json() == {"error": {"message": "internal server error", "type": "server_error", "param": None,
+                                  "code": "internal_error"}}

@@ -85,6 +85,13 @@ def test_lr_schedule():
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.1)
+    # warm-up ends at step 10 exactly (peak, cosine progress 0), then the cosine over the 90 steps left:
+    # halfway (step 55) the multiplier is 0.1 + 0.9 * 0.5 * (1 + cos(pi / 2)) = 0.55, a third of the way
+    # (step 40) 0.1 + 0.45 * (1 + cos(pi / 3)) = 0.775; past max_steps it stays at the floor
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(40, cfg) == pytest.approx(0.775)
+    assert lr_at(150, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
 
 
@@ -180,3 +187,24 @@ def test_eval_every_logs_the_saved_models_greedy_accuracy(tmp_path):
     model = loaded.model.train()
     sft.evaluate_model(model, loaded.tokenizer, {"sudoku": data.select(range(2))}, 16)
     assert model.training
+
+
+def test_metrics_lines_average_each_window_by_hand(tmp_path, monkeypatch):
+    """Each metrics line is the mean over its window of steps of the batch loss and of the masked-token accuracy
+    (correct argmax at masked positions / masked positions), recomputed here from what batch_loss returned."""
+    seen = []
+
+    def recording(*args, **kw):
+        out = batch_loss(*args, **kw)
+        loss, logits, targets, masked = out
+        seen.append((loss.item(), (((logits.argmax(-1) == targets) & masked).sum() / masked.sum()).item()))
+        return out
+
+    monkeypatch.setattr(sft, "batch_loss", recording)
+    out = train_sft(small_cfg(tmp_path / "run", max_steps=5, log_every=2, save_every=5))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 5] and len(seen) == 5
+    for line, window in zip(lines, [seen[0:2], seen[2:4], seen[4:5]]):
+        assert line["loss"] == pytest.approx(sum(x for x, _ in window) / len(window), abs=1e-5)
+        assert line["masked_token_acc"] == pytest.approx(sum(a for _, a in window) / len(window), abs=1e-4)
+    assert len({x for x, _ in seen}) == 5 and any(a > 0 for _, a in seen)

@@ -1,6 +1,7 @@
 """Tests for training.tasks: generators, splits, rewards, answer parsing and file loaders."""
 
 import json
+import re
 
 import pytest
 
@@ -130,6 +131,26 @@ def test_countdown_generator():
             assert countdown.reward(ex["answer"], ex) == 1.0
             assert countdown.split_of(nums, target) == split
     assert not keys["train"] & keys["test"]
+    # the reference answers carry no redundant parentheses: a group is there only when its operator binds looser
+    # than the one outside, or is the right operand of an operator of equal rank that is - or /
+    rank = {"+": 1, "-": 1, "*": 2, "/": 2}
+    grouped = 0
+    for ex in countdown.make_dataset("train", 400, seed=0):
+        m = re.fullmatch(r"\((\d+)(.)(\d+)\)(.)(\d+)|(\d+)(.)\((\d+)(.)(\d+)\)", ex["answer"])
+        if m is None:
+            assert "(" not in ex["answer"]
+            continue
+        grouped += 1
+        if m[1]:  # (a o b) p c
+            assert rank[m[2]] < rank[m[4]], ex["answer"]
+        else:  # a p (b o c)
+            assert rank[m[9]] < rank[m[7]] or (rank[m[9]] == rank[m[7]] and m[7] in "-/"), ex["answer"]
+    assert grouped > 20
+    # one key in TEST_BUCKETS (10) goes to test, whatever the order of the numbers
+    pairs = [((a, b, c), t) for a in range(1, 13) for b in range(a, 13) for c in range(b, 13) for t in (10, 24, 99)]
+    share = sum(countdown.split_of(nums, t) == "test" for nums, t in pairs) / len(pairs)
+    assert len(pairs) == 1092 and 0.07 < share < 0.13
+    assert all(countdown.split_of(nums[::-1], t) == countdown.split_of(nums, t) for nums, t in pairs)
 
 
 @pytest.mark.parametrize("completion,expected", [
@@ -145,6 +166,9 @@ def test_countdown_generator():
     ("7*(12-5)/(5-5)", 0.0),
     ("__import__('os')", 0.0),
     ("12**5", 0.0),
+    ("-(5-12)*7", 1.0),  # a unary minus is arithmetic, not a typo
+    ("-(12-5)*7", 0.1),  # ... and it counts: -49
+    ("(10 + 23 - 45 * 67 / 89)", 0.1),  # every allowed character at once is still well-formed
     ("1.5*2", 0.0),
 ])
 def test_countdown_reward(completion, expected):
