@@ -40,7 +40,7 @@ from diffpo_serve.decoder_process import DecoderGone
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import CACHE_MODES
 from diffpo_serve.metrics import ServerMetrics
-from diffpo_serve.paradigms import CanvasStepUpdate, StepUpdate, paradigm_for
+from diffpo_serve.paradigms import CanvasStepUpdate, PassUpdate, paradigm_for
 from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice,
                                    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                    ChatMessage, ChatStreamChoice, CompletionCanvasStepChoice, CompletionChoice,
@@ -50,8 +50,6 @@ from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice,
 from diffpo_serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-STEP_EVENTS = (StepUpdate, CanvasStepUpdate)
 
 
 class Engine:
@@ -313,7 +311,7 @@ class Generation:
     def cancel(self) -> None:
         self.handle.cancel()
 
-    async def _updates(self) -> AsyncIterator[tuple[ChoiceText, str | StepUpdate | CanvasStepUpdate]]:
+    async def _updates(self) -> AsyncIterator[tuple[ChoiceText, str | PassUpdate]]:
         """Yield (choice, new text) as rows report, until every choice is done.
 
         For rows that asked for steps, also (choice, StepUpdate) for each of their forward passes.
@@ -336,7 +334,7 @@ class Generation:
             choice = self.choices[event.choice]
             if choice.done:
                 continue
-            if isinstance(event, STEP_EVENTS):
+            if isinstance(event, PassUpdate):
                 yield choice, event
                 continue
             delta = choice.update(event)
@@ -396,7 +394,7 @@ class Generation:
                 for c in self.choices:
                     yield self._chunk(c, "", role=True)
             async for choice, delta in self._updates():
-                if isinstance(delta, STEP_EVENTS):
+                if isinstance(delta, PassUpdate):
                     piece = self._step_chunk(choice, delta)
                 elif delta or choice.done:
                     piece = self._chunk(choice, delta)
@@ -429,7 +427,7 @@ class Generation:
                                              choices=[CompletionStreamChoice(index=c.index, text=delta, **final)])
         return self._dump(chunk)
 
-    def _step_chunk(self, c: ChoiceText, step: StepUpdate | CanvasStepUpdate) -> str:
+    def _step_chunk(self, c: ChoiceText, step: PassUpdate) -> str:
         if isinstance(step, CanvasStepUpdate):
             choice = CompletionCanvasStepChoice(
                 index=c.index, step=step.step, nfe=step.nfe, block=step.block, block_start=step.block_start,

@@ -44,13 +44,9 @@ CANVAS_ONLY = ("t_min", "t_max", "stability_threshold", "confidence_threshold") 
 # ----------------------------------------------------------------------------- per-pass events
 
 @dataclass(frozen=True)
-class StepUpdate:
-    """One forward pass of a masked row that asked for steps, from the step's ``StepOutput.committed``.
-
-    ``positions`` (generation-region offsets) were committed at this pass with ``token_ids``;
-    ``filled_positions`` are masks after an EOS that became EOS when the row finished (not commits).
-    ``block`` is the block the pass worked on, ``[block_start, block_end)`` its positions.
-    """
+class PassUpdate:
+    """What every step event of a row says about one forward pass, whatever the paradigm: the pass (``step``,
+    ``nfe``), the block it worked on (``block``, positions ``[block_start, block_end)``), and the row's state."""
 
     choice: int
     step: int
@@ -59,16 +55,26 @@ class StepUpdate:
     block_start: int
     block_end: int
     gen_length: int
-    positions: list[int]
-    token_ids: list[int]
-    filled_positions: list[int]
     finished: bool
     sampler: str
     threshold: float
 
 
 @dataclass(frozen=True)
-class CanvasStepUpdate:
+class StepUpdate(PassUpdate):
+    """One forward pass of a masked row that asked for steps, from the step's ``StepOutput.committed``.
+
+    ``positions`` (generation-region offsets) were committed at this pass with ``token_ids``;
+    ``filled_positions`` are masks after an EOS that became EOS when the row finished (not commits).
+    """
+
+    positions: list[int]
+    token_ids: list[int]
+    filled_positions: list[int]
+
+
+@dataclass(frozen=True)
+class CanvasStepUpdate(PassUpdate):
     """One decoder pass of a canvas row that asked for steps.
 
     ``draft_ids`` are the tokens of positions ``[block_start, block_end)`` as this pass reads them (the argmax
@@ -77,19 +83,9 @@ class CanvasStepUpdate:
     ``block_done``: the block ended at this pass and ``draft_ids`` are its final tokens (pad after an EOS).
     """
 
-    choice: int
-    step: int
-    nfe: int
-    block: int
-    block_start: int
-    block_end: int
-    gen_length: int
     draft_ids: list[int]
     accepted_positions: list[int]
     block_done: bool
-    finished: bool
-    sampler: str
-    threshold: float
 
 
 # ----------------------------------------------------------------------------- the interface
