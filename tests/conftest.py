@@ -14,6 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ hold
 MASK, PAD, EOS = 1, 0, 2
 
 
+def varied_reward(text: str, example: dict) -> float:
+    """A task reward that differs between a group's rollouts (a random tiny model solves nothing), for
+    trainer tests that need non-zero advantages."""
+    return float(len(set(text)) % 3) / 2
+
+
 def tiny_model(seed: int = 0, init: float = 0.5, vocab: int = 104, **kw) -> DiffpoForMaskedLM:
     """A random tiny denoiser; a large init spread gives decisive, well-separated logits."""
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import EOS, MASK, PAD, tiny_model
+from conftest import EOS, MASK, PAD, tiny_model, varied_reward
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from diffpo_serve.dllm.step_policy import FEATURE_NAMES, StepPolicy, decision_entropy, decision_logprob
 from training.commit_policy import commit_labels, fit_warm_start, policy_rl_loss, warm_start_data
@@ -153,11 +153,6 @@ def joint_cfg(base, out, **kw):
                    prompts_per_step=2, num_iterations=1, max_steps=1, save_every=1, gen_length=16, seed=0, lr=1e-2,
                    beta=0.0, sampler_kind="policy", warm_start_prompts=8, warm_start_epochs=1, lam=0.5)
     return RLConfig(**{**base_kw, **kw})
-
-
-def varied_reward(text, example):
-    """A reward that differs between a group's rollouts (a random tiny model solves nothing)."""
-    return float(len(set(text)) % 3) / 2
 
 
 def weights(directory, name="model.safetensors"):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import training.rl as rl
-from conftest import EOS, MASK, PAD, tiny_model
+from conftest import EOS, MASK, PAD, tiny_model, varied_reward
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.config import RLConfig
 from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
@@ -227,7 +227,7 @@ def test_lora_trains_adapters_and_exports_a_plain_model(base_dir, tmp_path, monk
     from diffpo_serve.dllm.loading import load_model
     import training.rl as rl_module
     # a reward that differs within a group (the tiny model's sudoku rewards may all tie: no gradient at all)
-    monkeypatch.setattr(rl_module, "_reward", lambda text, example: float(len(set(text)) % 3) / 2)
+    monkeypatch.setattr(rl_module, "_reward", varied_reward)
     out = train_rl(rl_cfg(base_dir, tmp_path / "lora", lora_r=4, max_steps=2, save_every=2, beta=0.0)).output_dir
     loaded = load_model(out)  # merged: loads like any model
     before, after = load_file(base_dir / "model.safetensors"), load_file(out / "model.safetensors")
@@ -299,7 +299,7 @@ def test_model_reward_is_the_task_or_the_nfe_penalised_reward(base_dir, tmp_path
     monkeypatch.setattr(rl, "_model_update", spy)
     # a task reward that is not 0 everywhere (the tiny model's sudoku rewards may all be), so the sampler
     # reward's NFE penalty shows
-    monkeypatch.setattr(rl, "_reward", lambda text, example: float(len(set(text)) % 3) / 2 + 0.5)
+    monkeypatch.setattr(rl, "_reward", lambda text, example: varied_reward(text, example) + 0.5)
     train_rl(rl_cfg(base_dir, tmp_path / model_reward, train="joint", model_reward=model_reward, lam=0.8,
                     max_steps=2))
     assert len(seen) == 2
