@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 
 from benchmarks.pareto import mixed_rows, parse_models
 
@@ -205,6 +206,31 @@ def test_kv_cache_speed_runs_every_mode_on_the_tiny_preset():
     off = rows[0]
     assert off["speedup"] == 1.0 and off["same_tokens_as_off"] == 1.0
     assert all(r["tokens_per_s"] == pytest.approx(2 * 8 / r["seconds"]) for r in rows)
+    assert all(0 < r["logits_share"] < 1 for r in rows)
+    assert off["ceiling_logits_kept"] == pytest.approx(1.0)  # off against itself: columns ratio 1
+
+
+def test_kv_cache_logits_kept_ceiling_by_hand():
+    """off 10 s of which 2 s logits; a mode with columns ratio 4 and 3 s of logits: 10 / (3 + 8 / 4) = 2."""
+    from benchmarks.kv_cache import logits_kept_ceiling
+    assert logits_kept_ceiling(10.0, 2.0, 3.0, 4.0) == pytest.approx(2.0)
+    assert logits_kept_ceiling(10.0, 0.0, 0.0, 4.0) == pytest.approx(4.0)  # no logits: the columns ratio
+
+
+def test_layer_timer_counts_only_the_modules_forward():
+    from benchmarks.kv_cache import LayerTimer
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x
+
+    slow = Slow()
+    timer = LayerTimer(slow, cuda=False)
+    time.sleep(0.05)  # outside the module: not counted
+    slow(torch.zeros(1))
+    slow(torch.zeros(1))
+    assert 0.1 <= timer.seconds < 0.2
 
 
 def test_kv_cache_ceiling_counts_columns_by_hand():
