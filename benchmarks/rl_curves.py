@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -54,6 +55,27 @@ def summary(runs: dict, seeds: list[int]) -> dict:
     finals = [runs[s][-1][1] for s in seeds]
     return {"seeds": len(seeds), "rollouts": xs[-1], "final_acc_mean": statistics.mean(finals),
             "final_acc_sd": statistics.stdev(finals) if len(finals) > 1 else float("nan"), "best_mean": max(mean)}
+
+
+def comparison(d1: dict, diffpo: dict, seeds: list[int], n_eval: int) -> dict:
+    """The issue's criterion from two algorithms' curves (seed -> [(rollouts, accuracy), ...], step 0 first):
+    the base accuracy (mean of every run's first point), DiFFPO's final gain over it, and DiFFPO - d1 at the
+    final point with the standard error of that difference of seed means. The error is the larger of two:
+    from the seeds' spread, sqrt(sd_d1^2 / k + sd_diffpo^2 / k) (k seeds, sample sd), and the evaluation's own
+    noise, sqrt(p1 (1 - p1) / (N k) + p2 (1 - p2) / (N k)) (N test prompts per evaluation; p (1 - p) bounds
+    the variance of a reward in [0, 1] with mean p), so three seeds that happen to agree cannot claim more
+    precision than their test set holds. ``z`` = difference / its error."""
+    k = len(seeds)
+    base = statistics.mean(run[s][0][1] for run in (d1, diffpo) for s in seeds)
+    f1 = [d1[s][-1][1] for s in seeds]
+    f2 = [diffpo[s][-1][1] for s in seeds]
+    m1, m2 = statistics.mean(f1), statistics.mean(f2)
+    spread = math.sqrt((statistics.variance(f1) + statistics.variance(f2)) / k) if k > 1 else float("nan")
+    binom = math.sqrt((m1 * (1 - m1) + m2 * (1 - m2)) / (n_eval * k))
+    se = max(spread, binom) if k > 1 else binom
+    diff = m2 - m1
+    return {"base": base, "d1_final": m1, "diffpo_final": m2, "diffpo_gain": m2 - base, "diffpo_minus_d1": diff,
+            "se_diff": se, "z": diff / se if se > 0 else float("nan")}
 
 
 def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]:
@@ -109,7 +131,7 @@ def main(argv=None):
                     key = f"eval_{task}_accuracy"
                     curves.setdefault(task, {}).setdefault(algo, {})[seed] = [(r["rollouts"], r[key]) for r in recs
                                                                               if key in r]
-    rows, fig = [], plt.figure(figsize=(5.5 * len(tasks), 4.2))
+    rows, compared, fig = [], [], plt.figure(figsize=(5.5 * len(tasks), 4.2))
     for k, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), k + 1)
         for algo, color in (("d1", "tab:blue"), ("diffpo", "tab:red")):
@@ -119,6 +141,8 @@ def main(argv=None):
                 ax.plot(*zip(*runs[s]), color=color, alpha=0.25, lw=1)
             ax.plot(xs, mean, color=color, lw=2, label=f"{algo} (mean of {len(seeds)} seeds)")
             rows.append({"task": task, "algo": algo, **summary(runs, seeds)})
+        compared.append({"task": task, **comparison(curves[task]["d1"], curves[task]["diffpo"], seeds,
+                                                    args.eval_examples)})
         ax.set_xlabel("rollouts")
         ax.set_ylabel("greedy test accuracy (mean reward)")
         ax.set_title(task)
@@ -137,7 +161,12 @@ def main(argv=None):
             + ("Table and plot rebuilt from the saved curves (`--replot`)." if args.replot else
                f"Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
                f"under runs/bench_rl are reused, not retrained).") + "\n\n"
-            + markdown_table(rows, list(rows[0])) + f"\n\n![rl curves]({name}.png)\n")
+            + markdown_table(rows, list(rows[0]))
+            + "\n\nThe issue's criterion (`comparison` in the script): DiFFPO's final gain over the base (the mean "
+              "of every run's step-0 accuracy) and DiFFPO - d1 at the final point, with the standard error of that "
+              "difference (the larger of the seeds' spread and the test set's binomial noise) and z = difference / "
+              "error.\n\n"
+            + markdown_table(compared, list(compared[0])) + f"\n\n![rl curves]({name}.png)\n")
     print(save(name, text, curves))
 
 

@@ -1,5 +1,6 @@
 """The pure helpers of the benchmark scripts (the scripts themselves are run on purpose, not in CI)."""
 
+import math
 import time
 
 import pytest
@@ -242,6 +243,24 @@ def test_kv_cache_ceiling_counts_columns_by_hand():
     assert columns_ratio("dual", 4, 8, 4, 4) == pytest.approx(48 / 32)
     # one pass per block: every pass is a refresh, nothing to skip
     assert columns_ratio("dual", 4, 8, 4, 2) == 1.0
+
+
+def test_rl_curves_comparison_by_hand():
+    """base = mean of the six step-0 points; finals d1 0.30/0.32/0.34 (mean 0.32, var 0.0004), diffpo
+    0.40/0.42/0.44 (mean 0.42, var 0.0004): spread sqrt(0.0008 / 3) = 0.01633; binomial with N = 2000:
+    sqrt((0.32 * 0.68 + 0.42 * 0.58) / 6000) = 0.008658 < spread -> z = 0.10 / 0.01633 = 6.12."""
+    from benchmarks.rl_curves import comparison
+    d1 = {0: [(0, 0.20), (9, 0.30)], 1: [(0, 0.22), (9, 0.32)], 2: [(0, 0.24), (9, 0.34)]}
+    diffpo = {0: [(0, 0.20), (9, 0.40)], 1: [(0, 0.22), (9, 0.42)], 2: [(0, 0.24), (9, 0.44)]}
+    c = comparison(d1, diffpo, [0, 1, 2], 2000)
+    assert c["base"] == pytest.approx(0.22)
+    assert c["diffpo_gain"] == pytest.approx(0.20) and c["diffpo_minus_d1"] == pytest.approx(0.10)
+    assert c["se_diff"] == pytest.approx(math.sqrt(0.0008 / 3))
+    assert c["z"] == pytest.approx(0.10 / math.sqrt(0.0008 / 3))
+    # seeds that agree exactly: the test set's noise is the floor
+    flat = {s: [(0, 0.2), (9, 0.5)] for s in range(3)}
+    c = comparison(flat, flat, [0, 1, 2], 100)
+    assert c["se_diff"] == pytest.approx(math.sqrt(2 * 0.25 / 300)) and c["z"] == 0.0
 
 
 def test_rl_curves_summary_by_hand():
