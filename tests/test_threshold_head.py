@@ -8,7 +8,8 @@ import torch
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.loading import ModelLoadError, load_model
 from diffpo_serve.dllm.sampler import SamplingParams, generate
-from diffpo_serve.dllm.threshold_head import ThresholdHead, eb_commit_fractions, load_head, prompt_features
+from diffpo_serve.dllm.threshold_head import (DEFAULT_GRID, ThresholdHead, eb_commit_fractions, load_head,
+                                              prompt_features)
 from training.loss import sampler_reward, threshold_head_loss
 
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -114,6 +115,16 @@ def test_head_saved_next_to_the_model_loads_with_it(tmp_path, tokenizer):
     with pytest.raises(ModelLoadError, match="threshold_head.safetensors"):
         load_model(tmp_path)
     assert load_head(tmp_path / "nowhere") is None
+    (tmp_path / "threshold_head.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="threshold_head.json: unreadable threshold-head config"):
+        load_model(tmp_path)
+
+
+def test_default_grid_is_13_log_spaced_gammas_from_0_001_to_10():
+    assert len(DEFAULT_GRID) == 13
+    assert DEFAULT_GRID[0] == pytest.approx(0.001) and DEFAULT_GRID[-1] == pytest.approx(10.0)
+    ratios = [b / a for a, b in zip(DEFAULT_GRID, DEFAULT_GRID[1:])]
+    assert ratios == pytest.approx([10 ** (1 / 3)] * 12, rel=1e-3)  # x2.154 per step (6 decimals kept)
 
 
 def test_prompt_plus_answer_features_by_hand():
