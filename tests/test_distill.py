@@ -123,3 +123,14 @@ def test_nothing_to_distill_is_a_clear_cli_error(model_path, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "diffpo-train distill: error: no teacher answer has reward >= 1.0" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_one_task_teacher_record_counts_its_own_kept_answers(model_path, tmp_path):
+    """With one task, ``kept`` counts that task's rows (a comparison flipped to != would give 0; with two
+    tasks in equal parts it would give the other task's count, the same number)."""
+    from training.distill import TEACHER_FILE, teacher_answers
+    cfg = small_cfg(model_path, tmp_path / "one", tasks="sudoku", train_examples=10)
+    chosen = teacher_answers(cfg)
+    record = json.loads((tmp_path / "one" / TEACHER_FILE).read_text())["tasks"]
+    assert list(record) == ["sudoku"] and len(chosen) == 10
+    assert record["sudoku"]["kept"] == 10 and record["sudoku"]["prompts"] == 10

@@ -490,3 +490,20 @@ def test_the_admission_rule_by_hand():
     check_admission([3, 1, 2], 1, 4, max_queue=2)  # waits behind one that does not fit
     with pytest.raises(QueueFull):
         check_admission([3, 1, 2, 1], 1, 4, max_queue=2)
+
+
+def test_enqueue_counts_rows_running_admitting_and_still_waiting(loaded):
+    """The batcher's inputs to the rule: free = max_batch_size - (rows in slots + rows being admitted), and a
+    partly admitted request queues only its rows after the admission cursor."""
+    from diffpo_serve.batcher import RequestHandle
+    params = SamplingParams(gen_length=4)
+    batcher = Batcher(loaded, max_batch_size=4, max_queue=0)  # never started: the state is set by hand
+    batcher._slots = [object()]  # one row decoding
+    batcher._admitting = 1  # one row on its way in: 2 slots free
+    partly = RequestHandle([RowRequest([5], params)] * 3, None, batcher)
+    partly.next_row = 2  # two of its three rows already admitted: one still waits
+    batcher._waiting.append(partly)
+    batcher.enqueue(RequestHandle([RowRequest([6], params)], None, batcher))  # 1 waiting + 1 <= 2 free: taken
+    with pytest.raises(QueueFull):  # 1 + 1 waiting + 1 > 2 free, and max_queue 0 lets nothing wait
+        batcher.enqueue(RequestHandle([RowRequest([7], params)], None, batcher))
+    assert len(batcher._waiting) == 2

@@ -238,6 +238,24 @@ def test_32_concurrent_requests_equal_alone(client, server):
     assert server.runtime.batcher.stats()["active_rows"] == 0
 
 
+def test_every_metric_is_exported_under_its_name_and_type():
+    """The registry's own exposition: each series by its ``# TYPE`` line (a name and help text swapped would
+    still put the name somewhere in the text; prometheus_client accepts a name with spaces)."""
+    from prometheus_client import generate_latest
+
+    from diffpo_serve.metrics import ServerMetrics
+    text = generate_latest(ServerMetrics().registry).decode()
+    types = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")}
+    expected = {"diffpo_requests_total": "counter", "diffpo_request_latency_seconds": "histogram",
+                "diffpo_time_to_first_token_seconds": "histogram", "diffpo_queue_depth": "gauge",
+                "diffpo_running_rows": "gauge", "diffpo_batch_step_seconds": "histogram",
+                "diffpo_batch_row_steps_total": "counter", "diffpo_prompt_tokens_total": "counter",
+                "diffpo_completion_tokens_total": "counter", "diffpo_nfe": "histogram", "diffpo_threshold": "histogram",
+                "diffpo_cancelled_rows_total": "counter", "diffpo_model_ready": "gauge"}
+    assert {k: types.get(k) for k in expected} == expected
+    assert all(name.startswith("diffpo_") and " " not in name for name in types)
+
+
 def test_metrics_lists_the_expected_series(server, client):
     chunks = list(complete(client, max_tokens=4, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None  # the stream was read to its end: the request is over
