@@ -507,3 +507,22 @@ def test_enqueue_counts_rows_running_admitting_and_still_waiting(loaded):
     with pytest.raises(QueueFull):  # 1 + 1 waiting + 1 > 2 free, and max_queue 0 lets nothing wait
         batcher.enqueue(RequestHandle([RowRequest([7], params)], None, batcher))
     assert len(batcher._waiting) == 2
+
+
+def test_admission_fills_the_batch_to_its_size_and_no_further(loaded):
+    """A 3-row request into a 2-row batch: two rows decode, the third waits for a slot (admission's
+    capacity check at its edge: free > 0, not >= 0)."""
+    params = SamplingParams(gen_length=4)
+
+    async def main():
+        batcher = Batcher(loaded, max_batch_size=2, max_queue=4)
+        handle = batcher.submit([RowRequest([5], params)] * 3)
+        batcher.run_once()
+        assert len(batcher._slots) == 2 and handle.next_row == 2 and list(batcher._waiting) == [handle]
+        for _ in range(20):
+            batcher.run_once()
+        await settle()
+        return final_updates([handle])
+
+    (done,) = asyncio.run(main())
+    assert sorted(done) == [0, 1, 2]  # every row finished, the third after a slot freed
