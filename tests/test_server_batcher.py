@@ -507,6 +507,7 @@ def test_enqueue_counts_rows_running_admitting_and_still_waiting(loaded):
     with pytest.raises(QueueFull):  # 1 + 1 waiting + 1 > 2 free, and max_queue 0 lets nothing wait
         batcher.enqueue(RequestHandle([RowRequest([7], params)], None, batcher))
     assert len(batcher._waiting) == 2
+    assert batcher.stats()["active_rows"] == 2  # running + admitting
 
 
 def test_admission_fills_the_batch_to_its_size_and_no_further(loaded):
@@ -526,3 +527,52 @@ def test_admission_fills_the_batch_to_its_size_and_no_further(loaded):
 
     (done,) = asyncio.run(main())
     assert sorted(done) == [0, 1, 2]  # every row finished, the third after a slot freed
+
+
+def test_a_failing_admission_fails_only_the_admitted_requests(loaded, monkeypatch):
+    """The paradigm cannot start the new rows: each admitted request gets one BatchFailure naming the stage;
+    rows already decoding go on."""
+    params = SamplingParams(gen_length=4)
+
+    async def main():
+        batcher = Batcher(loaded, max_batch_size=4)
+        running = batcher.submit([RowRequest([5], params)])
+        batcher.run_once()
+        original = batcher.paradigm.init_state
+        monkeypatch.setattr(batcher.paradigm, "init_state", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+        doomed = batcher.submit([RowRequest([6], params)] * 2)
+        batcher.run_once()
+        monkeypatch.setattr(batcher.paradigm, "init_state", original)
+        for _ in range(10):
+            batcher.run_once()
+        await settle()
+        return drain_events(running), drain_events(doomed)
+
+    running, doomed = asyncio.run(main())
+    assert len(doomed) == 1 and isinstance(doomed[0], BatchFailure)
+    assert doomed[0].message == "internal error while starting the request"
+    assert running[-1].finished and not any(isinstance(e, BatchFailure) for e in running)
+
+
+def test_an_iteration_that_raises_fails_the_running_rows(loaded, monkeypatch):
+    """A bug outside the model's step (here: dropping cancelled rows raises) fails the running requests
+    with one BatchFailure each instead of leaving them waiting; the batcher then serves new requests."""
+    params = SamplingParams(gen_length=4)
+
+    async def main():
+        batcher = Batcher(loaded, max_batch_size=4)
+        a = batcher.submit([RowRequest([5], params)] * 2)
+        batcher.run_once()
+        monkeypatch.setattr(batcher, "_drop_cancelled", lambda: (_ for _ in ()).throw(RuntimeError("bug")))
+        batcher.iterate()
+        monkeypatch.undo()
+        b = batcher.submit([RowRequest([6], params)])
+        for _ in range(10):
+            batcher.iterate()
+        await settle()
+        return drain_events(a), drain_events(b), batcher.stats()
+
+    a, b, stats = asyncio.run(main())
+    assert [type(e) for e in a if isinstance(e, BatchFailure)] == [BatchFailure]
+    assert next(e for e in a if isinstance(e, BatchFailure)).message == "internal error during decoding"
+    assert b[-1].finished and stats["active_rows"] == 0

@@ -259,6 +259,7 @@ def test_every_metric_is_exported_under_its_name_and_type():
 def test_metrics_lists_the_expected_series(server, client):
     chunks = list(complete(client, max_tokens=4, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None  # the stream was read to its end: the request is over
+    complete(client, max_tokens=4, extra_body={"sampler": "eb", "threshold": 0.5})  # a threshold to observe
     text = httpx.get(server.url + "/metrics").text
     for name in ["diffpo_requests_total", "diffpo_request_latency_seconds_bucket", "diffpo_queue_depth",
                  "diffpo_running_rows", "diffpo_time_to_first_token_seconds_bucket", "diffpo_prompt_tokens_total",
@@ -268,3 +269,5 @@ def test_metrics_lists_the_expected_series(server, client):
     assert metric_value(text, "diffpo_requests_total", 'endpoint="/v1/completions",status="200"') >= 1
     assert metric_value(text, "diffpo_model_ready") == 1
     assert metric_value(text, "diffpo_running_rows") == 0
+    # step durations are durations: positive and far below a minute on the tiny model
+    assert 0 < metric_value(text, "diffpo_batch_step_seconds_sum") < 60
