@@ -117,6 +117,14 @@ def test_server_loads_half_precision_on_cpu_without_a_batch_warning(own_model_di
     assert not [r for r in caplog.records if "batch" in r.getMessage()]
 
 
+def test_server_loader_passes_the_eos_ids_setting(own_model_dir):
+    from diffpo_serve.api import load_from_settings
+    from diffpo_serve.settings import ServerSettings
+    directory, _, _ = own_model_dir
+    loaded = load_from_settings(ServerSettings(model=str(directory), eos_id="5,7"))
+    assert (loaded.eos_id, list(loaded.eos_ids)) == (5, [5, 7])
+
+
 def test_compiled_layers_decode_as_eager_and_as_alone():
     """compile=True compiles the bundled model's four Blocks (one graph for batch 1, one for more rows,
     both made at load time); greedy decoding then gives the eager model's tokens and passes, with the
