@@ -47,8 +47,14 @@ def policy_rl_loss(policy: StepPolicy, trace: PolicyTrace, advantages: torch.Ten
 
 @torch.no_grad()
 def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: int, behaviour: SamplingParams,
-                    batch_size: int = 256, policy: StepPolicy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    batch_size: int = 256, policy: StepPolicy | None = None,
+                    label: str = "full_steps") -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate features (N, F) and labels (N,) from ``behaviour`` trajectories of ``prompts``.
+
+    ``label``: ``full_steps`` compares each pass's argmax with the full-step greedy answer (FACTS.md's step
+    oracle); ``trajectory`` with the answer the behaviour decode itself ends with (a token already final in
+    its own trajectory; where the two decodes reach different answers, as countdown's orders of one sum do,
+    the first label calls every token of the other answer wrong).
 
     ``policy`` is needed when the behaviour sampler is ``policy`` itself (later rounds of data
     collection); its feature set also decides whether hidden states are traced.
@@ -57,14 +63,18 @@ def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: i
     feats, labels = [], []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        full = generate(loaded.model, chunk, SamplingParams("steps", gen_length, block_length=behaviour.block_length),
-                        **kw, stop_at_eos=False)  # one token per pass, in the behaviour's blocks
         out = generate(loaded.model, chunk, behaviour, **kw, stop_at_eos=False, return_trajectory=True,
                        policy=policy, trace_features=True)
+        if label == "trajectory":
+            answer = out.sequences
+        else:
+            answer = generate(loaded.model, chunk, SamplingParams("steps", gen_length,
+                                                                  block_length=behaviour.block_length),
+                              **kw, stop_at_eos=False).sequences  # one token per pass, in the behaviour's blocks
         trace = out.policy_trace
-        label = commit_labels(trace.argmax, full.sequences, trace.candidates)
+        label_bits = commit_labels(trace.argmax, answer, trace.candidates)
         feats.append(trace.features[trace.candidates])
-        labels.append(label[trace.candidates])
+        labels.append(label_bits[trace.candidates])
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -70,6 +70,10 @@ class RLConfig:
     warm_start_prompts: int = option(4000, "a new step policy: training prompts (per task) of its supervised warm "
                                      "start (label: the argmax equals the full-step answer's token; 0: no warm start)")
     warm_start_gamma: float = option(0.1, "EB gamma of the behaviour decodes the warm start's features come from")
+    warm_start_label: str = option("full_steps", "the warm start's label of a masked token: full_steps (its argmax "
+                                   "equals the full-step greedy answer's token there) or trajectory (it equals the token "
+                                   "the behaviour decode itself ends with there: final in that trajectory)",
+                                   choices=["full_steps", "trajectory"])
     warm_start_epochs: int = option(5, "epochs of the warm start's binary cross-entropy fit")
     warm_start_point: float | None = option(0.9, "after the warm start, fold this threshold into the policy "
                                             "(p >= point becomes p >= 0.5, its new operating point), so RL rollouts "

@@ -194,7 +194,8 @@ def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: i
         prompts = [base.encode(ex["prompt"]) for ex in pool]
         behaviour = SamplingParams("eb", gen_length, block_length=cfg.block_length, threshold=cfg.warm_start_gamma)
         t0 = time.perf_counter()
-        features, labels = warm_start_data(base, prompts, gen_length, behaviour, policy=policy)
+        features, labels = warm_start_data(base, prompts, gen_length, behaviour, policy=policy,
+                                           label=cfg.warm_start_label)
         loss = fit_warm_start(policy, features, labels, epochs=cfg.warm_start_epochs, seed=cfg.seed)
         if cfg.warm_start_point:
             policy.set_operating_point(cfg.warm_start_point)
