@@ -110,7 +110,8 @@ def logits_kept_ceiling(off_seconds: float, off_logits: float, mode_logits: floa
 def speed(args) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     model = random_llada(args.preset, args.device, dtype)
-    timer = LayerTimer(model.get_output_embeddings(), args.device.startswith("cuda"))
+    cuda = args.device.startswith("cuda")
+    timer = LayerTimer(model.get_output_embeddings(), cuda)
     vocab = PRESETS[args.preset][4]
     mask, eos = special_ids(vocab)
     g = torch.Generator().manual_seed(1)
@@ -123,12 +124,12 @@ def speed(args) -> list[dict]:
         for _ in range(args.runs):
             for cache in CACHE_MODES:
                 params = SamplingParams("steps", args.gen, block_length=args.block, steps=args.steps, cache=cache)
-                if args.device.startswith("cuda"):
+                if cuda:
                     torch.cuda.synchronize()
                 timer.seconds = 0.0
                 t0 = time.perf_counter()
                 out = generate(model, prompts, params, mask_id=mask, eos_id=eos, pad_id=eos, stop_at_eos=False)
-                if args.device.startswith("cuda"):
+                if cuda:
                     torch.cuda.synchronize()
                 times[cache].append(time.perf_counter() - t0)
                 logits[cache].append(timer.seconds)

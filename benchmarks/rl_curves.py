@@ -70,9 +70,8 @@ def comparison(d1: dict, diffpo: dict, seeds: list[int], n_eval: int) -> dict:
     f1 = [d1[s][-1][1] for s in seeds]
     f2 = [diffpo[s][-1][1] for s in seeds]
     m1, m2 = statistics.mean(f1), statistics.mean(f2)
-    spread = math.sqrt((statistics.variance(f1) + statistics.variance(f2)) / k) if k > 1 else float("nan")
     binom = math.sqrt((m1 * (1 - m1) + m2 * (1 - m2)) / (n_eval * k))
-    se = max(spread, binom) if k > 1 else binom
+    se = max(math.sqrt((statistics.variance(f1) + statistics.variance(f2)) / k), binom) if k > 1 else binom
     diff = m2 - m1
     return {"base": base, "d1_final": m1, "diffpo_final": m2, "diffpo_gain": m2 - base, "diffpo_minus_d1": diff,
             "se_diff": se, "z": diff / se if se > 0 else float("nan")}

@@ -218,20 +218,30 @@ def test_kv_cache_logits_kept_ceiling_by_hand():
     assert logits_kept_ceiling(10.0, 0.0, 0.0, 4.0) == pytest.approx(4.0)  # no logits: the columns ratio
 
 
-def test_layer_timer_counts_only_the_modules_forward():
-    from benchmarks.kv_cache import LayerTimer
+def test_layer_timer_counts_only_the_modules_forward(monkeypatch):
+    """A fake clock that advances 1 s per reading outside the module and 10 s per reading inside it: the
+    timer sums the two forwards' (stop - start) and nothing between them."""
+    import benchmarks.kv_cache as kv
+    now = {"t": 0.0}
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return now["t"]
 
     class Slow(torch.nn.Module):
         def forward(self, x):
-            time.sleep(0.05)
+            now["t"] += 10.0  # the module's own work
             return x
 
+    monkeypatch.setattr(kv, "time", Clock)
     slow = Slow()
-    timer = LayerTimer(slow, cuda=False)
-    time.sleep(0.05)  # outside the module: not counted
+    timer = kv.LayerTimer(slow, cuda=False)
+    now["t"] += 5.0  # outside the module: not counted
     slow(torch.zeros(1))
+    now["t"] += 7.0
     slow(torch.zeros(1))
-    assert 0.1 <= timer.seconds < 0.2
+    assert timer.seconds == 20.0
 
 
 def test_kv_cache_ceiling_counts_columns_by_hand():

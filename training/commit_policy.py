@@ -6,7 +6,9 @@ default) while recording the policy's features of every pass (``trace_features``
 of the current block is labelled 1 when the model's argmax there already equals A's token
 (:func:`commit_labels`): committing it now changes nothing in the answer. The policy is fit to
 those labels by binary cross-entropy (the step oracle of FACTS.md commits exactly the label-1
-tokens).
+tokens). With ``--warm-start-label trajectory`` A is instead the answer the behaviour decode itself
+ends with (no full-step decode): countdown has several right answers, and where the two decodes reach
+different ones the full-step label calls every token of the behaviour's answer not final.
 
 RL (``diffpo-train rl --train sampler|joint --sampler-kind policy``): rollouts draw every commit bit
 from Bernoulli(p) and record the policy's features and bits per pass (the sampler's ``PolicyTrace``);

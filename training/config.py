@@ -68,7 +68,7 @@ class RLConfig:
     policy_features: str = option("basic", "a new step policy's input: basic (12 per-token features of the pass) "
                                   "or basic+hidden (also the token's final hidden state)", choices=list(FEATURE_SETS))
     warm_start_prompts: int = option(4000, "a new step policy: training prompts (per task) of its supervised warm "
-                                     "start (label: the argmax equals the full-step answer's token; 0: no warm start)")
+                                     "start (labels: --warm-start-label; 0: no warm start)")
     warm_start_gamma: float = option(0.1, "EB gamma of the behaviour decodes the warm start's features come from")
     warm_start_label: str = option("full_steps", "the warm start's label of a masked token: full_steps (its argmax "
                                    "equals the full-step greedy answer's token there) or trajectory (it equals the token "
