@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,7 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from diffpo_serve.api import ServerRuntime
 from diffpo_serve.dllm.loading import ModelLoadError
+from diffpo_serve.metrics import ServerMetrics
+from diffpo_serve.settings import ServerSettings
 from test_server_support import (MODEL_NAME, free_port, live_server, metric_value, save_tiny_model, scripted_loaded,
                                  wait_until)
 
@@ -203,3 +207,49 @@ def test_cli_process_serves_and_exits_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ----------------------------------------------------------------------------- ServerRuntime.shutdown, no HTTP
+
+class _Batcher:
+    """Records what shutdown asks of the batcher; its drain reports a timeout."""
+
+    def __init__(self):
+        self.calls = []
+
+    def begin_drain(self):
+        self.calls.append("begin_drain")
+
+    def drain(self, timeout):
+        self.calls.append(("drain", timeout))
+        return False
+
+
+def test_shutdown_cancels_a_load_in_progress():
+    release = threading.Event()
+
+    def loader(settings):
+        release.wait(10)
+        raise ModelLoadError("released")
+
+    async def main():
+        runtime = ServerRuntime(ServerSettings(decoder_process=False), ServerMetrics(), loader)
+        await runtime.start()
+        await asyncio.sleep(0.05)  # the load is running in its thread
+        await runtime.shutdown()
+        await asyncio.sleep(0.05)  # let the cancellation land
+        cancelled = runtime._task.cancelled()  # (asyncio.run would cancel it too, on the way out)
+        release.set()  # asyncio.run waits for the loader's thread
+        return cancelled, runtime.status
+
+    assert asyncio.run(main()) == (True, "draining")
+
+
+def test_shutdown_drains_the_batcher_with_the_timeout_and_logs_when_it_runs_out(caplog):
+    runtime = ServerRuntime(ServerSettings(drain_timeout=7.5), ServerMetrics(), loader=None)
+    runtime.status, runtime.batcher = "ready", _Batcher()
+    with caplog.at_level("WARNING", logger="diffpo_serve.api"):
+        asyncio.run(runtime.shutdown())
+    assert runtime.batcher.calls == ["begin_drain", ("drain", 7.5)] and runtime.status == "draining"
+    assert [r.getMessage() for r in caplog.records] == [
+        "drain timed out after 7.5s; remaining requests were failed"]
