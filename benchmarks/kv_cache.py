@@ -9,10 +9,10 @@ interleaved (off, prefix, dual, off, ...) so the machine's load hits all alike; 
 tokens/s (rows x gen / seconds) and each mode's ratio to ``off`` from the same run, and the fraction of tokens
 equal to the uncached decode (random weights: a lower bound on agreement, not an accuracy).
 
-Accuracy (``--accuracy``): the bundled model on its tasks (sudoku, countdown; ``--n`` generated test prompts
-each), greedy, block_length 4, with each cache mode and sampler (``--samplers``: ``steps`` at 16 passes,
-``learned``): accuracy,
-its standard error sqrt(p (1 - p) / n) and mean NFE.
+Accuracy (``--accuracy``): the bundled model (or ``--model``) on its tasks (``--tasks``, default
+sudoku,countdown; ``--n`` generated test prompts each), greedy, block_length 4, with each cache mode and
+sampler (``--samplers``: ``steps`` at 16 passes, ``learned``): accuracy, its standard error
+sqrt(p (1 - p) / n) and mean NFE.
 
     python -m benchmarks.kv_cache [--preset mid] [--batch-sizes 1,16] [--runs 1] [--accuracy --n 1000]
     python -m benchmarks.kv_cache --preset 8b --device cuda --dtype bfloat16 --batch-sizes 1,16
@@ -157,7 +157,7 @@ def accuracy(args) -> list[dict]:
 
     loaded = load_model(args.model)
     rows = []
-    for task in ("sudoku", "countdown"):
+    for task in args.tasks.split(","):
         data = get_task(task).make_dataset("test", args.n, seed=0)
         gen = get_task(task).GEN_LENGTH
         for sampler in args.samplers.split(","):
@@ -211,6 +211,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model for --accuracy (default: the bundled one)")
     ap.add_argument("--n", type=int, default=1000, help="--accuracy: test prompts per task")
     ap.add_argument("--samplers", default="steps,learned", help="--accuracy: samplers to compare")
+    ap.add_argument("--tasks", default="sudoku,countdown", help="--accuracy: tasks (generated test prompts)")
     ap.add_argument("--name", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
     if args.steps is None:

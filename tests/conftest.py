@@ -23,9 +23,9 @@ def varied_reward(text: str, example: dict) -> float:
 def tiny_model(seed: int = 0, init: float = 0.5, vocab: int = 104, **kw) -> DiffpoForMaskedLM:
     """A random tiny denoiser; a large init spread gives decisive, well-separated logits."""
     torch.manual_seed(seed)
-    cfg = DiffpoConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, initializer_range=init, mask_token_id=MASK, pad_token_id=PAD,
-                       eos_token_id=EOS, **kw)
+    cfg = DiffpoConfig(**{**dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, initializer_range=init, mask_token_id=MASK, pad_token_id=PAD,
+                                 eos_token_id=EOS), **kw})
     return DiffpoForMaskedLM(cfg).eval()
 
 

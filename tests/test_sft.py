@@ -208,3 +208,106 @@ def test_metrics_lines_average_each_window_by_hand(tmp_path, monkeypatch):
         assert line["loss"] == pytest.approx(sum(x for x, _ in window) / len(window), abs=1e-5)
         assert line["masked_token_acc"] == pytest.approx(sum(a for _, a in window) / len(window), abs=1e-4)
     assert len({x for x, _ in seen}) == 5 and any(a > 0 for _, a in seen)
+
+
+# ----------------------------------------------------------------------------- --cache-loss
+
+def test_cached_view_states_by_value():
+    from training.sft import cached_view
+    targets = torch.arange(10, 10 + 3 * 8).view(3, 8)
+    seen = set()
+    for seed in range(40):
+        k, t, refresh, current, masked = cached_view(targets, 4, torch.Generator().manual_seed(seed), mask_id=99)
+        seen.add(k)
+        lo, hi = 4 * k, 4 * k + 4
+        assert torch.equal(refresh[:, :lo], targets[:, :lo]) and bool((refresh[:, lo:] == 99).all())
+        assert torch.equal(current[:, :lo], targets[:, :lo]) and bool((current[:, hi:] == 99).all())
+        block = current[:, lo:hi]
+        assert torch.equal(block, torch.where(masked[:, lo:hi], torch.full_like(block, 99), targets[:, lo:hi]))
+        assert not masked[:, :lo].any() and not masked[:, hi:].any() and bool(masked[:, lo:hi].any(1).all())
+        assert t.shape == (3,) and bool(((t > 0) & (t <= 1)).all())
+    assert seen == {0, 1}
+    with pytest.raises(ValueError, match="does not divide"):
+        cached_view(targets, 3, torch.Generator(), 99)
+
+
+def test_cached_view_draws_blocks_uniformly_and_masks_at_rate_t():
+    from training.sft import cached_view
+    targets = torch.zeros(64, 16, dtype=torch.long)
+    counts, pairs = [0] * 4, []
+    for seed in range(400):
+        k, t, _, _, masked = cached_view(targets, 4, torch.Generator().manual_seed(seed), mask_id=1)
+        counts[k] += 1
+        pairs.append((t, masked[:, 4 * k:4 * k + 4].float().mean(1)))
+    assert all(70 <= c <= 130 for c in counts), counts  # 100 expected each
+    t = torch.cat([p[0] for p in pairs])
+    rate = torch.cat([p[1] for p in pairs])
+    # one token of the block is always masked, each of the other three with probability t
+    assert rate.mean().item() == pytest.approx(((1 + 3 * t) / 4).mean().item(), abs=0.01)
+
+
+def _plain_block_loss(model, prompts, targets, view, block_length, pad_id):
+    """The uncached loss of the same block in the same current state: one full forward."""
+    from training.data import left_pad
+    k, t, _, current, masked = view
+    p_ids, p_attn = left_pad(prompts, pad_id)
+    lo, hi = k * block_length, (k + 1) * block_length
+    ids = torch.cat([p_ids, current], 1)
+    attention = torch.cat([p_attn, torch.ones_like(current, dtype=torch.bool)], 1)
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, p_ids.shape[1] + lo:p_ids.shape[1] + hi]
+    return masked_diffusion_loss(logits, targets[:, lo:hi], masked[:, lo:hi], t, "masked_mean")
+
+
+def test_cached_view_loss_reads_the_stale_keys_of_the_refresh():
+    """One layer: a column's keys/values depend on its own token only, and the prompt, the finished blocks and
+    (masked) later blocks are the same in the refresh and now, so the cached loss is the plain one; unless the
+    cached later blocks differ, which dual reads from the cache and prefix recomputes. Two layers: the stale
+    keys/values differ from fresh ones (the approximation trained for), unless the refresh is the current state."""
+    from conftest import MASK, PAD, tiny_model
+    from training.sft import cached_view, cached_view_loss
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    targets = torch.randint(20, 60, (3, 8), generator=torch.Generator().manual_seed(1))
+    one, two = tiny_model(num_hidden_layers=1), tiny_model()
+    view = cached_view(targets, 4, torch.Generator().manual_seed(6), MASK)
+    k, t, refresh, current, masked = view
+    assert k == 0 and int((current[:, :4] != MASK).sum()) == 6  # seed 6: block 0, 6 of its 12 tokens committed
+    garbage = refresh.clone()
+    garbage[:, 4:] = 42  # the later block's cached keys/values wrong
+    with torch.no_grad():
+        for mode in ("prefix", "dual"):
+            cached = cached_view_loss(one, prompts, targets, 4, mode, view, PAD, "masked_mean")[0]
+            assert cached.item() == pytest.approx(_plain_block_loss(one, prompts, targets, view, 4, PAD).item(),
+                                                  abs=1e-5)
+        bad = (k, t, garbage, current, masked)
+        plain = _plain_block_loss(one, prompts, targets, view, 4, PAD).item()
+        assert cached_view_loss(one, prompts, targets, 4, "prefix", bad, PAD, "masked_mean")[0].item() == \
+            pytest.approx(plain, abs=1e-5)
+        assert abs(cached_view_loss(one, prompts, targets, 4, "dual", bad, PAD, "masked_mean")[0].item() - plain) > 1e-3
+        plain2 = _plain_block_loss(two, prompts, targets, view, 4, PAD).item()
+        fresh = (k, t, current, current, masked)
+        for mode in ("prefix", "dual"):
+            assert cached_view_loss(two, prompts, targets, 4, mode, fresh, PAD, "masked_mean")[0].item() == \
+                pytest.approx(plain2, abs=1e-5)
+            assert abs(cached_view_loss(two, prompts, targets, 4, mode, view, PAD, "masked_mean")[0].item()
+                       - plain2) > 1e-3
+
+
+def test_cached_view_loss_trains_both_forwards():
+    from conftest import MASK, PAD, tiny_model
+    from training.sft import cached_view, cached_view_loss
+    model = tiny_model().train()
+    targets = torch.randint(20, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    view = cached_view(targets, 4, torch.Generator().manual_seed(3), MASK)
+    loss, logits, block_targets, block_masked = cached_view_loss(model, [[5, 6], [7]], targets, 4, "dual", view, PAD)
+    assert logits.shape[:2] == (2, 4) and torch.equal(block_targets, targets[:, :4])
+    loss.backward()
+    # the first layer's key/value weights of a cached column get gradient only through the refresh forward
+    assert model.blocks[0].qkv.weight.grad.abs().sum() > 0
+
+
+def test_sft_with_the_cache_loss_logs_it(tmp_path):
+    out = train_sft(small_cfg(tmp_path / "run", max_steps=4, log_every=2, save_every=4, cache_loss="both",
+                              cache_block_length=4))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4] and all(r["cache_loss"] > 0 for r in lines)
+    assert json.loads((out / "train_config.json").read_text())["cache_loss"] == "both"

@@ -19,6 +19,12 @@ def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+CACHE_LOSS_HELP = ("also train for the sampler's KV cache: a second loss on block k as a cached decode computes it "
+                   "mid-block, with the prompt's and earlier blocks' keys/values from the block's first step "
+                   "(prefix: the later blocks are recomputed; dual: they are cached too; both: alternate by step); "
+                   "makes a small model's cached decode lose less (training/sft.py cached_view_loss)")
+
+
 @dataclass
 class SFTConfig:
     """Masked-diffusion supervised fine-tuning (LLaDA, arXiv 2502.09992, sec. 2.3)."""
@@ -44,6 +50,9 @@ class SFTConfig:
                              "to metrics.jsonl (0: off)")
     eval_examples: int = option(256, "test prompts per task for --eval-every")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
+    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=["off", "prefix", "dual", "both"])
+    cache_loss_weight: float = option(1.0, "--cache-loss: the cached-view loss is added to the SFT loss times this")
+    cache_block_length: int = option(4, "--cache-loss: the block length of the cached decode trained for")
     hidden_size: int = option(128, "new model: width")
     num_hidden_layers: int = option(4, "new model: layers")
     num_attention_heads: int = option(4, "new model: attention heads")
@@ -170,6 +179,9 @@ class DistillConfig:
     log_every: int = option(50, "steps between metric lines")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint (the teacher's answers are read back "
                           "from OUTPUT_DIR/distill_data.jsonl, not decoded again)")
+    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=["off", "prefix", "dual", "both"])
+    cache_loss_weight: float = option(1.0, "as for sft")
+    cache_block_length: int = option(4, "as for sft")
     device: str = option("cpu", "torch device of the teacher's decoding")
 
 

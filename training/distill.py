@@ -115,7 +115,8 @@ def sft_config(cfg: DistillConfig) -> SFTConfig:
                      max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                      min_lr_ratio=1.0, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                      loss_weighting=cfg.loss_weighting, seed=cfg.seed, save_every=cfg.save_every,
-                     log_every=cfg.log_every, resume=cfg.resume)
+                     log_every=cfg.log_every, resume=cfg.resume, cache_loss=cfg.cache_loss,
+                     cache_loss_weight=cfg.cache_loss_weight, cache_block_length=cfg.cache_block_length)
 
 
 def train_distill(cfg: DistillConfig) -> Path:

@@ -14,6 +14,10 @@ several processes; on CPU they use gloo), with a
 progress bar, JSONL metrics, periodic atomic checkpoints, ``--resume`` and, with ``--eval-every N``,
 greedy full-step accuracy on each task's generated test split every N steps (``eval_<task>_accuracy``
 lines in metrics.jsonl, the task's reward averaged over ``--eval-examples`` prompts).
+
+``--cache-loss prefix|dual|both`` adds a second loss, the same objective as the sampler's KV-cached decode
+computes it in the middle of a block (:func:`cached_view_loss`): a small model otherwise leans on the
+prompt's keys/values changing as the block fills in, which a cache holds fixed, and loses accuracy with it.
 """
 
 from __future__ import annotations
@@ -81,6 +85,63 @@ def batch_loss(model, prompts: list[list[int]], targets: torch.Tensor, generator
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p_ids.shape[1]:]
     targets, masked = targets.to(logits.device), masked.to(logits.device)
     return masked_diffusion_loss(logits, targets, masked, t.to(logits.device), weighting), logits, targets, masked
+
+
+def cached_view(targets: torch.Tensor, block_length: int, generator: torch.Generator, mask_id: int,
+                eps: float = 1e-3):
+    """A decode state of a KV-cached sampler mid-block, drawn at random (pure; ``--cache-loss``).
+
+    targets (b, n): the completions. One block k (uniform over the n / block_length blocks, the same for
+    the batch) is the one being decoded. Returns ``(k, t, refresh, current, masked)``:
+
+    refresh (b, n)  the completion at block k's first step, when the sampler refreshes the cache: blocks
+                    before k hold their tokens, block k and everything after it are masks;
+    current (b, n)  a later step of the same block: as ``refresh``, with some of block k's tokens
+                    committed (each of its tokens stays masked with probability t ~ U(eps, 1] per row;
+                    one random token of the block always stays masked, so there is something to predict);
+    masked (b, n)   the tokens of block k still masked in ``current`` (the positions scored).
+    """
+    b, n = targets.shape
+    if n % block_length:
+        raise ValueError(f"--cache-block-length {block_length} does not divide the completion length {n}")
+    k = int(torch.randint(n // block_length, (1,), generator=generator))
+    lo, hi = k * block_length, (k + 1) * block_length
+    t = eps + (1 - eps) * (1 - torch.rand(b, generator=generator))
+    col = torch.arange(n)
+    inside = (col >= lo) & (col < hi)
+    masked = (torch.rand(b, n, generator=generator) < t[:, None]) & inside
+    masked[torch.arange(b), lo + torch.randint(block_length, (b,), generator=generator)] = True
+    mask = torch.full_like(targets, mask_id)
+    refresh = torch.where(col < lo, targets, mask)
+    current = torch.where(masked | (col >= hi), mask, targets)
+    return k, t, refresh, current, masked
+
+
+def cached_view_loss(model, prompts: list[list[int]], targets: torch.Tensor, block_length: int, mode: str,
+                     view: tuple, pad_id: int, weighting: str = "inv_t", device=None):
+    """The masked-diffusion loss of block k as the sampler's ``prefix`` / ``dual`` cache computes it.
+
+    ``view`` is :func:`cached_view`'s ``(k, t, refresh, current, masked)``. The keys/values come from a
+    forward over [prompt ; refresh] (what the sampler stores at block k's first step); the query columns
+    of [prompt ; current] are block k and, with ``prefix``, everything after it (``dual`` reads the later
+    blocks from the cache too), as in ``sampler._query_columns``. The prompt's and the finished blocks'
+    keys/values are thus stale by the tokens committed in block k since the refresh: the approximation the
+    cached decode makes (Fast-dLLM, arXiv 2505.22618), trained for here. Gradients flow through both
+    forwards. Returns (loss, logits (b, block_length, V), targets and masked of block k)."""
+    k, t, refresh, current, masked = view
+    p_ids, p_attn = left_pad(prompts, pad_id)
+    width, (b, n) = p_ids.shape[1], targets.shape
+    lo, hi = k * block_length, (k + 1) * block_length
+    attention = torch.cat([p_attn, torch.ones_like(targets, dtype=torch.bool)], 1).to(device)
+    first = torch.full((b, 1), width, dtype=torch.long, device=device)  # the refresh's logits are not needed
+    cache = model(input_ids=torch.cat([p_ids, refresh], 1).to(device), attention_mask=attention,
+                  return_kv=True, logits_index=first).kv_cache
+    query = (width + torch.arange(lo, hi if mode == "dual" else n, device=device)).expand(b, -1)
+    logits = model(input_ids=torch.cat([p_ids, current], 1).to(device), attention_mask=attention, kv_cache=cache,
+                   query_index=query, logits_index=query[:, :block_length]).logits
+    block_targets, block_masked = targets[:, lo:hi].to(logits.device), masked[:, lo:hi].to(logits.device)
+    return (masked_diffusion_loss(logits, block_targets, block_masked, t.to(logits.device), weighting), logits,
+            block_targets, block_masked)
 
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
@@ -172,8 +233,16 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * accelerator.num_processes
                                           + accelerator.process_index)
         idx = torch.randint(0, len(prompts), (cfg.batch_size,), generator=g)
-        loss, logits, targets, masked = batch_loss(model, [prompts[i] for i in idx.tolist()], completions[idx], g,
-                                                   mask_id, pad_id, cfg.loss_weighting, accelerator.device)
+        batch_prompts = [prompts[i] for i in idx.tolist()]
+        loss, logits, targets, masked = batch_loss(model, batch_prompts, completions[idx], g, mask_id, pad_id,
+                                                   cfg.loss_weighting, accelerator.device)
+        cache_loss = None
+        if cfg.cache_loss != "off":
+            mode = ("prefix", "dual")[step % 2] if cfg.cache_loss == "both" else cfg.cache_loss
+            view = cached_view(completions[idx], cfg.cache_block_length, g, mask_id)
+            cache_loss, *_ = cached_view_loss(model, batch_prompts, completions[idx], cfg.cache_block_length, mode,
+                                              view, pad_id, cfg.loss_weighting, accelerator.device)
+            loss = loss + cfg.cache_loss_weight * cache_loss
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -181,12 +250,14 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         scheduler.step()
         with torch.no_grad():
             acc = ((logits.argmax(-1) == targets) & masked).sum() / masked.sum().clamp(min=1)
-        window.append((loss.item(), acc.item(), float(grad_norm)))
+        window.append((loss.item(), acc.item(), float(grad_norm), 0.0 if cache_loss is None else cache_loss.item()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            loss_m, acc_m, gn = (sum(x) / len(window) for x in zip(*window))
+            loss_m, acc_m, gn, cache_m = (sum(x) / len(window) for x in zip(*window))
             record = {"step": step + 1, "loss": round(loss_m, 5), "masked_token_acc": round(acc_m, 4),
                       "grad_norm": round(gn, 4), "lr": scheduler.get_last_lr()[0],
                       "steps_per_second": round(len(window) / (time.time() - t0), 3)}
+            if cfg.cache_loss != "off":
+                record["cache_loss"] = round(cache_m, 5)  # its share of `loss`: cache_loss_weight x this
             bar.set_postfix(loss=f"{loss_m:.4f}", acc=f"{acc_m:.3f}")
             if accelerator.is_main_process:
                 with metrics_file.open("a") as f:
