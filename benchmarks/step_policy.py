@@ -1,8 +1,8 @@
 """The learned per-step commit policy against fixed gammas, the per-prompt head and the step oracle.
 
 On one model (default: the bundled model), greedy, on the same generated test prompts of each task
-(seed 0) and on the mixed stream (equal parts of each task; a greedy row decodes the same in any
-batch, so its points are the per-task results averaged):
+(``--seed``, default 0) and on the mixed stream (equal parts of each task; a greedy row decodes the same
+in any batch, so its points are the per-task results averaged):
 
 - ``eb``: the fixed-gamma EB front over the threshold head's grid, and full steps;
 - ``learned``: the model's per-prompt threshold head (if it has one);
@@ -234,6 +234,8 @@ def main(argv=None):
                     "step policy trained on --model (their own weights are not used)")
     ap.add_argument("--tasks", default="countdown,sudoku")
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated test prompts (another seed: a "
+                    "fresh test set, to confirm a front measured on seed 0)")
     ap.add_argument("--knobs", default=",".join(map(str, KNOBS)), help="the policy thresholds swept")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--name", default="step_policy")
@@ -258,7 +260,8 @@ def main(argv=None):
     paths = {"policy": dict(i.partition("=")[::2] for i in args.policies.split(","))}
 
     def add(task, name, sampler, setting, run):
-        key = "|".join([task, str(args.n), paths["policy"].get(name, loaded.path), sampler, setting])
+        key = "|".join([task, str(args.n) + (f"@{args.seed}" if args.seed else ""),
+                        paths["policy"].get(name, loaded.path), sampler, setting])
         if key not in cache and cache_path and cache_path.exists():  # another run may have added it since
             cache.update(json.loads(cache_path.read_text()))
         if key not in cache:
@@ -275,7 +278,7 @@ def main(argv=None):
 
     for task_name in tasks:
         task, gen = get_task(task_name), get_task(task_name).GEN_LENGTH
-        data = list(task.make_dataset("test", args.n, seed=0))
+        data = list(task.make_dataset("test", args.n, seed=args.seed))
         bs = args.batch_size
         add(task_name, "steps", "steps", f"steps={gen}",
             lambda: decode(loaded, task, data, SamplingParams("steps", gen), bs))
