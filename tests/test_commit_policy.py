@@ -316,3 +316,32 @@ def test_a_warm_start_alone_is_exported(base_dir, tmp_path):
     out = train_rl(cfg).output_dir
     policy = load_model(out).step_policy
     assert policy is not None and float(policy.scale.sub(1).abs().sum()) > 0  # fitted: inputs standardised
+
+
+def test_warm_start_rounds_add_the_policys_own_states_and_refit_on_all(base_dir, tmp_path, monkeypatch):
+    """DAgger rounds: round 1 from EB decodes; round 2 decodes the same prompts with the round-1 policy (greedy, at
+    its folded operating point) and refits a new policy on both rounds' data."""
+    import training.rl as rl
+    from training.config import RLConfig
+    calls, fits = [], []
+    real_data, real_fit = rl.warm_start_data, rl.fit_warm_start
+
+    def data(loaded, prompts, gen_length, behaviour, policy=None, label="full_steps"):
+        feats, labels = real_data(loaded, prompts, gen_length, behaviour, policy=policy, label=label)
+        calls.append((behaviour.sampler, behaviour.threshold, len(prompts), label, policy, len(labels)))
+        return feats, labels
+
+    def fit(policy, features, labels, **kw):
+        fits.append((policy, len(labels)))  # (the objects kept: no id reuse)
+        return real_fit(policy, features, labels, **kw)
+
+    monkeypatch.setattr(rl, "warm_start_data", data)
+    monkeypatch.setattr(rl, "fit_warm_start", fit)
+    cfg = RLConfig(model=str(base_dir), output_dir=str(tmp_path / "warm"), tasks="sudoku", train_examples=8,
+                   max_steps=0, gen_length=8, train="sampler", sampler_kind="policy", warm_start_prompts=4,
+                   warm_start_epochs=1, warm_start_rounds=2, warm_start_label="trajectory", warm_start_gamma=0.2)
+    rl.train_rl(cfg)
+    (s1, g1, n1, l1, p1, t1), (s2, g2, n2, l2, p2, t2) = calls
+    assert (s1, g1, n1, l1) == ("eb", 0.2, 4, "trajectory") and (s2, g2, n2, l2) == ("policy", 0.5, 4, "trajectory")
+    assert p2 is fits[0][0]  # round 2 decodes with the round-1 policy
+    assert fits[0][1] == t1 and fits[1][1] == t1 + t2 and fits[1][0] is not fits[0][0]  # a new policy, all data

@@ -84,6 +84,10 @@ class RLConfig:
                                    "the behaviour decode itself ends with there: final in that trajectory)",
                                    choices=["full_steps", "trajectory"])
     warm_start_epochs: int = option(5, "epochs of the warm start's binary cross-entropy fit")
+    warm_start_rounds: int = option(1, "rounds of the warm start: each round after the first decodes the same "
+                                    "prompts with the policy so far (greedy, at its operating point), adds those "
+                                    "states with their labels to the data and refits a new policy on all of it "
+                                    "(DAgger, Ross et al. 2011: it learns on the states it visits itself)")
     warm_start_point: float | None = option(0.9, "after the warm start, fold this threshold into the policy "
                                             "(p >= point becomes p >= 0.5, its new operating point), so RL rollouts "
                                             "sample around that rule (0: keep 0.5)")

@@ -199,8 +199,18 @@ def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: i
         loss = fit_warm_start(policy, features, labels, epochs=cfg.warm_start_epochs, seed=cfg.seed)
         if cfg.warm_start_point:
             policy.set_operating_point(cfg.warm_start_point)
-        log.info("step policy warm start: %d prompts, %d tokens, BCE %.4f, %.0f s", len(prompts), len(labels), loss,
-                 time.perf_counter() - t0)
+        for _ in range(cfg.warm_start_rounds - 1):  # DAgger: add the states the policy itself visits, refit
+            own = SamplingParams("policy", gen_length, block_length=cfg.block_length, threshold=policy.threshold)
+            more, more_labels = warm_start_data(base, prompts, gen_length, own, policy=policy,
+                                                label=cfg.warm_start_label)
+            features, labels = torch.cat([features, more]), torch.cat([labels, more_labels])
+            torch.manual_seed(cfg.seed)
+            policy = StepPolicy(base.model.config.hidden_size, features=cfg.policy_features)
+            loss = fit_warm_start(policy, features, labels, epochs=cfg.warm_start_epochs, seed=cfg.seed)
+            if cfg.warm_start_point:
+                policy.set_operating_point(cfg.warm_start_point)
+        log.info("step policy warm start: %d prompts, %d round(s), %d tokens, BCE %.4f, %.0f s", len(prompts),
+                 cfg.warm_start_rounds, len(labels), loss, time.perf_counter() - t0)
     return policy.train()
 
 
