@@ -311,3 +311,9 @@ def test_sft_with_the_cache_loss_logs_it(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4] and all(r["cache_loss"] > 0 for r in lines)
     assert json.loads((out / "train_config.json").read_text())["cache_loss"] == "both"
+
+
+def test_a_cache_block_length_that_does_not_divide_the_completion_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--cache-block-length 5 must divide --gen-length 16"):
+        train_sft(small_cfg(tmp_path / "run", cache_loss="prefix", cache_block_length=5))
+    assert not (tmp_path / "run").exists()

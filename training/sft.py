@@ -128,6 +128,8 @@ def cached_view_loss(model, prompts: list[list[int]], targets: torch.Tensor, blo
     keys/values are thus stale by the tokens committed in block k since the refresh: the approximation the
     cached decode makes (Fast-dLLM, arXiv 2505.22618), trained for here. Gradients flow through both
     forwards. Returns (loss, logits (b, block_length, V), targets and masked of block k)."""
+    if mode not in ("prefix", "dual"):
+        raise ValueError(f"cache mode {mode!r}: expected prefix or dual")
     k, t, refresh, current, masked = view
     p_ids, p_attn = left_pad(prompts, pad_id)
     width, (b, n) = p_ids.shape[1], targets.shape
@@ -183,6 +185,8 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
     ``pool`` (a dataset with ``prompt`` and ``answer`` columns) replaces the tasks' generated training
     examples; ``diffpo-train distill`` passes the model's own answers.
     """
+    if cfg.cache_loss != "off" and (cfg.cache_block_length < 1 or cfg.gen_length % cfg.cache_block_length):
+        raise ValueError(f"--cache-block-length {cfg.cache_block_length} must divide --gen-length {cfg.gen_length}")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else a CPU DDP launch runs rank 0 twice
     out = Path(cfg.output_dir)
     ckpt = out / CHECKPOINT
