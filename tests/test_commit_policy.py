@@ -345,3 +345,12 @@ def test_warm_start_rounds_add_the_policys_own_states_and_refit_on_all(base_dir,
     assert (s1, g1, n1, l1) == ("eb", 0.2, 4, "trajectory") and (s2, g2, n2, l2) == ("policy", 0.5, 4, "trajectory")
     assert p2 is fits[0][0]  # round 2 decodes with the round-1 policy
     assert fits[0][1] == t1 and fits[1][1] == t1 + t2 and fits[1][0] is not fits[0][0]  # a new policy, all data
+
+
+def test_zero_warm_start_rounds_is_refused_before_anything_is_written(base_dir, tmp_path):
+    from training.config import RLConfig
+    from training.rl import train_rl
+    with pytest.raises(ValueError, match="--warm-start-rounds 0: at least 1"):
+        train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "w"), train="sampler", sampler_kind="policy",
+                          warm_start_rounds=0))
+    assert not (tmp_path / "w").exists()

@@ -187,28 +187,28 @@ def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: i
         return policy.train()
     if base.step_policy is not None:
         return base.step_policy.train()
-    torch.manual_seed(cfg.seed)
-    policy = StepPolicy(base.model.config.hidden_size, features=cfg.policy_features)
+
+    def new_policy() -> StepPolicy:  # seeded: two fresh runs, and every round, start from the same weights
+        torch.manual_seed(cfg.seed)
+        return StepPolicy(base.model.config.hidden_size, features=cfg.policy_features)
+
+    policy = new_policy()
     if cfg.warm_start_prompts > 0:
         pool = _example_pool(cfg, "train", cfg.warm_start_prompts)
         prompts = [base.encode(ex["prompt"]) for ex in pool]
         behaviour = SamplingParams("eb", gen_length, block_length=cfg.block_length, threshold=cfg.warm_start_gamma)
         t0 = time.perf_counter()
-        features, labels = warm_start_data(base, prompts, gen_length, behaviour, policy=policy,
-                                           label=cfg.warm_start_label)
-        loss = fit_warm_start(policy, features, labels, epochs=cfg.warm_start_epochs, seed=cfg.seed)
-        if cfg.warm_start_point:
-            policy.set_operating_point(cfg.warm_start_point)
-        for _ in range(cfg.warm_start_rounds - 1):  # DAgger: add the states the policy itself visits, refit
-            own = SamplingParams("policy", gen_length, block_length=cfg.block_length, threshold=policy.threshold)
-            more, more_labels = warm_start_data(base, prompts, gen_length, own, policy=policy,
+        features = labels = None
+        for _ in range(cfg.warm_start_rounds):  # after the first, DAgger: add the states the policy itself visits
+            more, more_labels = warm_start_data(base, prompts, gen_length, behaviour, policy=policy,
                                                 label=cfg.warm_start_label)
-            features, labels = torch.cat([features, more]), torch.cat([labels, more_labels])
-            torch.manual_seed(cfg.seed)
-            policy = StepPolicy(base.model.config.hidden_size, features=cfg.policy_features)
+            features = more if features is None else torch.cat([features, more])
+            labels = more_labels if labels is None else torch.cat([labels, more_labels])
+            policy = new_policy()
             loss = fit_warm_start(policy, features, labels, epochs=cfg.warm_start_epochs, seed=cfg.seed)
             if cfg.warm_start_point:
                 policy.set_operating_point(cfg.warm_start_point)
+            behaviour = SamplingParams("policy", gen_length, block_length=cfg.block_length, threshold=policy.threshold)
         log.info("step policy warm start: %d prompts, %d round(s), %d tokens, BCE %.4f, %.0f s", len(prompts),
                  cfg.warm_start_rounds, len(labels), loss, time.perf_counter() - t0)
     return policy.train()
@@ -216,6 +216,8 @@ def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: i
 
 def train_rl(cfg: RLConfig) -> RLRun:
     """Run RL post-training; the output directory is a loadable model (with its head, if trained)."""
+    if cfg.warm_start_rounds < 1:
+        raise ValueError(f"--warm-start-rounds {cfg.warm_start_rounds}: at least 1 (the first round decodes with EB)")
     # on a machine without CUDA, cpu=True is what makes a multi-process launch use gloo DDP
     accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available()))
     out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / CHECKPOINT
