@@ -317,3 +317,19 @@ def test_a_cache_block_length_that_does_not_divide_the_completion_is_refused(tmp
     with pytest.raises(ValueError, match="--cache-block-length 5 must divide --gen-length 16"):
         train_sft(small_cfg(tmp_path / "run", cache_loss="prefix", cache_block_length=5))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_cache_loss_is_added_to_the_sft_loss_times_its_weight_and_trained(tmp_path):
+    """First step, same batch and masks in every run: loss = SFT loss + weight x cached-view loss; and the update
+    differs (the cached-view loss reaches the gradient)."""
+    def first(name, **kw):
+        out = train_sft(small_cfg(tmp_path / name, max_steps=1, log_every=1, save_every=1, **kw))
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0]), load_file(out / "model.safetensors")
+
+    off, w_off = first("off")
+    one, w_one = first("one", cache_loss="prefix")
+    three, _ = first("three", cache_loss="prefix", cache_loss_weight=3.0)
+    assert one["cache_loss"] == three["cache_loss"] > 0
+    assert one["loss"] == pytest.approx(off["loss"] + one["cache_loss"], abs=3e-5)
+    assert three["loss"] == pytest.approx(off["loss"] + 3 * three["cache_loss"], abs=5e-5)
+    assert any(not torch.equal(w_off[k], w_one[k]) for k in w_off)

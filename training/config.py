@@ -19,6 +19,7 @@ def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+CACHE_LOSS_MODES = ["off", "prefix", "dual", "both"]
 CACHE_LOSS_HELP = ("also train for the sampler's KV cache: a second loss on block k as a cached decode computes it "
                    "mid-block, with the prompt's and earlier blocks' keys/values from the block's first step "
                    "(prefix: the later blocks are recomputed; dual: they are cached too; both: alternate by step); "
@@ -50,7 +51,7 @@ class SFTConfig:
                              "to metrics.jsonl (0: off)")
     eval_examples: int = option(256, "test prompts per task for --eval-every")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
-    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=["off", "prefix", "dual", "both"])
+    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=CACHE_LOSS_MODES)
     cache_loss_weight: float = option(1.0, "--cache-loss: the cached-view loss is added to the SFT loss times this")
     cache_block_length: int = option(4, "--cache-loss: the block length of the cached decode trained for")
     hidden_size: int = option(128, "new model: width")
@@ -183,7 +184,7 @@ class DistillConfig:
     log_every: int = option(50, "steps between metric lines")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint (the teacher's answers are read back "
                           "from OUTPUT_DIR/distill_data.jsonl, not decoded again)")
-    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=["off", "prefix", "dual", "both"])
+    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=CACHE_LOSS_MODES)
     cache_loss_weight: float = option(1.0, "as for sft")
     cache_block_length: int = option(4, "as for sft")
     device: str = option("cpu", "torch device of the teacher's decoding")

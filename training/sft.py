@@ -237,14 +237,14 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * accelerator.num_processes
                                           + accelerator.process_index)
         idx = torch.randint(0, len(prompts), (cfg.batch_size,), generator=g)
-        batch_prompts = [prompts[i] for i in idx.tolist()]
-        loss, logits, targets, masked = batch_loss(model, batch_prompts, completions[idx], g, mask_id, pad_id,
+        batch_prompts, batch_targets = [prompts[i] for i in idx.tolist()], completions[idx]
+        loss, logits, targets, masked = batch_loss(model, batch_prompts, batch_targets, g, mask_id, pad_id,
                                                    cfg.loss_weighting, accelerator.device)
         cache_loss = None
         if cfg.cache_loss != "off":
             mode = ("prefix", "dual")[step % 2] if cfg.cache_loss == "both" else cfg.cache_loss
-            view = cached_view(completions[idx], cfg.cache_block_length, g, mask_id)
-            cache_loss, *_ = cached_view_loss(model, batch_prompts, completions[idx], cfg.cache_block_length, mode,
+            view = cached_view(batch_targets, cfg.cache_block_length, g, mask_id)
+            cache_loss, *_ = cached_view_loss(model, batch_prompts, batch_targets, cfg.cache_block_length, mode,
                                               view, pad_id, cfg.loss_weighting, accelerator.device)
             loss = loss + cfg.cache_loss_weight * cache_loss
         optimizer.zero_grad(set_to_none=True)
