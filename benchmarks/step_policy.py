@@ -99,6 +99,32 @@ def oracle_decode(loaded, task, data, gen: int, batch_size: int) -> list[dict]:
     return rows
 
 
+class PromptCache:
+    """Per-prompt results of greedy decodes (deterministic, so reusable across runs) in a JSON file,
+    keyed by strings the caller builds; ``None``: no file, every result computed. Several benchmark
+    processes may share one file: it is re-read before a miss is computed and merged before writing."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path else None
+        self.data = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+
+    def _reread(self) -> None:
+        if self.path and self.path.exists():
+            self.data = {**json.loads(self.path.read_text()), **self.data}
+
+    def get(self, key: str, run) -> list[dict]:
+        if key not in self.data:
+            self._reread()
+        if key not in self.data:
+            self.data[key] = run()
+            if self.path:
+                self._reread()
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.data))
+                tmp.replace(self.path)
+        return self.data[key]
+
+
 def summarise(per: list[dict]) -> dict:
     n = len(per)
     r = [x["reward"] for x in per]
@@ -255,24 +281,13 @@ def main(argv=None):
         policies[name] = policy
     knobs = [float(k) for k in args.knobs.split(",")]
     rows, per_prompt, t0 = [], {}, time.time()
-    cache_path = Path(args.cache) if args.cache else None
-    cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
+    cache = PromptCache(args.cache)
     paths = {"policy": dict(i.partition("=")[::2] for i in args.policies.split(","))}
 
     def add(task, name, sampler, setting, run):
         key = "|".join([task, str(args.n) + (f"@{args.seed}" if args.seed else ""),
                         paths["policy"].get(name, loaded.path), sampler, setting])
-        if key not in cache and cache_path and cache_path.exists():  # another run may have added it since
-            cache.update(json.loads(cache_path.read_text()))
-        if key not in cache:
-            cache[key] = run()
-            if cache_path:
-                cache.update({**json.loads(cache_path.read_text()), **cache} if cache_path.exists() else {})
-                tmp = cache_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cache))
-                tmp.replace(cache_path)
-        per = cache[key]
-        per_prompt[(task, name, sampler, setting)] = per
+        per = per_prompt[(task, name, sampler, setting)] = cache.get(key, run)
         rows.append({"task": task, "name": name, "sampler": sampler, "setting": setting, **summarise(per)})
         print(json.dumps(rows[-1]), flush=True)
 

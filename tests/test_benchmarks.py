@@ -1,5 +1,6 @@
 """The pure helpers of the benchmark scripts (the scripts themselves are run on purpose, not in CI)."""
 
+import json
 import math
 import time
 
@@ -168,6 +169,61 @@ def test_step_oracle_with_full_step_answers_commits_them(model):
     assert [r["reward"] for r in rows] == [1.0] * 4
     assert all(1 <= r["nfe"] <= int(n) for r, n in zip(rows, full.nfe))
     assert sum(r["nfe"] for r in rows) < int(full.nfe.sum())
+
+
+def test_prompt_cache_computes_a_miss_once_and_merges_with_other_writers(tmp_path):
+    from benchmarks.step_policy import PromptCache
+    path = tmp_path / "cache.json"
+    calls = []
+    a = PromptCache(str(path))
+    assert a.get("k1", lambda: calls.append(1) or [{"reward": 1.0, "nfe": 2}]) == [{"reward": 1.0, "nfe": 2}]
+    assert a.get("k1", lambda: calls.append(2) or []) == [{"reward": 1.0, "nfe": 2}] and calls == [1]
+    b = PromptCache(str(path))  # a second process: reads k1, adds k2
+    assert b.get("k1", lambda: calls.append(3) or []) == [{"reward": 1.0, "nfe": 2}] and calls == [1]
+    b.get("k2", lambda: [{"reward": 0.0, "nfe": 4}])
+    a.get("k3", lambda: [{"reward": 0.5, "nfe": 1}])  # a writes after b: b's k2 survives
+    assert set(json.loads(path.read_text())) == {"k1", "k2", "k3"}
+    assert PromptCache(None).get("k", lambda: [7]) == [7]  # no file: computed
+
+
+# ----------------------------------------------------------------------------- benchmarks/joint_policy.py
+
+def _row(model, sampler, setting, acc, nfe, se=0.02, task="t"):
+    return {"task": task, "model": model, "sampler": sampler, "setting": setting, "accuracy": acc, "se": se,
+            "mean_nfe": nfe}
+
+
+def test_joint_equal_accuracy_measures_every_series_against_every_reference_front():
+    from benchmarks.joint_policy import equal_accuracy
+    rows = [_row("start", "eb", "g1", 0.60, 8), _row("start", "eb", "g2", 0.59, 5), _row("start", "eb", "g3", 0.50, 2),
+            _row("start", "steps", "s", 0.61, 16),  # full steps are not part of a fixed-gamma front
+            _row("fast", "eb", "g1", 0.55, 4, se=0.01), _row("fast", "eb", "g2", 0.545, 3, se=0.01),
+            _row("joint", "policy", "k1", 0.585, 3), _row("joint", "policy", "k2", 0.55, 2),
+            _row("joint", "policy", "k3", 0.53, 1)]
+    got = {(r["reference"], r["model"], r["sampler"]): r for r in equal_accuracy(rows)}
+    assert set(got) == {("start", "fast", "eb"), ("start", "joint", "policy"), ("fast", "start", "eb"),
+                        ("fast", "joint", "policy")}
+    r = got[("start", "joint", "policy")]  # target 0.60 - 0.02: k1 (0.585) reaches it, k2 does not
+    assert (r["target"], r["ref_setting"], r["ref_mean_nfe"]) == (pytest.approx(0.58), "g2", 5)
+    assert (r["setting"], r["fewer_nfe"]) == ("k1", pytest.approx(1 - 3 / 5))
+    r = got[("start", "fast", "eb")]  # fast's best (0.55) is below the target: none, with its best accuracy
+    assert r["setting"] == "none" and r["accuracy"] == 0.55 and r["fewer_nfe"] != r["fewer_nfe"]
+    r = got[("fast", "joint", "policy")]  # target 0.55 - 0.01 = 0.54; fast's cheapest there g2 (3 passes)
+    assert (r["ref_setting"], r["setting"], r["fewer_nfe"]) == ("g2", "k2", pytest.approx(1 - 2 / 3))
+    r = got[("fast", "start", "eb")]  # start's cheapest gamma at or above 0.54 is g2 (5 passes): 2/3 more
+    assert (r["setting"], r["fewer_nfe"]) == ("g2", pytest.approx(1 - 5 / 3))
+
+
+def test_joint_pooled_stream_needs_every_task_and_pools_prompts():
+    from benchmarks.joint_policy import pooled
+    rows = [_row("m", "eb", "g", 0, 0, task="a"), _row("m", "eb", "g", 0, 0, task="b"),
+            _row("m", "eb", "h", 0, 0, task="a")]  # h only on task a: not in the stream
+    per = {("a", "m", "eb", "g"): [{"reward": 1.0, "nfe": 1}], ("b", "m", "eb", "g"): [{"reward": 0.0, "nfe": 3},
+                                                                                      {"reward": 0.5, "nfe": 2}],
+           ("a", "m", "eb", "h"): [{"reward": 1.0, "nfe": 1}]}
+    (row,) = pooled(rows, per, ["a", "b"])
+    assert (row["task"], row["setting"]) == ("mixed", "g")
+    assert row["accuracy"] == pytest.approx(0.5) and row["mean_nfe"] == pytest.approx(2.0)
 
 
 def test_memory_arithmetic_counts_and_formulas():
