@@ -238,7 +238,7 @@ def test_screenshot_of_compare_mode_with_the_bundled_model(page, tmp_path):
         page.select_option("#speed", "0")
         page.select_option("#sampler", "learned")  # the bundled model has a threshold head
         page.check("#compare")
-        page.click(".preset[data-prompt='countdown 69,59,53=181']")
+        page.click(".preset[data-prompt='countdown 11,54,29=94']")
         wait_finished(page, panels=2)
         assert page.locator("#panels .cell.masked").count() == 0
         assert int(stat(page, 1, "nfe")) < int(stat(page, 0, "nfe")) == 16

@@ -223,6 +223,23 @@ def test_resume_after_a_kill_replays_the_same_run(base_dir, tmp_path, kill_after
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_drops_the_metric_lines_logged_after_the_checkpoint(base_dir, tmp_path, kill_after_checkpoint):
+    """A real kill lands between checkpoints: the lines of the steps after the checkpoint (and a line cut
+    mid-write) are dropped, and the resumed run logs those steps once."""
+    disarm = kill_after_checkpoint(rl)
+    with pytest.raises(KeyboardInterrupt):
+        train_rl(rl_cfg(base_dir, tmp_path / "killed"))
+    disarm()
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2]
+    with metrics.open("a") as f:
+        f.write('{"step": 3, "reward": -1.0}\n{"step": 4, "reward": -1.0}\n{"step": 5, "rew')
+    resumed = train_rl(rl_cfg(base_dir, tmp_path / "killed", resume=True)).output_dir
+    records = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["reward"] >= 0 for r in records)  # the stale lines' rewards (-1) are gone
+
+
 def test_lora_trains_adapters_and_exports_a_plain_model(base_dir, tmp_path, monkeypatch):
     from diffpo_serve.dllm.loading import load_model
     import training.rl as rl_module

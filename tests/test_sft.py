@@ -139,6 +139,15 @@ def test_resume_after_a_kill_continues_the_same_run(tmp_path, monkeypatch):
     assert steps == [2, 4, 6]  # no step logged twice, none lost
 
 
+def test_trim_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
+    from training.checkpoint import trim_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 1}\n{"step": 4, "loss": 0.5}\n{"step": 5}\n{"step": 6}\n{"st')
+    assert trim_metrics(path, 4) == 3  # steps 5 and 6, and the line cut mid-write
+    assert path.read_text() == '{"step": 2, "loss": 1}\n{"step": 4, "loss": 0.5}\n'
+    assert trim_metrics(path, 4) == 0 and trim_metrics(tmp_path / "none.jsonl", 4) == 0
+
+
 def test_corrupt_trainer_state_is_named(tmp_path):
     out = train_sft(small_cfg(tmp_path / "run", max_steps=3, save_every=3))
     state = out / "checkpoint" / "trainer_state.pt"

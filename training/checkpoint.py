@@ -1,7 +1,9 @@
 """Atomic training checkpoints: model, tokenizer, optimiser, scheduler, RNG state and step.
 
 A checkpoint is a directory written under a temporary name and renamed into place, so a run killed
-mid-save leaves the previous checkpoint intact. ``--resume`` loads it and continues at ``step + 1``.
+mid-save leaves the previous checkpoint intact. ``--resume`` loads it and continues at ``step + 1``;
+:func:`trim_metrics` first drops the metric lines logged after it, so a resumed run's metrics.jsonl has
+each step once.
 """
 
 from __future__ import annotations
@@ -86,3 +88,27 @@ def load_trainer_state(directory: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickle errors, ...
         raise CheckpointError(f"{path}: corrupt trainer state: {type(e).__name__}: {e}") from e
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Drop the lines of a metrics JSONL file whose ``step`` is above ``last_step`` (logged after the
+    checkpoint a run resumes from; the resumed run logs those steps again). Rewritten atomically; returns
+    how many lines were dropped. A line that is not JSON (a write cut off by a kill) is dropped too."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line)["step"] <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        os.replace(tmp, path)
+    return dropped

@@ -32,7 +32,7 @@ class SFTConfig:
 
     output_dir: str = option("runs/sft", "directory for the trained model and its checkpoints")
     model: str | None = option(None, "model directory to fine-tune; default: a new tiny model from --hidden-size etc.")
-    tasks: str = option("sudoku,countdown", "comma-separated tasks mixed in equal parts")
+    tasks: str = option("sudoku,cd3", "comma-separated tasks mixed in equal parts")
     train_examples: int = option(50_000, "examples generated per task for the training pool")
     gen_length: int = option(16, "completion length in tokens (answer + EOS padding)")
     max_steps: int = option(6000, "optimiser steps")
@@ -104,7 +104,7 @@ class RLConfig:
                                 choices=list(FEATURES))
     output_dir: str = option("runs/rl", "directory for the trained model, checkpoints and metrics.jsonl")
     model: str | None = option(None, "model directory to post-train; default: the bundled model")
-    tasks: str = option("countdown", "comma-separated tasks; each step draws its prompts from their train splits")
+    tasks: str = option("cd3", "comma-separated tasks; each step draws its prompts from their train splits")
     train_examples: int = option(20_000, "training prompts generated per task")
     num_generations: int = option(8, "G: completions per prompt (one group)")
     prompts_per_step: int = option(16, "prompts per step (per process)")
@@ -164,7 +164,7 @@ class DistillConfig:
 
     output_dir: str = option("runs/distill", "directory for the distilled model, its data and checkpoints")
     model: str | None = option(None, "model directory to distill (teacher and student); default: the bundled model")
-    tasks: str = option("sudoku,countdown", "comma-separated tasks whose training prompts the teacher answers")
+    tasks: str = option("sudoku,cd3", "comma-separated tasks whose training prompts the teacher answers")
     train_examples: int = option(20_000, "training prompts decoded by the teacher per task")
     min_reward: float = option(1.0, "keep a teacher answer only if its reward is at least this (1.0: correct "
                                "answers only; 0: every answer)")
@@ -194,7 +194,7 @@ class DistillConfig:
 class EvalConfig:
     """Accuracy and NFE of a model on a task's test split or data file."""
 
-    task: str = option("countdown", "task name (sudoku, countdown, cd3, gsm8k, math500)")
+    task: str = option("cd3", "task name (sudoku, cd3, countdown, gsm8k, math500)")
     data: str | None = option(None, "data file (sudoku CSV, countdown/gsm8k/math500 JSONL); default: generated test split")
     model: str | None = option(None, "model directory; default: the bundled model")
     sampler: str | None = option(None, "unmasking strategy (learned: the model's threshold head picks gamma; policy: "

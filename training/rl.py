@@ -61,7 +61,7 @@ from diffpo_serve.dllm.step_policy import StepPolicy, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head
 from training import canvas_rl
 from training.commit_policy import fit_warm_start, policy_rl_loss, warm_start_data
-from training.checkpoint import CheckpointError, load_trainer_state, recover_interrupted, save_checkpoint
+from training.checkpoint import CheckpointError, load_trainer_state, recover_interrupted, save_checkpoint, trim_metrics
 from training.config import RLConfig
 from training.evaluate import evaluate_tasks
 from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
@@ -257,6 +257,8 @@ def train_rl(cfg: RLConfig) -> RLRun:
     gen_length, block_length = rollout_lengths(cfg, base)
     policy = _setup_policy(base, cfg, ckpt, resuming, gen_length) if train_policy else base.step_policy
     state = load_trainer_state(ckpt) if resuming else None
+    if state is not None and accelerator.is_main_process:  # metric lines are numbered step + 1
+        trim_metrics(out / "metrics.jsonl", state["step"] + 1)
     if cfg.resume and not resuming:
         log.warning("--resume: no checkpoint in %s, starting from %s", ckpt, base.path)
 

@@ -37,7 +37,7 @@ from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.tokenizer import build_tokenizer
-from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state
+from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state, trim_metrics
 from training.config import SFTConfig
 from training.data import encode_examples, left_pad, sft_pool
 from training.evaluate import evaluate_tasks
@@ -198,6 +198,8 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         model, tokenizer = loaded.model.train(), loaded.tokenizer
         state = load_trainer_state(ckpt)
         start = state["step"] + 1
+        if accelerator.is_main_process:  # metric lines are numbered step + 1
+            trim_metrics(out / "metrics.jsonl", start)
     elif cfg.model:
         loaded = load_model(cfg.model)
         model, tokenizer, state = loaded.model.train(), loaded.tokenizer, None
