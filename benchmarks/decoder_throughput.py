@@ -35,7 +35,7 @@ def main(argv=None):
     loaded = load_model(args.model)
     m = loaded.model
     gen = 16
-    data = [ex["prompt"] for t in ("sudoku", "countdown") for ex in get_task(t).make_dataset("test", args.n // 2)]
+    data = [ex["prompt"] for t in ("sudoku", "cd3") for ex in get_task(t).make_dataset("test", args.n // 2)]
     prompts = [loaded.encode(p) for p in data]
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:

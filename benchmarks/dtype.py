@@ -28,7 +28,7 @@ from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, init_state, 
 from training.evaluate import evaluate
 from training.tasks import get_task
 
-TASKS = ("sudoku", "countdown")
+TASKS = ("sudoku", "cd3")
 DTYPES = ("float32", "bfloat16")
 
 

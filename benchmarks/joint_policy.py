@@ -101,7 +101,7 @@ def plot(rows: list[dict], panels: list[str], path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", required=True, help="comma-separated NAME=DIR, the starting model first")
-    ap.add_argument("--tasks", default="countdown,sudoku")
+    ap.add_argument("--tasks", default="cd3,sudoku")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated test prompts")
     ap.add_argument("--knobs", default=",".join(map(str, KNOBS)), help="the policy thresholds swept")

@@ -211,7 +211,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model for --accuracy (default: the bundled one)")
     ap.add_argument("--n", type=int, default=1000, help="--accuracy: test prompts per task")
     ap.add_argument("--samplers", default="steps,learned", help="--accuracy: samplers to compare")
-    ap.add_argument("--tasks", default="sudoku,countdown", help="--accuracy: tasks (generated test prompts)")
+    ap.add_argument("--tasks", default="sudoku,cd3", help="--accuracy: tasks (generated test prompts)")
     ap.add_argument("--name", default="", help="suffix of the result files")
     args = ap.parse_args(argv)
     if args.steps is None:

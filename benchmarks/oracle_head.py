@@ -67,7 +67,7 @@ def front_at(points: list[tuple[float, float]], x: float) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--task", default="countdown")
+    ap.add_argument("--task", default="cd3")
     ap.add_argument("--features", default="prompt+answer", choices=list(FEATURES))
     ap.add_argument("--name", default="oracle_head", help="results file name under docs/results/")
     ap.add_argument("--train-n", type=int, default=4000)

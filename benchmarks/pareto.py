@@ -109,7 +109,7 @@ def plot(rows: list[dict], panels: list[str], path, only: list[str] | None = Non
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="", help="comma-separated NAME=DIR or NAME@TASK=DIR entries")
-    ap.add_argument("--tasks", default="sudoku,countdown")
+    ap.add_argument("--tasks", default="sudoku,cd3")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--name", default="pareto", help="results file stem under docs/results")

@@ -96,7 +96,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="starting model (default: the bundled model; the published "
                     "runs started from the SFT checkpoint, runs/sft)")
-    ap.add_argument("--tasks", default="countdown,sudoku")
+    ap.add_argument("--tasks", default="cd3,sudoku")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-steps", default="150", help="RL steps per run: N, or task=N pairs (countdown=240,sudoku=120)")
     ap.add_argument("--eval-every", type=int, default=25)

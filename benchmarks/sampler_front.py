@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--n", type=int, default=1000, help="test prompts per task")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--tasks", default="sudoku,countdown")
+    ap.add_argument("--tasks", default="sudoku,cd3")
     args = ap.parse_args(argv)
     loaded = load_model(args.model)
     tasks = args.tasks.split(",")

@@ -258,7 +258,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--policies", required=True, help="comma-separated NAME=DIR: model directories holding a "
                     "step policy trained on --model (their own weights are not used)")
-    ap.add_argument("--tasks", default="countdown,sudoku")
+    ap.add_argument("--tasks", default="cd3,sudoku")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated test prompts (another seed: a "
                     "fresh test set, to confirm a front measured on seed 0)")

@@ -18,7 +18,7 @@ import os
 from openai import OpenAI
 
 SUDOKU = "sudoku 3020213443020243"
-COUNTDOWN = "countdown 69,59,53=181"  # examples the bundled model solves (its model card lists them)
+COUNTDOWN = "countdown 11,54,29=94"  # examples the bundled model solves (its model card lists them)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,12 +53,12 @@ def student_loss(model, loaded, rows, seed=0):
 def test_distill_trains_on_the_teachers_own_full_step_answers(model_path, tmp_path):
     out = train_distill(small_cfg(model_path, tmp_path / "run", max_steps=30, lr=3e-3, save_every=30))
     rows = [json.loads(x) for x in (out / DATA_FILE).read_text().splitlines()]
-    assert [r["task"] for r in rows] == ["sudoku"] * 24 + ["countdown"] * 24  # min_reward 0 keeps all, equal parts
+    assert [r["task"] for r in rows] == ["sudoku"] * 24 + ["cd3"] * 24  # min_reward 0 keeps all, equal parts
     teacher_summary = json.loads((out / distill.TEACHER_FILE).read_text())
 
     # every kept answer is what the teacher decodes greedily at one token per pass, and its reward is the task's
     teacher = load_model(model_path)
-    for name in ("sudoku", "countdown"):
+    for name in ("sudoku", "cd3"):
         task = get_task(name)
         data = task.make_dataset("train", 24, 0)
         mine = [r for r in rows if r["task"] == name]
