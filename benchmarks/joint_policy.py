@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
-from benchmarks.step_policy import KNOBS, PromptCache, decode, summarise  # noqa: E402
+from benchmarks.step_policy import PromptCache, add_front_arguments, decode, prompt_key, summarise  # noqa: E402
 from diffpo_serve.dllm.loading import load_model  # noqa: E402
 from diffpo_serve.dllm.sampler import SamplingParams  # noqa: E402
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
@@ -101,14 +101,7 @@ def plot(rows: list[dict], panels: list[str], path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", required=True, help="comma-separated NAME=DIR, the starting model first")
-    ap.add_argument("--tasks", default="cd3,sudoku")
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the generated test prompts")
-    ap.add_argument("--knobs", default=",".join(map(str, KNOBS)), help="the policy thresholds swept")
-    ap.add_argument("--batch-size", type=int, default=250)
-    ap.add_argument("--name", default="joint_policy")
-    ap.add_argument("--cache", default=None, help="JSON file of per-prompt results reused across runs (shared "
-                    "with benchmarks.step_policy: the same keys for the same decodes)")
+    add_front_arguments(ap, "joint_policy")
     args = ap.parse_args(argv)
     models = {}
     for item in args.models.split(","):
@@ -129,8 +122,7 @@ def main(argv=None):
                 runs += [("policy-own", f"p >= {k:g}", SamplingParams("policy", gen, threshold=k), loaded.step_policy)
                          for k in knobs]
             for sampler, setting, params, policy in runs:
-                key = "|".join([task_name, str(args.n) + (f"@{args.seed}" if args.seed else ""), path, sampler,
-                                setting])
+                key = prompt_key(task_name, args.n, args.seed, path, sampler, setting)
                 per = cache.get(key, lambda: decode(loaded, task, data, params, args.batch_size, policy))
                 sampler = "policy" if sampler == "policy-own" else sampler
                 per_prompt[(task_name, name, sampler, setting)] = per

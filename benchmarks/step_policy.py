@@ -125,6 +125,26 @@ class PromptCache:
         return self.data[key]
 
 
+def prompt_key(task: str, n: int, seed: int, path: str, sampler: str, setting: str) -> str:
+    """The cache key of one decode of a test set: task, its size and seed, the directory decoded with, the
+    sampler and its setting."""
+    return "|".join([task, str(n) + (f"@{seed}" if seed else ""), path, sampler, setting])
+
+
+def add_front_arguments(ap: argparse.ArgumentParser, name: str) -> None:
+    """The options every front benchmark shares: test prompts, the policy knobs, batch, output name, cache."""
+    ap.add_argument("--tasks", default="cd3,sudoku")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated test prompts (another seed: a "
+                    "fresh test set, to confirm a front measured on seed 0)")
+    ap.add_argument("--knobs", default=",".join(map(str, KNOBS)), help="the policy thresholds swept")
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--name", default=name)
+    ap.add_argument("--cache", default=None, help="JSON file of per-prompt results reused across runs and "
+                    "benchmarks (greedy decodes are deterministic), keyed by task, test set, directory, sampler "
+                    "and setting")
+
+
 def summarise(per: list[dict]) -> dict:
     n = len(per)
     r = [x["reward"] for x in per]
@@ -258,15 +278,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--policies", required=True, help="comma-separated NAME=DIR: model directories holding a "
                     "step policy trained on --model (their own weights are not used)")
-    ap.add_argument("--tasks", default="cd3,sudoku")
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the generated test prompts (another seed: a "
-                    "fresh test set, to confirm a front measured on seed 0)")
-    ap.add_argument("--knobs", default=",".join(map(str, KNOBS)), help="the policy thresholds swept")
-    ap.add_argument("--batch-size", type=int, default=250)
-    ap.add_argument("--name", default="step_policy")
-    ap.add_argument("--cache", default=None, help="JSON file of per-prompt results reused across runs (greedy "
-                    "decodes are deterministic), keyed by task, model/policy directory, sampler and setting")
+    add_front_arguments(ap, "step_policy")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
     loaded = load_model(args.model)
@@ -285,8 +297,7 @@ def main(argv=None):
     paths = {"policy": dict(i.partition("=")[::2] for i in args.policies.split(","))}
 
     def add(task, name, sampler, setting, run):
-        key = "|".join([task, str(args.n) + (f"@{args.seed}" if args.seed else ""),
-                        paths["policy"].get(name, loaded.path), sampler, setting])
+        key = prompt_key(task, args.n, args.seed, paths["policy"].get(name, loaded.path), sampler, setting)
         per = per_prompt[(task, name, sampler, setting)] = cache.get(key, run)
         rows.append({"task": task, "name": name, "sampler": sampler, "setting": setting, **summarise(per)})
         print(json.dumps(rows[-1]), flush=True)

@@ -186,6 +186,12 @@ def test_prompt_cache_computes_a_miss_once_and_merges_with_other_writers(tmp_pat
     assert PromptCache(None).get("k", lambda: [7]) == [7]  # no file: computed
 
 
+def test_prompt_key_names_the_test_set_as_saved_caches_do():
+    from benchmarks.step_policy import prompt_key
+    assert prompt_key("cd3", 1000, 0, "runs/base", "eb", "gamma 1") == "cd3|1000|runs/base|eb|gamma 1"
+    assert prompt_key("cd3", 2000, 2, "runs/base", "eb", "gamma 1") == "cd3|2000@2|runs/base|eb|gamma 1"
+
+
 # ----------------------------------------------------------------------------- benchmarks/joint_policy.py
 
 def _row(model, sampler, setting, acc, nfe, se=0.02, task="t"):
