@@ -29,21 +29,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
-from benchmarks.step_policy import PromptCache, add_front_arguments, decode, prompt_key, summarise  # noqa: E402
+from benchmarks.step_policy import PromptCache, add_front_arguments, decode, mixed, prompt_key, summarise  # noqa: E402
 from diffpo_serve.dllm.loading import load_model  # noqa: E402
 from diffpo_serve.dllm.sampler import SamplingParams  # noqa: E402
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.tasks import get_task  # noqa: E402
-
-
-def pooled(rows: list[dict], per_prompt: dict, tasks: list[str]) -> list[dict]:
-    """The mixed stream: each (model, sampler, setting) decoded on every task, its prompts pooled."""
-    out = []
-    for model, sampler, setting in dict.fromkeys((r["model"], r["sampler"], r["setting"]) for r in rows):
-        if all((t, model, sampler, setting) in per_prompt for t in tasks):
-            per = [x for t in tasks for x in per_prompt[(t, model, sampler, setting)]]
-            out.append({"task": "mixed", "model": model, "sampler": sampler, "setting": setting, **summarise(per)})
-    return out
 
 
 def equal_accuracy(rows: list[dict]) -> list[dict]:
@@ -130,7 +120,7 @@ def main(argv=None):
                              **summarise(per)})
                 print(json.dumps(rows[-1]), flush=True)
     if len(tasks) > 1:
-        rows += pooled(rows, per_prompt, tasks)
+        rows += mixed(rows, tasks, per_prompt, by="model")
     compared = equal_accuracy(rows)
     panels = tasks + (["mixed"] if len(tasks) > 1 else [])
     RESULTS.mkdir(parents=True, exist_ok=True)

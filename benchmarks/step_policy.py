@@ -201,13 +201,15 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def mixed(rows: list[dict], tasks: list[str], per_prompt: dict) -> list[dict]:
-    """Equal parts of each task: the per-prompt results pooled (so the SE is that of the pooled stream)."""
+def mixed(rows: list[dict], tasks: list[str], per_prompt: dict, by: str = "name") -> list[dict]:
+    """Equal parts of each task: the per-prompt results pooled (so the SE is that of the pooled stream), for
+    each (row[by], sampler, setting) decoded on every task; ``per_prompt`` is keyed (task, row[by], sampler,
+    setting)."""
     out = []
-    for key in dict.fromkeys((r["name"], r["sampler"], r["setting"]) for r in rows):
+    for key in dict.fromkeys((r[by], r["sampler"], r["setting"]) for r in rows):
         if all((t, *key) in per_prompt for t in tasks):
             pooled = [x for t in tasks for x in per_prompt[(t, *key)]]
-            out.append({"task": "mixed", "name": key[0], "sampler": key[1], "setting": key[2], **summarise(pooled)})
+            out.append({"task": "mixed", by: key[0], "sampler": key[1], "setting": key[2], **summarise(pooled)})
     return out
 
 

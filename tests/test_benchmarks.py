@@ -221,13 +221,13 @@ def test_joint_equal_accuracy_measures_every_series_against_every_reference_fron
 
 
 def test_joint_pooled_stream_needs_every_task_and_pools_prompts():
-    from benchmarks.joint_policy import pooled
+    from benchmarks.step_policy import mixed
     rows = [_row("m", "eb", "g", 0, 0, task="a"), _row("m", "eb", "g", 0, 0, task="b"),
             _row("m", "eb", "h", 0, 0, task="a")]  # h only on task a: not in the stream
     per = {("a", "m", "eb", "g"): [{"reward": 1.0, "nfe": 1}], ("b", "m", "eb", "g"): [{"reward": 0.0, "nfe": 3},
                                                                                       {"reward": 0.5, "nfe": 2}],
            ("a", "m", "eb", "h"): [{"reward": 1.0, "nfe": 1}]}
-    (row,) = pooled(rows, per, ["a", "b"])
+    (row,) = mixed(rows, ["a", "b"], per, by="model")
     assert (row["task"], row["setting"]) == ("mixed", "g")
     assert row["accuracy"] == pytest.approx(0.5) and row["mean_nfe"] == pytest.approx(2.0)
 

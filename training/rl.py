@@ -221,6 +221,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
     # on a machine without CUDA, cpu=True is what makes a multi-process launch use gloo DDP
     accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available()))
     out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / CHECKPOINT
+    metrics_file = out / "metrics.jsonl"
     recover_interrupted(ckpt)
     resuming = cfg.resume and ckpt.exists()
     train_model = cfg.train in ("model", "joint")
@@ -258,7 +259,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
     policy = _setup_policy(base, cfg, ckpt, resuming, gen_length) if train_policy else base.step_policy
     state = load_trainer_state(ckpt) if resuming else None
     if state is not None and accelerator.is_main_process:  # metric lines are numbered step + 1
-        trim_metrics(out / "metrics.jsonl", state["step"] + 1)
+        trim_metrics(metrics_file, state["step"] + 1)
     if cfg.resume and not resuming:
         log.warning("--resume: no checkpoint in %s, starting from %s", ckpt, base.path)
 
@@ -303,7 +304,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"rl {cfg.algo} {cfg.train}",
                disable=not accelerator.is_local_main_process)
     if cfg.eval_every and start == 0 and accelerator.is_main_process:  # the starting point of the curve
-        with (out / "metrics.jsonl").open("a") as f:
+        with metrics_file.open("a") as f:
             first = evaluate_tasks(loaded, eval_sets, params, cfg.chat_template)
             f.write(json.dumps({"step": 0, "rollouts": 0, **first}) + "\n")
     for step in bar:
@@ -343,7 +344,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
         bar.set_postfix(reward=f"{reward:.3f}", nfe=f"{nfe:.1f}")
         if accelerator.is_main_process and ((step + 1) % cfg.log_every == 0 or any(k.startswith("eval_")
                                                                                   for k in record)):
-            with (out / "metrics.jsonl").open("a") as f:
+            with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             accelerator.wait_for_everyone()

@@ -189,7 +189,7 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         raise ValueError(f"--cache-block-length {cfg.cache_block_length} must divide --gen-length {cfg.gen_length}")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else a CPU DDP launch runs rank 0 twice
     out = Path(cfg.output_dir)
-    ckpt = out / CHECKPOINT
+    ckpt, metrics_file = out / CHECKPOINT, out / "metrics.jsonl"
     torch.manual_seed(cfg.seed)
     recover_interrupted(ckpt)
     start = 0
@@ -199,7 +199,7 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         state = load_trainer_state(ckpt)
         start = state["step"] + 1
         if accelerator.is_main_process:  # metric lines are numbered step + 1
-            trim_metrics(out / "metrics.jsonl", start)
+            trim_metrics(metrics_file, start)
     elif cfg.model:
         loaded = load_model(cfg.model)
         model, tokenizer, state = loaded.model.train(), loaded.tokenizer, None
@@ -228,7 +228,6 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    metrics_file = out / "metrics.jsonl"
     eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
         if cfg.eval_every and accelerator.is_main_process else {}
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="sft",
