@@ -196,10 +196,6 @@ class MaskedParadigm:
         if cache != "off" and not loaded.kv_cache:
             raise APIError(400, f"cache `{cache}` needs a model with a native KV cache and this model has none; "
                                 "use `off`", param="cache", code="unsupported_cache")
-        if cache != "off" and sampler == "policy" and loaded.step_policy.uses_hidden:
-            raise APIError(400, f"cache `{cache}` cannot serve sampler `policy` with this model's step policy: it "
-                                "reads hidden states (basic+hidden features), which need `cache` `off`",
-                           param="cache", code="unsupported_cache")
         params = masked.SamplingParams(
             sampler=sampler, gen_length=gen_length, block_length=req.block_length, steps=req.steps, cache=cache,
             threshold=req.threshold, top_p=1.0 if req.top_p is None else req.top_p,

@@ -155,11 +155,15 @@ def test_sampler_training_of_the_step_policy(base_dir, tmp_path):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"sampler_reward", "policy_loss", "policy_entropy_per_decision"} <= set(records[-1])
     assert "eval_sudoku_mean_nfe" in records[-1]
-    for train in ("sampler", "joint"):  # refused before any warm start
-        with pytest.raises(ValueError, match="basic\\+hidden.*--cache off"):
-            train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "h"), train=train, sampler_kind="policy",
-                              policy_features="basic+hidden", cache="prefix"))
-        assert not (tmp_path / "h").exists()
+    # hidden-state features with a KV cache: warm start and rollouts read the cached forward's hidden states
+    hidden = train_rl(RLConfig(model=str(base_dir), output_dir=str(tmp_path / "h"), tasks="sudoku", train_examples=64,
+                               num_generations=4, prompts_per_step=2, max_steps=1, save_every=1, gen_length=16,
+                               block_length=4, seed=0, train="sampler", sampler_kind="policy", cache="prefix",
+                               policy_features="basic+hidden", warm_start_prompts=16, warm_start_epochs=1,
+                               temperature=0.0)).output_dir
+    assert load_model(hidden).step_policy.uses_hidden
+    assert json.loads((hidden / "rl_config.json").read_text())["cache"] == "prefix"
+    assert "policy_loss" in json.loads((hidden / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- joint: the model and the policy

@@ -72,13 +72,26 @@ def test_return_kv_does_not_change_the_logits_and_covers_every_layer(family):
                                    [[6, 7, 8, 9, 10, 11, 12, 13], [4, 5, 6, 7, 8, 9, 10, 11]]])  # a suffix
 def test_cached_forward_over_a_fresh_cache_equals_the_full_forward(family, query):
     """Keys/values of the other columns from the cache of the same sequence: the queried columns' logits are
-    the full forward's (Dream must also compute the column before each: its logits come from there)."""
+    the full forward's (Dream must also compute the column before each: its logits come from there), and so
+    is the last hidden state, given at the same columns as the logits (logits_index's, else the queries';
+    the step policy's hidden features read it). The columns asked for are out of order and not the
+    queries' first ones, so a hidden state left at the query columns fails."""
     ids, attention, positions = padded_batch()
-    full = family(ids, attention_mask=attention, position_ids=positions, return_kv=True)
+    full = family(ids, attention_mask=attention, position_ids=positions, return_kv=True, output_hidden_states=True)
     query = torch.tensor(query)
+    wanted = query[:, [3, 1, 2]]
     cached = family(ids, attention_mask=attention, position_ids=positions, kv_cache=full.kv_cache,
-                    query_index=query, logits_index=query[:, :3]).logits
-    torch.testing.assert_close(cached, kv.gather_columns(full.logits, query[:, :3]), rtol=1e-4, atol=1e-5)
+                    query_index=query, logits_index=wanted, output_hidden_states=True)
+    torch.testing.assert_close(cached.logits, kv.gather_columns(full.logits, wanted), rtol=1e-4, atol=1e-5)
+    final = full.hidden_states[-1]
+    assert final.shape[1] == ids.shape[1]  # a full forward's: every column
+    torch.testing.assert_close(cached.hidden_states[-1], kv.gather_columns(final, wanted), rtol=1e-4, atol=1e-5)
+    every = family(ids, attention_mask=attention, position_ids=positions, kv_cache=full.kv_cache,
+                   query_index=query, output_hidden_states=True)
+    real = attention.gather(1, query)  # a padded column's state is no token's: compared at real columns
+    torch.testing.assert_close(every.hidden_states[-1][real], kv.gather_columns(final, query)[real], rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(every.logits[real], kv.gather_columns(full.logits, query)[real], rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()

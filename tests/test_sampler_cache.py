@@ -280,58 +280,113 @@ def test_learned_rows_with_the_cache(cache):
     torch.testing.assert_close(batched.head_features[:1], plain.head_features[:1])
 
 
-@pytest.mark.parametrize("family", ["own", "llada"])
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_policy_rows_with_the_cache(family, cache):
-    """Step-policy rows (basic features) decode with the cache: greedy and sampled commits, refreshed every
-    step, equal the uncached decode (tokens, passes, the decisions' log-prob, the trace's features); without
-    refreshes a policy row next to an `eb` row in the batch equals itself alone."""
-    from test_step_policy import random_policy
+def spread_policy(model, features: str, seed: int = 2):
+    """A random step policy (``basic`` or ``basic+hidden`` features) whose decisions depend on its inputs."""
+    from diffpo_serve.dllm.step_policy import StepPolicy
 
-    model = {"own": lambda: tiny_model(), "llada": tiny_llada}[family]()
-    policy = random_policy(2)
+    torch.manual_seed(seed)
+    policy = StepPolicy(model.config.hidden_size, features=features)
+    with torch.no_grad():
+        for m in policy.net:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(4.0)
+    return policy.eval()
+
+
+@pytest.mark.parametrize("family", ["own", "llada", "dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("features", ["basic", "basic+hidden"])
+def test_policy_rows_with_the_cache(family, cache, features):
+    """Step-policy rows decode with the cache, with basic and with hidden-state features: greedy and sampled
+    commits, refreshed every step, equal the uncached decode (tokens, passes, the decisions' log-prob, the
+    trace's features, hidden states included); without refreshes a policy row next to an `eb` row in the batch
+    equals itself alone. The last row commits one token per pass (knob above 1), so its blocks' later passes
+    run from the cache and read the argmax after the block (with `dual` those columns are queried too)."""
+    model = {"own": lambda: tiny_model(), "llada": tiny_llada, "dream": tiny_dream}[family]()
+    policy = spread_policy(model, features)
     params = [SamplingParams("policy", gen_length=12, block_length=4, threshold=0.5, seed=3, cache=cache),
               SamplingParams("eb", gen_length=16, block_length=4, threshold=0.5, seed=4, cache=cache),
-              SamplingParams("policy", gen_length=8, block_length=8, threshold=0.7, seed=5, cache=cache)]
+              SamplingParams("policy", gen_length=8, block_length=8, threshold=0.7, seed=5, cache=cache),
+              SamplingParams("policy", gen_length=12, block_length=4, threshold=1.01, seed=6, cache=cache)]
     for sample in (False, True):
         kw = dict(policy=policy, sample_commits=sample, return_trajectory=True, stop_at_eos=False)
-        plain = run(model, PROMPTS[:3], [replace(p, cache="off") for p in params], **kw)
-        exact = run(model, PROMPTS[:3], params, cache_refresh=1, **kw)
+        plain = run(model, PROMPTS, [replace(p, cache="off") for p in params], **kw)
+        exact = run(model, PROMPTS, params, cache_refresh=1, **kw)
         assert exact.sequences.tolist() == plain.sequences.tolist()
         assert exact.nfe.tolist() == plain.nfe.tolist()
         torch.testing.assert_close(exact.policy_logprob, plain.policy_logprob)
-        torch.testing.assert_close(exact.policy_trace.features, plain.policy_trace.features)
+        torch.testing.assert_close(exact.policy_trace.features, plain.policy_trace.features, rtol=1e-4, atol=1e-5)
         assert exact.policy_trace.decisions.tolist() == plain.policy_trace.decisions.tolist()
-    batched = run(model, PROMPTS[:3], params, policy=policy)
-    for i in (0, 2):
-        alone = run(model, [PROMPTS[i]], params[i], policy=policy)
+    batched = run(model, PROMPTS, params, policy=policy, stop_at_eos=False)
+    assert int(batched.nfe[3]) == 12  # one token per pass: 3 of every 4 passes read the cache
+    for i in (0, 2, 3):
+        alone = run(model, [PROMPTS[i]], params[i], policy=policy, stop_at_eos=False)
         n = params[i].gen_length
         assert batched.sequences[i, :n].tolist() == alone.sequences[0, :n].tolist()
         assert batched.nfe[i] == alone.nfe[0]
-        assert float(batched.policy_logprob[i]) == pytest.approx(float(alone.policy_logprob[0]), abs=1e-4)
+        assert float(batched.policy_logprob[i]) == pytest.approx(float(alone.policy_logprob[0]), rel=1e-5, abs=1e-4)
 
 
-def test_hidden_state_policy_with_a_cache_is_refused(model):
-    """A basic+hidden policy reads the full forward's hidden states, which a cached step does not compute:
-    refused with a message naming the fix, for policy rows and for traced rows; the cache off still runs."""
-    from diffpo_serve.dllm.step_policy import StepPolicy
+@torch.no_grad()
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_hidden_state_features_of_a_cached_step_are_the_cached_forward_s(cache):
+    """A later step of a block reads the hidden states of the cached forward (stale keys/values of the other
+    columns), not a full forward's: the traced hidden features equal the model's final hidden state computed
+    against the cache stored at the block's first step, and differ from the full forward's."""
+    model = tiny_model(init=0.1)
+    policy = spread_policy(model, "basic+hidden")
+    params = SamplingParams("policy", gen_length=8, block_length=4, threshold=1.01, cache=cache)  # 1 per pass
+    state = init_state(PROMPTS[:1], params, **IDS, policy=policy, trace_features=True)
+    denoise_step(model, state)  # the block's first step: a refresh
+    kv_cache = state.kv.select(torch.tensor([0]))
+    canvas, attention = state.canvas.clone(), state.attention_mask.clone()
+    out = denoise_step(model, state)  # a later step: from the cache
+    pw, d = state.prompt_width, model.config.hidden_size
+    cols = out.candidates[0].nonzero().squeeze(-1)  # the block's masked columns at that step
+    assert len(cols) == 3
+    traced = out.features[0, cols, -d:]
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    width = 8 if cache == "prefix" else 4
+    query = (pw + torch.arange(width))[None]
+    cached = model(canvas, attention_mask=attention, position_ids=positions, kv_cache=kv_cache, query_index=query,
+                   logits_index=(pw + cols)[None], output_hidden_states=True).hidden_states[-1][0]
+    full = model(canvas, attention_mask=attention, position_ids=positions, output_hidden_states=True
+                 ).hidden_states[-1][0, pw + cols]
+    torch.testing.assert_close(traced, cached, rtol=1e-4, atol=1e-5)
+    assert float((traced - full).abs().max()) > 1e-3
 
-    policy = StepPolicy(model.config.hidden_size, features="basic+hidden")
-    with pytest.raises(ValueError, match="basic\\+hidden.*cache 'off'"):
-        run(model, PROMPTS[:1], SamplingParams("policy", 8, cache="prefix"), policy=policy)
-    with pytest.raises(ValueError, match="basic\\+hidden.*cache 'off'"):
-        run(model, PROMPTS[:1], SamplingParams("eb", 8, cache="dual"), policy=policy, trace_features=True)
-    assert run(model, PROMPTS[:1], SamplingParams("policy", 8), policy=policy).nfe.item() >= 1
-    assert run(model, PROMPTS[:1], SamplingParams("eb", 8, cache="dual"), policy=policy).nfe.item() >= 1
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_unchanged_feature_with_the_cache_compares_with_the_last_pass_that_ran_the_columns(cache):
+    """One token per pass, two blocks of 4: at block 1's first pass (pass 4) `unchanged` compares with the
+    argmax the previous pass computed at its columns. With `prefix` pass 3 ran them; a `dual` pass reading its
+    cache runs its block only, so passes 1-3 leave block 1's columns alone (argmax -1 in the trace) and the
+    comparison is with pass 0, the last that ran them."""
+    from diffpo_serve.dllm.step_policy import FEATURE_NAMES
+
+    model = tiny_model(init=0.1)
+    policy = spread_policy(model, "basic")
+    out = run(model, PROMPTS[:1], SamplingParams("policy", gen_length=8, block_length=4, threshold=1.01,
+                                                cache=cache), policy=policy, return_trajectory=True,
+              stop_at_eos=False)
+    trace, unchanged = out.policy_trace, FEATURE_NAMES.index("unchanged")
+    assert out.nfe.tolist() == [8]
+    ran_later = (trace.argmax[0, 1:4, 4:] >= 0).all(-1)
+    assert ran_later.tolist() == ([True] * 3 if cache == "prefix" else [False] * 3)
+    previous = trace.argmax[0, 3 if cache == "prefix" else 0, 4:]
+    expected = (trace.argmax[0, 4, 4:] == previous).float()
+    assert trace.features[0, 4, 4:, unchanged].tolist() == expected.tolist()
+    assert trace.candidates[0, 4, 4:].all()
 
 
-def test_engine_refuses_a_hidden_state_policy_with_a_cache_and_serves_a_basic_one():
+def test_engine_serves_a_step_policy_with_the_cache():
+    """The server takes `cache` with sampler `policy` whatever features the model's policy reads."""
     from diffpo_serve.batcher import Batcher
     from diffpo_serve.dllm.loading import LoadedModel
     from diffpo_serve.dllm.step_policy import StepPolicy
     from diffpo_serve.dllm.tokenizer import build_tokenizer
     from diffpo_serve.engine import Engine
-    from diffpo_serve.protocol import APIError, CompletionRequest
+    from diffpo_serve.protocol import CompletionRequest
     from diffpo_serve.settings import ServerSettings
 
     model = tiny_model()
@@ -341,16 +396,11 @@ def test_engine_refuses_a_hidden_state_policy_with_a_cache_and_serves_a_basic_on
                              path="<memory>", name="tiny", max_length=512, kv_cache=True, step_policy=policy)
         return Engine(loaded, Batcher(loaded), ServerSettings())
 
-    request = CompletionRequest(model="tiny", prompt="x", max_tokens=4, sampler="policy", cache="dual")
-    with pytest.raises(APIError, match="basic\\+hidden") as err:
-        engine(StepPolicy(model.config.hidden_size, features="basic+hidden"))._sampling_params(request, 4,
-                                                                                               "max_tokens")
-    assert err.value.status == 400 and err.value.param == "cache"
-    params = engine(StepPolicy())._sampling_params(request, 4, "max_tokens")
-    assert (params.sampler, params.cache) == ("policy", "dual")
-    off = CompletionRequest(model="tiny", prompt="x", max_tokens=4, sampler="policy", cache="off")
-    assert engine(StepPolicy(model.config.hidden_size, features="basic+hidden"))._sampling_params(
-        off, 4, "max_tokens").cache == "off"
+    for cache in ("off", "prefix", "dual"):
+        request = CompletionRequest(model="tiny", prompt="x", max_tokens=4, sampler="policy", cache=cache)
+        for policy in (StepPolicy(), StepPolicy(model.config.hidden_size, features="basic+hidden")):
+            params = engine(policy)._sampling_params(request, 4, "max_tokens")
+            assert (params.sampler, params.cache) == ("policy", cache)
 
 
 def test_hidden_state_policy_rows_without_a_cache_batch_with_cached_rows(model):
@@ -362,8 +412,6 @@ def test_hidden_state_policy_rows_without_a_cache_batch_with_cached_rows(model):
     policy = StepPolicy(model.config.hidden_size, features="basic+hidden", threshold=0.5)
     eb = SamplingParams("eb", gen_length=16, block_length=4, threshold=0.5, cache="dual")
     pol = SamplingParams("policy", gen_length=12, block_length=4)
-    with pytest.raises(ValueError, match="basic\\+hidden"):
-        init_state(PROMPTS[:2], [eb, replace(pol, cache="prefix")], **IDS, policy=policy)
     mixed = run(model, PROMPTS[:2], [eb, pol], policy=policy)
     alone = run(model, PROMPTS[1:2], pol, policy=policy)
     assert mixed.sequences[1, :12].tolist() == alone.sequences[0, :12].tolist()

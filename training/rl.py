@@ -231,10 +231,6 @@ def train_rl(cfg: RLConfig) -> RLRun:
     if base.paradigm == "canvas":
         canvas_rl.check(cfg, base.path)
     tokenizer, mask_id = base.tokenizer, base.mask_id
-    if train_policy and cfg.cache != "off" and (base.step_policy.uses_hidden if base.step_policy is not None
-                                                 else cfg.policy_features == "basic+hidden"):
-        raise ValueError(f"--cache {cfg.cache} with a basic+hidden step policy: its hidden-state features need the "
-                         "uncached forward; use --cache off or --policy-features basic")
     lora = bool(cfg.lora_r and train_model)
     if cfg.dtype in ("bfloat16", "float16") and train_model and not lora:
         log.warning("--dtype %s without --lora-r: the weights and their AdamW state are %s, and updates smaller "

@@ -11,9 +11,10 @@ those of the whole sequence, (b, L)):
                                queries attend to their own fresh keys/values and to the cached ones of every
                                other column (the key-padding mask of the whole sequence still applies, and
                                position ids are those of the whole sequence, gathered at the columns). Logits
-                               (and ``hidden_states``) then cover the query columns, or ``logits_index``, whose
-                               columns must be among them (a family whose logit at i comes from another
-                               column, as Dream's does, adds that column to the query itself).
+                               and the last of ``hidden_states`` then cover the same columns: ``logits_index``'s,
+                               which must be among the queries, or else the query columns (a family whose
+                               logit at i comes from another column, as Dream's does, adds that column to the
+                               query itself and gives the hidden state the logit at i was computed from).
 
 With a cache computed from the same sequence, the cached forward gives the full forward's logits at the
 query columns up to rounding (tested per family): that is what makes a cache exact when refreshed, and

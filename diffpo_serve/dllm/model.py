@@ -177,9 +177,11 @@ class DiffpoForMaskedLM(PreTrainedModel):
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
+        if query_index is not None:  # a cached forward: its last hidden state at the logits' columns
+            x = kv.logits_rows(x, logits_index, query_index)
         if hidden is not None:
             hidden[-1] = x
-        logits = self.lm_head(kv.logits_rows(x, logits_index, query_index))
+        logits = self.lm_head(x if query_index is not None else kv.logits_rows(x, logits_index, None))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)

@@ -60,10 +60,12 @@ thus exact; a refresh every step (``generate(..., cache_refresh=1)``) makes the 
 one. The state (``BatchState.kv``, ``cache_block``) is per row, so rows join and leave between steps
 (:meth:`BatchState.concat` pads the stored keys/values as it pads the canvas) and a row's output does not
 depend on its batch. RL rollouts with a cache record the log-probs of the cached sampler: the distribution
-actually sampled from. ``policy`` rows use the cache with a basic-feature policy (with ``dual`` their later
-steps also run the columns after the block, whose argmax they read); a policy that reads hidden states
-(``basic+hidden``) is refused with a cache, since a cached step does not compute the full forward's hidden
-states it was trained on.
+actually sampled from. ``policy`` rows (and rows whose policy features are traced) use the cache too. Their
+``unchanged`` feature at a block's first pass compares with the argmax the previous pass computed at the
+block's columns: with ``prefix`` that pass ran them, with ``dual`` it did not (it ran the block before), so
+there it compares with the last pass that did, the previous block's first (part of the approximation). A
+policy that reads hidden states (``basic+hidden``) gets those of the cached forward, as approximate as its
+logits.
 
 A row finishes when its text is determined: every block is committed, or an EOS (any of the state's
 ``eos_ids``: chat models end a turn with their own token) is committed with no mask before it (the
@@ -319,12 +321,6 @@ def init_state(
         raise ValueError("sampler 'policy' needs a model with a step policy")
     params = [replace(p, threshold=policy.threshold) if p.sampler == "policy" and p.threshold is None else p
               for p in params]
-    if policy is not None and policy.uses_hidden \
-            and any(p.cache != "off" and (trace_features or p.sampler == "policy") for p in params):
-        # a cached step runs only some columns, whose hidden states are not the full forward's the policy
-        # was trained on (and families differ in which columns they return)
-        raise ValueError("a step policy with hidden-state features (basic+hidden) needs cache 'off'; its "
-                         "basic features work with the cache")
     b = len(prompts)
     pw = round_up(max(len(p) for p in prompts), align)
     gw = round_up(max(p.gen_length for p in params), align)
@@ -662,6 +658,24 @@ def _query_columns(state: BatchState, rows: torch.Tensor, block_index: torch.Ten
     return torch.where(dual[:, None], block, suffix)
 
 
+def _refreshes(state: BatchState, rows: torch.Tensor) -> torch.Tensor:
+    """(r,) bool: the rows whose step runs a full forward (cache off, or a cached row's refresh: the first
+    step of its block, and every ``cache_refresh`` steps)."""
+    if state.cache is None:
+        return torch.ones_like(rows, dtype=torch.bool)
+    refresh = (state.cache[rows] == 0) | (state.cache_block[rows] != state.block[rows])
+    if state.cache_refresh:
+        refresh |= state.block_step[rows] % state.cache_refresh == 0
+    return refresh
+
+
+def _reads_dual_cache(state: BatchState, rows: torch.Tensor) -> torch.Tensor:
+    """(r,) bool: the rows whose step runs only their block's columns (``dual``, not refreshing)."""
+    if state.cache is None:
+        return torch.zeros_like(rows, dtype=torch.bool)
+    return (state.cache[rows] == CACHE_MODES.index("dual")) & ~_refreshes(state, rows)
+
+
 def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, canvas: torch.Tensor,
                  attention: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
                  hidden_rows: torch.Tensor | None = None, index_hidden: torch.Tensor | None = None,
@@ -669,13 +683,13 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
     """Logits (r, k, V) at canvas columns ``index`` (r, k), in the model's dtype, the last hidden state of
     the rows flagged in ``hidden_rows`` (the head's first pass; whole canvas), and with ``index_hidden`` (r,
     bool: the rows that need it) the last hidden state at ``index`` (r, k, d; the step policy's hidden
-    features; zeros for rows that do not need it and ran cached), through the KV cache where rows use one.
+    features), through the KV cache where rows use one.
 
     A row with ``cache`` off runs the whole canvas. A cached row refreshes (one full forward that also
     stores its keys/values) at the first step of each block (and every ``cache_refresh`` steps), otherwise
-    runs only its query columns (:func:`_query_columns` of its block's columns ``block_index``, r x K, default
-    ``index``; ``index`` must lie within them) against its stored keys/values. Rows flagged in
-    ``index_hidden`` must run full forwards (:func:`init_state` refuses a hidden-state policy with a cache)."""
+    runs only its query columns (:func:`_query_columns` of ``block_index``, r x K', default ``index``: its
+    block's columns, and any later ones it reads; ``index`` must lie within them) against its stored
+    keys/values; its hidden state at ``index`` is then the cached forward's."""
     want_hidden = hidden_rows is not None
     want_index_hidden = index_hidden is not None and bool(index_hidden.any())
     if state.cache is None or not bool((state.cache[rows] > 0).any()):
@@ -689,11 +703,7 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
     if not supports_kv_cache(model):
         raise ValueError(f"cache needs a native model ({type(model).__name__} takes no KV cache); use cache 'off'")
     on = state.cache[rows] > 0
-    refresh = ~on | (state.cache_block[rows] != state.block[rows])
-    if state.cache_refresh:
-        refresh |= state.block_step[rows] % state.cache_refresh == 0
-    if want_index_hidden and bool((index_hidden & ~refresh).any()):
-        raise ValueError("the step policy's hidden-state features need the uncached forward; use cache 'off'")
+    refresh = _refreshes(state, rows)
     logits = hidden = picked = None
     for group, fresh in ((refresh.nonzero().squeeze(-1), True), ((~refresh).nonzero().squeeze(-1), False)):
         if len(group) == 0:
@@ -703,11 +713,7 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
             need = want_hidden and bool(hidden_rows[group].any())
             part, h, kv = cached_forward(model, *args, logits_index=index[group], return_kv=bool(on[group].any()),
                                          hidden=need or want_index_hidden)
-            if want_index_hidden:
-                at = gather_columns(h, index[group])
-                if picked is None:
-                    picked = at.new_zeros((len(rows), *at.shape[1:]))
-                picked[group] = at
+            at = gather_columns(h, index[group]) if want_index_hidden else None
             stored = group[on[group]]
             if kv is not None and len(stored):
                 if state.kv is None:
@@ -719,8 +725,13 @@ def _step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, 
         else:
             query = _query_columns(state, rows[group], (index if block_index is None else block_index)[group])
             whole = len(group) == state.batch_size  # then rows[group] is every row in order: no copy of the cache
-            part, _, _ = cached_forward(model, *args, logits_index=index[group], query_index=query,
-                                        kv_cache=state.kv if whole else state.kv.select(rows[group]))
+            part, at, _ = cached_forward(model, *args, logits_index=index[group], query_index=query,
+                                         kv_cache=state.kv if whole else state.kv.select(rows[group]),
+                                         hidden=want_index_hidden)  # its last hidden state is at `index`
+        if at is not None:
+            if picked is None:
+                picked = at.new_zeros((len(rows), *at.shape[1:]))
+            picked[group] = at
         if len(group) == len(rows):  # one group: its rows are all the rows, in order (no copy of the logits)
             logits = part
             continue
@@ -762,10 +773,12 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     r, width = cols.shape
     # traced rows also read the argmax from their block's end to their answer's end: the `unchanged`
     # feature of a block's first pass compares with the previous pass's argmax there (other rows repeat
-    # their block's last column, so they compute nothing more)
-    ahead_width = int((state.gen_length[rows] - block_end)[traced].max()) if bool(traced.any()) else 0
+    # their block's last column, so they compute nothing more). A `dual` row's step that reads its cache
+    # runs its block only: those columns keep the argmax of the last pass that ran them, its block's first
+    reads_ahead = traced & ~_reads_dual_cache(state, rows)
+    ahead_width = int((state.gen_length[rows] - block_end)[reads_ahead].max()) if bool(reads_ahead.any()) else 0
     ahead = block_end[:, None] + torch.arange(ahead_width, device=gen.device)
-    ahead_real = traced[:, None] & (ahead < state.gen_length[rows][:, None])
+    ahead_real = reads_ahead[:, None] & (ahead < state.gen_length[rows][:, None])
     ahead = torch.where(ahead_real, ahead, cols[:, -1:])
     wanted = torch.cat([cols, ahead], 1)  # r, K + A  generation positions
     if choosing:  # the head reads the first pass's entropies over the whole answer: all its logits this once

@@ -370,9 +370,11 @@ class LLaDAModelLM(PreTrainedModel):
                 hidden.append(x)
             x = block(x, sin, cos, key_mask, cached)
         x = t.ln_f(x)
+        if query_index is not None:  # a cached forward: its last hidden state at the logits' columns
+            x = kv.logits_rows(x, logits_index, query_index)
         if hidden is not None:
             hidden.append(x)
-        logits = t.ff_out(kv.logits_rows(x, logits_index, query_index))
+        logits = t.ff_out(x if query_index is not None else kv.logits_rows(x, logits_index, None))
         if config.scale_logits:
             logits = logits * (1 / math.sqrt(config.d_model))
         return kv.DiffusionLMOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None,
