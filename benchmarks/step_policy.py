@@ -214,28 +214,31 @@ def mixed(rows: list[dict], tasks: list[str], per_prompt: dict, by: str = "name"
 
 
 @torch.no_grad()
-def policy_cost(loaded, policy, data, gen: int, batch: int = 128, repeats: int = 10) -> dict:
-    """Seconds of a batched first step with eb rows and with policy rows (median of ``repeats``)."""
+def policy_cost(loaded, policy, data, gen: int, batch: int = 128, repeats: int = 31) -> dict:
+    """The policy's own cost: a batched first step with policy rows against the same step with eb rows.
+
+    Timed in ``repeats`` adjacent pairs (the order alternating), so drift on a shared machine hits both
+    alike; ``policy_share`` is the median over the pairs of policy / eb - 1, the step times the medians."""
     prompts = [loaded.encode(ex["prompt"]) for ex in data[:batch]]
     kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id, device=loaded.device)
 
     def timed(params):
-        times = []
-        for _ in range(repeats):
-            state = init_state(prompts, params, **kw, policy=policy)
-            t0 = time.perf_counter()
-            denoise_step(loaded.model, state)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+        state = init_state(prompts, params, **kw, policy=policy)
+        t0 = time.perf_counter()
+        denoise_step(loaded.model, state)
+        return time.perf_counter() - t0
 
-    timed(SamplingParams("eb", gen, threshold=0.1))  # warm-up
+    eb_params, policy_params = SamplingParams("eb", gen, threshold=0.1), SamplingParams("policy", gen)
+    timed(eb_params), timed(policy_params)  # warm-up
     eb, pol = [], []
-    for _ in range(3):  # interleaved, against drift on a shared machine
-        eb.append(timed(SamplingParams("eb", gen, threshold=0.1)))
-        pol.append(timed(SamplingParams("policy", gen)))
-    eb_s, pol_s = sorted(eb)[1], sorted(pol)[1]
-    return {"rows": len(prompts), "eb_step_ms": 1000 * eb_s, "policy_step_ms": 1000 * pol_s,
-            "policy_share": (pol_s - eb_s) / eb_s}
+    for i in range(repeats):
+        first, second = (eb_params, policy_params) if i % 2 == 0 else (policy_params, eb_params)
+        a, b = timed(first), timed(second)
+        eb.append(a if first is eb_params else b)
+        pol.append(b if first is eb_params else a)
+    ratios = sorted(p / e for p, e in zip(pol, eb))
+    return {"rows": len(prompts), "eb_step_ms": 1000 * sorted(eb)[repeats // 2],
+            "policy_step_ms": 1000 * sorted(pol)[repeats // 2], "policy_share": ratios[repeats // 2] - 1}
 
 
 def plot(rows: list[dict], panels: list[str], path) -> None:

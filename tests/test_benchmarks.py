@@ -357,3 +357,27 @@ def test_diffusion_gemma_benchmark_smoke():
                  "--canvas", "8", "--hidden", "32", "--layers", "2", "--vocab", "64", "--no-save"])
     assert [r["batch_size"] for r in rows] == [2, 4]
     assert all(r["outputs_identical"] and r["decoder_passes_per_s"] > 0 and r["speedup"] > 0 for r in rows)
+
+
+def test_policy_cost_pairs_the_steps_and_takes_the_median_ratio(monkeypatch):
+    """A fake clock: the eb step of the k-th call takes 1 + 0.1 k seconds (drifting) and the policy step 5 %
+    more than the eb step of the same pair, so the paired median share is 0.05 whatever the drift (eb and
+    policy swapped would give -0.048)."""
+    from types import SimpleNamespace
+
+    import benchmarks.step_policy as sp
+
+    clock, calls = [0.0], [0]
+
+    def fake_step(model, state):  # the n-th call belongs to pair n // 2 (the warm-up pair first)
+        clock[0] += (1 + 0.1 * (calls[0] // 2)) * (1.05 if state == "policy" else 1.0)
+        calls[0] += 1
+
+    monkeypatch.setattr(sp, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(sp, "init_state", lambda prompts, params, **kw: params.sampler)
+    monkeypatch.setattr(sp, "denoise_step", fake_step)
+    loaded = SimpleNamespace(encode=lambda text: [1, 2], mask_id=0, eos_id=1, pad_id=2, device="cpu", model=None)
+    cost = sp.policy_cost(loaded, None, [{"prompt": "x"}] * 4, gen=8, batch=4, repeats=5)
+    assert cost["rows"] == 4
+    assert cost["policy_share"] == pytest.approx(0.05)
+    assert cost["policy_step_ms"] == pytest.approx(1.05 * cost["eb_step_ms"], rel=0.2)
