@@ -1,8 +1,8 @@
 """Accuracy vs mean NFE of several models: fixed-gamma EB sweeps, full steps, and the learned threshold.
 
-For each model directory given: greedy full steps, an EB gamma sweep, and, when the model has a
-threshold head, the ``learned`` sampler (the head's mode per prompt), on the same generated test
-prompts of each task. One plot per task; the learned points should lie above the fixed-gamma front
+For each model directory given: greedy full steps, an EB gamma sweep, when the model has a threshold
+head the ``learned`` sampler (the head's mode per prompt), and when it has a step policy the ``policy``
+sampler at its trained operating point, on the same generated test prompts of each task. One plot per task; the learned points should lie above the fixed-gamma front
 of the same model. A third panel is mixed traffic (equal parts of each task, the situation a server
 is in): a global gamma must suit the hardest task there, while the head picks per prompt; its points
 are the per-task results averaged, exact because a greedy row decodes the same in any batch.
@@ -88,8 +88,8 @@ def plot(rows: list[dict], panels: list[str], path, only: list[str] | None = Non
                 ax.plot(*zip(*pts), "-", color=color, marker=".", label=f"{name}: fixed gamma")
             for r in rows:
                 kind = r["setting"].split("=")[0]
-                if r["model"] == name and r["task"] == task and kind in ("steps", "learned", "oracle"):
-                    marker = {"learned": "*", "steps": "s", "oracle": "x"}[kind]
+                if r["model"] == name and r["task"] == task and kind in ("steps", "learned", "policy", "oracle"):
+                    marker = {"learned": "*", "policy": "D", "steps": "s", "oracle": "x"}[kind]
                     ax.plot(r["mean_nfe"], r["accuracy"], marker, color=color, ms=13 if marker == "*" else 6,
                             mec="black" if marker == "*" else color, label=f"{name}: {r['setting']}")
         ax.set_xscale("log", base=2)
@@ -113,8 +113,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--name", default="pareto", help="results file stem under docs/results")
-    ap.add_argument("--learned-only", default="", help="comma-separated model names to run with the learned "
-                    "sampler only (e.g. a head on a model whose sweep another entry already has)")
+    ap.add_argument("--learned-only", default="", help="comma-separated model names to run with their learned "
+                    "samplers only (the head, the step policy; e.g. on a model whose sweep another entry has)")
     ap.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                     help="also the per-prompt oracle over the gamma sweep (an upper bound for a learned threshold)")
     ap.add_argument("--plot-models", default="", help="comma-separated model names to draw (default: all; "
@@ -140,11 +140,13 @@ def main(argv=None):
             [SamplingParams("steps", gen)] + [SamplingParams("eb", gen, threshold=g) for g in GAMMAS]
         if loaded.threshold_head is not None:
             configs.append(SamplingParams("learned", gen))
+        if loaded.step_policy is not None:
+            configs.append(SamplingParams("policy", gen))
         per_setting = {}
         for p in configs:
             r = evaluate(loaded, task, data[task], p, batch_size=args.batch_size, progress=False)
             setting = f"eb {p.threshold:.4g}" if p.sampler == "eb" else \
-                {"steps": f"steps={p.gen_length}", "learned": "learned"}[p.sampler]
+                {"steps": f"steps={p.gen_length}", "learned": "learned", "policy": "policy"}[p.sampler]
             per_setting[setting] = r.rows
             rows.append({"model": name, "task": task, "setting": setting, "accuracy": r.accuracy,
                          "exact": r.exact, "mean_nfe": r.mean_nfe, "thresholds": r.threshold_distribution or ""})
