@@ -210,8 +210,12 @@ class MaskedParadigm:
         return None  # any ids the model's vocabulary holds (the engine checks that)
 
     def card(self, settings: ServerSettings) -> dict:
+        """``samplers``: those this model runs without a ``threshold`` (``learned`` needs its threshold head,
+        ``policy`` its step policy); ``defaults``: what a request that sets nothing gets."""
         sampler = self.default_sampler(settings)
-        return {"paradigm": self.name, "samplers": list(self.samplers),
+        usable = [s for s in self.samplers if (s != "learned" or self.loaded.threshold_head is not None)
+                  and (s != "policy" or self.loaded.step_policy is not None)]
+        return {"paradigm": self.name, "samplers": usable,
                 "defaults": {"sampler": sampler, "gen_length": self.default_gen_length(settings),
                              "threshold": masked.DEFAULT_THRESHOLD[sampler], "temperature": settings.default_temperature,
                              "cache": settings.cache}}

@@ -89,15 +89,17 @@ def test_bundled_card_states_the_scope_and_lists_both_tasks(bundled):
     assert {e.split()[0] for e in card.examples} == {"sudoku", "countdown"}
 
 
-@pytest.mark.parametrize("params", [SamplingParams(sampler="learned", gen_length=16, block_length=16),
+@pytest.mark.parametrize("params", [SamplingParams(sampler="policy", gen_length=16, block_length=16),
+                                    SamplingParams(sampler="learned", gen_length=16, block_length=16),
                                     SamplingParams(sampler="steps", steps=16, gen_length=16, block_length=16)],
-                         ids=["default-learned", "full-steps"])
+                         ids=["default-policy", "learned", "full-steps"])
 def test_bundled_examples_are_solved(bundled, params):
-    """Every example the card offers is answered correctly (reward 1) by the bundled model."""
+    """Every example the card offers is answered correctly (reward 1) by the bundled model: with its default
+    sampler (its step policy), its threshold head and full steps."""
     examples = list(bundled.card.examples)
     prompts = [bundled.encode(p) for p in examples]
     out = generate(bundled.model, prompts, params, mask_id=bundled.mask_id, eos_id=bundled.eos_id,
-                   pad_id=bundled.pad_id, head=bundled.threshold_head)
+                   pad_id=bundled.pad_id, head=bundled.threshold_head, policy=bundled.step_policy)
     for prompt, seq in zip(examples, out.sequences):
         task_name, _, body = prompt.partition(" ")
         task = get_task(task_name)

@@ -119,8 +119,14 @@ def test_page_is_served_open_and_same_origin(model_path):
         assert httpx.get(srv.url + "/v1/models").status_code == 401  # the API behind it is not open
 
 
+def enabled_samplers(page) -> list[str]:
+    return page.eval_on_selector_all("#sampler option", "os => os.filter(o => !o.disabled).map(o => o.value)")
+
+
 def test_preset_runs_to_the_end_with_the_apis_nfe(page, server):
     open_playground(page, server.url)
+    # a model with neither threshold head nor step policy: those samplers are off, the server's default is on
+    assert enabled_samplers(page) == ["steps", "confidence", "eb"] and page.input_value("#sampler") == "steps"
     page.select_option("#sampler", "eb")
     set_field(page, "block_length", "4")
     page.select_option("#speed", "40")  # animated, but quick
@@ -231,18 +237,21 @@ def test_api_key_is_asked_for_and_used(page, model_path):
 
 
 def test_screenshot_of_compare_mode_with_the_bundled_model(page, tmp_path):
-    """docs/playground.png (shown in the README): the head's gamma beside full steps on a countdown, bundled model."""
+    """docs/playground.png (shown in the README): the step policy (the bundled model's default) beside full steps
+    on a countdown."""
     screenshot = DOCS_SCREENSHOT if os.environ.get("DIFFPO_UPDATE_SCREENSHOT") else tmp_path / "playground.png"
     with live_server() as srv:
         open_playground(page, srv.url)
         page.select_option("#speed", "0")
-        page.select_option("#sampler", "learned")  # the bundled model has a threshold head
+        assert enabled_samplers(page) == ["steps", "confidence", "eb", "learned", "policy"]
+        assert page.input_value("#sampler") == "policy"  # the bundled model's default: its step policy
+        page.select_option("#sampler", "policy")
         page.check("#compare")
         page.click(".preset[data-prompt='countdown 11,54,29=94']")
         wait_finished(page, panels=2)
         assert page.locator("#panels .cell.masked").count() == 0
         assert int(stat(page, 1, "nfe")) < int(stat(page, 0, "nfe")) == 16
-        # full steps halfway through beside the finished eb canvas
+        # full steps halfway through beside the finished policy canvas
         page.locator("#panels .step-slider").nth(0).evaluate(
             "el => { el.value = String(Math.round(el.max / 2)); el.dispatchEvent(new Event('input')); }")
         page.wait_for_timeout(600)  # let the cells' colour transitions finish
@@ -261,7 +270,7 @@ def test_a_canvas_model_shows_its_changing_draft(page, tmp_path):
     path = write_checkpoint(tmp_path / "tiny-dg", random_model(seed=3), generation=generation)
     with live_server(model=str(path), decoder_process=False) as srv:
         open_playground(page, srv.url)
-        enabled = page.eval_on_selector_all("#sampler option", "os => os.filter(o => !o.disabled).map(o => o.value)")
+        enabled = enabled_samplers(page)
         assert enabled == ["eb", "learned"] and page.input_value("#sampler") == "eb"
         assert page.is_disabled("#block_length") and page.is_disabled("#temperature")
         page.fill("#prompt", "abc")

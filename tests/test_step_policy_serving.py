@@ -75,6 +75,25 @@ def test_policy_is_the_default_sampler_of_a_model_that_has_one(loaded):
     assert forced.choices[0].threshold == pytest.approx(0.3)  # --default-sampler wins
 
 
+def test_models_card_lists_the_samplers_this_model_runs(loaded):
+    """/v1/models' `samplers`: `policy` only with a step policy, `learned` only with a threshold head; the
+    default is the policy, else the head, else full steps."""
+    from diffpo_serve.paradigms import paradigm_for
+    from diffpo_serve.dllm.threshold_head import ThresholdHead
+
+    head = ThresholdHead(loaded.model.config.hidden_size)
+    cards = {name: paradigm_for(m).card(ServerSettings()) for name, m in [
+        ("policy", loaded), ("neither", replace(loaded, step_policy=None)),
+        ("head", replace(loaded, step_policy=None, threshold_head=head)),
+        ("both", replace(loaded, threshold_head=head))]}
+    assert cards["policy"]["samplers"] == ["steps", "confidence", "eb", "policy"]
+    assert cards["neither"]["samplers"] == ["steps", "confidence", "eb"]
+    assert cards["head"]["samplers"] == ["steps", "confidence", "eb", "learned"]
+    assert cards["both"]["samplers"] == ["steps", "confidence", "eb", "learned", "policy"]
+    assert [cards[k]["defaults"]["sampler"] for k in ("policy", "neither", "head", "both")] == \
+        ["policy", "steps", "learned", "policy"]
+
+
 def test_policy_sampler_needs_a_model_with_a_policy(loaded):
     without = replace(loaded, step_policy=None)
     with pytest.raises(APIError) as e:
