@@ -193,10 +193,8 @@ def _check_unpadded_attention(dtype):
         alone = sdpa(q[i:i + 1, :, cols], k[i:i + 1, :, cols], v[i:i + 1, :, cols])[0]
         assert torch.equal(out[i][:, cols], alone), i
         assert not out[i][:, ~real[i]].any()
-    # the masked call the families made before sums the padding's exact zeros in other lanes: not bit-equal
-    masked = sdpa(q, k, v, attn_mask=real[:, None, None, :])
-    if dtype == torch.bfloat16:
-        assert not torch.equal(masked[0][:, real[0]], out[0][:, real[0]])
+    # (the masked call the families made before sums the padding's exact zeros in other lanes; whether that
+    # changes bfloat16 bits depends on the CPU's SDPA kernel, so it is not asserted here)
     # no padding at all: the plain call
     assert torch.equal(kv.unpadded_attention(q, k, v, torch.ones(b, 1, 1, L, dtype=torch.bool)), sdpa(q, k, v))
     # queries of some columns only (a cached step): over each row's real keys
