@@ -18,8 +18,9 @@ that fixed gammas need for the same accuracy (mixing two neighbouring gammas acr
 lower hull of NFE vs accuracy), and the saving. ``summary``: for each sampler, its cheapest point
 within one standard error of the most accurate fixed gamma's accuracy, against the cheapest fixed
 gamma within one standard error of it, and its largest ``saving`` among its points in that range.
-``cost``: the policy's own share of a batched step (features and network), measured as (time of a
-step with policy rows - time with eb rows) / time with eb rows.
+``cost``: the policy's own share of a batched step, measured two ways (:func:`policy_cost`): as (time of
+a step with policy rows - time with eb rows) / time with eb rows over adjacent pairs, and as the share of
+the sampler's step-policy part inside the policy steps themselves; ``--cost-calls`` repeats it.
 Writes docs/results/NAME.{md,json,png}.
 
     python -m benchmarks.step_policy --policies ws=runs/policy/ws,rl=runs/policy/rl [--n 1000]
@@ -41,6 +42,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
 from diffpo_serve.dllm.loading import load_model, model_logits  # noqa: E402
+import diffpo_serve.dllm.sampler as sampler_module  # noqa: E402
 from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, generate, init_state  # noqa: E402
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.tasks import get_task  # noqa: E402
@@ -218,27 +220,44 @@ def policy_cost(loaded, policy, data, gen: int, batch: int = 128, repeats: int =
     """The policy's own cost: a batched first step with policy rows against the same step with eb rows.
 
     Timed in ``repeats`` adjacent pairs (the order alternating), so drift on a shared machine hits both
-    alike; ``policy_share`` is the median over the pairs of policy / eb - 1, the step times the medians."""
+    alike; ``policy_share`` is the median over the pairs of policy / eb - 1, the step times the medians.
+    ``policy_part`` is measured inside the policy steps themselves: the median share of the sampler's
+    step-policy part (features, the network, its commits: ``sampler._policy_step``) over the rest of the
+    same step, so a machine whose speed drifts between two steps does not move it (it leaves out the policy
+    rows' other differences from eb rows, e.g. handing out the hidden state)."""
     prompts = [loaded.encode(ex["prompt"]) for ex in data[:batch]]
     kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id, device=loaded.device)
+    real_part, inside = sampler_module._policy_step, [0.0]
+
+    def timed_part(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = real_part(*args, **kwargs)
+        inside[0] += time.perf_counter() - t0
+        return out
 
     def timed(params):
         state = init_state(prompts, params, **kw, policy=policy)
+        inside[0] = 0.0
         t0 = time.perf_counter()
         denoise_step(loaded.model, state)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, inside[0]
 
     eb_params, policy_params = SamplingParams("eb", gen, threshold=0.1), SamplingParams("policy", gen)
-    timed(eb_params), timed(policy_params)  # warm-up
-    eb, pol = [], []
-    for i in range(repeats):
-        first, second = (eb_params, policy_params) if i % 2 == 0 else (policy_params, eb_params)
-        a, b = timed(first), timed(second)
-        eb.append(a if first is eb_params else b)
-        pol.append(b if first is eb_params else a)
+    sampler_module._policy_step = timed_part
+    try:
+        timed(eb_params), timed(policy_params)  # warm-up
+        eb, pol, part = [], [], []
+        for i in range(repeats):
+            first, second = (eb_params, policy_params) if i % 2 == 0 else (policy_params, eb_params)
+            a, b = timed(first), timed(second)
+            (e, _), (p, q) = (a, b) if first is eb_params else (b, a)
+            eb.append(e), pol.append(p), part.append(q / (p - q))
+    finally:
+        sampler_module._policy_step = real_part
     ratios = sorted(p / e for p, e in zip(pol, eb))
     return {"rows": len(prompts), "eb_step_ms": 1000 * sorted(eb)[repeats // 2],
-            "policy_step_ms": 1000 * sorted(pol)[repeats // 2], "policy_share": ratios[repeats // 2] - 1}
+            "policy_step_ms": 1000 * sorted(pol)[repeats // 2], "policy_share": ratios[repeats // 2] - 1,
+            "policy_part": sorted(part)[repeats // 2]}
 
 
 def plot(rows: list[dict], panels: list[str], path) -> None:
@@ -284,6 +303,8 @@ def main(argv=None):
     ap.add_argument("--policies", required=True, help="comma-separated NAME=DIR: model directories holding a "
                     "step policy trained on --model (their own weights are not used)")
     add_front_arguments(ap, "step_policy")
+    ap.add_argument("--cost-calls", type=int, default=3, help="calls of the policy's cost measurement (each "
+                    "31 paired steps), one table row each: on a shared machine they show its spread")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",")
     loaded = load_model(args.model)
@@ -329,15 +350,16 @@ def main(argv=None):
     add_front_columns(rows)
     summary = summary_rows(rows)
     first = get_task(tasks[0])
-    cost = {name: policy_cost(loaded, p, list(first.make_dataset("test", 128, seed=0)), first.GEN_LENGTH)
-            for name, p in policies.items()}
+    cost_data = list(first.make_dataset("test", 128, seed=0))
+    cost = [{"policy": name, "call": k + 1, **policy_cost(loaded, p, cost_data, first.GEN_LENGTH)}
+            for name, p in policies.items() for k in range(args.cost_calls)]
     panels = tasks + (["mixed"] if len(tasks) > 1 else [])
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(rows, panels, RESULTS / f"{args.name}.png")
     text = (f"# The per-step commit policy vs fixed gamma, the per-prompt head and the step oracle\n\n"
             f"Model `{_shown(loaded.path)}`; policies: " + ", ".join(f"`{n}` = `{p}`" for n, p in
                                                             (i.partition('=')[::2] for i in args.policies.split(",")))
-            + f". {args.n} generated test prompts per task (seed 0), greedy, one {first.GEN_LENGTH}-token block, one "
+            + f". {args.n} generated test prompts per task (seed {args.seed}), greedy, one {first.GEN_LENGTH}-token block, one "
             f"run each (deterministic); `mixed` pools the tasks' prompts in equal parts. `se`: standard error of the "
             f"accuracy. `eb_nfe_at_acc`: mean NFE fixed gammas need for the row's accuracy (two neighbouring "
             f"gammas mixed across prompts); `saving` = 1 - mean_nfe / eb_nfe_at_acc. Machine: {machine()}; "
@@ -345,8 +367,8 @@ def main(argv=None):
             + markdown_table(summary, ["task", "name", "setting", "accuracy", "mean_nfe", "eb_setting", "eb_accuracy",
                                        "eb_mean_nfe", "fewer_nfe", "best_saving_vs_front"])
             + "\n\n## The policy's own cost per step (first step of a batch, median)\n\n"
-            + markdown_table([{"policy": n, **c} for n, c in cost.items()],
-                             ["policy", "rows", "eb_step_ms", "policy_step_ms", "policy_share"])
+            + markdown_table(cost, ["policy", "call", "rows", "eb_step_ms", "policy_step_ms", "policy_share",
+                                    "policy_part"])
             + "\n\n## Every point\n\n"
             + markdown_table(rows, ["task", "name", "setting", "accuracy", "se", "mean_nfe", "eb_nfe_at_acc", "saving"])
             + f"\n\n![step policy]({args.name}.png)\n")

@@ -362,16 +362,29 @@ def test_diffusion_gemma_benchmark_smoke():
 def test_policy_cost_pairs_the_steps_and_takes_the_median_ratio(monkeypatch):
     """A fake clock: the eb step of the k-th call takes 1 + 0.1 k seconds (drifting) and the policy step 5 %
     more than the eb step of the same pair, so the paired median share is 0.05 whatever the drift (eb and
-    policy swapped would give -0.048)."""
+    policy swapped would give -0.048); inside the policy step the sampler's policy part takes 0.03 of the
+    eb step, so its share of the rest of that step is 0.03 / 1.02 (of the whole step, 0.03 / 1.05, would
+    be wrong), and the sampler's own part is back in place afterwards."""
     from types import SimpleNamespace
 
     import benchmarks.step_policy as sp
 
     clock, calls = [0.0], [0]
+    real_part = sp.sampler_module._policy_step
 
     def fake_step(model, state):  # the n-th call belongs to pair n // 2 (the warm-up pair first)
-        clock[0] += (1 + 0.1 * (calls[0] // 2)) * (1.05 if state == "policy" else 1.0)
+        base = 1 + 0.1 * (calls[0] // 2)
         calls[0] += 1
+        if state == "policy":
+            clock[0] += 1.02 * base
+            sp.sampler_module._policy_step(base)
+        else:
+            clock[0] += base
+
+    def fake_part(base):
+        clock[0] += 0.03 * base
+
+    monkeypatch.setattr(sp.sampler_module, "_policy_step", fake_part)
 
     monkeypatch.setattr(sp, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(sp, "init_state", lambda prompts, params, **kw: params.sampler)
@@ -381,3 +394,5 @@ def test_policy_cost_pairs_the_steps_and_takes_the_median_ratio(monkeypatch):
     assert cost["rows"] == 4
     assert cost["policy_share"] == pytest.approx(0.05)
     assert cost["policy_step_ms"] == pytest.approx(1.05 * cost["eb_step_ms"], rel=0.2)
+    assert cost["policy_part"] == pytest.approx(0.03 / 1.02)
+    assert sp.sampler_module._policy_step is fake_part and fake_part is not real_part
