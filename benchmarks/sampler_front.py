@@ -1,7 +1,8 @@
 """Accuracy vs mean NFE of the samplers on the test splits of sudoku and countdown.
 
-Sweeps ``steps`` (several step counts), ``confidence`` and ``eb`` (threshold sweeps), all greedy, one
-block, on the same prompts; writes docs/results/sampler_front.{md,json,png}.
+Sweeps ``steps`` (several step counts), ``confidence`` and ``eb`` (threshold sweeps), and adds the
+model's learned samplers at their defaults (``learned`` with a threshold head, ``policy`` with a step
+policy), all greedy, one block, on the same prompts; writes docs/results/sampler_front.{md,json,png}.
 
     python -m benchmarks.sampler_front [--model DIR] [--n 1000]
 """
@@ -31,11 +32,14 @@ def sweep(loaded, task_name: str, data, batch_size: int) -> list[dict]:
     gen = get_task(task_name).GEN_LENGTH
     configs = ([SamplingParams("steps", gen, steps=s) for s in STEPS]
                + [SamplingParams("confidence", gen, threshold=t) for t in CONFIDENCE]
-               + [SamplingParams("eb", gen, threshold=t) for t in EB])
+               + [SamplingParams("eb", gen, threshold=t) for t in EB]
+               + [SamplingParams(name, gen) for name, has in (("learned", loaded.threshold_head),
+                                                                ("policy", loaded.step_policy)) if has is not None])
     rows = []
     for p in configs:
         r = evaluate(loaded, task_name, data, p, batch_size=batch_size, progress=False)
-        knob = f"steps={p.steps}" if p.sampler == "steps" else f"threshold={p.threshold}"
+        knob = (f"steps={p.steps}" if p.sampler == "steps" else "default" if p.threshold is None
+                else f"threshold={p.threshold}")
         rows.append({"task": task_name, "sampler": p.sampler, "setting": knob, "accuracy": r.accuracy,
                      "exact": r.exact, "mean_nfe": r.mean_nfe, "tokens_per_second": r.tokens_per_second})
         print(f"{task_name:10s} {p.sampler:10s} {knob:18s} acc {r.accuracy:.3f} exact {r.exact:.3f} "
@@ -50,6 +54,9 @@ def plot(rows: list[dict], tasks: list[str], path):
         for sampler, style in [("steps", "o-"), ("confidence", "s--"), ("eb", "^-")]:
             pts = sorted((r["mean_nfe"], r["accuracy"]) for r in rows if r["task"] == task and r["sampler"] == sampler)
             ax.plot(*zip(*pts), style, label=sampler)
+        for sampler, marker, color in (("learned", "*", "gold"), ("policy", "P", "crimson")):
+            for n, a in ((r["mean_nfe"], r["accuracy"]) for r in rows if r["task"] == task and r["sampler"] == sampler):
+                ax.plot(n, a, marker, color=color, mec="black", ms=12, label=f"{sampler} (default)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("mean NFE (forward passes per prompt)")
         ax.set_ylabel("accuracy (mean reward)")
