@@ -1,5 +1,5 @@
 """Run by test_rl.py / test_rl_real_models.py under `accelerate launch`: a short RL run, then each rank writes its
-weights' checksums (and its LoRA adapters' sums and rollout texts).
+weights' checksums (and its LoRA adapters' sums, its rollouts' texts and prompt ids).
 
 Arguments: BASE_MODEL OUT_DIR [JSON of RLConfig overrides] [text-reward (the reward of test_rl_real_models)].
 """
@@ -16,17 +16,21 @@ from training.config import RLConfig
 
 base, out = sys.argv[1], Path(sys.argv[2])
 overrides = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-texts = []
+texts, prompts = [], []
 if "text-reward" in sys.argv[4:]:
     from test_rl_real_models import text_reward
     rl._reward = text_reward
-    rollout = rl.rollout
+rollout = rl.rollout
 
-    def recording_rollout(*args, **kw):
-        batch = rollout(*args, **kw)
-        texts.extend(batch.texts)
-        return batch
-    rl.rollout = recording_rollout
+
+def recording_rollout(*args, **kw):  # what this rank decoded: the ranks must not all draw the same rollouts
+    batch = rollout(*args, **kw)
+    texts.extend(batch.texts)
+    prompts.append(batch.prompt_ids.tolist())
+    return batch
+
+
+rl.rollout = recording_rollout
 initial = [float(p.double().sum()) for p in load_model(base).model.parameters()]
 cfg = RLConfig(**{**dict(model=base, output_dir=str(out), tasks="sudoku", train_examples=64, num_generations=4,
                          prompts_per_step=2, num_iterations=2, max_steps=2, save_every=2, lr=1e-2, gen_length=16,
@@ -37,4 +41,4 @@ checksums = [float(p.double().sum()) for p in run.model.parameters()]
 adapters = {n: float(p.double().sum()) for n, p in run.model.named_parameters() if "lora_" in n}
 (out / f"rank{state.process_index}.json").write_text(
     json.dumps({"world": state.num_processes, "initial": initial, "checksums": checksums, "adapters": adapters,
-                "rollout_texts": texts}))
+                "rollout_texts": texts, "rollout_prompts": prompts}))

@@ -124,6 +124,21 @@ def test_policy_loss_and_clip_fractions_by_hand():
     assert stats.ratio_clip_fraction == pytest.approx(0.25)
 
 
+def test_ratio_clip_fraction_counts_the_active_side_of_the_clip_only():
+    """A token counts as clipped where the clipped term is the one min() keeps: with A > 0 a ratio above
+    1 + eps, with A < 0 one below 1 - eps. Two tokens clipped on the active side and one on the other side
+    (asymmetric, unlike the by-hand test above) tell ``clipped < unclipped`` from the reversed comparison
+    and from ``!=``; the loss pins the surrogate at the same time."""
+    logp = torch.log(torch.tensor([[1.5, 1.3, 0.5, 1.0]]))
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, stats = policy_loss(logp, torch.zeros(1, 4), torch.tensor([1.0]), mask, epsilon=0.2)
+    assert stats.ratio_clip_fraction == pytest.approx(2 / 4)  # 1.5 and 1.3 (0.5 is clipped up, not kept)
+    assert loss.item() == pytest.approx(-(1.2 + 1.2 + 0.5 + 1.0) / 4)
+    loss, stats = policy_loss(logp, torch.zeros(1, 4), torch.tensor([-1.0]), mask, epsilon=0.2)
+    assert stats.ratio_clip_fraction == pytest.approx(1 / 4)  # 0.5 only, clipped up to 0.8
+    assert loss.item() == pytest.approx((1.5 + 1.3 + 0.8 + 1.0) / 4)
+
+
 def test_policy_loss_averages_per_sequence_over_scored_tokens_only():
     """Three sequences with partial masks, where the per-sequence and the token-level means differ;
     unscored positions hold values that would change everything if they leaked in."""
@@ -255,7 +270,9 @@ def test_lora_trains_adapters_and_exports_a_plain_model(base_dir, tmp_path, monk
 
 
 def test_two_processes_train_in_sync(base_dir, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU (DDP over gloo): both ranks end in sync."""
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (DDP over gloo): both ranks end in sync, having
+    drawn different prompts and rollouts (each step's draws are seeded by the rank too: ranks that drew the
+    same batch would just repeat each other's gradient)."""
     script = Path(__file__).with_name("ddp_worker.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(base_dir),
@@ -266,6 +283,9 @@ def test_two_processes_train_in_sync(base_dir, tmp_path):
     assert sums[0]["world"] == 2
     assert sums[0]["checksums"] == sums[1]["checksums"]
     assert sums[0]["checksums"] != sums[0]["initial"]
+    assert len(sums[0]["rollout_prompts"]) == 2  # one batch per step
+    assert sums[0]["rollout_prompts"] != sums[1]["rollout_prompts"]
+    assert sums[0]["rollout_texts"] != sums[1]["rollout_texts"]
     records = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["rollouts"] == 2 * 2 * 4 * 2  # steps x prompts x G x processes
 

@@ -330,6 +330,19 @@ def test_the_update_centres_the_rewards_it_is_given_with_its_std_scaling_and_cli
     assert kw["epsilon"] == 0.3 and kw["beta"] == 0.0
 
 
+def test_the_update_clips_the_gradient_to_max_grad_norm(spy):
+    """``max_grad_norm`` bounds the step: with plain SGD at lr 1 the parameters move by exactly the clipped
+    gradient, whose norm is the bound (the raw norm, which the metrics report, is far above it). Catches a
+    trainer that computes the norm but does not clip with the configured bound."""
+    model = tiny_model(seed=3, init=0.3)
+    batch = make_batch(model, PROMPTS[:2], 2, [1, 0, 0, 1], temperature=1.0, **EB)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    metrics = update(cfg(algo="diffpo", max_grad_norm=1e-3), model, batch, lr=1.0)
+    moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    assert spy.norms[0] > 0.05 and metrics["grad_norm"] == pytest.approx(spy.norms[0], abs=1e-4)
+    assert moved.norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
 @pytest.mark.parametrize("algo", ["d1", "diffpo"])
 def test_one_prompt_mask_and_tau_serve_the_current_old_and_reference_models(spy, algo):
     """With p_mask > 0 each inner step draws one prompt mask (and tau) and scores the current, old and
@@ -618,6 +631,34 @@ def test_train_rl_model_alone_can_learn_from_the_nfe_penalised_reward(loaded, tm
     batch = seen["batch"]
     assert (batch.nfe < 16).any()
     torch.testing.assert_close(seen["rewards"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
+
+
+def test_nfe_max_is_the_generation_length_whatever_the_blocks(loaded, tmp_path, monkeypatch):
+    """NFE_max in r = reward * (1 - lambda NFE / NFE_max) is the whole answer's length (one token per pass),
+    also when the answer is decoded in blocks: with gen_length 16 in blocks of 4, a block's length would
+    weigh the same NFE four times as much."""
+    seen = {}
+    real_rollout, real_model = rl.rollout, rl._model_update
+
+    def spy_rollout(*args, **kw):
+        seen["batch"] = real_rollout(*args, **kw)
+        return seen["batch"]
+
+    def spy_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest):
+        seen["rewards"] = rewards.clone()
+        return real_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest)
+
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "_model_update", spy_model)
+    monkeypatch.setattr(rl, "_reward", lambda text, example: 1.0)
+    config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
+                      num_generations=2, prompts_per_step=1, num_iterations=1, max_steps=1, save_every=1,
+                      gen_length=16, block_length=4, sampler="eb", threshold=0.5, lam=0.5, train="model",
+                      model_reward="sampler", beta=0.0)
+    rl.train_rl(config)
+    nfe = seen["batch"].nfe.float()
+    assert (nfe >= 4).all()
+    torch.testing.assert_close(seen["rewards"], 1 - 0.5 * nfe / 16)
 
 
 def test_train_rl_evaluates_logs_and_saves_on_schedule(loaded, tmp_path, monkeypatch):

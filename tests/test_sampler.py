@@ -100,6 +100,39 @@ def test_confidence_threshold_extremes(model):
     assert one_each.nfe.tolist() == [16] * len(PROMPTS)
 
 
+class TwoTokens(torch.nn.Module):
+    """A fake denoiser whose every position says token 40 with probability 0.6 and token 41 with 0.4 (the
+    mask and everything else negligible), whatever the context."""
+
+    def __init__(self, vocab: int = 104):
+        super().__init__()
+        self.vocab = vocab
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        logits = torch.full((*input_ids.shape, self.vocab), -30.0)
+        logits[..., 40], logits[..., 41] = math.log(0.6), math.log(0.4)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_sampled_confidence_rows_commit_by_the_drawn_tokens_probability():
+    """At T > 0 the confidence sampler's confidence is pi of the token drawn, not of the argmax: at threshold
+    0.5 a drawn 40 (p = 0.6) commits and a drawn 41 (p = 0.4) does not, unless it is the pass's only commit
+    (the at-least-one rule). Reading the argmax's 0.6 everywhere would commit every draw in the first pass."""
+    rows = [[5, 6, 7]] * 4
+    out = run(TwoTokens(), rows, [SamplingParams("confidence", 8, threshold=0.5, temperature=1.0, seed=s)
+                                  for s in range(4)], stop_at_eos=False, return_trajectory=True)
+    assert (out.nfe > 1).all(), out.nfe
+    low = 0
+    for seq, steps in zip(out.sequences.tolist(), out.commit_step.tolist()):
+        for token, s in zip(seq, steps):
+            assert token in (40, 41)
+            if token == 41:  # committed below the threshold: only as the pass's single commit
+                assert steps.count(s) == 1, (seq, steps)
+                low += 1
+    assert low > 0  # the fallback was exercised
+
+
 def test_select_commits_by_hand():
     conf = torch.tensor([[0.9, 0.2, 0.6, 0.8, 0.1]] * 3)
     ent = torch.tensor([[0.1, 2.0, 0.3, 0.2, 5.0]] * 3)

@@ -309,3 +309,34 @@ def test_other_http_errors_and_crashes_get_the_envelope():
     assert r.status_code == 500 and "secret" not in r.text
     assert r.json() == {"error": {"message": "internal server error", "type": "server_error", "param": None,
                                   "code": "internal_error"}}
+
+
+def test_a_malformed_content_length_is_a_400_in_the_envelope_before_the_app_runs():
+    """The gate answers a Content-Length that is not a number with 400 invalid_request (status and body agree;
+    not the 413 of an oversized body), and the app behind it never sees the request."""
+    import asyncio
+    import json
+
+    from diffpo_serve.api import Gate
+    from diffpo_serve.metrics import ServerMetrics
+    from diffpo_serve.settings import ServerSettings
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    gate = Gate(app, ServerSettings(max_body_bytes=BODY_LIMIT), ServerMetrics())
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"12x")]}
+    asyncio.run(gate(scope, receive, send))
+    assert not reached
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body == {"error": {"message": "invalid Content-Length header", "type": "invalid_request_error",
+                              "param": None, "code": "invalid_request"}}

@@ -158,6 +158,8 @@ def test_countdown_generator():
     ("<answer> 7*(12-5) </answer>", 1.0),
     ("(12-5)*7=49", 1.0),
     ("12/12*7", 0.1),  # 12 used twice
+    ("7*7", 0.1),  # the target, from 7 used twice and 5, 12 unused: each number exactly once
+    ("(12-5)*(12-5)", 0.1),  # the target, with 12 and 5 twice and 7 never
     ("2+3", 0.1),  # wrong numbers
     ("12+5+7", 0.1),  # right numbers, wrong value
     ("(((", 0.0),
@@ -190,6 +192,8 @@ def test_countdown_reward_equals_form():
     ("<answer>-3.50</answer>", "-3.5", 1.0),
     ("it is 12 then 13", "12", 0.0),
     ("<answer>forty two</answer>", "42", 0.0),
+    ("<answer>42.4</answer>", "42", 0.0),  # near is not equal: only float rounding is forgiven
+    ("<answer>42.000</answer>", "42", 1.0),
 ])
 def test_gsm8k_reward(completion, gold, expected):
     assert gsm8k.reward(completion, {"answer": gold}) == expected
@@ -204,6 +208,8 @@ def test_gsm8k_reward(completion, gold, expected):
     ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", 1.0),
     ("\\boxed{x = 5}", "5", 1.0),
     ("\\boxed{\\frac{1}{3}}", "1/2", 0.0),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5", 1.0),  # a leading minus keeps its sign
+    ("\\boxed{-\\frac{1}{2}}", "0.5", 0.0),
     ("\\boxed{}", "", 0.0),
 ])
 def test_math500_reward(completion, gold, expected):

@@ -70,6 +70,14 @@ def test_prompt_features_ignore_padding():
     assert f[0].tolist() == [6.0, 7.0, 8.0, 9.0] and f[1].tolist() == [4.0, 5.0, 6.0, 7.0]
 
 
+def test_prompt_features_are_detached():
+    """The head's features carry no graph back to the model's hidden states (no gradient of the head's
+    REINFORCE loss may reach the model), even from a hidden state that requires grad."""
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    attention = torch.tensor([[False, True, True], [True, True, True]])
+    assert not prompt_features(hidden, attention).requires_grad
+
+
 @pytest.mark.parametrize("k", [0, 5, 12])
 def test_learned_with_a_fixed_head_equals_eb(k):
     model = tiny_model(seed=1)
