@@ -605,10 +605,8 @@ def test_train_rl_hands_the_step_policy_its_rollouts_and_the_nfe_penalised_rewar
     torch.testing.assert_close(seen["r"], sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
 
 
-def test_train_rl_model_alone_can_learn_from_the_nfe_penalised_reward(loaded, tmp_path, monkeypatch):
-    """--train model --model-reward sampler (no head): the model's update still gets
-    r = reward * (1 - lambda NFE / NFE_max) of the step's rollouts."""
-    from training.loss import sampler_reward
+def spy_rollouts_and_model_rewards(monkeypatch) -> dict:
+    """Record the step's rollouts (``batch``) and the rewards the model's update is handed (``rewards``)."""
     seen = {}
     real_rollout, real_model = rl.rollout, rl._model_update
 
@@ -622,6 +620,14 @@ def test_train_rl_model_alone_can_learn_from_the_nfe_penalised_reward(loaded, tm
 
     monkeypatch.setattr(rl, "rollout", spy_rollout)
     monkeypatch.setattr(rl, "_model_update", spy_model)
+    return seen
+
+
+def test_train_rl_model_alone_can_learn_from_the_nfe_penalised_reward(loaded, tmp_path, monkeypatch):
+    """--train model --model-reward sampler (no head): the model's update still gets
+    r = reward * (1 - lambda NFE / NFE_max) of the step's rollouts."""
+    from training.loss import sampler_reward
+    seen = spy_rollouts_and_model_rewards(monkeypatch)
     monkeypatch.setattr(rl, "_reward", lambda text, example: 1.0 if len(text) % 2 else 0.5)
     config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
                       num_generations=2, prompts_per_step=2, num_iterations=1, max_steps=1, save_every=1,
@@ -637,19 +643,7 @@ def test_nfe_max_is_the_generation_length_whatever_the_blocks(loaded, tmp_path, 
     """NFE_max in r = reward * (1 - lambda NFE / NFE_max) is the whole answer's length (one token per pass),
     also when the answer is decoded in blocks: with gen_length 16 in blocks of 4, a block's length would
     weigh the same NFE four times as much."""
-    seen = {}
-    real_rollout, real_model = rl.rollout, rl._model_update
-
-    def spy_rollout(*args, **kw):
-        seen["batch"] = real_rollout(*args, **kw)
-        return seen["batch"]
-
-    def spy_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest):
-        seen["rewards"] = rewards.clone()
-        return real_model(c, model, unwrapped, ref, opt, acc, batch, rewards, *rest)
-
-    monkeypatch.setattr(rl, "rollout", spy_rollout)
-    monkeypatch.setattr(rl, "_model_update", spy_model)
+    seen = spy_rollouts_and_model_rewards(monkeypatch)
     monkeypatch.setattr(rl, "_reward", lambda text, example: 1.0)
     config = RLConfig(model=loaded.path, output_dir=str(tmp_path / "run"), tasks="sudoku", train_examples=8,
                       num_generations=2, prompts_per_step=1, num_iterations=1, max_steps=1, save_every=1,
