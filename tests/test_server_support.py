@@ -114,6 +114,7 @@ class LiveServer:
         return self.app.state.runtime
 
     def start(self, wait_ready: bool = True) -> "LiveServer":
+        self.started_at = time.monotonic()  # nothing of this server ran before (its steps' time is bounded by it)
         self.thread.start()
         deadline = time.time() + 30
         while not self.server.started:
