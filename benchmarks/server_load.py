@@ -145,8 +145,8 @@ def cores_busy(cores: set[int] | None) -> tuple[float, float]:
 
 def run_locust(url: str, pid: int, users: int, seconds: int, cores: set[int] | None = None) -> dict:
     beside = Path(sys.executable).parent / "locust"  # the environment's own, also when it is not activated
-    cmd = [str(beside) if beside.exists() else "locust", "-f", str(ROOT / "clients" / "locustfile.py"), "--headless", "-u", str(users), "-r",
-           str(users), "-t", f"{seconds}s", "--host", url, "--only-summary"]
+    cmd = [str(beside) if beside.exists() else "locust", "-f", str(ROOT / "clients" / "locustfile.py"), "--headless",
+           "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", url, "--only-summary"]
     before, cpu_before, core_before = decoder_counters(url), thread_cpu(pid), cores_busy(cores)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120,
                          preexec_fn=pinned(cores)).stdout

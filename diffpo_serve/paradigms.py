@@ -184,11 +184,11 @@ class MaskedParadigm:
                                          "stopping rule); this model decodes masked tokens")
         loaded = self.loaded
         sampler = req.sampler or self.default_sampler(settings)
-        if sampler == "learned" and req.threshold is None and loaded.threshold_head is None:
+        if sampler == "learned" and req.threshold is None and not self.runs(sampler):
             raise APIError(400, "sampler `learned` needs a model with a threshold head and this model has none; "
                                 "give `threshold` or use `steps`, `confidence` or `eb`",
                            param="sampler", code="unsupported_sampler")
-        if sampler == "policy" and loaded.step_policy is None:
+        if sampler == "policy" and not self.runs(sampler):
             raise APIError(400, "sampler `policy` needs a model with a step policy and this model has none; "
                                 "use `steps`, `confidence`, `eb` or `learned`",
                            param="sampler", code="unsupported_sampler")
@@ -209,13 +209,17 @@ class MaskedParadigm:
     def check_prompts(self, prompts: list[list[int]], param: str) -> None:
         return None  # any ids the model's vocabulary holds (the engine checks that)
 
+    def runs(self, sampler: str) -> bool:
+        """Whether this model runs ``sampler`` without a ``threshold``: ``learned`` needs its threshold head,
+        ``policy`` its step policy."""
+        return not ((sampler == "learned" and self.loaded.threshold_head is None)
+                    or (sampler == "policy" and self.loaded.step_policy is None))
+
     def card(self, settings: ServerSettings) -> dict:
         """``samplers``: those this model runs without a ``threshold`` (``learned`` needs its threshold head,
         ``policy`` its step policy); ``defaults``: what a request that sets nothing gets."""
         sampler = self.default_sampler(settings)
-        usable = [s for s in self.samplers if (s != "learned" or self.loaded.threshold_head is not None)
-                  and (s != "policy" or self.loaded.step_policy is not None)]
-        return {"paradigm": self.name, "samplers": usable,
+        return {"paradigm": self.name, "samplers": [s for s in self.samplers if self.runs(s)],
                 "defaults": {"sampler": sampler, "gen_length": self.default_gen_length(settings),
                              "threshold": masked.DEFAULT_THRESHOLD[sampler], "temperature": settings.default_temperature,
                              "cache": settings.cache}}
