@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from conftest import EOS, MASK, PAD, tiny_model, varied_reward
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from diffpo_serve.dllm.step_policy import FEATURE_NAMES, StepPolicy, decision_entropy, decision_logprob
-from training.commit_policy import commit_labels, fit_warm_start, policy_rl_loss, warm_start_data
+from training.commit_policy import (commit_labels, fit_warm_start, pass_states, policy_rl_loss,
+                                     warm_start_data)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -65,6 +66,47 @@ def test_warm_start_trajectory_labels_compare_with_the_behaviours_own_answer(mod
     assert own.tolist() == commit_labels(trace.argmax, eb.sequences, trace.candidates)[trace.candidates].tolist()
     assert default.tolist() == commit_labels(trace.argmax, full.sequences, trace.candidates)[trace.candidates].tolist()
     assert own.tolist() != default.tolist()
+
+
+def test_pass_states_by_hand():
+    seq = torch.tensor([[4, 5, 6, 1]])
+    steps = torch.tensor([[1, 0, 2, -1]])  # the last position was never decoded (kept)
+    states = pass_states(seq, steps, 3, MASK)
+    assert states.tolist() == [[[MASK, MASK, MASK, 1], [MASK, 5, MASK, 1], [4, 5, MASK, 1]]]
+
+
+def test_continuation_labels_complete_the_answer_as_it_stood_before_each_pass(model):
+    """label="continuation": pass s's argmax against the full-step completion of the behaviour's answer with
+    every token committed at pass s or later masked again, built here pass by pass with ``answers``. Pass 0's
+    completion is the full-step answer; unlike the trajectory label, a token the behaviour committed can be
+    labelled 0 (a careful decode from before that pass would have put another token there)."""
+    gen = 8
+    behaviour = SamplingParams("eb", gen, block_length=4, threshold=5.0)
+    eb = generate(model, PROMPTS, behaviour, **IDS, stop_at_eos=False, return_trajectory=True, trace_features=True)
+    full = generate(model, PROMPTS, SamplingParams("steps", gen, block_length=4), **IDS, stop_at_eos=False)
+    trace = eb.policy_trace
+    passes = trace.argmax.shape[1]
+    expected = eb.sequences[:, None, :].repeat(1, passes, 1)
+    for i, prompt in enumerate(PROMPTS):
+        for s in range(int(eb.nfe[i])):
+            answer = [t if c < s else MASK for t, c in zip(eb.sequences[i, :gen].tolist(), eb.commit_step[i].tolist())]
+            expected[i, s, :gen] = generate(model, [prompt], SamplingParams("steps", gen, block_length=4), **IDS,
+                                            stop_at_eos=False, answers=[answer]).sequences[0, :gen]
+    assert torch.equal(expected[:, 0], full.sequences)
+    _, labels = warm_start_data(Loaded(model), PROMPTS, gen, behaviour, policy=StepPolicy(), label="continuation",
+                                batch_size=3)  # chunks of 3 rows: the continuations of a chunk batched together
+    want = commit_labels(trace.argmax, expected, trace.candidates)
+    assert labels.tolist() == want[trace.candidates].tolist()
+    _, own = warm_start_data(Loaded(model), PROMPTS, gen, behaviour, policy=StepPolicy(), label="trajectory")
+    assert labels.tolist() != own.tolist()
+    committed = trace.decisions & trace.candidates
+    assert bool(own[committed[trace.candidates]].all())  # the trajectory label calls every commit final
+    assert not bool(want[committed].all())  # the continuation does not
+
+
+def test_warm_start_label_is_checked(model):
+    with pytest.raises(ValueError, match="continuation"):
+        warm_start_data(Loaded(model), PROMPTS, 8, SamplingParams("eb", 8, threshold=0.1), label="final")
 
 
 def test_warm_start_fit_learns_a_separable_rule():
@@ -330,7 +372,7 @@ def test_warm_start_rounds_add_the_policys_own_states_and_refit_on_all(base_dir,
     calls, fits = [], []
     real_data, real_fit = rl.warm_start_data, rl.fit_warm_start
 
-    def data(loaded, prompts, gen_length, behaviour, policy=None, label="full_steps"):
+    def data(loaded, prompts, gen_length, behaviour, policy=None, label="full_steps", progress=False):
         feats, labels = real_data(loaded, prompts, gen_length, behaviour, policy=policy, label=label)
         calls.append((behaviour.sampler, behaviour.threshold, len(prompts), label, policy, len(labels)))
         return feats, labels

@@ -446,3 +446,31 @@ def test_steps_ties_break_as_topk_over_the_rows_sequence():
                          torch.tensor([2, 2]), (cols, torch.tensor([7, 3]), torch.tensor([8, 3])))
     vector_2 = (torch.topk(vector, 2).indices - 7 - 4).sort().values.tolist()
     assert sel[0].nonzero().flatten().tolist() == vector_2 and sel[1].tolist() == [True, False, True, False]
+
+
+def test_answers_are_infilled_and_a_decode_resumes_from_its_own_state(model):
+    """``answers``: given tokens stay, only masked positions are decoded. Masking the tokens a full-step decode
+    committed at pass s or later and completing that answer reproduces the decode in exactly the passes it had
+    left (blocks already full are skipped, not run); a fully given answer takes no pass."""
+    sp = SamplingParams("steps", 8, block_length=4)
+    full = generate(model, PROMPTS, sp, **IDS, stop_at_eos=False, return_trajectory=True)
+    assert full.nfe.tolist() == [8] * len(PROMPTS)
+    for s in range(8):
+        answers = [[t if c < s else MASK for t, c in zip(seq, steps)]
+                   for seq, steps in zip(full.sequences.tolist(), full.commit_step.tolist())]
+        out = generate(model, PROMPTS, sp, **IDS, stop_at_eos=False, answers=answers)
+        assert torch.equal(out.sequences, full.sequences), s
+        assert out.nfe.tolist() == [8 - s] * len(PROMPTS)
+    done = generate(model, PROMPTS, sp, **IDS, stop_at_eos=False, answers=full.sequences[:, :8].tolist())
+    assert torch.equal(done.sequences, full.sequences) and done.nfe.tolist() == [0] * len(PROMPTS)
+    # a token the model would not have chosen stays where it is given
+    fixed = [[MASK] * 8 for _ in PROMPTS]
+    for row in fixed:
+        row[5] = 77
+    out = generate(model, PROMPTS, sp, **IDS, stop_at_eos=False, answers=fixed)
+    assert out.sequences[:, 5].tolist() == [77] * len(PROMPTS)
+    assert not (full.sequences[:, 5] == 77).all()
+    with pytest.raises(ValueError, match="gen_length is 8"):
+        generate(model, PROMPTS, sp, **IDS, answers=[[MASK] * 7] * len(PROMPTS))
+    with pytest.raises(ValueError, match="answers for"):
+        generate(model, PROMPTS, sp, **IDS, answers=[[MASK] * 8])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import PolicyTrace, SamplingParams, generate
@@ -30,11 +31,44 @@ from training.loss import threshold_head_loss
 
 log = logging.getLogger(__name__)
 
+WARM_START_LABELS = ("full_steps", "trajectory", "continuation")
+
 
 def commit_labels(argmax: torch.Tensor, answer: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(b, S, n) argmax per pass, (b, n) full-step answer, (b, S, n) bool -> (b, S, n) bool labels:
-    the argmax equals the answer's token, on candidates only."""
-    return (argmax == answer[:, None, :]) & candidates
+    """(b, S, n) argmax per pass, the answer: (b, n) one per row or (b, S, n) one per pass, (b, S, n) bool ->
+    (b, S, n) bool labels: the argmax equals the answer's token, on candidates only."""
+    if answer.dim() == 2:
+        answer = answer[:, None, :]
+    return (argmax == answer) & candidates
+
+
+def pass_states(sequences: torch.Tensor, commit_step: torch.Tensor, passes: int, mask_id: int) -> torch.Tensor:
+    """The answer as it stood before each pass of a decode: (b, n) final tokens and the pass that committed
+    each (-1: never decoded, kept) -> (b, S, n), ``mask_id`` where the token was committed at that pass or later."""
+    s = torch.arange(passes, device=sequences.device)[None, :, None]
+    later = commit_step[:, None, :] >= s
+    return torch.where(later, torch.full_like(later, mask_id, dtype=sequences.dtype), sequences[:, None, :])
+
+
+def continuation_answers(loaded: LoadedModel, prompts: list[list[int]], out, gen_length: int, block_length: int,
+                         batch_size: int = 256) -> torch.Tensor:
+    """(b, S, n): for every pass s of a decode ``out`` (with its trajectory), the full-step greedy completion
+    (one token per pass, in ``block_length`` blocks) of the answer as it stood before pass s. Pass 0's is the
+    full-step answer; later ones keep what the decode had committed by then. Passes a row did not take repeat
+    its final answer."""
+    kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
+    b, passes = len(prompts), int(out.nfe.max())
+    states = pass_states(out.sequences, out.commit_step, passes, loaded.mask_id)
+    answers = out.sequences[:, None, :].expand(-1, passes, -1).clone()
+    todo = [(i, s) for i in range(b) for s in range(int(out.nfe[i]))]
+    full = SamplingParams("steps", gen_length, block_length=block_length)
+    for k in range(0, len(todo), batch_size):
+        chunk = todo[k:k + batch_size]
+        done = generate(loaded.model, [prompts[i] for i, _ in chunk], full, **kw, stop_at_eos=False,
+                        answers=[states[i, s, :gen_length].tolist() for i, s in chunk]).sequences
+        for (i, s), seq in zip(chunk, done):
+            answers[i, s, :gen_length] = seq[:gen_length].to(answers.device)
+    return answers
 
 
 def policy_rl_loss(policy: StepPolicy, trace: PolicyTrace, advantages: torch.Tensor, entropy_coef: float = 0.0):
@@ -50,25 +84,34 @@ def policy_rl_loss(policy: StepPolicy, trace: PolicyTrace, advantages: torch.Ten
 @torch.no_grad()
 def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: int, behaviour: SamplingParams,
                     batch_size: int = 256, policy: StepPolicy | None = None,
-                    label: str = "full_steps") -> tuple[torch.Tensor, torch.Tensor]:
+                    label: str = "full_steps", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate features (N, F) and labels (N,) from ``behaviour`` trajectories of ``prompts``.
 
-    ``label``: ``full_steps`` compares each pass's argmax with the full-step greedy answer (FACTS.md's step
-    oracle); ``trajectory`` with the answer the behaviour decode itself ends with (a token already final in
-    its own trajectory; where the two decodes reach different answers, as countdown's orders of one sum do,
-    the first label calls every token of the other answer wrong).
+    ``label`` (:data:`WARM_START_LABELS`): ``full_steps`` compares each pass's argmax with the full-step greedy
+    answer (FACTS.md's step oracle); ``trajectory`` with the answer the behaviour decode itself ends with (a
+    token already final in its own trajectory; where the two decodes reach different answers, as countdown's
+    orders of one sum do, the first label calls every token of the other answer wrong; but every token the
+    behaviour commits is final in its own trajectory by construction, right or wrong); ``continuation`` with
+    the full-step completion of the answer as it stood before that pass (:func:`continuation_answers`): it
+    follows the answer the decode had chosen so far, and a token is labelled 1 only if a careful decode from
+    there would have put it there too, whether or not the behaviour committed it.
 
     ``policy`` is needed when the behaviour sampler is ``policy`` itself (later rounds of data
-    collection); its feature set also decides whether hidden states are traced.
+    collection); its feature set also decides whether hidden states are traced. ``progress``: a progress bar.
     """
+    if label not in WARM_START_LABELS:
+        raise ValueError(f"label must be one of {', '.join(WARM_START_LABELS)}; got {label!r}")
     kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
     feats, labels = [], []
+    bar = tqdm(total=len(prompts), desc=f"warm start ({behaviour.sampler}, {label} labels)", disable=not progress)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         out = generate(loaded.model, chunk, behaviour, **kw, stop_at_eos=False, return_trajectory=True,
                        policy=policy, trace_features=True)
         if label == "trajectory":
             answer = out.sequences
+        elif label == "continuation":
+            answer = continuation_answers(loaded, chunk, out, gen_length, behaviour.block_length, batch_size)
         else:
             answer = generate(loaded.model, chunk, SamplingParams("steps", gen_length,
                                                                   block_length=behaviour.block_length),
@@ -77,6 +120,8 @@ def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: i
         label_bits = commit_labels(trace.argmax, answer, trace.candidates)
         feats.append(trace.features[trace.candidates])
         labels.append(label_bits[trace.candidates])
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -13,6 +13,7 @@ from typing import get_type_hints
 from diffpo_serve.dllm.sampler import SAMPLERS
 from diffpo_serve.dllm.step_policy import FEATURE_SETS
 from diffpo_serve.dllm.threshold_head import FEATURES
+from training.commit_policy import WARM_START_LABELS
 
 
 def option(default, help: str, **kw):
@@ -81,9 +82,11 @@ class RLConfig:
                                      "start (labels: --warm-start-label; 0: no warm start)")
     warm_start_gamma: float = option(0.1, "EB gamma of the behaviour decodes the warm start's features come from")
     warm_start_label: str = option("full_steps", "the warm start's label of a masked token: full_steps (its argmax "
-                                   "equals the full-step greedy answer's token there) or trajectory (it equals the token "
-                                   "the behaviour decode itself ends with there: final in that trajectory)",
-                                   choices=["full_steps", "trajectory"])
+                                   "equals the full-step greedy answer's token), trajectory (it equals the token "
+                                   "the behaviour decode itself ends with there: final in that trajectory) or "
+                                   "continuation (it equals the token a full-step decode puts there when it "
+                                   "completes the answer as it stood before that pass)",
+                                   choices=list(WARM_START_LABELS))
     warm_start_epochs: int = option(5, "epochs of the warm start's binary cross-entropy fit")
     warm_start_rounds: int = option(1, "rounds of the warm start: each round after the first decodes the same "
                                     "prompts with the policy so far (greedy, at its operating point), adds those "

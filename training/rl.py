@@ -178,7 +178,7 @@ def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
     return ThresholdHead(base.model.config.get_text_config().hidden_size, features=cfg.head_features)
 
 
-def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: int):
+def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: int, progress: bool = False):
     """The step policy to train: resumed, inherited from the model, or new (with its warm start)."""
     if resuming:
         policy = load_policy(ckpt)
@@ -201,7 +201,7 @@ def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: i
         features = labels = None
         for _ in range(cfg.warm_start_rounds):  # after the first, DAgger: add the states the policy itself visits
             more, more_labels = warm_start_data(base, prompts, gen_length, behaviour, policy=policy,
-                                                label=cfg.warm_start_label)
+                                                label=cfg.warm_start_label, progress=progress)
             features = more if features is None else torch.cat([features, more])
             labels = more_labels if labels is None else torch.cat([labels, more_labels])
             policy = new_policy()
@@ -252,7 +252,8 @@ def train_rl(cfg: RLConfig) -> RLRun:
         model = load_model(ckpt).model if resuming else base.model
     head = _setup_head(base, cfg, ckpt, resuming)
     gen_length, block_length = rollout_lengths(cfg, base)
-    policy = _setup_policy(base, cfg, ckpt, resuming, gen_length) if train_policy else base.step_policy
+    policy = (_setup_policy(base, cfg, ckpt, resuming, gen_length, accelerator.is_main_process) if train_policy
+              else base.step_policy)
     state = load_trainer_state(ckpt) if resuming else None
     if state is not None and accelerator.is_main_process:  # metric lines are numbered step + 1
         trim_metrics(metrics_file, state["step"] + 1)

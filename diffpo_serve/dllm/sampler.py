@@ -294,6 +294,7 @@ def init_state(
     sample_commits: bool = False,
     trace_features: bool = False,
     cache_refresh: int = 0,
+    answers: list[list[int]] | None = None,
 ) -> BatchState:
     """Build the state for a list of token-id prompts, each with its own (or one shared) params.
 
@@ -304,6 +305,8 @@ def init_state(
     ``policy``: the model's step policy (needed by rows with sampler ``policy``); ``sample_commits``:
     its rows draw their commits (RL rollouts); ``trace_features``: every step hands out the policy's
     features of every row (:class:`StepOutput`), e.g. to collect training data from other samplers.
+    ``answers``: per row, the answer to start from (``gen_length`` ids: a token where one is given, ``mask_id``
+    where the sampler decodes); default all masked. Given tokens stay as they are (infilling).
     """
     if not prompts:
         raise ValueError("no prompts")
@@ -322,6 +325,8 @@ def init_state(
     params = [replace(p, threshold=policy.threshold) if p.sampler == "policy" and p.threshold is None else p
               for p in params]
     b = len(prompts)
+    if answers is not None and len(answers) != b:
+        raise ValueError(f"{len(answers)} answers for {b} prompts")
     pw = round_up(max(len(p) for p in prompts), align)
     gw = round_up(max(p.gen_length for p in params), align)
     canvas = torch.full((b, pw + gw), pad_id, dtype=torch.long)
@@ -333,6 +338,10 @@ def init_state(
         attention[i, start:start + len(prompt)] = True
         attention[i, pw:pw + p.gen_length] = True
         canvas[i, pw:pw + p.gen_length] = mask_id
+        if answers is not None:
+            if len(answers[i]) != p.gen_length:
+                raise ValueError(f"answer {i} has {len(answers[i])} tokens; its gen_length is {p.gen_length}")
+            canvas[i, pw:pw + p.gen_length] = torch.as_tensor(answers[i], dtype=torch.long)
     generators = []
     for p in params:
         # a row draws with its generator: tokens when T > 0, and its gamma when it samples one from the head
@@ -349,6 +358,12 @@ def init_state(
         return torch.tensor(values, dtype=dtype, device=device)
 
     num_blocks = [-(-p.gen_length // p.block_length) for p in params]
+    # each row starts at its first block with something to decode (every block of an all-masked answer)
+    first_block = [0] * b
+    if answers is not None:
+        for i, p in enumerate(params):
+            masked = (canvas[i, pw:pw + p.gen_length] == mask_id).nonzero()
+            first_block[i] = int(masked[0]) // p.block_length if len(masked) else num_blocks[i]
     return BatchState(
         canvas=canvas.to(device), attention_mask=attention.to(device), prompt_width=pw,
         gen_length=col([p.gen_length for p in params], torch.long),
@@ -361,10 +376,10 @@ def init_state(
         head_features=torch.zeros((b, head.feature_size if head is not None else 0), device=device),
         temperature=col([p.temperature for p in params], torch.float),
         top_p=col([p.top_p for p in params], torch.float),
-        block=torch.zeros(b, dtype=torch.long, device=device),
+        block=col(first_block, torch.long),
         block_step=torch.zeros(b, dtype=torch.long, device=device),
         nfe=torch.zeros(b, dtype=torch.long, device=device),
-        finished=torch.zeros(b, dtype=torch.bool, device=device),
+        finished=col([f >= n for f, n in zip(first_block, num_blocks)], torch.bool),
         commit_step=torch.full((b, gw), -1, dtype=torch.long, device=device),
         logprob=torch.zeros((b, gw), dtype=torch.float, device=device),
         prev_argmax=torch.full((b, gw), -1, dtype=torch.long, device=device),
@@ -987,6 +1002,7 @@ def generate(
     sample_commits: bool = False,
     trace_features: bool = False,
     cache_refresh: int = 0,
+    answers: list[list[int]] | None = None,
 ) -> GenerationOutput:
     """Decode a batch of token-id prompts to completion with :func:`denoise_step`.
 
@@ -999,12 +1015,14 @@ def generate(
     with ``return_trajectory`` the policy's view of every pass is returned as ``policy_trace``.
     ``cache_refresh``: with a KV cache, also refresh it every this many steps of a block (1: every step,
     which makes the cached decode exact; 0: at block starts only, Fast-dLLM's schedule).
+    ``answers``: partly filled answers to complete (:func:`init_state`).
     """
     device = next(model.parameters()).device
     state = init_state(prompts, params, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, eos_ids=eos_ids,
                        device=device, stop_at_eos=stop_at_eos, head=head, sample_threshold=sample_threshold,
                        align=prompt_alignment(model) if align is None else align, policy=policy,
-                       sample_commits=sample_commits, trace_features=trace_features, cache_refresh=cache_refresh)
+                       sample_commits=sample_commits, trace_features=trace_features, cache_refresh=cache_refresh,
+                       answers=answers)
     if bool((state.cache > 0).any()) and not supports_kv_cache(model):
         raise ValueError(f"cache needs a native model ({type(model).__name__} takes no KV cache); use cache 'off'")
     steps = []
