@@ -29,8 +29,10 @@ Writes docs/results/NAME.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -120,10 +122,13 @@ class PromptCache:
         if key not in self.data:
             self.data[key] = run()
             if self.path:
-                self._reread()
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.data))
-                tmp.replace(self.path)
+                # one writer at a time (a lock file beside it), each through its own temporary file
+                with open(self.path.with_suffix(".lock"), "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    self._reread()
+                    tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(self.data))
+                    tmp.replace(self.path)
         return self.data[key]
 
 

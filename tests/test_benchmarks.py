@@ -186,6 +186,28 @@ def test_prompt_cache_computes_a_miss_once_and_merges_with_other_writers(tmp_pat
     assert PromptCache(None).get("k", lambda: [7]) == [7]  # no file: computed
 
 
+def _fill_cache(path: str, prefix: str) -> None:
+    from benchmarks.step_policy import PromptCache
+    cache = PromptCache(path)
+    for i in range(200):
+        cache.get(f"{prefix}{i}", lambda: [{"reward": 1.0, "nfe": i}])
+
+
+def test_prompt_cache_shared_by_processes_writing_at_once_loses_nothing(tmp_path):
+    """Two benchmark processes on one cache file (a run once crashed here: both wrote through one temporary
+    file): every key of both survives and the file stays readable."""
+    import multiprocessing
+    path = str(tmp_path / "cache.json")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_fill_cache, args=(path, p)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert set(json.loads((tmp_path / "cache.json").read_text())) == {f"{p}{i}" for p in "ab" for i in range(200)}
+
+
 def test_prompt_key_names_the_test_set_as_saved_caches_do():
     from benchmarks.step_policy import prompt_key
     assert prompt_key("cd3", 1000, 0, "runs/base", "eb", "gamma 1") == "cd3|1000|runs/base|eb|gamma 1"
