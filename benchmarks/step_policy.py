@@ -49,7 +49,7 @@ from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, generate, in
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.tasks import get_task  # noqa: E402
 
-KNOBS = [0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98]
+KNOBS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98]
 
 
 def decode(loaded, task, data, params: SamplingParams, batch_size: int, policy=None) -> list[dict]:
