@@ -53,19 +53,19 @@ def test_warm_start_labels_on_full_step_trajectories(model):
 
 def test_warm_start_trajectory_labels_compare_with_the_behaviours_own_answer(model):
     """label="trajectory": a pass's argmax against the answer the behaviour decode (EB at a loose gamma,
-    several tokens per pass) ends with; the default compares with the full-step answer, which differs
-    here, so the two label sets differ."""
+    several tokens per pass) ends with (the default); label="full_steps" compares with the full-step answer,
+    which differs here, so the two label sets differ."""
     gen = 8
     behaviour = SamplingParams("eb", gen, block_length=4, threshold=5.0)
     eb = generate(model, PROMPTS, behaviour, **IDS, stop_at_eos=False, return_trajectory=True, trace_features=True)
     full = generate(model, PROMPTS, SamplingParams("steps", gen, block_length=4), **IDS, stop_at_eos=False)
     assert not torch.equal(eb.sequences, full.sequences)
     trace = eb.policy_trace
-    _, own = warm_start_data(Loaded(model), PROMPTS, gen, behaviour, policy=StepPolicy(), label="trajectory")
-    _, default = warm_start_data(Loaded(model), PROMPTS, gen, behaviour, policy=StepPolicy())
+    _, own = warm_start_data(Loaded(model), PROMPTS, gen, behaviour, policy=StepPolicy())
+    _, steps = warm_start_data(Loaded(model), PROMPTS, gen, behaviour, policy=StepPolicy(), label="full_steps")
     assert own.tolist() == commit_labels(trace.argmax, eb.sequences, trace.candidates)[trace.candidates].tolist()
-    assert default.tolist() == commit_labels(trace.argmax, full.sequences, trace.candidates)[trace.candidates].tolist()
-    assert own.tolist() != default.tolist()
+    assert steps.tolist() == commit_labels(trace.argmax, full.sequences, trace.candidates)[trace.candidates].tolist()
+    assert own.tolist() != steps.tolist()
 
 
 def test_pass_states_by_hand():

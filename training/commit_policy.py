@@ -1,14 +1,15 @@
 """Training the per-step commit policy (:mod:`diffpo_serve.dllm.step_policy`): warm start and RL loss.
 
-Supervised warm start: decode training prompts at full steps (greedy, one token per pass) to get
-each prompt's answer A, then decode them again with a behaviour sampler (EB at a small gamma by
-default) while recording the policy's features of every pass (``trace_features``); a masked token
-of the current block is labelled 1 when the model's argmax there already equals A's token
-(:func:`commit_labels`): committing it now changes nothing in the answer. The policy is fit to
-those labels by binary cross-entropy (the step oracle of FACTS.md commits exactly the label-1
-tokens). With ``--warm-start-label trajectory`` A is instead the answer the behaviour decode itself
-ends with (no full-step decode): countdown has several right answers, and where the two decodes reach
-different ones the full-step label calls every token of the behaviour's answer not final.
+Supervised warm start: decode training prompts with a behaviour sampler (EB at a small gamma by default;
+in later DAgger rounds the policy itself) while recording the policy's features of every pass
+(``trace_features``); a masked token of the current block is labelled 1 when the model's argmax there
+already equals the token of an answer A (:func:`commit_labels`), and the policy is fit to those labels by
+binary cross-entropy. ``--warm-start-label`` chooses A (:data:`WARM_START_LABELS`): ``trajectory`` (the
+default), the answer the behaviour decode itself ends with; ``full_steps``, the full-step greedy answer (the
+step oracle of FACTS.md commits exactly its label-1 tokens; countdown has several right answers, and where
+the two decodes reach different ones it calls every token of the behaviour's answer not final);
+``continuation``, per pass the full-step completion of the answer as it stood before that pass
+(:func:`continuation_answers`). docs/benchmarks.md compares them.
 
 RL (``diffpo-train rl --train sampler|joint --sampler-kind policy``): rollouts draw every commit bit
 from Bernoulli(p) and record the policy's features and bits per pass (the sampler's ``PolicyTrace``);
@@ -84,7 +85,7 @@ def policy_rl_loss(policy: StepPolicy, trace: PolicyTrace, advantages: torch.Ten
 @torch.no_grad()
 def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: int, behaviour: SamplingParams,
                     batch_size: int = 256, policy: StepPolicy | None = None,
-                    label: str = "full_steps", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    label: str = "trajectory", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate features (N, F) and labels (N,) from ``behaviour`` trajectories of ``prompts``.
 
     ``label`` (:data:`WARM_START_LABELS`): ``full_steps`` compares each pass's argmax with the full-step greedy

@@ -81,7 +81,7 @@ class RLConfig:
     warm_start_prompts: int = option(4000, "a new step policy: training prompts (per task) of its supervised warm "
                                      "start (labels: --warm-start-label; 0: no warm start)")
     warm_start_gamma: float = option(0.1, "EB gamma of the behaviour decodes the warm start's features come from")
-    warm_start_label: str = option("full_steps", "the warm start's label of a masked token: full_steps (its argmax "
+    warm_start_label: str = option("trajectory", "the warm start's label of a masked token: full_steps (its argmax "
                                    "equals the full-step greedy answer's token), trajectory (it equals the token "
                                    "the behaviour decode itself ends with there: final in that trajectory) or "
                                    "continuation (it equals the token a full-step decode puts there when it "
