@@ -451,7 +451,7 @@ def test_steps_ties_break_as_topk_over_the_rows_sequence():
 def test_answers_are_infilled_and_a_decode_resumes_from_its_own_state(model):
     """``answers``: given tokens stay, only masked positions are decoded. Masking the tokens a full-step decode
     committed at pass s or later and completing that answer reproduces the decode in exactly the passes it had
-    left (blocks already full are skipped, not run); a fully given answer takes no pass."""
+    left (leading blocks already full are skipped, not run); a fully given answer takes no pass."""
     sp = SamplingParams("steps", 8, block_length=4)
     full = generate(model, PROMPTS, sp, **IDS, stop_at_eos=False, return_trajectory=True)
     assert full.nfe.tolist() == [8] * len(PROMPTS)

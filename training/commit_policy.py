@@ -51,18 +51,16 @@ def pass_states(sequences: torch.Tensor, commit_step: torch.Tensor, passes: int,
     return torch.where(later, torch.full_like(later, mask_id, dtype=sequences.dtype), sequences[:, None, :])
 
 
-def continuation_answers(loaded: LoadedModel, prompts: list[list[int]], out, gen_length: int, block_length: int,
+def continuation_answers(loaded: LoadedModel, prompts: list[list[int]], out, full: SamplingParams,
                          batch_size: int = 256) -> torch.Tensor:
-    """(b, S, n): for every pass s of a decode ``out`` (with its trajectory), the full-step greedy completion
-    (one token per pass, in ``block_length`` blocks) of the answer as it stood before pass s. Pass 0's is the
-    full-step answer; later ones keep what the decode had committed by then. Passes a row did not take repeat
-    its final answer."""
+    """(b, S, n): for every pass s of a decode ``out`` (with its trajectory), the completion by ``full`` (the
+    full-step greedy decode) of the answer as it stood before pass s. Pass 0's is the full-step answer; later
+    ones keep what the decode had committed by then. Passes a row did not take repeat its final answer."""
     kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
-    b, passes = len(prompts), int(out.nfe.max())
+    b, passes, gen_length = len(prompts), int(out.nfe.max()), full.gen_length
     states = pass_states(out.sequences, out.commit_step, passes, loaded.mask_id)
     answers = out.sequences[:, None, :].expand(-1, passes, -1).clone()
     todo = [(i, s) for i in range(b) for s in range(int(out.nfe[i]))]
-    full = SamplingParams("steps", gen_length, block_length=block_length)
     for k in range(0, len(todo), batch_size):
         chunk = todo[k:k + batch_size]
         done = generate(loaded.model, [prompts[i] for i, _ in chunk], full, **kw, stop_at_eos=False,
@@ -103,6 +101,7 @@ def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: i
     if label not in WARM_START_LABELS:
         raise ValueError(f"label must be one of {', '.join(WARM_START_LABELS)}; got {label!r}")
     kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
+    full = SamplingParams("steps", gen_length, block_length=behaviour.block_length)  # one token per pass, its blocks
     feats, labels = [], []
     bar = tqdm(total=len(prompts), desc=f"warm start ({behaviour.sampler}, {label} labels)", disable=not progress)
     for i in range(0, len(prompts), batch_size):
@@ -112,11 +111,9 @@ def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: i
         if label == "trajectory":
             answer = out.sequences
         elif label == "continuation":
-            answer = continuation_answers(loaded, chunk, out, gen_length, behaviour.block_length, batch_size)
+            answer = continuation_answers(loaded, chunk, out, full, batch_size)
         else:
-            answer = generate(loaded.model, chunk, SamplingParams("steps", gen_length,
-                                                                  block_length=behaviour.block_length),
-                              **kw, stop_at_eos=False).sequences  # one token per pass, in the behaviour's blocks
+            answer = generate(loaded.model, chunk, full, **kw, stop_at_eos=False).sequences
         trace = out.policy_trace
         label_bits = commit_labels(trace.argmax, answer, trace.candidates)
         feats.append(trace.features[trace.candidates])

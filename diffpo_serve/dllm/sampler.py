@@ -306,7 +306,8 @@ def init_state(
     its rows draw their commits (RL rollouts); ``trace_features``: every step hands out the policy's
     features of every row (:class:`StepOutput`), e.g. to collect training data from other samplers.
     ``answers``: per row, the answer to start from (``gen_length`` ids: a token where one is given, ``mask_id``
-    where the sampler decodes); default all masked. Given tokens stay as they are (infilling).
+    where the sampler decodes); default all masked. Given tokens stay as they are (infilling). A row starts at
+    its first block with a masked position; a block that is already full after that still takes one pass.
     """
     if not prompts:
         raise ValueError("no prompts")
