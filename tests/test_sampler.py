@@ -474,3 +474,26 @@ def test_answers_are_infilled_and_a_decode_resumes_from_its_own_state(model):
         generate(model, PROMPTS, sp, **IDS, answers=[[MASK] * 7] * len(PROMPTS))
     with pytest.raises(ValueError, match="answers for"):
         generate(model, PROMPTS, sp, **IDS, answers=[[MASK] * 8])
+
+
+@pytest.mark.parametrize("cache", ["off", "prefix", "dual"])
+def test_full_blocks_of_a_given_answer_take_no_pass_wherever_they_stand(model, cache):
+    """Blocks of 4 in a 14-token answer (the last block 2 wide), 2 passes per block: a block the answer gives in
+    full is skipped after a masked one too, and a row whose masked blocks are done finishes (no pass for the
+    given ones after them); the given tokens stay, and rows of different patterns decode together as alone.
+    Each row's expected count is 2 passes per block holding a masked position."""
+    sp = SamplingParams("steps", 14, block_length=4, steps=8, cache=cache)
+    full = generate(model, PROMPTS, SamplingParams("steps", 14, block_length=4, steps=16), **IDS, stop_at_eos=False)
+    given = full.sequences[:, :14].tolist()
+    blocks = [range(0, 4), range(4, 8), range(8, 12), range(12, 14)]
+    patterns = [(0, 2), (1, 3), (0,), (3,)]  # the masked blocks of each row
+    answers = [[MASK if any(j in blocks[k] for k in masked) else t for j, t in enumerate(row)]
+               for row, masked in zip(given, patterns)]
+    out = generate(model, PROMPTS, sp, **IDS, stop_at_eos=False, answers=answers)
+    assert out.nfe.tolist() == [2 * len(m) for m in patterns]
+    for row, answer in zip(out.sequences.tolist(), answers):
+        assert all(t == a for t, a in zip(row, answer) if a != MASK)
+        assert MASK not in row[:14]
+    for i, answer in enumerate(answers):
+        alone = generate(model, [PROMPTS[i]], sp, **IDS, stop_at_eos=False, answers=[answer])
+        assert alone.sequences[0, :14].tolist() == out.sequences[i, :14].tolist()

@@ -306,8 +306,8 @@ def init_state(
     its rows draw their commits (RL rollouts); ``trace_features``: every step hands out the policy's
     features of every row (:class:`StepOutput`), e.g. to collect training data from other samplers.
     ``answers``: per row, the answer to start from (``gen_length`` ids: a token where one is given, ``mask_id``
-    where the sampler decodes); default all masked. Given tokens stay as they are (infilling). A row starts at
-    its first block with a masked position; a block that is already full after that still takes one pass.
+    where the sampler decodes); default all masked. Given tokens stay as they are (infilling). A row decodes only
+    the blocks that hold a masked position: a block already full is skipped, wherever it stands.
     """
     if not prompts:
         raise ValueError("no prompts")
@@ -889,9 +889,16 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
 
     masked = gen == state.mask_id
     block_done = ~(gen.gather(1, cols).eq(state.mask_id) & in_block).any(-1)
-    block = torch.where(block_done, block + 1, block)
+    # a finished block hands over to the block of the row's first masked position, so blocks an answer was
+    # given in full (infilling) take no pass; none left: past the last block
+    gen_length, block_length = state.gen_length[rows], state.block_length[rows]
+    position = torch.arange(gw, device=gen.device)[None, :]
+    first_masked = torch.where(masked & (position < gen_length[:, None]), position, gw).amin(-1)
+    next_block = torch.where(first_masked < gw, first_masked // block_length,
+                             (gen_length + block_length - 1) // block_length)
+    block = torch.where(block_done, next_block, block)
     block_step = torch.where(block_done, torch.zeros_like(block_step), block_step)
-    all_done = block * state.block_length[rows] >= state.gen_length[rows]
+    all_done = block * block_length >= gen_length
     if state.stop_at_eos:
         mask_before = masked.long().cumsum(-1) - masked.long()
         is_eos = torch.isin(gen, torch.tensor(state.eos_ids or (state.eos_id,), device=gen.device))
