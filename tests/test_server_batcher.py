@@ -356,6 +356,20 @@ def test_engine_completion_with_scripted_answers():
     assert [c.nfe for c in r.choices] == [9, 3]  # steps sampler: one token per pass, EOS ends the row
 
 
+def test_engine_row_limit_counts_prompts_times_n_and_admits_the_limit_itself():
+    """max_rows_per_request bounds prompts x n: exactly the limit is served (every choice answered), one more
+    is a 400 on ``n`` that names the limit."""
+    loaded = scripted_loaded({"countdown": "20+32+62"})
+    limit = ServerSettings(max_rows_per_request=6)
+    r = run_engine(loaded, CompletionRequest(model="scripted", prompt=["countdown 1|", "sudoku 1|"], n=3,
+                                             max_tokens=16), settings=limit)
+    assert [c.text for c in r.choices] == ["20+32+62"] * 3 + ["ok"] * 3
+    for prompts, n in ((["countdown 1|"] * 7, 1), (["countdown 1|"], 7), (["countdown 1|", "sudoku 1|"], 4)):
+        with pytest.raises(APIError) as e:
+            run_engine(loaded, CompletionRequest(model="scripted", prompt=prompts, n=n, max_tokens=16), settings=limit)
+        assert (e.value.status, e.value.param) == (400, "n") and "limit of 6 choices" in e.value.message
+
+
 def test_engine_stream_holds_back_stop_prefixes():
     loaded = scripted_loaded({"countdown": "20+32+62"})
     req = CompletionRequest(model="scripted", prompt="countdown 1|", max_tokens=16, block_length=2, stop=["+6"],
