@@ -497,3 +497,14 @@ def test_full_blocks_of_a_given_answer_take_no_pass_wherever_they_stand(model, c
     for i, answer in enumerate(answers):
         alone = generate(model, [PROMPTS[i]], sp, **IDS, stop_at_eos=False, answers=[answer])
         assert alone.sequences[0, :14].tolist() == out.sequences[i, :14].tolist()
+
+
+def test_a_pass_that_commits_nothing_raises_instead_of_looping_forever(model, monkeypatch):
+    """Every commit rule takes at least one candidate per pass; a rule that takes none (a bug) must stop the
+    decode with an error naming the rows, not hang the server's decoder."""
+    import diffpo_serve.dllm.sampler as sampler_module
+
+    real = sampler_module.select_commits
+    monkeypatch.setattr(sampler_module, "select_commits", lambda *a, **k: torch.zeros_like(real(*a, **k)))
+    with pytest.raises(RuntimeError, match=r"no progress: row\(s\) \[0, 1, 2, 3\]"):
+        generate(model, PROMPTS, SamplingParams("confidence", 8, threshold=0.9), **IDS)

@@ -873,6 +873,10 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
                                                    argmax, cols, block_end - block_start,
                                                    index_hidden[:, :width] if want_hidden else None, commit)
 
+    stuck = candidates.any(-1) & ~(commit & candidates).any(-1)
+    if bool(stuck.any()):  # every rule commits >= 1 candidate per pass; without it the decode would never end
+        raise RuntimeError(f"sampler made no progress: row(s) {rows[stuck].tolist()} committed nothing this pass "
+                           f"(samplers {state.sampler[rows][stuck].tolist()})")
     # back from block positions to generation positions: only committed (in-block, distinct) ones are written
     step_index = state.nfe[rows]
     row_index = torch.arange(r, device=gen.device)[:, None].expand(r, width)
