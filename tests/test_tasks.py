@@ -160,6 +160,7 @@ def test_countdown_generator():
     ("12/12*7", 0.1),  # 12 used twice
     ("7*7", 0.1),  # the target, from 7 used twice and 5, 12 unused: each number exactly once
     ("(12-5)*(12-5)", 0.1),  # the target, with 12 and 5 twice and 7 never
+    ("(12-5)*7+5-5", 0.1),  # the target, every number used and 5 used three times: a multiset, not a set
     ("2+3", 0.1),  # wrong numbers
     ("12+5+7", 0.1),  # right numbers, wrong value
     ("(((", 0.0),
@@ -175,6 +176,15 @@ def test_countdown_generator():
 ])
 def test_countdown_reward(completion, expected):
     assert countdown.reward(completion, {"numbers": [5, 7, 12], "target": 49}) == expected
+
+
+def test_countdown_reward_counts_a_repeated_number_as_two_uses():
+    ex = {"numbers": [3, 3, 9], "target": 15}
+    assert countdown.reward("3+3+9", ex) == 1.0
+    assert countdown.reward("3*3+9-3", ex) == 0.1  # 3 three times
+    assert countdown.reward("9+3+3", ex) == 1.0
+    assert countdown.reward("9+6", ex) == 0.1 and countdown.reward("9*3-12", ex) == 0.1
+    assert countdown.reward("9+3", {"numbers": [3, 3, 9], "target": 12}) == 0.1  # one 3 left unused
 
 
 def test_countdown_reward_equals_form():
