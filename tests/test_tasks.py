@@ -108,6 +108,8 @@ def test_sudoku_reward():
     assert sudoku.reward("1 2 3 4\n3|4|1|2\n2,1,4,3\n4 3 2 1", ex) == 1.0
     assert sudoku.reward("1234341221434311", ex) == 0.75  # 3 of 4 blanks right
     assert sudoku.reward("12", ex) == 0.5  # missing positions count wrong
+    assert sudoku.reward("1234341221434311" + "4321", ex) == 0.75  # digits past the 16th are not read
+    assert sudoku.reward("2134341221434321", ex) == 0.5  # cells 0 and 1 swapped
     assert sudoku.reward("no digits", ex) == 0.0
     full = {"puzzle": sol, "solution": sol}
     assert sudoku.reward(sol, full) == 1.0 and sudoku.reward(sol[:-1] + "2", full) == 0.0
