@@ -89,7 +89,17 @@ def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]
                        prompts_per_step=args.prompts_per_step, num_iterations=args.num_iterations,
                        temperature=args.temperature, beta=args.beta, resume=metrics.exists())
         train_rl(cfg)
-    return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= max_steps]
+    return curve_records(metrics.read_text(), max_steps)
+
+
+def curve_records(text: str, max_steps: int) -> list[dict]:
+    """A metrics.jsonl's records up to ``max_steps``, one per step in step order: where a step was logged twice
+    (a file written before the trainer moved a restarted run's old lines aside), the later line wins."""
+    by_step = {}
+    for record in map(json.loads, text.splitlines()):
+        if record["step"] <= max_steps:
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def main(argv=None):

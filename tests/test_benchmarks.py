@@ -357,6 +357,14 @@ def test_rl_curves_comparison_by_hand():
     assert c["se_diff"] == pytest.approx(math.sqrt(2 * 0.25 / 300)) and c["z"] == 0.0
 
 
+def test_rl_curves_reads_one_record_per_step_the_last_logged():
+    from benchmarks.rl_curves import curve_records
+
+    text = "\n".join(json.dumps(r) for r in [{"step": 0, "a": 1}, {"step": 0, "a": 2}, {"step": 200, "a": 3},
+                                             {"step": 100, "a": 4}, {"step": 300, "a": 5}])
+    assert curve_records(text, 200) == [{"step": 0, "a": 2}, {"step": 100, "a": 4}, {"step": 200, "a": 3}]
+
+
 def test_rl_curves_summary_by_hand():
     """Mean over seeds per point, the final accuracy's sample sd (n - 1, not the population's), the best mean."""
     from benchmarks.rl_curves import mean_curve, summary

@@ -255,6 +255,20 @@ def test_resume_drops_the_metric_lines_logged_after_the_checkpoint(base_dir, tmp
     assert all(r["reward"] >= 0 for r in records)  # the stale lines' rewards (-1) are gone
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_from_step_0_moves_old_metrics_aside(base_dir, tmp_path, resume):
+    """A fresh run into a directory with a previous run's metrics.jsonl (or ``--resume`` before any checkpoint
+    was saved) logs its steps once, from its own first, and keeps the old lines in metrics.jsonl.prev."""
+    out = tmp_path / "run"
+    out.mkdir()
+    old = '{"step": 0, "eval_sudoku_accuracy": -1.0}\n{"step": 1, "reward": -1.0}\n'
+    (out / "metrics.jsonl").write_text(old)
+    train_rl(rl_cfg(base_dir, out, max_steps=2, resume=resume))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["reward"] >= 0 for r in records)
+    assert (out / "metrics.jsonl.prev").read_text() == old
+
+
 def test_lora_trains_adapters_and_exports_a_plain_model(base_dir, tmp_path, monkeypatch):
     from diffpo_serve.dllm.loading import load_model
     import training.rl as rl_module

@@ -148,6 +148,21 @@ def test_trim_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
     assert trim_metrics(path, 4) == 0 and trim_metrics(tmp_path / "none.jsonl", 4) == 0
 
 
+def test_a_fresh_sft_run_moves_old_metrics_aside(tmp_path):
+    """A run from step 0 over a directory with old metrics logs its own steps only and keeps the old lines in
+    metrics.jsonl.prev (replacing an older .prev); an empty file is not kept."""
+    from training.checkpoint import fresh_metrics
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 2, "loss": 99}\n')
+    (out / "metrics.jsonl.prev").write_text("older\n")
+    train_sft(small_cfg(out))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+    assert (out / "metrics.jsonl.prev").read_text() == '{"step": 2, "loss": 99}\n'
+    (tmp_path / "empty.jsonl").write_text("")
+    assert fresh_metrics(tmp_path / "empty.jsonl") is None and fresh_metrics(tmp_path / "none.jsonl") is None
+
+
 def test_corrupt_trainer_state_is_named(tmp_path):
     out = train_sft(small_cfg(tmp_path / "run", max_steps=3, save_every=3))
     state = out / "checkpoint" / "trainer_state.pt"

@@ -3,7 +3,7 @@
 A checkpoint is a directory written under a temporary name and renamed into place, so a run killed
 mid-save leaves the previous checkpoint intact. ``--resume`` loads it and continues at ``step + 1``;
 :func:`trim_metrics` first drops the metric lines logged after it, so a resumed run's metrics.jsonl has
-each step once.
+each step once; a run that starts from step 0 moves a previous run's file aside (:func:`fresh_metrics`).
 """
 
 from __future__ import annotations
@@ -112,3 +112,16 @@ def trim_metrics(path: Path, last_step: int) -> int:
         tmp.write_text("".join(x + "\n" for x in kept))
         os.replace(tmp, path)
     return dropped
+
+
+def fresh_metrics(path: Path) -> Path | None:
+    """A run starting from step 0 into a directory that already holds a metrics file (a fresh run over an old
+    one, or ``--resume`` before any checkpoint was written): the old lines would precede the new run's and
+    repeat its steps, so the file is moved aside to ``<name>.prev`` (replacing an older one), not appended to
+    or deleted. Returns the new path of the old file, or None when there was none (or it was empty)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    previous = path.with_name(path.name + ".prev")
+    os.replace(path, previous)
+    return previous

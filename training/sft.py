@@ -37,7 +37,8 @@ from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.tokenizer import build_tokenizer
-from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state, trim_metrics
+from training.checkpoint import (fresh_metrics, load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state,
+                                 trim_metrics)
 from training.config import SFTConfig
 from training.data import encode_examples, left_pad, sft_pool
 from training.evaluate import evaluate_tasks
@@ -207,6 +208,8 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         if cfg.resume:
             log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt)
         (model, tokenizer), state = new_model(cfg), None
+    if state is None and accelerator.is_main_process and (previous := fresh_metrics(metrics_file)):
+        log.warning("starting at step 0: the metrics already in %s were moved to %s", metrics_file, previous)
     mask_id = model.config.mask_token_id if getattr(model.config, "mask_token_id", None) is not None \
         else tokenizer.mask_token_id
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
