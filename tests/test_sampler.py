@@ -7,9 +7,10 @@ import torch
 
 from benchmarks.llada_reference import llada_generate
 from conftest import EOS, MASK, PAD, tiny_model
-from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, entropy_before, generate,
-                                       greedy_tokens, init_state, low_confidence_commits, policy_logprobs, prompt_alignment,
-                                       remasking_confidence, sampling_logprobs, select_commits, transfer_counts)
+from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, denoise_step, entropy_before, first_masked_block,
+                                       generate, greedy_tokens, init_state, low_confidence_commits, policy_logprobs,
+                                       prompt_alignment, remasking_confidence, sampling_logprobs, select_commits,
+                                       transfer_counts)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -508,3 +509,15 @@ def test_a_pass_that_commits_nothing_raises_instead_of_looping_forever(model, mo
     monkeypatch.setattr(sampler_module, "select_commits", lambda *a, **k: torch.zeros_like(real(*a, **k)))
     with pytest.raises(RuntimeError, match=r"no progress: row\(s\) \[0, 1, 2, 3\]"):
         generate(model, PROMPTS, SamplingParams("confidence", 8, threshold=0.9), **IDS)
+
+
+def test_first_masked_block_by_hand():
+    """The block of each row's first masked position, reading only the row's own answer (row 2's masks past
+    its length 5 are padding that happens to hold the mask id), or its number of blocks (a ceiling) when full."""
+    M = MASK
+    gen = torch.tensor([[11, 12, 13, M, 15, M, 17, 18],   # first mask at 3: block 1 of blocks of 2
+                        [11, 12, 13, 14, 15, 16, 17, 18],  # full, 8 long in blocks of 3: 3 blocks
+                        [11, 12, 13, 14, 15, M, M, M],     # full within its 5: 2 blocks of 3
+                        [M, 12, 13, 14, 15, 16, 17, 18]])  # block 0
+    got = first_masked_block(gen, M, torch.tensor([8, 8, 5, 8]), torch.tensor([2, 3, 3, 4]))
+    assert got.tolist() == [1, 3, 2, 0]

@@ -359,12 +359,9 @@ def init_state(
         return torch.tensor(values, dtype=dtype, device=device)
 
     num_blocks = [-(-p.gen_length // p.block_length) for p in params]
-    # each row starts at its first block with something to decode (every block of an all-masked answer)
-    first_block = [0] * b
-    if answers is not None:
-        for i, p in enumerate(params):
-            masked = (canvas[i, pw:pw + p.gen_length] == mask_id).nonzero()
-            first_block[i] = int(masked[0]) // p.block_length if len(masked) else num_blocks[i]
+    # each row starts at its first block with something to decode (block 0 of an all-masked answer)
+    first_block = first_masked_block(canvas[:, pw:], mask_id, torch.tensor([p.gen_length for p in params]),
+                                     torch.tensor([p.block_length for p in params]))
     return BatchState(
         canvas=canvas.to(device), attention_mask=attention.to(device), prompt_width=pw,
         gen_length=col([p.gen_length for p in params], torch.long),
@@ -377,10 +374,10 @@ def init_state(
         head_features=torch.zeros((b, head.feature_size if head is not None else 0), device=device),
         temperature=col([p.temperature for p in params], torch.float),
         top_p=col([p.top_p for p in params], torch.float),
-        block=col(first_block, torch.long),
+        block=first_block.to(device),
         block_step=torch.zeros(b, dtype=torch.long, device=device),
         nfe=torch.zeros(b, dtype=torch.long, device=device),
-        finished=col([f >= n for f, n in zip(first_block, num_blocks)], torch.bool),
+        finished=(first_block >= torch.tensor(num_blocks)).to(device),
         commit_step=torch.full((b, gw), -1, dtype=torch.long, device=device),
         logprob=torch.zeros((b, gw), dtype=torch.float, device=device),
         prev_argmax=torch.full((b, gw), -1, dtype=torch.long, device=device),
@@ -392,6 +389,18 @@ def init_state(
         cache=col([CACHE_MODES.index(p.cache) for p in params], torch.long),
         cache_block=torch.full((b,), -1, dtype=torch.long, device=device), cache_refresh=cache_refresh,
     )
+
+
+def first_masked_block(gen: torch.Tensor, mask_id: int, gen_length: torch.Tensor,
+                       block_length: torch.Tensor) -> torch.Tensor:
+    """(b,) the block holding each row's first masked answer position (``gen`` (b, gen_width); positions past
+    the row's ``gen_length`` are not read), or the row's number of blocks when nothing is masked: where a
+    decode starts and, after a block is done, where it goes on, so blocks an answer gives in full take no pass."""
+    width = gen.shape[1]
+    position = torch.arange(width, device=gen.device)[None, :]
+    masked = (gen == mask_id) & (position < gen_length[:, None])
+    first = torch.where(masked, position, width).amin(-1)
+    return torch.where(first < width, first // block_length, (gen_length + block_length - 1) // block_length)
 
 
 def round_up(n: int, align: int) -> int:
@@ -893,14 +902,8 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
 
     masked = gen == state.mask_id
     block_done = ~(gen.gather(1, cols).eq(state.mask_id) & in_block).any(-1)
-    # a finished block hands over to the block of the row's first masked position, so blocks an answer was
-    # given in full (infilling) take no pass; none left: past the last block
     gen_length, block_length = state.gen_length[rows], state.block_length[rows]
-    position = torch.arange(gw, device=gen.device)[None, :]
-    first_masked = torch.where(masked & (position < gen_length[:, None]), position, gw).amin(-1)
-    next_block = torch.where(first_masked < gw, first_masked // block_length,
-                             (gen_length + block_length - 1) // block_length)
-    block = torch.where(block_done, next_block, block)
+    block = torch.where(block_done, first_masked_block(gen, state.mask_id, gen_length, block_length), block)
     block_step = torch.where(block_done, torch.zeros_like(block_step), block_step)
     all_done = block * block_length >= gen_length
     if state.stop_at_eos:
