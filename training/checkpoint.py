@@ -3,12 +3,14 @@
 A checkpoint is a directory written under a temporary name and renamed into place, so a run killed
 mid-save leaves the previous checkpoint intact. ``--resume`` loads it and continues at ``step + 1``;
 :func:`trim_metrics` first drops the metric lines logged after it, so a resumed run's metrics.jsonl has
-each step once; a run that starts from step 0 moves a previous run's file aside (:func:`fresh_metrics`).
+each step once; a run that starts from step 0 moves a previous run's file aside (:func:`fresh_metrics`);
+:func:`start_metrics` does whichever applies.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 STATE_FILE = "trainer_state.pt"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -125,3 +128,13 @@ def fresh_metrics(path: Path) -> Path | None:
     previous = path.with_name(path.name + ".prev")
     os.replace(path, previous)
     return previous
+
+
+def start_metrics(path: Path, checkpoint_step: int | None) -> None:
+    """Ready a run's metrics file before it logs (main process only): resuming from the checkpoint of
+    ``checkpoint_step``, drop the lines logged after it (metric lines are numbered step + 1); starting at step 0
+    (``None``), move an old file aside, with a warning."""
+    if checkpoint_step is not None:
+        trim_metrics(path, checkpoint_step + 1)
+    elif previous := fresh_metrics(path):
+        log.warning("starting at step 0: the metrics already in %s were moved to %s", path, previous)

@@ -61,8 +61,7 @@ from diffpo_serve.dllm.step_policy import StepPolicy, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head
 from training import canvas_rl
 from training.commit_policy import fit_warm_start, policy_rl_loss, warm_start_data
-from training.checkpoint import (CheckpointError, fresh_metrics, load_trainer_state, recover_interrupted,
-                                 save_checkpoint, trim_metrics)
+from training.checkpoint import CheckpointError, load_trainer_state, recover_interrupted, save_checkpoint, start_metrics
 from training.config import RLConfig
 from training.evaluate import evaluate_tasks
 from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
@@ -256,12 +255,10 @@ def train_rl(cfg: RLConfig) -> RLRun:
     policy = (_setup_policy(base, cfg, ckpt, resuming, gen_length, accelerator.is_main_process) if train_policy
               else base.step_policy)
     state = load_trainer_state(ckpt) if resuming else None
-    if state is not None and accelerator.is_main_process:  # metric lines are numbered step + 1
-        trim_metrics(metrics_file, state["step"] + 1)
+    if accelerator.is_main_process:
+        start_metrics(metrics_file, state["step"] if state else None)
     if cfg.resume and not resuming:
         log.warning("--resume: no checkpoint in %s, starting from %s", ckpt, base.path)
-    if state is None and accelerator.is_main_process and (previous := fresh_metrics(metrics_file)):
-        log.warning("starting at step 0: the metrics already in %s were moved to %s", metrics_file, previous)
 
     optimizer = head_optimizer = None
     if train_model:

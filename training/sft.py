@@ -37,8 +37,7 @@ from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.tokenizer import build_tokenizer
-from training.checkpoint import (fresh_metrics, load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state,
-                                 trim_metrics)
+from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state, start_metrics
 from training.config import SFTConfig
 from training.data import encode_examples, left_pad, sft_pool
 from training.evaluate import evaluate_tasks
@@ -199,8 +198,6 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         model, tokenizer = loaded.model.train(), loaded.tokenizer
         state = load_trainer_state(ckpt)
         start = state["step"] + 1
-        if accelerator.is_main_process:  # metric lines are numbered step + 1
-            trim_metrics(metrics_file, start)
     elif cfg.model:
         loaded = load_model(cfg.model)
         model, tokenizer, state = loaded.model.train(), loaded.tokenizer, None
@@ -208,8 +205,8 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         if cfg.resume:
             log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt)
         (model, tokenizer), state = new_model(cfg), None
-    if state is None and accelerator.is_main_process and (previous := fresh_metrics(metrics_file)):
-        log.warning("starting at step 0: the metrics already in %s were moved to %s", metrics_file, previous)
+    if accelerator.is_main_process:
+        start_metrics(metrics_file, state["step"] if state else None)
     mask_id = model.config.mask_token_id if getattr(model.config, "mask_token_id", None) is not None \
         else tokenizer.mask_token_id
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
