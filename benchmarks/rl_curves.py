@@ -119,11 +119,16 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=RLConfig.beta, help="weight of the KL to the reference model")
     ap.add_argument("--tag", default="", help="a name for this configuration: runs under runs/bench_rl/TAG/, "
                     "results in docs/results/rl_curves_TAG.*")
+    ap.add_argument("--algos", default="d1,diffpo", help="train only these algorithms (e.g. one per process to "
+                    "use two cores); the table and plot are written only when both are given")
     ap.add_argument("--replot", action="store_true", help="rebuild the table and plot from the curves saved in "
                     "docs/results/rl_curves[_TAG].json (no training, no evaluation; pass the run's other flags "
                     "so the header describes it)")
     args = ap.parse_args(argv)
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
+    algos = args.algos.split(",")
+    if not algos or set(algos) - {"d1", "diffpo"}:
+        ap.error(f"--algos: expected d1, diffpo or both (comma-separated), got {args.algos!r}")
     max_steps = steps_per_task(args.max_steps, tasks)
     name = f"rl_curves_{args.tag}" if args.tag else "rl_curves"
     t0 = time.time()
@@ -135,11 +140,14 @@ def main(argv=None):
     else:
         for task in tasks:
             for seed in seeds:
-                for algo in ("d1", "diffpo"):
+                for algo in algos:
                     recs = run_one(task, algo, seed, args, max_steps[task])
                     key = f"eval_{task}_accuracy"
                     curves.setdefault(task, {}).setdefault(algo, {})[seed] = [(r["rollouts"], r[key]) for r in recs
                                                                               if key in r]
+    if set(algos) != {"d1", "diffpo"}:
+        print(f"trained {args.algos} only: no table or plot (run again with both algorithms to write them)")
+        return
     rows, compared, fig = [], [], plt.figure(figsize=(5.5 * len(tasks), 4.2))
     for k, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), k + 1)

@@ -365,6 +365,21 @@ def test_rl_curves_reads_one_record_per_step_the_last_logged():
     assert curve_records(text, 200) == [{"step": 0, "a": 2}, {"step": 100, "a": 4}, {"step": 200, "a": 3}]
 
 
+def test_rl_curves_algos_trains_only_those_and_writes_no_partial_table(monkeypatch, tmp_path, capsys):
+    """``--algos diffpo`` (one process per algorithm, to use two cores) trains only DiFFPO's runs, for every
+    seed, and writes no table from half a comparison; an unknown algorithm is a usage error."""
+    import benchmarks.rl_curves as rc
+    trained = []
+    monkeypatch.setattr(rc, "run_one", lambda task, algo, seed, args, n: trained.append((task, algo, seed)) or [])
+    monkeypatch.setattr(rc, "RESULTS", tmp_path)
+    rc.main(["--tasks", "cd3", "--seeds", "0,2", "--algos", "diffpo"])
+    assert trained == [("cd3", "diffpo", 0), ("cd3", "diffpo", 2)]
+    assert list(tmp_path.iterdir()) == [] and "no table" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        rc.main(["--algos", "ppo"])
+    assert len(trained) == 2
+
+
 def test_rl_curves_summary_by_hand():
     """Mean over seeds per point, the final accuracy's sample sd (n - 1, not the population's), the best mean."""
     from benchmarks.rl_curves import mean_curve, summary
