@@ -280,6 +280,38 @@ def test_policy_saved_next_to_the_model_loads_with_it(tmp_path, tokenizer):
         load_model(tmp_path)
 
 
+def test_fitted_standardisation_is_what_the_network_sees():
+    """fit_normalisation stores each feature's mean and sample std (n - 1), floored at 1e-3 for a constant
+    feature; forward feeds the network (x - mean) / std, so the fitted inputs have mean 0 and std 1."""
+    policy = random_policy(5)
+    x = torch.randn(64, len(FEATURE_NAMES)) * torch.linspace(0.5, 4, len(FEATURE_NAMES)) + torch.arange(12.0)
+    x[:, 3] = 2.5  # a constant feature
+    policy.fit_normalisation(x.reshape(4, 16, -1))
+    col = [float(v) for v in x[:, 0]]
+    mean = sum(col) / 64
+    by_hand = [mean, (sum((v - mean) ** 2 for v in col) / 63) ** 0.5]
+    assert float(policy.shift[0]) == pytest.approx(by_hand[0], abs=1e-5)
+    assert float(policy.scale[0]) == pytest.approx(by_hand[1], rel=1e-5)
+    assert float(policy.shift[3]) == pytest.approx(2.5) and float(policy.scale[3]) == pytest.approx(1e-3)
+    seen = []
+    hook = policy.net[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        policy(x)
+    hook.remove()
+    z = seen[0]
+    assert torch.allclose(z[:, 0], (x[:, 0] - by_hand[0]) / by_hand[1], atol=1e-5)
+    keep = [i for i in range(len(FEATURE_NAMES)) if i != 3]
+    assert torch.allclose(z[:, keep].mean(0), torch.zeros(len(keep)), atol=1e-5)
+    assert torch.allclose(z[:, keep].std(0), torch.ones(len(keep)), atol=1e-4)
+    assert torch.equal(z[:, 3], torch.zeros(64))
+
+
+def test_hidden_features_need_a_hidden_size_of_at_least_one():
+    assert StepPolicy(1, features="basic+hidden").feature_size == len(FEATURE_NAMES) + 1
+    with pytest.raises(ValueError, match="hidden_size"):
+        StepPolicy(0, features="basic+hidden")
+
+
 def test_hidden_state_features_reach_the_policy(model):
     policy = StepPolicy(model.config.hidden_size, features="basic+hidden")
     out = generate(model, PROMPTS[:2], SamplingParams("policy", 8), **IDS, policy=policy, return_trajectory=True)
