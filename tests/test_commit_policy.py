@@ -32,6 +32,21 @@ def test_commit_labels_by_hand():
     assert labels.tolist() == [[[True, False, False], [False, True, False]]]
 
 
+def test_commit_labels_per_row_and_per_pass_answers_by_hand():
+    """Two rows, three passes: a (b, n) answer is each row's own for every pass; a (b, S, n) one is per pass."""
+    argmax = torch.tensor([[[4, 5], [4, 6], [8, 6]],
+                           [[7, 7], [9, 7], [9, 9]]])
+    cand = torch.ones(2, 3, 2, dtype=torch.bool)
+    cand[1, 2, 0] = False
+    per_row = commit_labels(argmax, torch.tensor([[4, 6], [9, 7]]), cand)
+    assert per_row.tolist() == [[[True, False], [True, True], [False, True]],
+                                [[False, True], [True, True], [False, False]]]
+    per_pass = torch.tensor([[[4, 5], [8, 5], [8, 6]],
+                             [[7, 9], [7, 7], [9, 9]]])
+    assert commit_labels(argmax, per_pass, cand).tolist() == [[[True, True], [False, False], [True, True]],
+                                                              [[True, False], [False, True], [False, True]]]
+
+
 def test_warm_start_labels_on_full_step_trajectories(model):
     """Behaviour = the full-step decode itself: the token each pass commits is the answer's, so it is
     labelled 1, and the last masked token of each block is too."""
