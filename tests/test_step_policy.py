@@ -8,7 +8,7 @@ import torch
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.loading import ModelLoadError, load_model, model_logits
 from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, generate, init_state
-from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, StepPolicy, decision_entropy, decision_logprob, load_policy,
+from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, NEAR_CERTAIN, StepPolicy, decision_entropy, decision_logprob, load_policy,
                                            policy_commits, token_features)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
@@ -104,6 +104,10 @@ def test_token_features_pure_function_by_hand():
     first = token_features(conf, ent, margin, before, rank, unchanged, torch.ones_like(cand), torch.tensor([0]),
                            torch.tensor([4]), torch.tensor([0]))
     assert first[0, :, FEATURE_NAMES.index("left_committed")].tolist() == [1.0, 0.0, 0.0, 0.0]
+    # near_certain is entropy < NEAR_CERTAIN, strictly
+    at = token_features(conf, torch.tensor([[NEAR_CERTAIN, NEAR_CERTAIN / 2, 1.0, 0.0]]), margin, before, rank,
+                        unchanged, torch.ones_like(cand), torch.tensor([0]), torch.tensor([4]), torch.tensor([0]))
+    assert at[0, :, FEATURE_NAMES.index("near_certain")].tolist() == [0.0, 1.0, 0.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -120,6 +124,11 @@ def test_policy_commits_threshold_sampling_and_at_least_one():
     commit, bits = policy_commits(prob, conf, cand, torch.tensor([0.6, 0.5]), uniform, torch.tensor([True, False]))
     assert bits.tolist() == [[True, False, False, False], [False, False, False, False]]  # u < p; non-candidate off
     assert commit.tolist() == [[True, False, False, False], [False, True, False, False]]
+    # a sampled bit is u < p, strictly: probability 0 never fires, even at u = 0, and u = p is a 0
+    edge = torch.tensor([[0.0, 0.5, 0.25, 0.75]])
+    _, bits = policy_commits(edge, conf[:1], torch.ones(1, 4, dtype=torch.bool), torch.tensor([0.5]),
+                             torch.tensor([[0.0, 0.5, 0.0, 0.75]]), torch.tensor([True]))
+    assert bits.tolist() == [[False, False, True, False]]
 
 
 def test_decision_logprob_by_hand():
