@@ -102,6 +102,24 @@ def curve_records(text: str, max_steps: int) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def training_signal(records: list[dict], window: int = 50) -> dict:
+    """What the updates saw at a run's start and end: the mean over its first and last ``window`` steps of the
+    rollouts' mean reward (temperature-sampled, not greedy), of the groups per step whose G rewards were all
+    equal (zero variance: no advantage, no gradient), and, over the last steps, of the truncated importance weight
+    (1 for d1) and of the fraction of scored tokens whose weight was capped at C."""
+    steps = [r for r in records if "reward" in r]
+    first, last = steps[:window], steps[-window:]
+
+    def mean(rows, key):
+        return round(statistics.mean(r[key] for r in rows), 4)
+
+    return {"reward_first": mean(first, "reward"), "reward_last": mean(last, "reward"),
+            "zero_variance_groups_first": mean(first, "zero_variance_groups"),
+            "zero_variance_groups_last": mean(last, "zero_variance_groups"),
+            "mean_is_weight_last": mean(last, "mean_is_weight"),
+            "is_clip_fraction_last": mean(last, "is_clip_fraction")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="starting model (default: the bundled model; the published "
@@ -133,6 +151,7 @@ def main(argv=None):
     name = f"rl_curves_{args.tag}" if args.tag else "rl_curves"
     t0 = time.time()
     curves: dict = {}
+    signal: list[dict] = []  # one row per algorithm and seed (not kept by --replot)
     if args.replot:
         saved = json.loads((RESULTS / f"{name}.json").read_text())
         curves = {t: {a: {int(s): [tuple(p) for p in pts] for s, pts in runs.items()} for a, runs in algos.items()}
@@ -145,6 +164,8 @@ def main(argv=None):
                     key = f"eval_{task}_accuracy"
                     curves.setdefault(task, {}).setdefault(algo, {})[seed] = [(r["rollouts"], r[key]) for r in recs
                                                                               if key in r]
+                    if recs:
+                        signal.append({"task": task, "algo": algo, "seed": seed, **training_signal(recs)})
     if set(algos) != {"d1", "diffpo"}:
         print(f"trained {args.algos} only: no table or plot (run again with both algorithms to write them)")
         return
@@ -183,7 +204,13 @@ def main(argv=None):
               "of every run's step-0 accuracy) and DiFFPO - d1 at the final point, with the standard error of that "
               "difference (the larger of the seeds' spread and the test set's binomial noise) and z = difference / "
               "error.\n\n"
-            + markdown_table(compared, list(compared[0])) + f"\n\n![rl curves]({name}.png)\n")
+            + markdown_table(compared, list(compared[0])) + f"\n\n![rl curves]({name}.png)\n"
+            + ("\nWhat the updates saw (`training_signal` in the script; means over each run's first and last 50 "
+               "steps): the sampled rollouts' mean reward, the groups per step (of "
+               f"{args.prompts_per_step}) whose {args.num_generations} rewards were all equal, and the mean "
+               "truncated importance weight and the fraction of tokens whose weight was capped at C, over the last 50 "
+               "steps.\n\n" + markdown_table(signal, list(signal[0]))
+               + "\n" if signal else ""))
     print(save(name, text, curves))
 
 

@@ -380,6 +380,19 @@ def test_rl_curves_algos_trains_only_those_and_writes_no_partial_table(monkeypat
     assert len(trained) == 2
 
 
+def test_rl_curves_training_signal_by_hand():
+    """First and last ``window`` update steps (eval-only records, without a reward, are skipped)."""
+    from benchmarks.rl_curves import training_signal
+    recs = [{"step": 0, "eval_cd3_accuracy": 0.5}]
+    recs += [{"step": k, "reward": r, "zero_variance_groups": z, "mean_is_weight": w, "is_clip_fraction": c}
+             for k, (r, z, w, c) in enumerate([(0.1, 4, 1.0, 0.0), (0.3, 6, 0.8, 0.1), (0.5, 8, 0.6, 0.02),
+                                               (0.9, 12, 0.4, 0.04)], 1)]
+    assert training_signal(recs, window=2) == {
+        "reward_first": pytest.approx(0.2), "reward_last": pytest.approx(0.7),
+        "zero_variance_groups_first": 5, "zero_variance_groups_last": 10, "mean_is_weight_last": pytest.approx(0.5),
+        "is_clip_fraction_last": pytest.approx(0.03)}
+
+
 def test_rl_curves_summary_by_hand():
     """Mean over seeds per point, the final accuracy's sample sd (n - 1, not the population's), the best mean."""
     from benchmarks.rl_curves import mean_curve, summary
