@@ -65,6 +65,26 @@ def test_malformed_data_file_names_file_and_line(model_dir, tmp_path, capsys):
     assert "countdown.jsonl" in err and "line 2" in err
 
 
+def test_eos_id_reaches_the_loader_as_ids_and_a_bad_one_is_named(model_dir, monkeypatch, capsys):
+    import training.evaluate as ev
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(path, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(ev, "load_model", spy)
+    with pytest.raises(Stop):
+        main(["eval", "--model", str(model_dir), "--task", "sudoku", "--limit", "1", "--eos-id", "5,7"])
+    assert seen["eos_ids"] == [5, 7]
+    monkeypatch.undo()
+    assert main(["eval", "--model", str(model_dir), "--task", "sudoku", "--limit", "1", "--eos-id", "x"]) == 2
+    assert "--eos-id must be" in capsys.readouterr().err
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nope"), "--task", "sudoku", "--limit", "1"]) == 2
     assert "nope" in capsys.readouterr().err
