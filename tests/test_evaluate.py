@@ -37,6 +37,9 @@ def test_eval_prints_summary_json_last(model_dir, capsys, sampler):
     assert 1 <= summary["mean_nfe"] <= 16
     if sampler == "steps":
         assert summary["mean_nfe"] <= 8
+    # the step budget is reported where it rules the decode (steps), the threshold where one does
+    assert summary["steps"] == (8 if sampler == "steps" else None)
+    assert (summary["threshold"] is None) == (sampler == "steps")
 
 
 def test_eval_scores_with_the_task_reward(model_dir):
