@@ -268,6 +268,10 @@ def test_cached_view_draws_blocks_uniformly_and_masks_at_rate_t():
     rate = torch.cat([p[1] for p in pairs])
     # one token of the block is always masked, each of the other three with probability t
     assert rate.mean().item() == pytest.approx(((1 + 3 * t) / 4).mean().item(), abs=0.01)
+    # t ~ U(eps, 1] per row, eps = 1e-3: its range and its quartiles (25,600 draws)
+    assert t.min().item() >= 1e-3 and t.max().item() <= 1.0
+    q = torch.quantile(t.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.double))
+    assert q.tolist() == pytest.approx([0.25075, 0.5005, 0.75025], abs=0.01)
 
 
 def _plain_block_loss(model, prompts, targets, view, block_length, pad_id):
