@@ -102,7 +102,10 @@ def curve_records(text: str, max_steps: int) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def training_signal(records: list[dict], window: int = 50) -> dict:
+SIGNAL_WINDOW = 50  # update steps at each end of a run that training_signal averages
+
+
+def training_signal(records: list[dict], window: int = SIGNAL_WINDOW) -> dict:
     """What the updates saw at a run's start and end: the mean over its first and last ``window`` steps of the
     rollouts' mean reward (temperature-sampled, not greedy), of the groups per step whose G rewards were all
     equal (zero variance: no advantage, no gradient), and, over the last steps, of the truncated importance weight
@@ -154,8 +157,9 @@ def main(argv=None):
     signal: list[dict] = []  # one row per algorithm and seed (not kept by --replot)
     if args.replot:
         saved = json.loads((RESULTS / f"{name}.json").read_text())
-        curves = {t: {a: {int(s): [tuple(p) for p in pts] for s, pts in runs.items()} for a, runs in algos.items()}
-                  for t, algos in saved.items()}
+        curves = {t: {a: {int(s): [tuple(p) for p in pts] for s, pts in runs.items()}
+                      for a, runs in by_algo.items()}
+                  for t, by_algo in saved.items()}
     else:
         for task in tasks:
             for seed in seeds:
@@ -205,11 +209,11 @@ def main(argv=None):
               "difference (the larger of the seeds' spread and the test set's binomial noise) and z = difference / "
               "error.\n\n"
             + markdown_table(compared, list(compared[0])) + f"\n\n![rl curves]({name}.png)\n"
-            + ("\nWhat the updates saw (`training_signal` in the script; means over each run's first and last 50 "
-               "steps): the sampled rollouts' mean reward, the groups per step (of "
+            + ("\nWhat the updates saw (`training_signal` in the script; means over each run's first and last "
+               f"{SIGNAL_WINDOW} steps): the sampled rollouts' mean reward, the groups per step (of "
                f"{args.prompts_per_step}) whose {args.num_generations} rewards were all equal, and the mean "
-               "truncated importance weight and the fraction of tokens whose weight was capped at C, over the last 50 "
-               "steps.\n\n" + markdown_table(signal, list(signal[0]))
+               "truncated importance weight and the fraction of tokens whose weight was capped at C, over the last "
+               f"{SIGNAL_WINDOW} steps.\n\n" + markdown_table(signal, list(signal[0]))
                + "\n" if signal else ""))
     print(save(name, text, curves))
 

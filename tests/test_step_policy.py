@@ -8,8 +8,8 @@ import torch
 from conftest import EOS, MASK, PAD, tiny_model
 from diffpo_serve.dllm.loading import ModelLoadError, load_model, model_logits
 from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, generate, init_state
-from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, NEAR_CERTAIN, StepPolicy, decision_entropy, decision_logprob, load_policy,
-                                           policy_commits, token_features)
+from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, NEAR_CERTAIN, StepPolicy, decision_entropy, decision_logprob,
+                                           load_policy, policy_commits, token_features)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
 IDS = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
@@ -298,9 +298,9 @@ def test_fitted_standardisation_is_what_the_network_sees():
     policy.fit_normalisation(x.reshape(4, 16, -1))
     col = [float(v) for v in x[:, 0]]
     mean = sum(col) / 64
-    by_hand = [mean, (sum((v - mean) ** 2 for v in col) / 63) ** 0.5]
-    assert float(policy.shift[0]) == pytest.approx(by_hand[0], abs=1e-5)
-    assert float(policy.scale[0]) == pytest.approx(by_hand[1], rel=1e-5)
+    std = (sum((v - mean) ** 2 for v in col) / 63) ** 0.5
+    assert float(policy.shift[0]) == pytest.approx(mean, abs=1e-5)
+    assert float(policy.scale[0]) == pytest.approx(std, rel=1e-5)
     assert float(policy.shift[3]) == pytest.approx(2.5) and float(policy.scale[3]) == pytest.approx(1e-3)
     seen = []
     hook = policy.net[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
@@ -308,7 +308,7 @@ def test_fitted_standardisation_is_what_the_network_sees():
         policy(x)
     hook.remove()
     z = seen[0]
-    assert torch.allclose(z[:, 0], (x[:, 0] - by_hand[0]) / by_hand[1], atol=1e-5)
+    assert torch.allclose(z[:, 0], (x[:, 0] - mean) / std, atol=1e-5)
     keep = [i for i in range(len(FEATURE_NAMES)) if i != 3]
     assert torch.allclose(z[:, keep].mean(0), torch.zeros(len(keep)), atol=1e-5)
     assert torch.allclose(z[:, keep].std(0), torch.ones(len(keep)), atol=1e-4)
