@@ -43,13 +43,13 @@ def test_forward_mask_rate_follows_t():
 class SpyDenoiser(torch.nn.Module):
     """Records its inputs and returns fixed random logits."""
 
-    def __init__(self, vocab=20):
+    def __init__(self, vocab=20, salt=0):
         super().__init__()
-        self.vocab, self.seen = vocab, []
+        self.vocab, self.salt, self.seen = vocab, salt, []
 
     def forward(self, input_ids, attention_mask):
         self.seen.append((input_ids.clone(), attention_mask.clone()))
-        g = torch.Generator().manual_seed(int(input_ids.sum()))
+        g = torch.Generator().manual_seed(int(input_ids.sum()) + self.salt)
         return type("Out", (), {"logits": torch.randn(*input_ids.shape, self.vocab, generator=g)})()
 
 
@@ -361,3 +361,96 @@ def test_the_cache_loss_is_added_to_the_sft_loss_times_its_weight_and_trained(tm
     assert one["loss"] == pytest.approx(off["loss"] + one["cache_loss"], abs=3e-5)
     assert three["loss"] == pytest.approx(off["loss"] + 3 * three["cache_loss"], abs=5e-5)
     assert any(not torch.equal(w_off[k], w_one[k]) for k in w_off)
+
+
+def test_loss_against_a_teachers_logits_is_kl_teacher_to_model_by_hand():
+    """--targets model: each masked position scores KL(teacher || model), weighted as the token loss is."""
+    # teacher (1/4, 3/4), model (1/2, 1/2): KL(t || m) = 1/4 ln(1/2) + 3/4 ln(3/2); the reverse direction,
+    # KL(m || t) = 1/2 ln 2 + 1/2 ln(2/3), differs
+    teacher = torch.tensor([0.0, math.log(3)]).expand(2, 3, 2)
+    model = torch.zeros(2, 3, 2)
+    masked = torch.tensor([[True, False, True], [False, False, True]])
+    t = torch.tensor([0.5, 0.25])
+    kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert masked_diffusion_loss(model, teacher, masked, t, "masked_mean").item() == pytest.approx(kl)
+    assert masked_diffusion_loss(model, teacher, masked, t, "inv_t").item() == pytest.approx((4 + 4) * kl / 6)
+    assert masked_diffusion_loss(teacher, model, masked, t, "masked_mean").item() == \
+        pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    # a shift of the logits is the same distribution: nothing to learn
+    assert masked_diffusion_loss(teacher + 7.0, teacher, masked, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_batch_loss_with_a_teacher_scores_the_teachers_logits_on_the_same_noisy_input():
+    spy, other = SpyDenoiser(), SpyDenoiser(salt=1)
+    targets = torch.tensor([[10, 11, 12, 13, 14, 15], [16, 17, 18, 19, 2, 2]])
+    args = ([[5, 6, 7], [8]], targets, torch.Generator().manual_seed(0))
+    loss, logits, got_targets, masked = batch_loss(spy, *args, mask_id=1, pad_id=0, teacher=other)
+    ids, attention = spy.seen[0]
+    t_ids, t_attention = other.seen[0]
+    assert torch.equal(t_ids, ids) and torch.equal(t_attention, attention)  # the masked input, not the answer
+    assert torch.equal(got_targets, targets)  # the metrics still compare with the tokens
+    t, _ = forward_mask(torch.ones_like(targets, dtype=torch.bool), torch.Generator().manual_seed(0))
+    want = masked_diffusion_loss(logits, other(ids, attention).logits[:, 3:], masked, t)
+    assert loss.item() == pytest.approx(want.item()) and loss.item() > 0
+    # the model as its own teacher: zero
+    same = SpyDenoiser()
+    assert batch_loss(same, *args, mask_id=1, pad_id=0, teacher=same)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cached_view_loss_with_the_model_as_teacher_is_the_caches_own_error():
+    """The teacher's logits are block k's, uncached, on the current state: a model that is its own teacher
+    scores 0 where the cache is exact (nothing committed since the refresh) and the KL between its uncached and
+    cached predictions otherwise; a wrong teacher column window (block k-1 or k+1) would not be 0."""
+    from conftest import MASK, PAD, tiny_model
+    from training.data import left_pad
+    from training.sft import cached_view, cached_view_loss
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    targets = torch.randint(20, 60, (3, 12), generator=torch.Generator().manual_seed(1))
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(2)
+    view = next(v for v in (cached_view(targets, 4, gen, MASK) for _ in range(50)) if v[0] == 1)
+    k, t, refresh, current, masked = view
+    p_ids, p_attn = left_pad(prompts, PAD)
+    with torch.no_grad():
+        fresh = (k, t, current, current, masked)
+        for mode in ("prefix", "dual"):
+            assert cached_view_loss(model, prompts, targets, 4, mode, fresh, PAD, "masked_mean",
+                                    teacher=model)[0].item() == pytest.approx(0.0, abs=1e-5)
+            loss, logits, _, block_masked = cached_view_loss(model, prompts, targets, 4, mode, view, PAD, "masked_mean",
+                                                             teacher=model)
+            full = model(input_ids=torch.cat([p_ids, current], 1),
+                         attention_mask=torch.cat([p_attn, torch.ones_like(current, dtype=torch.bool)], 1)).logits
+            uncached = full[:, 4 + 4:4 + 8]  # prompt width 4, block 1
+            assert loss.item() == pytest.approx(masked_diffusion_loss(logits, uncached, block_masked, t,
+                                                                      "masked_mean").item(), rel=1e-5)
+            assert loss.item() > 1e-6
+
+
+def test_targets_model_needs_a_starting_model(tmp_path):
+    with pytest.raises(ValueError, match="--targets model .* --model"):
+        train_sft(small_cfg(tmp_path / "run", targets="model"))
+
+
+def test_targets_model_holds_the_teacher_at_the_starting_model_across_a_resume(tmp_path, monkeypatch):
+    """After a kill and --resume the teacher is still --model (not the checkpoint, which would score the later
+    steps against moved weights), so the resumed run ends where a straight run does."""
+    start = train_sft(small_cfg(tmp_path / "start", max_steps=40, save_every=40))
+    kw = dict(model=str(start), targets="model", cache_loss="prefix", lr=3e-3, max_steps=4, save_every=2,
+              log_every=1, warmup_steps=0)
+    straight = train_sft(small_cfg(tmp_path / "straight", **kw))
+    real_save = sft.save_checkpoint
+
+    def save_then_die(*args, **kw2):
+        real_save(*args, **kw2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(small_cfg(tmp_path / "killed", **kw))
+    monkeypatch.setattr(sft, "save_checkpoint", real_save)
+    resumed = train_sft(small_cfg(tmp_path / "killed", resume=True, **kw))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    s = load_file(start / "model.safetensors")
+    assert any((a[name] - s[name]).abs().max() > 1e-3 for name in a)  # the steps moved the weights
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)

@@ -55,6 +55,10 @@ class SFTConfig:
     cache_loss: str = option("off", CACHE_LOSS_HELP, choices=CACHE_LOSS_MODES)
     cache_loss_weight: float = option(1.0, "--cache-loss: the cached-view loss is added to the SFT loss times this")
     cache_block_length: int = option(4, "--cache-loss: the block length of the cached decode trained for")
+    targets: str = option("tokens", "what the losses score: tokens: cross-entropy on the completions' tokens; "
+                          "model: KL from a frozen copy of --model's own uncached predictions at the same masked "
+                          "positions (with --cache-loss: trains the cached decode to match the uncached one without "
+                          "moving the latter)", choices=["tokens", "model"])
     hidden_size: int = option(128, "new model: width")
     num_hidden_layers: int = option(4, "new model: layers")
     num_attention_heads: int = option(4, "new model: attention heads")

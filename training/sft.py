@@ -18,6 +18,11 @@ lines in metrics.jsonl, the task's reward averaged over ``--eval-examples`` prom
 ``--cache-loss prefix|dual|both`` adds a second loss, the same objective as the sampler's KV-cached decode
 computes it in the middle of a block (:func:`cached_view_loss`): a small model otherwise leans on the
 prompt's keys/values changing as the block fills in, which a cache holds fixed, and loses accuracy with it.
+
+``--targets model`` scores both losses against a frozen copy of ``--model`` (KL from its uncached logits at
+the same masked positions) instead of the completion's tokens: with ``--cache-loss`` it trains a model's
+cached decode to predict what its uncached decode does while holding the uncached predictions where they
+were, so a threshold head or step policy trained on the model still reads the states it was trained on.
 """
 
 from __future__ import annotations
@@ -59,23 +64,30 @@ def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: t
                           weighting: str = "inv_t") -> torch.Tensor:
     """Loss of the masked-diffusion objective on one batch.
 
-    logits (b, n, V) at the completion positions, targets (b, n), masked (b, n) bool, t (b,).
+    logits (b, n, V) at the completion positions, masked (b, n) bool, t (b,). targets (b, n) are tokens (the
+    cross-entropy at each position) or (b, n, V) a teacher's logits at the same positions (``--targets
+    model``: KL(teacher || model) at each position, 0 where the two agree); either is weighted the same way.
     """
-    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # b, n
+    if targets.dim() == 3:
+        teacher = torch.log_softmax(targets.float(), -1)
+        ce = (teacher.exp() * (teacher - torch.log_softmax(logits.float(), -1))).sum(-1)  # b, n
+    else:
+        ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # b, n
     ce = ce * masked
     if weighting == "inv_t":
-        return (ce / t[:, None]).sum() / targets.numel()
+        return (ce / t[:, None]).sum() / masked.numel()
     if weighting == "masked_mean":
         return ce.sum() / masked.sum().clamp(min=1)
     raise ValueError(f"unknown loss weighting {weighting!r}")
 
 
 def batch_loss(model, prompts: list[list[int]], targets: torch.Tensor, generator: torch.Generator, mask_id: int,
-               pad_id: int, weighting: str = "inv_t", device=None):
+               pad_id: int, weighting: str = "inv_t", device=None, teacher=None):
     """One SFT batch: mask the completions at random t, run the model, score the masked positions.
 
-    prompts: token lists (left-padded here); targets (b, n) completions. Returns (loss, logits,
-    targets, masked), the last three on the model's device, for metrics.
+    prompts: token lists (left-padded here); targets (b, n) completions. With a ``teacher`` (a frozen model,
+    ``--targets model``) the masked positions are scored against its logits on the same input instead of the
+    tokens. Returns (loss, logits, targets, masked), the last three on the model's device, for metrics.
     """
     p_ids, p_attn = left_pad(prompts, pad_id)
     t, masked = forward_mask(torch.ones_like(targets, dtype=torch.bool), generator)
@@ -84,7 +96,14 @@ def batch_loss(model, prompts: list[list[int]], targets: torch.Tensor, generator
     attention = torch.cat([p_attn, torch.ones_like(targets, dtype=torch.bool)], 1).to(device)
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p_ids.shape[1]:]
     targets, masked = targets.to(logits.device), masked.to(logits.device)
-    return masked_diffusion_loss(logits, targets, masked, t.to(logits.device), weighting), logits, targets, masked
+    scored = targets if teacher is None else teacher_logits(teacher, input_ids, attention, p_ids.shape[1])
+    return masked_diffusion_loss(logits, scored, masked, t.to(logits.device), weighting), logits, targets, masked
+
+
+@torch.no_grad()
+def teacher_logits(teacher, input_ids: torch.Tensor, attention: torch.Tensor, start: int, stop: int | None = None):
+    """A frozen teacher's logits at columns start:stop of its full (uncached) forward over the sequence."""
+    return teacher(input_ids=input_ids, attention_mask=attention).logits[:, start:stop]
 
 
 def cached_view(targets: torch.Tensor, block_length: int, generator: torch.Generator, mask_id: int,
@@ -118,7 +137,7 @@ def cached_view(targets: torch.Tensor, block_length: int, generator: torch.Gener
 
 
 def cached_view_loss(model, prompts: list[list[int]], targets: torch.Tensor, block_length: int, mode: str,
-                     view: tuple, pad_id: int, weighting: str = "inv_t", device=None):
+                     view: tuple, pad_id: int, weighting: str = "inv_t", device=None, teacher=None):
     """The masked-diffusion loss of block k as the sampler's ``prefix`` / ``dual`` cache computes it.
 
     ``view`` is :func:`cached_view`'s ``(k, t, refresh, current, masked)``. The keys/values come from a
@@ -127,7 +146,9 @@ def cached_view_loss(model, prompts: list[list[int]], targets: torch.Tensor, blo
     blocks from the cache too), as in ``sampler._query_columns``. The prompt's and the finished blocks'
     keys/values are thus stale by the tokens committed in block k since the refresh: the approximation the
     cached decode makes (Fast-dLLM, arXiv 2505.22618), trained for here. Gradients flow through both
-    forwards. Returns (loss, logits (b, block_length, V), targets and masked of block k)."""
+    forwards. With a ``teacher`` (``--targets model``) block k's masked tokens are scored against the teacher's
+    logits from its full, uncached forward over [prompt ; current]: the cached decode is trained to predict
+    what the uncached one does. Returns (loss, logits (b, block_length, V), targets and masked of block k)."""
     if mode not in ("prefix", "dual"):
         raise ValueError(f"cache mode {mode!r}: expected prefix or dual")
     k, t, refresh, current, masked = view
@@ -142,7 +163,9 @@ def cached_view_loss(model, prompts: list[list[int]], targets: torch.Tensor, blo
     logits = model(input_ids=torch.cat([p_ids, current], 1).to(device), attention_mask=attention, kv_cache=cache,
                    query_index=query, logits_index=query[:, :block_length]).logits
     block_targets, block_masked = targets[:, lo:hi].to(logits.device), masked[:, lo:hi].to(logits.device)
-    return (masked_diffusion_loss(logits, block_targets, block_masked, t.to(logits.device), weighting), logits,
+    scored = block_targets if teacher is None else \
+        teacher_logits(teacher, torch.cat([p_ids, current], 1).to(device), attention, width + lo, width + hi)
+    return (masked_diffusion_loss(logits, scored, block_masked, t.to(logits.device), weighting), logits,
             block_targets, block_masked)
 
 
@@ -187,6 +210,8 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
     """
     if cfg.cache_loss != "off" and (cfg.cache_block_length < 1 or cfg.gen_length % cfg.cache_block_length):
         raise ValueError(f"--cache-block-length {cfg.cache_block_length} must divide --gen-length {cfg.gen_length}")
+    if cfg.targets == "model" and not cfg.model:
+        raise ValueError("--targets model scores against the starting model's predictions: give it with --model")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else a CPU DDP launch runs rank 0 twice
     out = Path(cfg.output_dir)
     ckpt, metrics_file = out / CHECKPOINT, out / "metrics.jsonl"
@@ -218,6 +243,9 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
     model, optimizer = accelerator.prepare(model, optimizer)
+    # the teacher is always --model as given, also on --resume (the checkpoint is the student)
+    teacher = load_model(cfg.model, device=accelerator.device).model.eval().requires_grad_(False) \
+        if cfg.targets == "model" else None
 
     if pool is None:
         pool = sft_pool(cfg.tasks.split(","), cfg.train_examples, cfg.seed)
@@ -240,13 +268,13 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
         idx = torch.randint(0, len(prompts), (cfg.batch_size,), generator=g)
         batch_prompts, batch_targets = [prompts[i] for i in idx.tolist()], completions[idx]
         loss, logits, targets, masked = batch_loss(model, batch_prompts, batch_targets, g, mask_id, pad_id,
-                                                   cfg.loss_weighting, accelerator.device)
+                                                   cfg.loss_weighting, accelerator.device, teacher)
         cache_loss = None
         if cfg.cache_loss != "off":
             mode = ("prefix", "dual")[step % 2] if cfg.cache_loss == "both" else cfg.cache_loss
             view = cached_view(batch_targets, cfg.cache_block_length, g, mask_id)
             cache_loss, *_ = cached_view_loss(model, batch_prompts, batch_targets, cfg.cache_block_length, mode,
-                                              view, pad_id, cfg.loss_weighting, accelerator.device)
+                                              view, pad_id, cfg.loss_weighting, accelerator.device, teacher)
             loss = loss + cfg.cache_loss_weight * cache_loss
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
