@@ -134,3 +134,23 @@ def test_one_task_teacher_record_counts_its_own_kept_answers(model_path, tmp_pat
     record = json.loads((tmp_path / "one" / TEACHER_FILE).read_text())["tasks"]
     assert list(record) == ["sudoku"] and len(chosen) == 10
     assert record["sudoku"]["kept"] == 10 and record["sudoku"]["prompts"] == 10
+
+
+def test_sft_config_passes_every_shared_option_through():
+    """Each option distill shares with sft reaches the SFT run (an option added to both but not passed on
+    would silently train with sft's default)."""
+    import dataclasses
+    from training.config import DistillConfig, SFTConfig
+    from training.distill import sft_config
+    shared = {f.name for f in dataclasses.fields(DistillConfig)} & {f.name for f in dataclasses.fields(SFTConfig)}
+    assert {"targets", "cache_loss", "cache_loss_weight", "lr", "seed"} <= shared
+    changed = {"model": "m", "tasks": "cd3", "train_examples": 7, "gen_length": 8, "max_steps": 9, "batch_size": 3,
+               "lr": 0.5, "warmup_steps": 4, "weight_decay": 0.25, "max_grad_norm": 2.5, "loss_weighting": "inv_t",
+               "seed": 11, "save_every": 5, "log_every": 6, "resume": True, "cache_loss": "dual",
+               "cache_loss_weight": 3.0, "cache_block_length": 2, "targets": "model", "output_dir": "o"}
+    assert shared <= set(changed)
+    cfg = sft_config(DistillConfig(**{k: changed[k] for k in shared}))
+    # the pool is the teacher's answers, so train_examples is not the SFT run's to use
+    assert {k: getattr(cfg, k) for k in shared - {"train_examples"}} == \
+        {k: changed[k] for k in shared - {"train_examples"}}
+    assert cfg.min_lr_ratio == 1.0

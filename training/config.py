@@ -194,6 +194,8 @@ class DistillConfig:
     cache_loss: str = option("off", CACHE_LOSS_HELP, choices=CACHE_LOSS_MODES)
     cache_loss_weight: float = option(1.0, "as for sft")
     cache_block_length: int = option(4, "as for sft")
+    targets: str = option("tokens", "as for sft (model: KL from the teacher's own uncached predictions, with the "
+                          "teacher's answers as contexts)", choices=["tokens", "model"])
     device: str = option("cpu", "torch device of the teacher's decoding")
 
 

@@ -116,7 +116,8 @@ def sft_config(cfg: DistillConfig) -> SFTConfig:
                      min_lr_ratio=1.0, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                      loss_weighting=cfg.loss_weighting, seed=cfg.seed, save_every=cfg.save_every,
                      log_every=cfg.log_every, resume=cfg.resume, cache_loss=cfg.cache_loss,
-                     cache_loss_weight=cfg.cache_loss_weight, cache_block_length=cfg.cache_block_length)
+                     cache_loss_weight=cfg.cache_loss_weight, cache_block_length=cfg.cache_block_length,
+                     targets=cfg.targets)
 
 
 def train_distill(cfg: DistillConfig) -> Path:
