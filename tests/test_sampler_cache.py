@@ -423,3 +423,35 @@ def test_hidden_state_policy_rows_without_a_cache_batch_with_cached_rows(model):
         denoise_step(model, state)
     assert state.generated[1, :12].tolist() == alone.sequences[0, :12].tolist()
     assert float(state.policy_logprob[1]) == pytest.approx(float(alone.policy_logprob[0]), abs=1e-4)
+
+
+def test_query_columns_by_value():
+    """A cached step computes, per row, its block (dual) or its block's start to the canvas end (prefix), the
+    batch as wide as its widest row and narrower rows repeating their last column: no more columns than that
+    (a wider query would give the same logits at a higher cost, which no output test sees)."""
+    from diffpo_serve.dllm.sampler import _query_columns
+    state = BatchState.concat([init_state(PROMPTS[:1], SamplingParams(gen_length=16, block_length=4, cache=c), **IDS)
+                               for c in ("prefix", "prefix", "dual")])
+    pw, length = state.prompt_width, state.canvas.shape[1]
+    assert (pw, length) == (5, 21)
+    state.block[:] = torch.tensor([2, 1, 1])  # generation columns 8-11, 4-7, 4-7
+    rows = torch.arange(3)
+    cols, _, _, _ = block_columns(state, rows)
+    got = _query_columns(state, rows, pw + cols)
+    # prefix rows from their block's start (canvas 13 and 9) to column 20; the widest, 12 columns, sets the
+    # width and the first row repeats column 20; the dual row its block, then its last column repeated
+    assert got.tolist() == [list(range(13, 21)) + [20] * 4, list(range(9, 21)), [9, 10, 11, 12] + [12] * 8]
+    only_dual = state.select(torch.tensor([2]))
+    assert _query_columns(only_dual, torch.arange(1), pw + block_columns(only_dual, torch.arange(1))[0]).tolist() \
+        == [[9, 10, 11, 12]]
+
+
+def test_a_row_with_the_cache_off_stores_nothing_beside_cached_rows():
+    """In a batch mixing cache off and prefix, only the cached row records the block its keys/values are from;
+    the uncached row keeps -1 (it never reads a cache, so storing one would be wasted work and memory)."""
+    model = tiny_model()
+    state = BatchState.concat([init_state(PROMPTS[i:i + 1], SamplingParams(gen_length=8, block_length=4,
+                                                                           sampler="steps", steps=8, cache=c), **IDS)
+                               for i, c in enumerate(("off", "prefix"))])
+    denoise_step(model, state)
+    assert state.cache_block.tolist() == [-1, 0]
