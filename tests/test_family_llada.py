@@ -61,16 +61,22 @@ def published_tensors(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     norm applied in the wrong place shows)."""
     g = torch.Generator().manual_seed(seed)
     d, heads = cfg["d_model"], cfg["n_heads"]
-    kv = (cfg["n_kv_heads"] or heads) * (d // heads)
-    hidden, emb = cfg["mlp_hidden_size"], cfg["embedding_size"] or cfg["vocab_size"]
+    kv = kv_heads_of(cfg) * (d // heads)
+    hidden, emb = mlp_width(cfg), cfg["embedding_size"] or cfg["vocab_size"]
     bias = cfg["include_bias"]
     qkv_bias = bias or cfg["include_qkv_bias"]
 
     def rand(*shape, scale=0.3):
         return torch.randn(*shape, generator=g) * scale
 
-    t = {"model.transformer.wte.weight": rand(emb, d, scale=1.0),
-         "model.transformer.ln_f.weight": 1 + rand(d)}
+    def norm(name, size, affine=cfg["layer_norm_with_affine"]):
+        if affine:
+            t[name + ".weight"] = 1 + rand(size)
+            if norm_bias(cfg):
+                t[name + ".bias"] = rand(size)
+
+    t = {"model.transformer.wte.weight": rand(emb, d, scale=1.0)}
+    norm("model.transformer.ln_f", d)
     if not cfg["weight_tying"]:
         t["model.transformer.ff_out.weight"] = rand(emb, d)
         if bias:
@@ -83,22 +89,48 @@ def published_tensors(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
             t[p + name + ".weight"] = rand(*shape, scale=1 / math.sqrt(shape[1]))
             if bias or (qkv_bias and name in ("q_proj", "k_proj", "v_proj")):
                 t[p + name + ".bias"] = rand(shape[0], scale=0.1)
-        t[p + "attn_norm.weight"] = 1 + rand(d)
-        t[p + "ff_norm.weight"] = 1 + rand(d)
+        norm(p + "attn_norm", d)
+        norm(p + "ff_norm", d)
+        if cfg["attention_layer_norm"]:
+            norm(p + "q_norm", d, cfg["attention_layer_norm_with_affine"])
+            norm(p + "k_norm", kv, cfg["attention_layer_norm_with_affine"])
     return t
+
+
+def kv_heads_of(cfg: dict) -> int:
+    """Key/value heads as the published config counts them: n_kv_heads, else 1 with multi_query_attention."""
+    if cfg["n_kv_heads"] is not None:
+        return cfg["n_kv_heads"]
+    return 1 if cfg["multi_query_attention"] else cfg["n_heads"]
+
+
+def mlp_width(cfg: dict) -> int:
+    return cfg["mlp_hidden_size"] if cfg["mlp_hidden_size"] is not None else cfg["mlp_ratio"] * cfg["d_model"]
+
+
+def norm_bias(cfg: dict) -> bool:
+    return cfg["include_bias"] if cfg["bias_for_layer_norm"] is None else cfg["bias_for_layer_norm"]
 
 
 def reference_logits(t: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
     """LLaDA's forward pass for one unpadded row batch (b, l), written out from the architecture."""
     d, heads = cfg["d_model"], cfg["n_heads"]
-    kv_heads, hd = cfg["n_kv_heads"] or heads, d // heads
+    kv_heads, hd = kv_heads_of(cfg), d // heads
     b, l = ids.shape
 
     def lin(x, name):
         return F.linear(x, t[name + ".weight"], t.get(name + ".bias"))
 
-    def rms(x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg["rms_norm_eps"]) * t[name + ".weight"]
+    def rms(x, name):  # the config's layer norm, with its weight and bias where the checkpoint has them
+        weight, b_ = t.get(name + ".weight"), t.get(name + ".bias")
+        if cfg["layer_norm_type"] in ("default", "low_precision"):
+            return F.layer_norm(x, x.shape[-1:], weight, b_, 1e-5)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg["rms_norm_eps"])
+        if weight is not None:
+            x = x * (1 + weight) if cfg["layer_norm_type"] == "gemma_rms" else x * weight
+        return x if b_ is None else x + b_
+
+    act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[cfg["activation_type"]]
 
     inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
     ang = torch.arange(l).float()[:, None] * inv
@@ -109,17 +141,22 @@ def reference_logits(t: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
         return x * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin()
 
     x = t["model.transformer.wte.weight"][ids]
+    if cfg["input_emb_norm"]:
+        x = x * math.sqrt(d)
     for i in range(cfg["n_layers"]):
         p = f"model.transformer.blocks.{i}."
         h = rms(x, p + "attn_norm")
-        q = rope(lin(h, p + "q_proj").view(b, l, heads, hd).transpose(1, 2))
-        k = rope(lin(h, p + "k_proj").view(b, l, kv_heads, hd).transpose(1, 2))
+        q, k = lin(h, p + "q_proj"), lin(h, p + "k_proj")
+        if cfg["attention_layer_norm"]:  # on the whole projections, before the heads are split
+            q, k = rms(q, p + "q_norm"), rms(k, p + "k_norm")
+        q = rope(q.view(b, l, heads, hd).transpose(1, 2))
+        k = rope(k.view(b, l, kv_heads, hd).transpose(1, 2))
         v = lin(h, p + "v_proj").view(b, l, kv_heads, hd).transpose(1, 2)
         k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v  # bidirectional: no causal mask
         x = x + lin(att.transpose(1, 2).reshape(b, l, d), p + "attn_out")
         h = rms(x, p + "ff_norm")
-        x = x + lin(F.silu(lin(h, p + "ff_proj")) * lin(h, p + "up_proj"), p + "ff_out")
+        x = x + lin(act(lin(h, p + "ff_proj")) * lin(h, p + "up_proj"), p + "ff_out")
     x = rms(x, "model.transformer.ln_f")
     head = "model.transformer.wte" if cfg["weight_tying"] else "model.transformer.ff_out"
     logits = lin(x, head)
@@ -170,6 +207,14 @@ def rows(seed=3, b=3, l=11):
     {"include_bias": True},  # biases everywhere
     {"include_qkv_bias": True, "scale_logits": True, "rope_theta": 10000.0, "rms_norm_eps": 0.25},
     {"weight_tying": True},
+    # the other variants the published code builds and the native module accepts (no LLaDA checkpoint uses them)
+    {"layer_norm_type": "default", "bias_for_layer_norm": True},  # LayerNorm (eps 1e-5) with biases
+    {"layer_norm_type": "low_precision", "layer_norm_with_affine": False},  # no norm weights at all
+    {"layer_norm_type": "gemma_rms", "bias_for_layer_norm": None, "include_bias": True},  # * (1 + w) + b
+    {"attention_layer_norm": True, "n_kv_heads": 2, "bias_for_layer_norm": True},  # q/k norms, GQA-sized k's
+    {"input_emb_norm": True, "mlp_hidden_size": None, "mlp_ratio": 2, "activation_type": "gelu"},
+    {"activation_type": "relu", "multi_query_attention": True, "n_kv_heads": None,  # one key/value head
+     "embedding_size": VOCAB_SIZE},  # an embedding exactly the vocabulary's size
 ])
 def test_published_layout_loads_natively_with_the_reference_logits(tmp_path, variant):
     cfg, tensors = write_checkpoint(tmp_path / "llada", **variant)
@@ -183,7 +228,7 @@ def test_published_layout_loads_natively_with_the_reference_logits(tmp_path, var
     with torch.no_grad():
         ours = model_logits(loaded.model, ids, torch.ones_like(ids, dtype=torch.bool))
     expected = reference_logits(tensors, cfg, ids)
-    assert ours.shape == (3, 11, EMBEDDING_SIZE)
+    assert ours.shape == (3, 11, cfg["embedding_size"] or VOCAB_SIZE)
     assert (ours - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
@@ -230,12 +275,17 @@ def test_tied_checkpoint_loads_from_either_name(tmp_path, kept):
         assert torch.allclose(model(ids).logits, reference_logits(tensors, cfg, ids), atol=1e-5)
 
 
-@pytest.mark.parametrize("field,value,named", [
-    ("block_type", "sequential", "block_type"), ("alibi", True, "RoPE"), ("rope", False, "RoPE"),
-    ("block_group_size", 2, "block_group_size"), ("activation_type", "swiglu", "activation_type"),
+@pytest.mark.parametrize("overrides,named", [
+    ({"block_type": "sequential"}, "block_type"), ({"alibi": True}, "RoPE"), ({"rope": False}, "RoPE"),
+    ({"block_group_size": 2}, "block_group_size"), ({"activation_type": "swiglu"}, "activation_type"),
+    ({"layer_norm_type": "l2"}, "layer_norm_type='l2'"),
+    ({"embedding_size": VOCAB_SIZE - 1}, "embedding_size=47 < vocab_size=48"),
+    ({"n_kv_heads": 3}, "n_kv_heads=3"),  # 4 query heads do not divide into 3 key/value heads
+    ({"n_kv_heads": 4, "multi_query_attention": True}, "n_kv_heads=4 contradicts multi_query_attention=True"),
+    ({"n_kv_heads": 1, "multi_query_attention": False}, "n_kv_heads=1 contradicts multi_query_attention=False"),
 ])
-def test_unsupported_variants_are_refused_by_name(tmp_path, field, value, named):
-    write_checkpoint(tmp_path / "odd", **{field: value})
+def test_unsupported_variants_are_refused_by_name(tmp_path, overrides, named):
+    write_checkpoint(tmp_path / "odd", **overrides)
     with pytest.raises(ModelLoadError, match=named):
         load_model(tmp_path / "odd")
 
