@@ -1,6 +1,7 @@
 """The native Dream family (diffpo_serve/dllm/families/dream.py) on tiny checkpoints written here in the
 published layout (config.json field names, sharded safetensors with an index, Dream's tokenizer files);
-nothing is downloaded."""
+nothing is downloaded. The expected logits come from :func:`reference_logits`, Dream's forward written out
+in this file from the architecture, independent of the module under test."""
 
 import json
 import math
@@ -257,6 +258,59 @@ def test_model_output_is_the_checkpoint_output_shifted():
     assert not torch.allclose(out.logits[:, 1:], unshifted[:, 1:], atol=0.1)
     assert torch.allclose(model.lm_head(out.hidden_states[-1]), out.logits, atol=1e-5)
     assert len(out.hidden_states) == 3  # embeddings, layer 1, final (normed, shifted)
+
+
+def reference_logits(t: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
+    """Dream's forward for unpadded rows (b, l), written out from the architecture from the published tensors:
+    Qwen2's decoder without its causal mask (pre-norm RMSNorm, biased q/k/v, RoPE on rotate-half pairs, GQA,
+    silu(gate) * up), then Dream's shift: the logits at position i are the network's at i - 1 (i = 0 keeps its own)."""
+    d, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, (b, l) = d // heads, ids.shape
+
+    def lin(x, name):
+        return torch.nn.functional.linear(x, t[name + ".weight"], t.get(name + ".bias"))
+
+    def rms(x, name):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg["rms_norm_eps"]) * t[name + ".weight"]
+
+    ang = torch.arange(l).float()[:, None] / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    ang = torch.cat([ang, ang], -1)
+
+    def rope(x):
+        return x * ang.cos() + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1) * ang.sin()
+
+    x = t["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, p + "input_layernorm")
+        q = rope(lin(h, p + "self_attn.q_proj").view(b, l, heads, hd).transpose(1, 2))
+        k = rope(lin(h, p + "self_attn.k_proj").view(b, l, kv_heads, hd).transpose(1, 2))
+        v = lin(h, p + "self_attn.v_proj").view(b, l, kv_heads, hd).transpose(1, 2)
+        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v  # every position sees every other
+        x = x + lin(att.transpose(1, 2).reshape(b, l, d), p + "self_attn.o_proj")
+        h = rms(x, p + "post_attention_layernorm")
+        x = x + lin(torch.nn.functional.silu(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"),
+                    p + "mlp.down_proj")
+    logits = lin(rms(x, "model.norm"), "model.embed_tokens" if cfg["tie_word_embeddings"] else "lm_head")
+    return torch.cat([logits[:, :1], logits[:, :-1]], 1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 4}, {"num_key_value_heads": 1,
+                                       "tie_word_embeddings": True, "rope_theta": 10000.0, "rms_norm_eps": 0.1}])
+def test_published_checkpoint_gives_the_reference_logits(tmp_path, overrides):
+    """Loaded from the published layout, the native module computes the architecture written out above."""
+    path = write_checkpoint(tmp_path / "dream", random_model(seed=4, **overrides), dtype=torch.float32)
+    cfg = json.loads((path / "config.json").read_text())
+    from safetensors.torch import load_file
+    tensors = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, ENDOFTEXT, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(ids).logits
+    expected = reference_logits(tensors, cfg, ids)
+    assert ours.shape == expected.shape == (3, 9, VOCAB)
+    assert (ours - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
 def successor_model(chain: list[int]) -> DreamModel:
