@@ -52,6 +52,9 @@ def test_accept_rule_by_hand():
     h = torch.tensor([[0.05, 0.3, 0.02, 1.0]] * 3)
     got = cv.accept_mask(h, torch.tensor([0.1, 0.01, 0.5]))
     assert got.tolist() == [[True, True, True, False], [False, False, True, False], [True, True, True, True]]
+    # the bound is inclusive: a sum before that equals it exactly is accepted (0.25 + 0.5 = 0.75 in binary)
+    assert cv.accept_mask(torch.tensor([[0.5, 0.25, 2.0]]), torch.tensor([0.75])).tolist() == [[True, True, True]]
+    assert cv.accept_mask(torch.tensor([[0.5, 0.25, 2.0]]), torch.tensor([0.5])).tolist() == [[True, True, False]]
     # at least one position even with a zero bound: the lowest-entropy one
     assert cv.accept_mask(torch.tensor([[0.5, 0.2, 0.9]]), torch.tensor([0.0])).tolist() == [[False, True, False]]
 
@@ -315,6 +318,9 @@ def test_params_validation_and_defaults(denoiser):
                          (dict(gen_length=0), "gen_length")]:
         with pytest.raises(ValueError, match=message):
             cv.CanvasParams(**bad).resolved(denoiser.defaults)
+    # the smallest valid values are accepted: one token, one step
+    edge = cv.CanvasParams(gen_length=1, steps=1).resolved(denoiser.defaults)
+    assert (edge.gen_length, edge.steps) == (1, 1)
 
 
 def test_masked_models_have_no_canvas_interface():
