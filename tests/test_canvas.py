@@ -410,3 +410,21 @@ def test_learned_needs_a_head_and_a_canvas_sampler(denoiser):
     # a given threshold overrides the head, as for masked models
     given = cv.CanvasParams(sampler="learned", threshold=0.5).resolved(denoiser.defaults)
     assert given.threshold == 0.5
+
+
+def test_select_keeps_the_widest_selected_rows_generation_region(denoiser):
+    """Selecting rows trims the generation region to the most blocks any selected row needs, never fewer."""
+    c = denoiser.canvas_length
+    params = [cv.CanvasParams(gen_length=c, threshold=0.1), cv.CanvasParams(gen_length=2 * c, threshold=0.1)]
+    state = cv.init_state(denoiser, PROMPTS[:2], params, eos_ids=EOS_IDS, pad_id=PAD)
+    assert state.num_blocks.tolist() == [1, 2] and state.generated.shape[1] == 2 * c
+    assert state.select([0, 1]).generated.shape[1] == 2 * c
+    assert state.select([1]).generated.shape[1] == 2 * c
+    assert state.select([0]).generated.shape[1] == c
+
+
+def test_confidence_stop_is_strict_as_transformers():
+    """A row stops early when its mean token entropy is below the threshold; equal is not below (transformers'
+    DiffusionGemma stopping criterion compares with <)."""
+    entropy = torch.tensor([[0.25, 0.75], [0.25, 0.25], [1.0, 0.0]])  # means 0.5, 0.25, 0.5 (exact in binary)
+    assert cv.confident_rows(entropy, torch.tensor([0.5, 0.5, 0.75])).tolist() == [False, True, True]
