@@ -428,3 +428,20 @@ def test_confidence_stop_is_strict_as_transformers():
     DiffusionGemma stopping criterion compares with <)."""
     entropy = torch.tensor([[0.25, 0.75], [0.25, 0.25], [1.0, 0.0]])  # means 0.5, 0.25, 0.5 (exact in binary)
     assert cv.confident_rows(entropy, torch.tensor([0.5, 0.5, 0.75])).tolist() == [False, True, True]
+
+
+def test_each_blocks_first_step_sees_an_empty_argmax_history(denoiser):
+    """The stability rule compares a block's argmaxes with its own earlier ones only: the history is empty (-1)
+    at the start, and emptied when a row's next block begins, so after a block's first step it holds that one
+    argmax and -1 before it."""
+    c = denoiser.canvas_length
+    params = cv.CanvasParams(gen_length=2 * c, steps=3, seed=4, threshold=0.1, stability_threshold=3)
+    state = cv.init_state(denoiser, PROMPTS[:1], params, eos_ids=(), pad_id=PAD)
+    assert state.history.shape == (1, 3, c) and (state.history == -1).all()
+    seen = []
+    while not bool(state.finished[0]):
+        cv.denoise_step(denoiser, state)
+        if int(state.block_step[0]) == 1:
+            seen.append(int(state.block[0]))
+            assert (state.history[0, :-1] == -1).all() and torch.equal(state.history[0, -1], state.argmax[0])
+    assert seen == [0, 1]
