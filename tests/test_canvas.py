@@ -445,3 +445,31 @@ def test_each_blocks_first_step_sees_an_empty_argmax_history(denoiser):
             seen.append(int(state.block[0]))
             assert (state.history[0, :-1] == -1).all() and torch.equal(state.history[0, -1], state.argmax[0])
     assert seen == [0, 1]
+
+
+def test_a_learned_row_joining_a_running_batch_gets_its_own_bound(denoiser):
+    """The head picks a joining row's bound from that row's own first pass, also when the batch's other rows
+    are mid-block or finished and still held (the head then runs for some rows only, whose step positions
+    differ from their state rows): each row's choice and decode are its own alone."""
+    head = canvas_head(denoiser, seed=4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(20)  # a random head with sharp preferences (at init it picks one bound for every prompt)
+    params = [cv.CanvasParams(gen_length=16, steps=4, seed=s, sampler="learned") for s in range(3)]
+    alone = [cv.generate(denoiser, [PROMPTS[i]], [params[i]], eos_ids=EOS_IDS, pad_id=PAD, head=head)
+             for i in range(3)]
+    assert len({int(a.threshold_choice[0]) for a in alone}) > 1  # the head tells the prompts apart
+    state = cv.init_state(denoiser, PROMPTS[:1], params[:1], eos_ids=EOS_IDS, pad_id=PAD, head=head)
+    for step in range(1, 100):  # finished rows stay in the state (not selected away)
+        cv.denoise_step(denoiser, state)
+        if step in (1, int(alone[0].nfe[0])):  # row 1 while row 0 runs, row 2 once row 0 has finished
+            i = state.batch_size
+            state = cv.CanvasState.concat([state, cv.init_state(denoiser, [PROMPTS[i]], [params[i]], eos_ids=EOS_IDS,
+                                                                 pad_id=PAD, head=head)])
+        if state.batch_size == 3 and bool(state.finished.all()):
+            break
+    assert int(alone[0].nfe[0]) > 1
+    done = {i: (state.generated[i], int(state.threshold_choice[i])) for i in range(3)}
+    for i in range(3):
+        assert_same(done[i][0], alone[i])
+        assert done[i][1] == int(alone[i].threshold_choice[0])
