@@ -473,3 +473,17 @@ def test_a_learned_row_joining_a_running_batch_gets_its_own_bound(denoiser):
     for i in range(3):
         assert_same(done[i][0], alone[i])
         assert done[i][1] == int(alone[i].threshold_choice[0])
+
+
+def test_concat_pads_a_shallower_argmax_history_with_empty_entries(denoiser):
+    """Rows with different stability thresholds share one history depth: a shallower row's history gains empty
+    (-1) entries on its old side, never a token id, so its stability check is unchanged."""
+    shallow = cv.init_state(denoiser, PROMPTS[:1], cv.CanvasParams(gen_length=16, threshold=0.1,
+                                                                   stability_threshold=1), eos_ids=EOS_IDS, pad_id=PAD)
+    cv.denoise_step(denoiser, shallow)
+    deep = cv.init_state(denoiser, PROMPTS[1:2], cv.CanvasParams(gen_length=16, threshold=0.1, stability_threshold=3),
+                         eos_ids=EOS_IDS, pad_id=PAD)
+    both = cv.CanvasState.concat([shallow, deep])
+    assert both.history.shape[1] == 3
+    assert (both.history[0, :2] == -1).all() and torch.equal(both.history[0, 2], shallow.history[0, 0])
+    assert (both.history[1] == -1).all()
