@@ -487,3 +487,11 @@ def test_concat_pads_a_shallower_argmax_history_with_empty_entries(denoiser):
     assert both.history.shape[1] == 3
     assert (both.history[0, :2] == -1).all() and torch.equal(both.history[0, 2], shallow.history[0, 0])
     assert (both.history[1] == -1).all()
+
+
+def test_on_step_sees_the_state_then_the_steps_output(denoiser):
+    """``generate``'s hook gets (state, step output) after every step: as many calls as the longest row's passes."""
+    seen = []
+    out = cv.generate(denoiser, PROMPTS, PARAMS, eos_ids=EOS_IDS, pad_id=PAD,
+                      on_step=lambda state, step: seen.append((type(state), type(step))))
+    assert seen == [(cv.CanvasState, cv.CanvasStepOutput)] * int(out.nfe.max())
