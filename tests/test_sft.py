@@ -431,23 +431,17 @@ def test_targets_model_needs_a_starting_model(tmp_path):
         train_sft(small_cfg(tmp_path / "run", targets="model"))
 
 
-def test_targets_model_holds_the_teacher_at_the_starting_model_across_a_resume(tmp_path, monkeypatch):
+def test_targets_model_holds_the_teacher_at_the_starting_model_across_a_resume(tmp_path, kill_after_checkpoint):
     """After a kill and --resume the teacher is still --model (not the checkpoint, which would score the later
     steps against moved weights), so the resumed run ends where a straight run does."""
     start = train_sft(small_cfg(tmp_path / "start", max_steps=40, save_every=40))
     kw = dict(model=str(start), targets="model", cache_loss="prefix", lr=3e-3, max_steps=4, save_every=2,
               log_every=1, warmup_steps=0)
     straight = train_sft(small_cfg(tmp_path / "straight", **kw))
-    real_save = sft.save_checkpoint
-
-    def save_then_die(*args, **kw2):
-        real_save(*args, **kw2)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(sft, "save_checkpoint", save_then_die)
+    disarm = kill_after_checkpoint(sft)
     with pytest.raises(KeyboardInterrupt):
         train_sft(small_cfg(tmp_path / "killed", **kw))
-    monkeypatch.setattr(sft, "save_checkpoint", real_save)
+    disarm()
     resumed = train_sft(small_cfg(tmp_path / "killed", resume=True, **kw))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     s = load_file(start / "model.safetensors")

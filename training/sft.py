@@ -96,14 +96,18 @@ def batch_loss(model, prompts: list[list[int]], targets: torch.Tensor, generator
     attention = torch.cat([p_attn, torch.ones_like(targets, dtype=torch.bool)], 1).to(device)
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, p_ids.shape[1]:]
     targets, masked = targets.to(logits.device), masked.to(logits.device)
-    scored = targets if teacher is None else teacher_logits(teacher, input_ids, attention, p_ids.shape[1])
+    scored = targets if teacher is None else teacher_logits(teacher, input_ids, attention)[:, p_ids.shape[1]:]
     return masked_diffusion_loss(logits, scored, masked, t.to(logits.device), weighting), logits, targets, masked
 
 
 @torch.no_grad()
-def teacher_logits(teacher, input_ids: torch.Tensor, attention: torch.Tensor, start: int, stop: int | None = None):
-    """A frozen teacher's logits at columns start:stop of its full (uncached) forward over the sequence."""
-    return teacher(input_ids=input_ids, attention_mask=attention).logits[:, start:stop]
+def teacher_logits(teacher, input_ids: torch.Tensor, attention: torch.Tensor,
+                   logits_index: torch.Tensor | None = None) -> torch.Tensor:
+    """A frozen teacher's logits from its full (uncached) forward over the sequence: every column's, or with
+    ``logits_index`` (b, k; a native model's forward argument) those columns' only."""
+    if logits_index is None:
+        return teacher(input_ids=input_ids, attention_mask=attention).logits
+    return teacher(input_ids=input_ids, attention_mask=attention, logits_index=logits_index).logits
 
 
 def cached_view(targets: torch.Tensor, block_length: int, generator: torch.Generator, mask_id: int,
@@ -160,11 +164,11 @@ def cached_view_loss(model, prompts: list[list[int]], targets: torch.Tensor, blo
     cache = model(input_ids=torch.cat([p_ids, refresh], 1).to(device), attention_mask=attention,
                   return_kv=True, logits_index=first).kv_cache
     query = (width + torch.arange(lo, hi if mode == "dual" else n, device=device)).expand(b, -1)
-    logits = model(input_ids=torch.cat([p_ids, current], 1).to(device), attention_mask=attention, kv_cache=cache,
-                   query_index=query, logits_index=query[:, :block_length]).logits
+    now = torch.cat([p_ids, current], 1).to(device)
+    logits = model(input_ids=now, attention_mask=attention, kv_cache=cache, query_index=query,
+                   logits_index=query[:, :block_length]).logits
     block_targets, block_masked = targets[:, lo:hi].to(logits.device), masked[:, lo:hi].to(logits.device)
-    scored = block_targets if teacher is None else \
-        teacher_logits(teacher, torch.cat([p_ids, current], 1).to(device), attention, width + lo, width + hi)
+    scored = block_targets if teacher is None else teacher_logits(teacher, now, attention, query[:, :block_length])
     return (masked_diffusion_loss(logits, scored, block_masked, t.to(logits.device), weighting), logits,
             block_targets, block_masked)
 
