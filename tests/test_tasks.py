@@ -200,7 +200,7 @@ def test_countdown_reward_equals_form():
 
 @pytest.mark.parametrize("completion,gold,expected", [
     ("<answer>$1,234</answer>", "1234", 1.0),
-    ("The answer is 42.", "42", 1.0),
+    ("The answer is 42.", "42", 0.0),  # neither \boxed{} nor <answer> tags: no answer, as in d1's evaluator
     ("<answer>-3.50</answer>", "-3.5", 1.0),
     ("it is 12 then 13", "12", 0.0),
     ("<answer>forty two</answer>", "42", 0.0),
@@ -288,7 +288,8 @@ def test_qa_load_file(tmp_path, mod):
     rows = [{"question": "What is 1000+234?", "answer": "1000+234=1,234\n#### 1,234"},
             {"question": "Half of one?", "answer": "\\frac{1}{2}"}]
     ds = mod.load_file(_write(tmp_path / "qa.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
-    assert set(ds.column_names) == {"prompt", "answer", "question"}
+    assert set(ds.column_names) == {"prompt", "answer", "question", "reasoning"}
+    assert ds["reasoning"] == (["1000+234=1,234", ""] if mod is gsm8k else ["", ""])  # the text before ####
     assert ds["question"][0] == rows[0]["question"]
     assert ds["prompt"][0].startswith(rows[0]["question"]) and "<answer>" in ds["prompt"][0]
     if mod is gsm8k:

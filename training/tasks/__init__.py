@@ -1,5 +1,6 @@
 """Task registry: each task module (sudoku, countdown, gsm8k, math500) exposes
-NAME, GEN_LENGTH, make_dataset, load_file, reward and uses common.extract_answer."""
+NAME, GEN_LENGTH, make_dataset, load_file, reward and uses common.extract_answer.
+``reward_function(task, kind)`` (rewards.py) gives RL its reward: the task's correctness, or d1's terms."""
 
 from types import ModuleType
 
@@ -8,7 +9,7 @@ from .common import DataFileError, extract_answer
 
 TASKS: dict[str, ModuleType] = {m.NAME: m for m in (sudoku, countdown, cd3, gsm8k, math500)}
 
-__all__ = ["TASKS", "get_task", "DataFileError", "extract_answer"]
+__all__ = ["TASKS", "get_task", "DataFileError", "extract_answer", "reward_function", "REWARD_KINDS"]
 
 
 def get_task(name: str) -> ModuleType:
@@ -16,3 +17,6 @@ def get_task(name: str) -> ModuleType:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
+
+
+from .rewards import REWARD_KINDS, reward_function  # noqa: E402  (rewards.py uses get_task)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import ast
 import hashlib
 import operator
+import re
 from fractions import Fraction
 
 import datasets
 
-from .common import (ANSWER_FORMAT, check_split, extract_answer, file_error, get_field, make_rng,
-                     read_jsonl, require_rows)
+from . import d1_prompts
+from .common import (check_split, extract_answer, field, file_error, make_rng, read_records,
+                     require_rows)
+from .grading import boxed_spans, is_placeholder, last_boxed, strip_end
 
 NAME = "countdown"
 GEN_LENGTH = 16
@@ -68,12 +71,11 @@ def _draw(rng, max_number: int = MAX_NUMBER, max_target: int = MAX_TARGET) -> tu
     return numbers, value, expr
 
 
-def instruction(example: dict) -> str:
-    """The problem in words for an instruction-tuned model (training/prompting.py)."""
-    numbers = ", ".join(map(str, example["numbers"]))
-    return (f"Use the numbers {numbers}, each exactly once, with + - * / and parentheses to write an "
-            f"arithmetic expression equal to {example['target']}. The answer is the expression alone. "
-            f"{ANSWER_FORMAT}")
+def instruction(example: dict, stage: str) -> str:
+    """d1's countdown user turn for the example's ``numbers`` and ``target``, for RL rollouts (``train``) or
+    evaluation (``eval``): training/tasks/d1_prompts.py."""
+    return d1_prompts.countdown(d1_prompts.field(example, "numbers", NAME), d1_prompts.field(example, "target", NAME),
+                                stage)
 
 
 def _prompt(numbers, target) -> str:
@@ -106,22 +108,42 @@ def generate(split: str, n: int, seed: int, name: str, max_number: int, max_targ
     return _to_dataset(rows)
 
 
+def parse_numbers(raw) -> list[int] | None:
+    """The integers of a countdown ``input``/``nums`` cell: a list of ints, or a string like "1,2,3",
+    "[1, 2, 3]" or "1 2 3"; None if it is anything else."""
+    if isinstance(raw, list):
+        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in raw)
+        return list(raw) if ok else None
+    parts = raw.strip().strip("[]").replace(",", " ").split()
+    try:
+        return [int(x) for x in parts]
+    except ValueError:
+        return None
+
+
+def _key(record: dict, names: tuple[str, ...]) -> str:
+    """How the record spells the first of ``names`` it holds (any letter case), for error messages."""
+    return next((k for n in names for k in record if k.lower() == n), names[0])
+
+
 def load_file(path) -> datasets.Dataset:
-    """Read JSONL lines {"input": "a,b,c", "output": target}; no reference expression."""
+    """JSONL, CSV or Parquet rows in d1's format {"input": "a,b,c", "output": target} or with ``nums``
+    (or ``numbers``: a list or "a,b,c") and ``target``; no reference expression (``answer`` is "")."""
     rows = []
-    for lineno, obj in read_jsonl(path):
-        raw = get_field(path, lineno, obj, "input")
-        try:
-            numbers = [int(x) for x in raw.split(",")]
-        except ValueError:
-            raise file_error(path, lineno, f"'input' must be comma-separated integers, got {raw!r}") from None
+    for where, obj in read_records(path, columns=(("input", "nums", "numbers"), ("output", "target"))):
+        raw = field(path, where, obj, "input", "nums", "numbers", kinds=(str, list))
+        name = _key(obj, ("input", "nums", "numbers"))
+        numbers = parse_numbers(raw)
+        if numbers is None:
+            raise file_error(path, where, f"{name!r} must be comma-separated integers, got {raw!r}")
         if len(numbers) < 2 or min(numbers) < 0:
-            raise file_error(path, lineno, f"'input' must hold at least 2 non-negative integers, got {raw!r}")
-        out = get_field(path, lineno, obj, "output", kinds=(str, int))
+            raise file_error(path, where, f"{name!r} must hold at least 2 non-negative integers, got {raw!r}")
+        out = field(path, where, obj, "output", "target", kinds=(str, int))
         try:
             target = int(out)
         except ValueError:
-            raise file_error(path, lineno, f"'output' must be an integer target, got {out!r}") from None
+            raise file_error(path, where, f"{_key(obj, ('output', 'target'))!r} must be an integer target, "
+                                          f"got {out!r}") from None
         rows.append((numbers, target, ""))
     require_rows(path, rows)
     return _to_dataset(rows)
@@ -156,10 +178,57 @@ def evaluate(expr: str) -> tuple[Fraction, list[int]] | None:
         return None
 
 
+_LATEX_OPS = (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"), ("×", "*"), ("÷", "/"), ("−", "-"))
+_EXPR_CHARS = frozenset("0123456789+-*/() \t\n\r\f\v")
+_LEADING_EXPR = re.compile(r"[\d+\-*/()\s]*")
+
+
+def _before_equals(span: str) -> str | None:
+    """The run of expression characters that ends at the first ``=`` preceded by one (``95 - 73 = 22``
+    -> ``95 - 73 ``), as d1's ``([0-9+\\-*/() ]+)=`` finds it; None when no ``=`` is. Linear time."""
+    i = span.find("=")
+    while i >= 0:
+        j = i
+        while j > 0 and span[j - 1] in _EXPR_CHARS:
+            j -= 1
+        if j < i:
+            return span[j:i]
+        i = span.find("=", i + 1)
+    return None
+
+
+def final_expression(completion: str) -> str:
+    """The expression a completion answers, as d1's evaluator reads it: the last ``\\boxed{}`` (d1's prompt
+    asks for one; one cut off before its closing brace reads as far as its expression goes), else the
+    ``<answer>`` tags, else the whole text; LaTeX operators (``\\times``,
+    ``\\cdot``, ``\\div``) made Python's; of ``expr = 94`` the expression before the first ``=``.
+
+    d1 reads the whole completion when there is no box, so an expression in ``<answer>`` tags alone is
+    seen there only if it is the first ``expr = N`` of the text; here the tags are read."""
+    text = strip_end(completion)
+    span = last_boxed(text)
+    if is_placeholder(span):
+        unclosed = [content for content, closed in boxed_spans(text) if not closed]
+        if unclosed:  # "\\boxed{48 + 29 + 16" cut off: the expression its brace never closed
+            span = _LEADING_EXPR.match(unclosed[-1]).group(0)
+        else:
+            span = extract_answer(text)
+    for latex, op in _LATEX_OPS:
+        span = span.replace(latex, op)
+    before = _before_equals(span)
+    if before is not None:
+        span = before
+    return " ".join(span.split())
+
+
 def reward(completion: str, example: dict) -> float:
-    """1.0 correct; 0.1 well-formed but wrong numbers or value; 0.0 otherwise."""
-    expr = extract_answer(completion).split("=", 1)[0]
-    result = evaluate(expr)
+    """1.0 when the completion's expression (:func:`final_expression`) uses each of ``example["numbers"]``
+    exactly once and equals ``example["target"]``; 0.1 when it is a well-formed expression that does not
+    (d1's training reward gives the same 0.1 format score); 0.0 when there is none."""
+    try:
+        result = evaluate(final_expression(completion))
+    except Exception:  # defensive: reward must never raise
+        return 0.0
     if result is None:
         return 0.0
     value, literals = result

@@ -1,102 +1,85 @@
-"""MATH-500 task for real LLMs: JSONL loading, the \\boxed{} answer prompt,
-and a normalising string/number comparison reward."""
+"""MATH-500 task for real LLMs: file loading, the \\boxed{} answer prompt, and a reward that reads the
+final answer as d1's evaluator does (last \\boxed{}, else the <answer> tags) and compares it with the
+reference by normalised string or by value (math-verify), in training/tasks/grading.py."""
 
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 import datasets
 
-from .common import extract_answer, load_question_answer_jsonl, no_generator
+from . import d1_prompts
+from .common import field, file_error, load_question_answer, no_generator
+from .grading import answer_tag, boxed_spans, is_placeholder, last_boxed, math_equal, strip_end
 
 NAME = "math500"
 GEN_LENGTH = 256
+# the raw prompt's instruction (``prompt`` = question + this), for a model read without a chat template
 INSTRUCTION = (
     "Solve the problem step by step. Show your reasoning, then give the final answer "
     "as \\boxed{...} inside <answer></answer> tags."
 )
 
-_REMOVE = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "$", "^\\circ", "^{\\circ}", "\\%", "%")
-_TEXT = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}")
-_FRAC = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
+
+def instruction(example: dict, stage: str) -> str:
+    """d1's MATH user turn for the example's ``question`` (a file's ``problem``), for RL rollouts (``train``) or
+    evaluation (``eval``): training/tasks/d1_prompts.py."""
+    return d1_prompts.math500(d1_prompts.field(example, "question", NAME), stage)
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (balanced braces), or None."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text) or text[i] != "{":  # "\boxed 5" form
-        rest = text[i:].split()
-        return rest[0].rstrip("$") if rest else None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return text[i + 1:]  # unbalanced: take the rest
+def final_answer(completion: str) -> str | None:
+    """The answer a completion gives: its last closed ``\\boxed{}`` (d1's reading), else the content of its
+    ``<answer>`` tags with a box whose brace never closes unwrapped; else the whole text.
 
-
-def normalize(s: str) -> str:
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 shorthand
-    for token in _REMOVE:
-        s = s.replace(token, "")
-    prev = None
-    while prev != s:  # unwrap nested \text{...}
-        prev, s = s, _TEXT.sub(r"\1", s)
-    s = "".join(s.split()).rstrip(".")
-    if s.count("=") == 1 and re.match(r"^[A-Za-z]\w*=", s):  # "x=5" -> "5"
-        s = s.split("=", 1)[1]
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
-        s = s.replace(",", "")
-    return s
-
-
-def to_number(s: str) -> Fraction | None:
-    """Exact value of a normalised plain number, a/b, or \\frac{a}{b}; else None."""
-    try:
-        if re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", s):
-            return Fraction(s)
-        if m := re.fullmatch(r"(-?\d+)/(-?\d+)", s):
-            return Fraction(int(m[1]), int(m[2]))
-        if m := _FRAC.fullmatch(s):
-            value = Fraction(int(m[2]), int(m[3]))
-            return -value if m[1] else value
-    except (ValueError, ZeroDivisionError):
-        return None
-    return None
-
-
-def _final(text: str) -> str:
+    d1 compares the whole completion when there is no box, so an answer in ``<answer>`` tags alone scores 0
+    there; here it is read. An empty box (``\\boxed{}``) falls back to the tags, as in d1."""
+    text = strip_end(completion)
     boxed = last_boxed(text)
-    return normalize(boxed if boxed is not None else text)
+    if not is_placeholder(boxed):
+        return boxed
+    tag = answer_tag(text)
+    if tag is None:  # neither: the whole text, as d1 compares it (right only when it is the answer alone)
+        return None if boxed is not None or is_placeholder(text) else text.strip()
+    spans = boxed_spans(tag)
+    if spans:  # "\\boxed{2000" with no closing brace, inside the tags
+        tag = spans[-1][0]
+    elif m := re.fullmatch(r"boxed\{(.*)\}", tag, re.S):  # "boxed{4}": the backslash lost
+        tag = m[1]
+    return None if is_placeholder(tag) else tag.strip()
 
 
 def is_equiv(pred: str, gold: str) -> bool:
-    a, b = _final(pred), _final(gold)
-    if a == b:
-        return bool(a)
-    x, y = to_number(a), to_number(b)
-    return x is not None and x == y
+    """True when the final answer of ``pred`` (a completion) equals the reference answer ``gold``."""
+    return math_equal(final_answer(pred), gold)
 
 
 def make_dataset(split: str, n: int, seed: int = 0) -> datasets.Dataset:
     no_generator(NAME, split, n)
 
 
+def answer_parts(path, where, record: dict) -> tuple[str, str]:
+    """(final answer, reasoning) of one MATH record: its ``answer`` (MATH-500's field), else the last
+    \\boxed{} of its ``solution``; the reasoning is the ``solution`` ("" if absent)."""
+    solution = field(path, where, record, "solution", required=False) or ""
+    answer = field(path, where, record, "answer", kinds=(str, int, float), required=False)
+    if answer is None:
+        answer = last_boxed(solution)
+        if answer is None or not answer.strip():
+            raise file_error(path, where, "missing key 'answer' (and no 'solution' with a \\boxed{} answer)")
+    return str(answer).strip(), solution.strip()
+
+
 def load_file(path) -> datasets.Dataset:
-    """JSONL with 'question' (or 'problem', as in the public MATH-500 release) and 'answer'."""
-    return load_question_answer_jsonl(path, INSTRUCTION, str.strip, question_keys=("question", "problem"))
+    """JSONL, CSV or Parquet rows in MATH-500's layout (openai/prm800k's test file: ``problem``, ``solution``,
+    ``answer``, ``subject``, ``level``, ``unique_id``; ``question`` is accepted for ``problem``) -> prompt,
+    answer, question, reasoning."""
+    return load_question_answer(path, INSTRUCTION, answer_parts, question_keys=("problem", "question"))
 
 
 def reward(completion: str, example: dict) -> float:
-    """1.0 if the (boxed) final answer matches the reference after normalisation."""
+    """1.0 when the completion's final answer (:func:`final_answer`) equals ``example["answer"]``
+    (:func:`grading.math_equal`: normalised strings, or equal in value by math-verify), else 0.0."""
     try:
-        return 1.0 if is_equiv(extract_answer(completion), str(example["answer"])) else 0.0
+        return 1.0 if is_equiv(completion, str(example["answer"])) else 0.0
     except Exception:  # defensive: reward must never raise
         return 0.0
