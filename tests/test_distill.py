@@ -147,7 +147,8 @@ def test_sft_config_passes_every_shared_option_through():
     changed = {"model": "m", "tasks": "cd3", "train_examples": 7, "gen_length": 8, "max_steps": 9, "batch_size": 3,
                "lr": 0.5, "warmup_steps": 4, "weight_decay": 0.25, "max_grad_norm": 2.5, "loss_weighting": "inv_t",
                "seed": 11, "save_every": 5, "log_every": 6, "resume": True, "cache_loss": "dual",
-               "cache_loss_weight": 3.0, "cache_block_length": 2, "targets": "model", "output_dir": "o"}
+               "cache_loss_weight": 3.0, "cache_block_length": 2, "targets": "model", "output_dir": "o",
+               "data": "d.jsonl", "eval_data": "e.jsonl", "eval_every": 12, "eval_examples": 13}
     assert shared <= set(changed)
     cfg = sft_config(DistillConfig(**{k: changed[k] for k in shared}))
     # the pool is the teacher's answers, so train_examples is not the SFT run's to use

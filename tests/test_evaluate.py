@@ -157,3 +157,41 @@ def test_eval_aggregates_by_hand(model_dir, monkeypatch):
     assert r.threshold_distribution == {"0.25": 2, "0.5": 2, "0.9": 1}
     assert [row["reward"] for row in r.rows] == [1.0, 0.5, 0.0, 1.0, 0.25]
     assert [row["nfe"] for row in r.rows] == nfes
+
+
+def test_sudoku_d1_accuracy_divides_totals_by_hand():
+    """d1's sudoku number: right blank cells over all blank cells of the set (not the mean of row fractions)."""
+    sudoku = get_task("sudoku")
+    a = {"puzzle": "0" * 4 + "341221434321", "solution": "1234341221434321"}  # 4 blanks
+    b = {"puzzle": "1034341221434321", "solution": "1234341221434321"}  # 1 blank
+    pairs = [("<answer>1234341221434321</answer>", b), ("<answer>1111341221434321</answer>", a)]
+    # b: 1 of 1 right; a: 1 of 4 right (cell 0 is 1) -> (1 + 1) / 5, where the mean of rows would be 0.625
+    assert sudoku.d1_accuracy(pairs) == pytest.approx(2 / 5)
+    assert sudoku.d1_accuracy([]) == 0.0
+
+
+def test_eval_reports_d1s_sudoku_number_beside_the_reward():
+    """A puzzle with two solutions, stored with the one the bundled model does not write: the reward accepts the
+    model's valid grid (1.0) while d1's number counts its cells against the stored one."""
+    import datasets
+    from diffpo_serve.dllm.loading import default_model_path
+    sudoku = get_task("sudoku")
+    loaded = load_model(default_model_path())
+    puzzle = "0000342143120043"  # 6 blanks, two solutions
+    grids = [g for g in sudoku.all_grids() if all(p in ("0", c) for p, c in zip(puzzle, g))]
+    assert len(grids) == 2 == sudoku.solution_count(puzzle)
+    params = SamplingParams(sampler="steps", gen_length=16)
+
+    def run(solution):
+        data = datasets.Dataset.from_dict({"prompt": [f"sudoku {puzzle}"], "answer": [solution],
+                                           "puzzle": [puzzle], "solution": [solution]})
+        return evaluate(loaded, "sudoku", data, params, progress=False)
+    written = run(grids[0]).rows[0]["completion"]
+    assert written in grids  # the bundled model solves it
+    other = next(g for g in grids if g != written)
+    result = run(other)
+    blanks = [i for i, c in enumerate(puzzle) if c == "0"]
+    assert result.accuracy == 1.0 and result.exact == 1.0
+    assert result.d1_accuracy == pytest.approx(sum(written[i] == other[i] for i in blanks) / len(blanks))
+    assert result.d1_accuracy < 1.0
+    assert run(written).d1_accuracy == 1.0

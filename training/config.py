@@ -14,6 +14,7 @@ from diffpo_serve.dllm.sampler import SAMPLERS
 from diffpo_serve.dllm.step_policy import FEATURE_SETS
 from diffpo_serve.dllm.threshold_head import FEATURES
 from training.commit_policy import WARM_START_LABELS
+from training.tasks import REWARD_KINDS
 
 
 def option(default, help: str, **kw):
@@ -25,6 +26,14 @@ CACHE_LOSS_HELP = ("also train for the sampler's KV cache: a second loss on bloc
                    "mid-block, with the prompt's and earlier blocks' keys/values from the block's first step "
                    "(prefix: the later blocks are recomputed; dual: they are cached too; both: alternate by step); "
                    "makes a small model's cached decode lose less (training/sft.py cached_view_loss)")
+DATA_HELP = ("training examples from a data file instead of generated ones: FILE with one task, else TASK=FILE pairs, "
+             "comma-separated (a task without one keeps its generator; gsm8k and math500 have none); JSONL, CSV "
+             "or Parquet by extension, with the task's fields (gsm8k: question, answer ending '#### 72'; math500: "
+             "problem, answer or the last \\boxed{} of solution; countdown/cd3: d1's input/output or nums/target; "
+             "sudoku: Puzzle,Solution); its first --train-examples rows")
+EVAL_DATA_HELP = ("held-out examples of --eval-every, given as --data (its first --eval-examples rows); a task "
+                  "without one is evaluated on its generated test split, so gsm8k and math500 need it (nothing "
+                  "is held out of --data)")
 
 
 @dataclass
@@ -35,6 +44,12 @@ class SFTConfig:
     model: str | None = option(None, "model directory to fine-tune; default: a new tiny model from --hidden-size etc.")
     tasks: str = option("sudoku,cd3", "comma-separated tasks mixed in equal parts")
     train_examples: int = option(50_000, "examples generated per task for the training pool")
+    data: str | None = option(None, DATA_HELP)
+    eval_data: str | None = option(None, EVAL_DATA_HELP)
+    chat_template: bool = option(True, "a --model whose tokenizer has a chat template reads each task's "
+                                       "instruction in it and learns d1's <reasoning>...</reasoning> <answer>..."
+                                       "</answer> completion (the file's worked solution, then its answer); "
+                                       "--no-chat-template: the raw prompt and the bare answer")
     gen_length: int = option(16, "completion length in tokens (answer + EOS padding)")
     max_steps: int = option(6000, "optimiser steps")
     batch_size: int = option(128, "sequences per step (per process)")
@@ -46,7 +61,8 @@ class SFTConfig:
     loss_weighting: str = option("inv_t", "inv_t: LLaDA's sum of masked CE / t over all completion tokens; "
                                  "masked_mean: mean CE over masked positions", choices=["inv_t", "masked_mean"])
     seed: int = option(0, "seed for data order, masking and initialisation")
-    save_every: int = option(500, "steps between checkpoints")
+    save_every: int = option(500, "steps between checkpoints (OUTPUT_DIR/checkpoint, for --resume); the model "
+                             "itself is written to OUTPUT_DIR at the end")
     log_every: int = option(50, "steps between metric lines")
     eval_every: int = option(0, "steps between greedy full-step evaluations on each task's test split, logged "
                              "to metrics.jsonl (0: off)")
@@ -99,6 +115,11 @@ class RLConfig:
     warm_start_point: float | None = option(0.9, "after the warm start, fold this threshold into the policy "
                                             "(p >= point becomes p >= 0.5, its new operating point), so RL rollouts "
                                             "sample around that rule (0: keep 0.5)")
+    reward: str = option("correctness", "the rollouts' reward: correctness (the task's, as d1's evaluator judges "
+                         "answers) or d1 (d1's training reward: on gsm8k correctness x2 plus its integer, strict and "
+                         "soft format and XML-count terms, on math500 correctness x2 plus its format term; the other "
+                         "tasks' correctness); accuracy is logged from correctness either way",
+                         choices=list(REWARD_KINDS))
     lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
     model_reward: str = option("task", "reward of the dLLM's loss: task (correctness only) or sampler (the NFE-"
                                "penalised sampler reward, so correct-and-fast rollouts count most; joint training)",
@@ -113,6 +134,8 @@ class RLConfig:
     model: str | None = option(None, "model directory to post-train; default: the bundled model")
     tasks: str = option("cd3", "comma-separated tasks; each step draws its prompts from their train splits")
     train_examples: int = option(20_000, "training prompts generated per task")
+    data: str | None = option(None, DATA_HELP)
+    eval_data: str | None = option(None, EVAL_DATA_HELP)
     num_generations: int = option(8, "G: completions per prompt (one group)")
     prompts_per_step: int = option(16, "prompts per step (per process)")
     num_iterations: int = option(4, "mu: inner optimisation steps on each batch of rollouts")
@@ -137,13 +160,17 @@ class RLConfig:
     block_length: int | None = option(None, "rollout block length (default: gen_length; 32 through a chat template)")
     chat_template: bool = option(True, "a model whose tokenizer has a chat template reads each task's instruction in "
                                        "it, as in eval; --no-chat-template sends the raw prompts")
-    steps: int | None = option(None, "rollout forward passes for the steps sampler (default: gen_length)")
+    steps: int | None = option(None, "rollout forward passes for the steps sampler (default: gen_length; half of it "
+                               "through a chat template, as d1's rollouts)")
     cache: str = option("off", "rollout KV cache (native models): off, prefix or dual; the behaviour log-probs are "
                         "then those of the cached sampler, the distribution actually sampled from",
                         choices=["off", "prefix", "dual"])
     max_steps: int = option(300, "RL steps (each: rollouts, then mu optimiser steps)")
     seed: int = option(0, "seed for prompts, rollouts, masks and tau")
-    save_every: int = option(50, "steps between checkpoints")
+    save_every: int = option(50, "steps between checkpoints (OUTPUT_DIR/checkpoint: what --resume needs; with "
+                             "--lora-r the adapters and trainer state only, never the base weights); the model "
+                             "itself (LoRA merged) is written to OUTPUT_DIR once, at the end; `diffpo-train export` "
+                             "writes it for any checkpoint")
     log_every: int = option(1, "steps between metric lines")
     eval_every: int = option(0, "steps between evaluations on the test split (0: off): greedy; a canvas model "
                              "with fixed seeds")
@@ -173,6 +200,11 @@ class DistillConfig:
     model: str | None = option(None, "model directory to distill (teacher and student); default: the bundled model")
     tasks: str = option("sudoku,cd3", "comma-separated tasks whose training prompts the teacher answers")
     train_examples: int = option(20_000, "training prompts decoded by the teacher per task")
+    data: str | None = option(None, DATA_HELP.replace("training examples", "the teacher's prompts"))
+    eval_data: str | None = option(None, EVAL_DATA_HELP)
+    eval_every: int = option(0, "steps between greedy full-step evaluations of the student on each task's test "
+                             "split, logged to metrics.jsonl (0: off)")
+    eval_examples: int = option(256, "test prompts per task for --eval-every")
     min_reward: float = option(1.0, "keep a teacher answer only if its reward is at least this (1.0: correct "
                                "answers only; 0: every answer)")
     teacher_steps: int | None = option(None, "teacher forward passes per answer (default: gen_length, one token "
@@ -187,7 +219,8 @@ class DistillConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     loss_weighting: str = option("masked_mean", "as for sft", choices=["inv_t", "masked_mean"])
     seed: int = option(0, "seed of the training prompts, data order and masking")
-    save_every: int = option(250, "steps between checkpoints")
+    save_every: int = option(250, "steps between checkpoints (OUTPUT_DIR/checkpoint, for --resume); the model "
+                             "itself is written to OUTPUT_DIR at the end")
     log_every: int = option(50, "steps between metric lines")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint (the teacher's answers are read back "
                           "from OUTPUT_DIR/distill_data.jsonl, not decoded again)")
@@ -204,7 +237,8 @@ class EvalConfig:
     """Accuracy and NFE of a model on a task's test split or data file."""
 
     task: str = option("cd3", "task name (sudoku, cd3, countdown, gsm8k, math500)")
-    data: str | None = option(None, "data file (sudoku CSV, countdown/gsm8k/math500 JSONL); default: generated test split")
+    data: str | None = option(None, "data file of --task, JSONL, CSV or Parquet by extension, with the task's "
+                                    "fields (as for rl --data); default: the generated test split")
     model: str | None = option(None, "model directory; default: the bundled model")
     sampler: str | None = option(None, "unmasking strategy (learned: the model's threshold head picks gamma; policy: "
                                  "the model's step policy commits each pass); default: steps, and for a canvas "
@@ -216,7 +250,8 @@ class EvalConfig:
     gen_length: int | None = option(None, "tokens to generate (default: the task's; 256 through a chat template)")
     block_length: int | None = option(None, "semi-autoregressive block length (default: gen_length; 32 through a "
                                             "chat template; a canvas model's is fixed: its canvas_length)")
-    steps: int | None = option(None, "`steps` sampler: forward passes (default: gen_length); a canvas model: the "
+    steps: int | None = option(None, "`steps` sampler: forward passes (default: gen_length; half of it through a "
+                                     "chat template, d1's evaluation setting); a canvas model: the "
                                      "most denoising steps per block (default: its checkpoint's)")
     cache: str = option("off", "KV cache (native models): off, prefix (the prompt's and finished blocks' keys/"
                         "values reused within a block) or dual (also the masked suffix's)",
@@ -249,6 +284,17 @@ class EvalConfig:
     compile: bool = option(False, "compile the model's transformer layers with torch.compile first (faster "
                                   "decoding after a warm-up; on a CPU it needs a C++ compiler)")
     output: str | None = option(None, "also write per-example results as JSONL here")
+
+
+@dataclass
+class ExportConfig:
+    """The plain model of a training checkpoint: LoRA adapters merged into their base, loadable without peft."""
+
+    checkpoint: str | None = option(None, "checkpoint directory (a run's OUTPUT_DIR/checkpoint); required")
+    output: str | None = option(None, "directory to write the model to (created; model files in it are "
+                                      "replaced); required")
+    base_model: str | None = option(None, "LoRA checkpoints: the base model directory (default: the one the "
+                                          "checkpoint's lora_base.json names, where the run loaded it from)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:

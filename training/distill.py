@@ -35,6 +35,7 @@ import torch
 from diffpo_serve.dllm.loading import default_model_path, load_model
 from diffpo_serve.dllm.sampler import SamplingParams
 from training.config import DistillConfig, SFTConfig
+from training.data import data_files, task_examples
 from training.evaluate import evaluate
 from training.sft import CHECKPOINT, train_sft
 from training.tasks import get_task
@@ -60,14 +61,18 @@ def select_answers(rows_by_task: dict[str, list[dict]], min_reward: float) -> li
 
 
 def teacher_answers(cfg: DistillConfig) -> list[dict]:
-    """Decode every task's training prompts with the model at full steps; the kept rows."""
+    """Decode every task's training prompts (generated, or its ``--data`` file's) with the model at full
+    steps; the kept rows."""
+    tasks = cfg.tasks.split(",")
+    files = data_files(cfg.data, tasks)  # read before the model loads: a bad file fails first
+    prompts = {name: task_examples(name, "train", cfg.train_examples, cfg.seed, files.get(name)) for name in tasks}
     loaded = load_model(cfg.model, device=cfg.device)
     torch.manual_seed(cfg.seed)
     rows_by_task, summary = {}, {}
-    for name in cfg.tasks.split(","):
+    for name in tasks:
         task = get_task(name)
         params = SamplingParams(sampler="steps", gen_length=cfg.gen_length or task.GEN_LENGTH, steps=cfg.teacher_steps)
-        data = task.make_dataset("train", cfg.train_examples, cfg.seed)
+        data = prompts[name]
         result = evaluate(loaded, name, data, params, batch_size=cfg.teacher_batch_size, desc="teacher")
         log.info("teacher on %s: %d prompts, accuracy %.3f, exact %.3f", name, result.n, result.accuracy, result.exact)
         rows_by_task[name] = result.rows
@@ -117,7 +122,8 @@ def sft_config(cfg: DistillConfig) -> SFTConfig:
                      loss_weighting=cfg.loss_weighting, seed=cfg.seed, save_every=cfg.save_every,
                      log_every=cfg.log_every, resume=cfg.resume, cache_loss=cfg.cache_loss,
                      cache_loss_weight=cfg.cache_loss_weight, cache_block_length=cfg.cache_block_length,
-                     targets=cfg.targets)
+                     targets=cfg.targets, data=cfg.data, eval_data=cfg.eval_data, eval_every=cfg.eval_every,
+                     eval_examples=cfg.eval_examples)
 
 
 def train_distill(cfg: DistillConfig) -> Path:

@@ -1,7 +1,9 @@
 """``diffpo-train eval``: accuracy, exact-match rate and NFE of a model on a task.
 
 Decodes every prompt with the shared sampler (batched), scores it with the task's reward, prints a
-readable table and, as the last stdout line, one JSON object with the summary.
+readable table and, as the last stdout line, one JSON object with the summary. Where a task's published number
+is computed differently from its reward (sudoku: d1 compares cells with the one stored solution, so a right
+answer to a puzzle with several solutions loses cells), ``d1_accuracy`` reports d1's number beside it.
 
 A canvas model (DiffusionGemma) decodes with :func:`diffpo_serve.dllm.canvas.generate` instead; its flags are
 mapped, and refused, as the server maps a request (:func:`canvas_params` hands them to the
@@ -27,7 +29,7 @@ from diffpo_serve.paradigms import CANVAS_ONLY, paradigm_for
 from diffpo_serve.protocol import APIError, CompletionRequest
 from diffpo_serve.settings import ServerSettings
 from training.config import EvalConfig
-from training.prompting import generation_lengths, prompt_ids, uses_chat_template
+from training.prompting import default_steps, generation_lengths, prompt_ids, uses_chat_template
 from training.tasks import get_task
 
 
@@ -48,6 +50,7 @@ class EvalResult:
     seconds: float
     cache: str  # the KV cache decoded with (off / prefix / dual)
     threshold_distribution: dict | None  # `learned`: how often each gamma was chosen
+    d1_accuracy: float | None  # the task's number as d1's evaluator computes it, where it differs (sudoku)
     rows: list  # per example: prompt, completion, reward, nfe, threshold (canvas: also encoder_passes)
 
     def summary(self) -> dict:
@@ -65,7 +68,7 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
     task = get_task(task_name)
     denoiser = canvas.denoiser_for(loaded.model) if isinstance(params, canvas.CanvasParams) else None
     params = params.resolved(denoiser.defaults) if denoiser is not None else params.resolved()
-    rows, total_tokens, seconds = [], 0, 0.0
+    rows, total_tokens, seconds, scored = [], 0, 0.0, []
     examples = list(dataset)
     bar = tqdm(total=len(examples), desc=f"{desc} {task_name}", disable=not progress)
     for start in range(0, len(examples), batch_size):
@@ -80,6 +83,7 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
             text, _ = loaded.decode(ids)
             end = loaded.eos_index(ids)
             total_tokens += end if end is not None else params.gen_length
+            scored.append((text, ex))
             rows.append({"prompt": ex["prompt"], "completion": text, "reward": task.reward(text, ex), "nfe": nfe,
                          "threshold": thr, **({} if enc is None else {"encoder_passes": enc})})
         bar.update(len(chunk))
@@ -97,7 +101,8 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
         block_length=params.block_length if denoiser is None else denoiser.canvas_length,
         steps=params.steps if params.sampler == "steps" or denoiser is not None else None, seconds=seconds,
         rows=rows, cache="off" if denoiser is not None else params.cache,
-        threshold_distribution=_distribution([r["threshold"] for r in rows]) if params.sampler == "learned" else None)
+        threshold_distribution=_distribution([r["threshold"] for r in rows]) if params.sampler == "learned" else None,
+        d1_accuracy=task.d1_accuracy(scored) if hasattr(task, "d1_accuracy") else None)
 
 
 def _decode(loaded: LoadedModel, denoiser, prompts: list[list[int]], params: list) -> tuple[list, list, list, list]:
@@ -173,7 +178,8 @@ def run_eval(cfg: EvalConfig) -> dict:
                                  "(DiffusionGemma's temperature schedule and early stop); this model decodes masked "
                                  "tokens")
         params = SamplingParams(sampler=cfg.sampler or "steps", gen_length=gen_length,
-                                block_length=block_length, steps=cfg.steps, threshold=cfg.threshold, cache=cfg.cache,
+                                block_length=block_length, steps=default_steps(chat and (cfg.sampler or "steps") == "steps", gen_length, cfg.steps),
+                                threshold=cfg.threshold, cache=cfg.cache,
                                 temperature=cfg.temperature, seed=cfg.seed if cfg.temperature > 0 else None)
     torch.manual_seed(cfg.seed)
     result = evaluate(loaded, cfg.task, data, params, batch_size=cfg.batch_size, chat_template=cfg.chat_template)
@@ -200,4 +206,6 @@ def evaluate_tasks(loaded: LoadedModel, eval_sets: dict, params: SamplingParams 
         r = evaluate(loaded, task, data, fixed, progress=False, chat_template=chat_template)
         record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
                        f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})
+        if r.d1_accuracy is not None:
+            record[f"eval_{task}_d1_accuracy"] = round(r.d1_accuracy, 4)
     return record

@@ -12,8 +12,9 @@ to predict the masked tokens. Two estimates of the loss are offered:
 Runs under accelerate (``accelerate launch --multi_gpu --num_processes N -m training.cli sft ...`` for
 several processes; on CPU they use gloo), with a
 progress bar, JSONL metrics, periodic atomic checkpoints, ``--resume`` and, with ``--eval-every N``,
-greedy full-step accuracy on each task's generated test split every N steps (``eval_<task>_accuracy``
-lines in metrics.jsonl, the task's reward averaged over ``--eval-examples`` prompts).
+greedy full-step accuracy on each task's generated test split (or its ``--eval-data`` file) every N steps
+(``eval_<task>_accuracy`` lines in metrics.jsonl, the task's reward averaged over ``--eval-examples`` prompts).
+``--data`` trains on a file's examples instead of generated ones (:mod:`training.data`).
 
 ``--cache-loss prefix|dual|both`` adds a second loss, the same objective as the sampler's KV-cached decode
 computes it in the middle of a block (:func:`cached_view_loss`): a small model otherwise leans on the
@@ -33,6 +34,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -42,11 +44,13 @@ from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.tokenizer import build_tokenizer
-from training.checkpoint import load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state, start_metrics
+from training.checkpoint import (export_model, load_trainer_state, recover_interrupted, save_checkpoint, set_rng_state,
+                                 start_metrics)
+from training.distributed import finish_run
 from training.config import SFTConfig
-from training.data import encode_examples, left_pad, sft_pool
+from training.data import encode_examples, eval_sets as eval_sets_of, left_pad, sft_examples, sft_pool
 from training.evaluate import evaluate_tasks
-from training.tasks import get_task
+from training.prompting import prompt_text
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
@@ -190,10 +194,10 @@ def new_model(cfg: SFTConfig):
     return DiffpoForMaskedLM(config), tokenizer
 
 
-def evaluate_model(model, tokenizer, eval_sets: dict, gen_length: int) -> dict:
+def evaluate_model(model, tokenizer, eval_sets: dict, gen_length: int, chat_template: bool = False) -> dict:
     """:func:`training.evaluate.evaluate_tasks` of the model being trained, greedy at full steps (one token
-    per pass), on each task's prompts (``eval_sets``: name -> dataset), in eval mode; the model is left in
-    the mode it was in."""
+    per pass), on each task's prompts (``eval_sets``: name -> dataset; through the tokenizer's chat template
+    with ``chat_template``), in eval mode; the model is left in the mode it was in."""
     loaded = LoadedModel(model=model, tokenizer=tokenizer, mask_id=model.config.mask_token_id,
                          pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, path="", name="sft",
                          max_length=getattr(model.config, "max_position_embeddings", 1 << 30))
@@ -201,7 +205,7 @@ def evaluate_model(model, tokenizer, eval_sets: dict, gen_length: int) -> dict:
     model.eval()
     try:
         return evaluate_tasks(loaded, eval_sets, SamplingParams("steps", gen_length, steps=gen_length),
-                              chat_template=False)
+                              chat_template=chat_template)
     finally:
         model.train(was_training)
 
@@ -209,14 +213,21 @@ def evaluate_model(model, tokenizer, eval_sets: dict, gen_length: int) -> dict:
 def train_sft(cfg: SFTConfig, pool=None) -> Path:
     """Run SFT; returns the output directory, itself a loadable model directory.
 
-    ``pool`` (a dataset with ``prompt`` and ``answer`` columns) replaces the tasks' generated training
-    examples; ``diffpo-train distill`` passes the model's own answers.
+    ``pool`` (a dataset with ``prompt`` and ``answer`` columns, texts used as they are) replaces the tasks'
+    training examples (generated, or read from ``--data``: :mod:`training.data`); ``diffpo-train distill``
+    passes the model's own answers. A ``--model`` with a chat template (and ``--chat-template``) reads d1's
+    training prompt in it and learns :func:`training.data.chat_target`.
     """
     if cfg.cache_loss != "off" and (cfg.cache_block_length < 1 or cfg.gen_length % cfg.cache_block_length):
         raise ValueError(f"--cache-block-length {cfg.cache_block_length} must divide --gen-length {cfg.gen_length}")
     if cfg.targets == "model" and not cfg.model:
         raise ValueError("--targets model scores against the starting model's predictions: give it with --model")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else a CPU DDP launch runs rank 0 twice
+    tasks = cfg.tasks.split(",")
+    # the examples first: a bad --data / --eval-data file fails before the model loads
+    examples = sft_examples(tasks, cfg.train_examples, cfg.seed, cfg.data) if pool is None else None
+    eval_sets = eval_sets_of(tasks, cfg.eval_examples, cfg.eval_data) if cfg.eval_every else {}
+    eval_sets = eval_sets if accelerator.is_main_process else {}
     out = Path(cfg.output_dir)
     ckpt, metrics_file = out / CHECKPOINT, out / "metrics.jsonl"
     torch.manual_seed(cfg.seed)
@@ -251,8 +262,11 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
     teacher = load_model(cfg.model, device=accelerator.device).model.eval().requires_grad_(False) \
         if cfg.targets == "model" else None
 
+    chat = cfg.chat_template and bool(getattr(tokenizer, "chat_template", None))
     if pool is None:
-        pool = sft_pool(cfg.tasks.split(","), cfg.train_examples, cfg.seed)
+        view = SimpleNamespace(tokenizer=tokenizer)  # all of a LoadedModel that prompting.prompt_text reads
+        pool = sft_pool(tasks, cfg.train_examples, cfg.seed, examples=examples, prompt_text=(
+            lambda task, ex: prompt_text(view, task, ex, stage="train")) if chat else None)
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts, completions = encode_examples(encode, pool["prompt"], pool["answer"], cfg.gen_length, eos_id)
     completions = torch.tensor(completions, dtype=torch.long)
@@ -260,8 +274,6 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
-        if cfg.eval_every and accelerator.is_main_process else {}
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="sft",
                disable=not accelerator.is_local_main_process)
     window, t0 = [], time.time()
@@ -302,7 +314,7 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
             window, t0 = [], time.time()
         if eval_sets and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             record = {"step": step + 1, **evaluate_model(accelerator.unwrap_model(model), tokenizer, eval_sets,
-                                                         cfg.gen_length)}
+                                                         cfg.gen_length, chat)}
             bar.write(" ".join(f"{k}={v}" for k, v in record.items()))
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -311,9 +323,7 @@ def train_sft(cfg: SFTConfig, pool=None) -> Path:
             if accelerator.is_main_process:
                 save_checkpoint(ckpt, model=accelerator.unwrap_model(model), tokenizer=tokenizer, step=step,
                                 optimizer=optimizer, scheduler=scheduler)
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        final.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # the trained model itself, once (checkpoints are for --resume)
+        export_model(accelerator.unwrap_model(model), tokenizer, out)
+    finish_run(accelerator, bar)
     return out
