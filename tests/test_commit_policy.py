@@ -321,7 +321,7 @@ def test_joint_step_trains_the_model_and_the_policy_on_policy_decoded_rollouts(b
     torch.testing.assert_close(policy_r, sampler_reward(batch.rewards, batch.nfe, 16, 0.5))
     (behaviour,), ((adv, token_mask),) = seen["is_weight"], seen["loss"]
     assert torch.equal(behaviour, batch.behaviour_logprob)
-    assert torch.equal(token_mask, scored(batch.commit_step))
+    assert torch.equal(token_mask, scored(batch.completion, batch.commit_step, batch.eos_ids))
     want, _ = group_advantages(batch.rewards, 3)
     assert bool((want != 0).any())
     torch.testing.assert_close(adv, want)

@@ -40,10 +40,12 @@ def rows_of(path):
 
 def solo(loaded, example, seed, **params):
     """``example`` decoded alone by ``canvas.generate``: its prompt rendered by the tokenizer's chat template
-    (the sudoku instruction as one user turn, the model's turn opened)."""
-    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": get_task("sudoku").instruction(example)}],
-                                                tokenize=False, add_generation_prompt=True)
+    (d1's sudoku eval prompt as one user turn, the model's turn opened, d1's ``<reasoning>`` prefilled)."""
+    text = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": get_task("sudoku").instruction(example, "eval")}], tokenize=False,
+        add_generation_prompt=True)
     assert text.startswith("<bos><|turn>user\n") and text.endswith("<|turn>model\n")
+    text += "<reasoning>"
     out = canvas.generate(canvas.denoiser_for(loaded.model), [loaded.encode(text)],
                           canvas.CanvasParams(seed=seed, **params), eos_ids=loaded.eos_ids, pad_id=loaded.pad_id,
                           head=loaded.threshold_head)

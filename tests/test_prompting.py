@@ -1,8 +1,9 @@
-"""Prompts for instruction-tuned models: the task's instruction in the model's chat template.
+"""Prompts for instruction-tuned models: d1's prompt for the task in the model's chat template.
 
 A model without a chat template (the project's own) reads the raw task prompt; one with a template
-reads the task's instruction (d1's reasoning/answer format) rendered by that template, in
-``diffpo-train eval`` and in RL rollouts, unless ``--no-chat-template``.
+reads d1's prompt (its evaluation prompt and ``<reasoning>`` prefill in ``diffpo-train eval``, its
+training prompt in RL rollouts) rendered by that template, unless ``--no-chat-template``. That the
+strings are d1's word for word: tests/test_d1_prompts.py.
 """
 
 from __future__ import annotations
@@ -35,25 +36,29 @@ def chat_model_dir(tmp_path_factory):
 
 def test_instructions_state_the_problem_and_d1s_answer_format():
     cd = get_task("countdown").make_dataset("test", 1, 0)[0]
-    text = get_task("countdown").instruction(cd)
-    assert ", ".join(map(str, cd["numbers"])) in text and str(cd["target"]) in text
     sd = get_task("sudoku").make_dataset("test", 1, 0)[0]
-    text_s = get_task("sudoku").instruction(sd)
-    assert sd["puzzle"] in text_s
-    for t in (text, text_s):
-        assert "<reasoning></reasoning>" in t and "<answer></answer>" in t
+    for stage in ("train", "eval"):
+        text = get_task("countdown").instruction(cd, stage)
+        assert str(list(cd["numbers"])) in text and str(cd["target"]) in text
+        text_s = get_task("sudoku").instruction(sd, stage)
+        assert sd["puzzle"] in text_s
+        for t in (text, text_s):
+            assert "<reasoning>\n" in t and "<answer>" in t
+    assert get_task("countdown").instruction(cd, "train") != get_task("countdown").instruction(cd, "eval")
 
 
 def test_chat_model_reads_the_instruction_in_its_template(chat_model_dir, model_path):
     chat = load_model(chat_model_dir)
     ex = get_task("countdown").make_dataset("test", 1, 0)[0]
-    want = "[user]" + get_task("countdown").instruction(ex) + "[assistant]"
-    assert prompt_text(chat, "countdown", ex) == want
+    want = "[user]" + get_task("countdown").instruction(ex, "eval") + "[assistant]<reasoning>"
+    assert prompt_text(chat, "countdown", ex) == want  # eval's prompt, d1's prefill after the template
+    want = "[user]" + get_task("countdown").instruction(ex, "train") + "[assistant]"
+    assert prompt_text(chat, "countdown", ex, stage="train") == want
     assert prompt_text(chat, "countdown", ex, chat_template=False) == ex["prompt"]
     plain = load_model(model_path)  # no template: the raw prompt
     assert prompt_text(plain, "countdown", ex) == ex["prompt"]
-    # a task without its own instruction (gsm8k's prompts already hold one) is sent as it is, in the template
-    assert prompt_text(chat, "gsm8k", {"prompt": "2+2?"}) == "[user]2+2?[assistant]"
+    # an example without a task is sent as its prompt, in the template
+    assert prompt_text(chat, None, {"prompt": "2+2?"}) == "[user]2+2?[assistant]"
 
 
 def test_eval_uses_the_template_and_d1s_lengths_unless_turned_off(chat_model_dir, tmp_path, capsys):
@@ -80,5 +85,5 @@ def test_rollouts_encode_the_templated_instruction(chat_model_dir, monkeypatch):
 
     monkeypatch.setattr(rollout_module, "generate", spy)
     rollout(chat.model, chat, [ex], lambda t, e: 0.0, 2, SamplingParams("steps", 4, steps=4), seed=0)
-    want = chat.encode("[user]" + get_task("sudoku").instruction(ex) + "[assistant]")
+    want = chat.encode("[user]" + get_task("sudoku").instruction(ex, "train") + "[assistant]")  # d1's training prompt
     assert seen == [want, want]

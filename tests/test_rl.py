@@ -40,7 +40,7 @@ def test_two_stage_with_tau_at_last_step_is_d1(trajectory):
     masked = prompt_mask(attention, 0.3, torch.Generator().manual_seed(0))
     one_pass = mean_field_logprobs(model, ids, attention, out.sequences, masked, MASK)
     two_stage = two_stage_logprobs(model, ids, attention, out.sequences, out.commit_step, out.nfe, masked, MASK)
-    mask = scored(out.commit_step)
+    mask = scored(out.sequences, out.commit_step, (EOS,))
     assert torch.equal(one_pass[mask], two_stage[mask])
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2])
     old = one_pass.detach() - 0.1
@@ -139,27 +139,30 @@ def test_ratio_clip_fraction_counts_the_active_side_of_the_clip_only():
     assert loss.item() == pytest.approx((1.5 + 1.3 + 0.8 + 1.0) / 4)
 
 
-def test_policy_loss_averages_per_sequence_over_scored_tokens_only():
-    """Three sequences with partial masks, where the per-sequence and the token-level means differ;
-    unscored positions hold values that would change everything if they leaked in."""
+def test_policy_loss_is_the_token_mean_over_the_batchs_scored_tokens():
+    """d1's normaliser: the scored tokens' losses summed over the batch, divided by their number (not averaged
+    per sequence first). Three sequences with partial masks, where the two means differ; unscored positions
+    hold values (inf, nan, huge weights) that would change everything, or poison the gradient, if they leaked in."""
     ratios = torch.tensor([[1.1, 0.9, 5.0, 5.0], [1.0, 1.5, 0.5, 5.0], [1.0, 5.0, 5.0, 5.0]])
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    w = torch.tensor([[2.0, 0.5, 9.0, 9.0], [1.0, 1.0, 1.0, 9.0], [1.0, 9.0, 9.0, 9.0]])
-    logp = ratios.log().requires_grad_()
+    w = torch.tensor([[2.0, 0.5, 9.0, 9.0], [1.0, 1.0, 1.0, 9.0], [1.0, 9.0, 9.0, float("nan")]])
+    logp = ratios.log().masked_fill(torch.tensor([[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.bool),
+                                    float("inf")).requires_grad_()
+    ref = torch.zeros(3, 4).masked_fill(~mask, float("-inf"))
     loss, stats = policy_loss(logp, torch.zeros(3, 4), torch.tensor([1.0, -2.0, 0.5]), mask, epsilon=0.2,
-                              is_weight=w, is_cap=2.0)
-    # row 0 (A = 1): -(2 * 1.1 + 0.5 * 0.9) / 2; row 1 (A = -2): min(-2, -2), min(-3, -2.4), min(-1, -1.6)
-    # -> (2 + 3 + 1.6) / 3; row 2 (A = 0.5): -0.5. Token-level would be (-2.65 + 6.6 - 0.5) / 6.
-    per_seq = [-(2.2 + 0.45) / 2, (2 + 3 + 1.6) / 3, -0.5]
-    assert loss.item() == pytest.approx(sum(per_seq) / 3)
+                              is_weight=w, is_cap=2.0, beta=1e-6, logp_ref=ref)
+    # row 0 (A = 1): -(2 * 1.1 + 0.5 * 0.9); row 1 (A = -2): min(-2, -2), min(-3, -2.4), min(-1, -1.6)
+    # -> 2 + 3 + 1.6; row 2 (A = 0.5): -0.5; six tokens. Per sequence first would be (-1.325 + 2.2 - 0.5) / 3.
+    tokens = [-2.2, -0.45, 2.0, 3.0, 1.6, -0.5]
+    assert loss.item() == pytest.approx(sum(tokens) / 6, abs=1e-5)  # beta's KL term is below 1e-5
     assert stats.mean_is_weight == pytest.approx(6.5 / 6)
     assert stats.is_clip_fraction == pytest.approx(1 / 6)
     assert stats.ratio_clip_fraction == pytest.approx(1 / 6)  # row 1's 0.5, clipped up to 0.8
     loss.backward()
-    assert (logp.grad[~mask] == 0).all()
-    # d loss / d logp_j = -w_j * A * r_j / (3 n_seq) on unclipped tokens: row 0's first token
-    assert logp.grad[0, 0].item() == pytest.approx(-2.0 * 1.0 * 1.1 / (3 * 2))
-    assert logp.grad[1, 2].item() == 0  # clipped: no gradient
+    assert torch.isfinite(logp.grad).all() and (logp.grad[~mask] == 0).all()
+    # d loss / d logp_j = -w_j * A * r_j / 6 on unclipped tokens (plus beta's KL): row 0's first token
+    assert logp.grad[0, 0].item() == pytest.approx(-2.0 * 1.0 * 1.1 / 6, abs=1e-5)
+    assert abs(logp.grad[1, 2].item()) < 1e-5  # clipped: no gradient but the KL's
 
 
 def test_kl_is_averaged_like_the_objective():
@@ -168,8 +171,8 @@ def test_kl_is_averaged_like_the_objective():
     mask = torch.tensor([[True, False], [True, True]])
     loss, stats = policy_loss(logp, logp, torch.zeros(2), mask, epsilon=0.2, beta=0.5, logp_ref=ref)
     k3 = lambda a, b: math.exp(math.log(b) - math.log(a)) - (math.log(b) - math.log(a)) - 1  # noqa: E731
-    row0, row1 = k3(0.5, 0.25), (k3(0.5, 0.5) + k3(0.9, 0.1)) / 2
-    assert loss.item() == pytest.approx(0.5 * (row0 + row1) / 2)
+    tokens = [k3(0.5, 0.25), k3(0.5, 0.5), k3(0.9, 0.1)]
+    assert loss.item() == pytest.approx(0.5 * sum(tokens) / 3)  # over the batch's scored tokens, as d1
     assert stats.kl == pytest.approx((k3(0.5, 0.25) + k3(0.5, 0.5) + k3(0.9, 0.1)) / 3)
 
 
@@ -212,7 +215,9 @@ def rl_cfg(base, out, **kw):
 
 
 @pytest.mark.parametrize("algo", ["d1", "diffpo"])
-def test_training_changes_every_parameter(base_dir, tmp_path, algo):
+def test_training_changes_every_parameter(base_dir, tmp_path, algo, monkeypatch):
+    # a reward that differs within a group (the tiny model's sudoku rewards may all be 0: no gradient at all)
+    monkeypatch.setattr(rl, "_reward", varied_reward)
     out = train_rl(rl_cfg(base_dir, tmp_path / algo, algo=algo, max_steps=3, save_every=3, scale_std=True)).output_dir
     before, after = load_file(base_dir / "model.safetensors"), load_file(out / "model.safetensors")
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
@@ -319,8 +324,9 @@ def test_sampler_training_moves_only_the_head(base_dir, tmp_path, features):
     assert "kl" not in records[-1]
 
 
-def test_joint_training_moves_model_and_head_and_resumes(base_dir, tmp_path, kill_after_checkpoint):
+def test_joint_training_moves_model_and_head_and_resumes(base_dir, tmp_path, kill_after_checkpoint, monkeypatch):
     from diffpo_serve.dllm.threshold_head import load_head
+    monkeypatch.setattr(rl, "_reward", varied_reward)  # the tiny model's sudoku rewards may all be 0: no gradient
     straight = train_rl(rl_cfg(base_dir, tmp_path / "joint", train="joint")).output_dir
     before, after = load_file(base_dir / "model.safetensors"), load_file(straight / "model.safetensors")
     assert not any(torch.equal(before[k], after[k]) for k in before)

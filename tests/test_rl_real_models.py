@@ -210,6 +210,37 @@ def test_rollout_lengths_follow_eval_for_chat_models(checkpoints):
     assert rl.rollout_lengths(RLConfig(tasks="sudoku,countdown"), plain) == (max(sudoku, countdown), None)
 
 
+@pytest.mark.parametrize("family,steps,expected", [("dream", None, 4), ("dream", 8, 8), ("llada", None, 8)])
+def test_rollout_steps_are_half_the_length_through_a_chat_template(checkpoints, tmp_path, monkeypatch, family,
+                                                                   steps, expected):
+    """d1's rollouts decode 256 tokens in 128 passes: a chat model's steps sampler defaults to half the length
+    (the Dream checkpoint has a chat template, the LLaDA one not); --steps overrides it."""
+    seen = []
+    real = rl.rollout
+
+    def spy(model, loaded, examples, reward_fn, g, params, *args, **kw):
+        seen.append(params)
+        return real(model, loaded, examples, reward_fn, g, params, *args, **kw)
+    monkeypatch.setattr(rl, "rollout", spy)
+    rl.train_rl(cfg_for(checkpoints[family], tmp_path / "out", steps=steps, block_length=8, lora_r=0,
+                        gradient_checkpointing=False, num_iterations=1))
+    assert [(p.gen_length, p.steps) for p in seen] == [(8, expected)]
+    assert rl.default_steps(True, 256) == 128 and rl.default_steps(True, 256, 64) == 64
+    assert rl.default_steps(False, 16) is None and rl.default_steps(True, 1) == 1
+
+
+@pytest.mark.parametrize("family,extra,expected", [("dream", [], 4), ("dream", ["--steps", "8"], 8),
+                                                    ("dream", ["--no-chat-template"], 8), ("llada", [], 8)])
+def test_eval_steps_are_half_the_length_through_a_chat_template(checkpoints, capsys, family, extra, expected):
+    """d1's evaluation setting: a chat model's steps sampler decodes in half the length's passes."""
+    import json
+    from training.cli import main
+    assert main(["eval", "--model", str(checkpoints[family]), "--task", "sudoku", "--limit", "2", "--gen-length", "8",
+                 "--block-length", "8", "--device", "cpu", *extra]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["steps"], summary["mean_nfe"]) == (expected, expected)
+
+
 def test_gradient_checkpointing_refused_by_name_for_a_model_without_it(tmp_path):
     class Plain(torch.nn.Module):
         supports_gradient_checkpointing = False

@@ -42,7 +42,7 @@ def make_batch(model, prompts, num_generations, rewards, **params) -> RolloutBat
                    eos_id=EOS, pad_id=PAD, return_trajectory=True)
     ids, attention = left_pad(rows, PAD)
     return RolloutBatch(prompt_ids=ids, prompt_attention=attention, completion=out.sequences,
-                        commit_step=out.commit_step, behaviour_logprob=out.logprob, nfe=out.nfe,
+                        commit_step=out.commit_step, eos_ids=(EOS,), behaviour_logprob=out.logprob, nfe=out.nfe,
                         rewards=torch.tensor(rewards, dtype=torch.float), texts=[""] * len(rows),
                         num_generations=num_generations, threshold=out.threshold,
                         threshold_choice=out.threshold_choice, head_features=out.head_features)
@@ -98,6 +98,15 @@ def policy_logp(model, prompt, canvas):
     return (logits - torch.logsumexp(logits[:, keep], -1, keepdim=True)).masked_fill(~keep, float("-inf"))
 
 
+def hand_mask(batch) -> torch.Tensor:
+    """The loss mask written out: a sampled token (commit step >= 0) at or before the row's first EOS."""
+    rows = []
+    for seq, steps in zip(batch.completion.tolist(), batch.commit_step.tolist()):
+        first = next((j for j, t in enumerate(seq) if t in batch.eos_ids), len(seq))
+        rows.append([s >= 0 and j <= first for j, s in enumerate(steps)])
+    return torch.tensor(rows)
+
+
 def z(seq, steps, s):
     """The rollout's canvas before its forward pass number s + 1: tokens committed at steps < s."""
     return [t if 0 <= c < s else MASK for t, c in zip(seq, steps)]
@@ -140,6 +149,8 @@ def test_trainer_is_weight_advantages_and_mask_by_hand(spy, temperature):
     model = tiny_model(seed=3, init=0.3)
     prompts = [p for p in PROMPTS[:2] for _ in range(3)]
     batch = make_batch(model, PROMPTS[:2], 3, [1, 0, 0, 1, 1, 0], temperature=temperature, **EB)
+    # a second EOS id, the token row 0 holds mid-completion: the loss must stop each row at its first
+    batch.eos_ids = (EOS, int(batch.completion[0, 3]))
     before = copy.deepcopy(model)
     metrics = update(cfg(num_generations=3, num_iterations=2, C=3.0), model, batch, lr=0.5)
 
@@ -150,11 +161,14 @@ def test_trainer_is_weight_advantages_and_mask_by_hand(spy, temperature):
         assert metrics[name] == pytest.approx(sum(values) / 2, abs=1e-4), name
     assert len(spy.norms) == 2 and spy.norms[0] != spy.norms[1]
     assert metrics["grad_norm"] == pytest.approx(sum(spy.norms) / 2, abs=1e-4)
-    mask = batch.commit_step >= 0
+    sampled, scored = batch.commit_step >= 0, hand_mask(batch)
+    assert (sampled & ~scored).any()  # these rollouts commit tokens after an EOS: the tail is left out
+    assert metrics["completion_length"] == pytest.approx(float(scored.sum()) / 6, abs=1e-3)
+    mask = sampled
     for (num_steps, tau), ((logp, old, adv, token_mask), kw) in zip(spy.tau, spy.loss):
         assert torch.equal(num_steps, batch.nfe)
         torch.testing.assert_close(adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, 1 / 3, 1 / 3, -2 / 3]))
-        assert torch.equal(token_mask, mask)
+        assert torch.equal(token_mask, scored)
         assert kw["is_cap"] == 3.0
         w = hand_weights(before, prompts, batch, tau, temperature, 3.0)
         torch.testing.assert_close(kw["is_weight"] * mask, w, atol=1e-4, rtol=1e-4)
@@ -206,7 +220,7 @@ def test_the_loss_mask_keeps_eos_fills_out_of_the_update(spy):
         m = copy.deepcopy(model)
         update(cfg(algo="diffpo"), m, b)
         results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
-    assert torch.equal(spy.loss[0][0][3], ~fills & (batch.commit_step >= 0))
+    assert torch.equal(spy.loss[0][0][3], hand_mask(filled))
     assert torch.equal(results[0], results[1])
     assert not torch.allclose(results[0], results[2])
 
@@ -220,7 +234,7 @@ def test_one_step_raises_the_rewarded_completion_and_lowers_the_other(monkeypatc
     tau = torch.div(batch.nfe + 1, 2, rounding_mode="floor")
     monkeypatch.setattr(rl, "draw_tau", lambda k, g=None: tau.clone())
     no_mask = torch.zeros_like(batch.prompt_attention)
-    mask = (batch.commit_step >= 0).float()
+    mask = hand_mask(batch).float()
 
     def mean_logp(m):
         with torch.no_grad():

@@ -4,12 +4,12 @@ A masked dLLM has no tractable sequence likelihood, so RL on it scores tokens wi
 
 ``mean_field`` (d1's diffu-GRPO, Zhao et al. 2025, arXiv 2504.12216): one forward pass on
     [prompt with each token masked w.p. ``p_mask`` ; completion fully masked]; every completion token
-    is scored by the per-position marginal log p(y_j | masked prompt, all-mask completion).
+    gets the per-position marginal log p(y_j | masked prompt, all-mask completion).
 ``two_stage`` (DiFFPO, arXiv 2510.02212, the "two-times mean-field" surrogate): a time tau is drawn
     among the rollout's own sampling steps 1..K and the rollout's intermediate state z_tau (the tokens
     committed at steps <= tau) is taken from its trajectory. Pass A, on [masked prompt ; all masks],
     scores the tokens committed at steps <= tau; pass B, on [masked prompt ; z_tau], scores the tokens
-    committed after tau. Every completion token is scored exactly once; tau = K is d1's estimate.
+    committed after tau. Every sampled token gets exactly one log-prob; tau = K is d1's estimate.
 
 Both score tokens under the policy the sampler draws from, :func:`~diffpo_serve.dllm.sampler.policy_logprobs`
 (the model's softmax without the mask token), so that DiFFPO's importance weight compares one family
@@ -17,7 +17,15 @@ of distributions (``training/loss.py``).
 
 Commit steps follow the sampler's convention: ``commit_step`` is 0-based (the token was committed by
 the forward pass numbered commit_step + 1), and -1 marks positions the sampler filled with EOS after
-the text was complete; those are never scored (``scored`` below).
+the text was complete, or padding past a row's length (``sampled`` below).
+
+Which tokens the loss scores (:func:`scored`): as d1 and TRL's GRPO do, a completion's tokens up to and
+including its first EOS (any of the model's EOS ids), nothing after it. A dLLM commits most of that tail
+itself, often first (at LLaDA's 256 tokens a 30-token answer leaves a tail of ~225 EOS), so scoring every
+committed token would make the objective mostly about the tail. The surrogates still compute log-probs at
+every position, and DiFFPO's tau and z_tau are unchanged: z_tau is the rollout's own state, tail tokens
+committed by step tau included, so it conditions pass B for the scored tokens; the tail's own log-probs are
+just never scored.
 """
 
 from __future__ import annotations
@@ -40,9 +48,25 @@ def draw_tau(num_steps: torch.Tensor, generator: torch.Generator | None = None) 
     return (u * num_steps).floor().long().clamp(max=num_steps - 1) + 1
 
 
-def scored(commit_step: torch.Tensor) -> torch.Tensor:
+def sampled(commit_step: torch.Tensor) -> torch.Tensor:
     """Completion positions that carry a sampled token (not an EOS fill or padding)."""
     return commit_step >= 0
+
+
+def through_first_eos(completion: torch.Tensor, eos_ids) -> torch.Tensor:
+    """d1's completion mask: (b, n) True at positions up to and including each row's first EOS (any id of
+    ``eos_ids``), False after it; a row without an EOS is True everywhere."""
+    eos_ids = [int(i) for i in eos_ids]
+    if not eos_ids:
+        raise ValueError("eos_ids is empty: the completion mask needs the model's EOS ids (LoadedModel.eos_ids)")
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device)).long()
+    return (is_eos.cumsum(-1) - is_eos) == 0  # no EOS strictly before the position
+
+
+def scored(completion: torch.Tensor, commit_step: torch.Tensor, eos_ids) -> torch.Tensor:
+    """The tokens the RL loss scores (its ``token_mask``, KL and per-token means included): sampled tokens up
+    to and including the first EOS of each completion (module docstring)."""
+    return sampled(commit_step) & through_first_eos(completion, eos_ids)
 
 
 def _token_logprobs(model, prompt_ids, prompt_attention, canvas, completion, mask_id, masked_prompt):
@@ -64,13 +88,14 @@ def mean_field_logprobs(model, prompt_ids, prompt_attention, completion, masked_
 def two_stage_logprobs(model, prompt_ids, prompt_attention, completion, commit_step, tau, masked_prompt,
                        mask_id) -> torch.Tensor:
     """DiFFPO's two-stage estimate: (b, n) log-probs, tokens committed at steps <= tau from pass A,
-    the rest from pass B conditioned on the rollout's own z_tau. ``tau`` (b,) is 1-based.
+    the rest from pass B conditioned on the rollout's own z_tau (every token committed by then, an EOS
+    tail's too). ``tau`` (b,) is 1-based. Which positions count is the caller's mask (:func:`scored`).
 
     Both passes run as one forward call (rows needing no pass B are not repeated), which keeps a
     single forward per backward under DistributedDataParallel.
     """
-    early = scored(commit_step) & (commit_step < tau[:, None])  # committed by the first tau passes
-    late = scored(commit_step) & ~early
+    early = sampled(commit_step) & (commit_step < tau[:, None])  # committed by the first tau passes: z_tau
+    late = sampled(commit_step) & ~early
     rows = late.any(-1).nonzero().squeeze(-1)
     all_masked = torch.full_like(completion, mask_id)
     z_tau = torch.where(early[rows], completion[rows], all_masked[rows])

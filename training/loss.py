@@ -8,7 +8,20 @@ The clipped policy-gradient objective of GRPO/d1, with DiFFPO's truncated import
     w_j    = min(C, exp(logp_old_j - logp_behaviour_j)), no gradient (truncated IS weight)
     KL_j   = exp(r_j) - r_j - 1,  r_j = logp_ref_j - logp_theta_j    (k3 estimator, Schulman 2020)
 
-averaged over each sequence's scored tokens, then over the sequences. d1 is w = 1.
+summed over the scored tokens of the whole batch and divided by their number. d1 is w = 1.
+
+Scored tokens (``token_mask``, :func:`training.likelihood.scored`): each completion's sampled tokens up to
+and including its first EOS, as d1 and TRL's GRPO build ``completion_mask``. The normaliser is d1's:
+``(per_token_loss * completion_mask).sum() / completion_mask.sum()`` over a process's batch (d1's
+``compute_loss``), a token-level mean, so a long completion weighs more than a short one (TRL's earlier
+GRPO averaged per sequence first; d1 does not). Under DDP each process normalises by its own count and
+the gradients are averaged across processes, as in d1. The KL term and the logged means (KL, clip
+fractions, IS weight) are over the same tokens.
+
+The learned samplers' losses below (the threshold head's, and the step policy's in
+``training/commit_policy.py``) take no token mask: they are REINFORCE on a rollout's own decisions (its
+gamma; every commit bit of every pass, the tail's included, since those decisions set the NFE the sampler
+reward pays for), one log-probability per rollout.
 
 The importance weight, defined once. Token y_j was committed at the rollout's step s_j in the context
 z_{s_j} (the prompt and the tokens committed before that step). The behaviour policy is what the
@@ -87,26 +100,32 @@ def policy_loss(
     is_weight: torch.Tensor | None = None,
     is_cap: float | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
-    """The per-token clipped objective averaged per sequence then over the batch.
+    """The per-token clipped objective, averaged over the batch's scored tokens (d1's normaliser).
 
-    logp, logp_old, logp_ref, is_weight, token_mask: (b, n); advantages: (b,).
+    logp, logp_old, logp_ref, is_weight, token_mask: (b, n); advantages: (b,). Positions outside
+    ``token_mask`` contribute neither value nor gradient.
     """
+    token_mask = token_mask.bool()
     mask = token_mask.float()
-    ratio = torch.exp(logp - logp_old.detach())
+    zero = torch.zeros_like(logp)
+
+    def scored_only(x):  # unscored positions hold 0 before any exp: whatever they held (even inf) stays out
+        return torch.where(token_mask, x, zero)
+
+    ratio = torch.exp(scored_only(logp - logp_old.detach()))
     adv = advantages[:, None]
     unclipped, clipped = ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv
     surrogate = torch.minimum(unclipped, clipped)
-    w = torch.ones_like(logp) if is_weight is None else is_weight.detach()
+    w = torch.ones_like(logp) if is_weight is None else scored_only(is_weight.detach())
     per_token = -w * surrogate
-    kl = torch.zeros_like(logp)
+    kl = zero
     if beta and logp_ref is not None:
-        r = logp_ref.detach() - logp
+        r = scored_only(logp_ref.detach() - logp)
         kl = torch.exp(r) - r - 1
         per_token = per_token + beta * kl
-    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-    loss = per_seq.mean()
+    n = mask.sum().clamp(min=1)
+    loss = (per_token * mask).sum() / n
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
         stats = LossStats(
             loss=float(loss),
             kl=float((kl * mask).sum() / n),

@@ -22,6 +22,10 @@ only in the likelihood surrogate (:mod:`training.likelihood`) and the importance
           distribution the sampler drew each token from (temperature, top-p; :mod:`training.loss` says
           what the weight corrects).
 
+Both score each completion's tokens up to and including its first EOS, as d1 does (not the EOS tail a dLLM
+commits; :func:`training.likelihood.scored`), and average over the batch's scored tokens. The learned
+samplers' REINFORCE losses (head, step policy) are per rollout and take no token mask.
+
 A fresh prompt mask (and tau) is drawn for each inner step and shared by the current, old and
 reference models. Every random draw is seeded by (seed, step, process), so ``--resume`` after a kill
 replays exactly the steps after the last checkpoint. Runs under accelerate (DDP on CPU via gloo with
@@ -30,11 +34,13 @@ GPUs); optional LoRA adapters via peft.
 
 Real architectures (native LLaDA and Dream checkpoints, :mod:`diffpo_serve.dllm.families`): ``--lora-r``
 adapts the projections the family names in ``LORA_TARGET_MODULES``, and the KL reference is then the
-same model with its adapters switched off (:class:`AdaptersOff`: no second copy of the weights);
+same model with its adapters switched off (:class:`AdaptersOff`: no second copy of the weights), its checkpoints
+hold the adapters and trainer state only and the merged model is written once, at the end (``diffpo-train export``
+merges any checkpoint: :mod:`training.checkpoint`);
 ``--gradient-checkpointing`` recomputes layer activations in the backward pass; ``--dtype bfloat16``
 holds the weights in bf16 while the LoRA adapters, their AdamW state and the loss (log-softmax over
-float32 logits) stay float32. A model with a chat template reads each task's instruction in it and
-decodes eval's lengths (``prompting.generation_lengths``) unless ``--gen-length`` / ``--block-length``
+float32 logits) stay float32. A model with a chat template reads d1's prompts in it (its training prompt in
+rollouts, its eval prompt in ``--eval-every``: :mod:`training.prompting`) and decodes eval's lengths (``prompting.generation_lengths``) unless ``--gen-length`` / ``--block-length``
 say otherwise. Memory arithmetic for an 8B model: docs/real_models.md.
 
 A canvas model (DiffusionGemma) trains its threshold head only (``--train sampler``); model RL is refused
@@ -61,15 +67,18 @@ from diffpo_serve.dllm.step_policy import StepPolicy, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head
 from training import canvas_rl
 from training.commit_policy import fit_warm_start, policy_rl_loss, warm_start_data
-from training.checkpoint import CheckpointError, load_trainer_state, recover_interrupted, save_checkpoint, start_metrics
+from training.checkpoint import (CheckpointError, export_model, load_trainer_state, recover_interrupted,
+                                 save_checkpoint, start_metrics)
+from training.distributed import finish_run
 from training.config import RLConfig
+from training.data import eval_sets as eval_sets_of, example_pool
 from training.evaluate import evaluate_tasks
 from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
-from training.prompting import generation_lengths, uses_chat_template
+from training.prompting import default_steps, generation_lengths, uses_chat_template
 from training.loss import (group_advantages, policy_loss, sampler_reward, threshold_head_loss,
                            truncated_is_weight)
 from training.rollout import rollout
-from training.tasks import get_task
+from training.tasks import get_task, reward_function
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
@@ -96,6 +105,7 @@ def _wrap_lora(model, cfg: RLConfig):
     from peft import LoraConfig, get_peft_model
     # autocast_adapter_dtype: adapters on a bf16/fp16 base are created in float32 (so is their AdamW state)
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=lora_targets(model))
+    torch.manual_seed(cfg.seed)  # A's random init: two fresh runs (in one process too) start from the same adapters
     return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
@@ -135,26 +145,36 @@ def rollout_lengths(cfg: RLConfig, loaded: LoadedModel) -> tuple[int, int | None
 # -----------------------------------------------------------------------------
 
 
-def _export(model, tokenizer, out: Path, lora: bool, head=None, policy=None) -> None:
-    """Write a plain loadable model (LoRA merged, threshold head and step policy beside it) to ``out``."""
-    plain = copy.deepcopy(model).merge_and_unload() if lora else model
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if head is not None:
-        head.save(out)
-    if policy is not None:
-        policy.save(out)
+def _export(model, tokenizer, out: Path, head=None, policy=None) -> None:
+    """The run's plain loadable model in ``out`` (LoRA merged, threshold head and step policy beside it;
+    :func:`training.checkpoint.export_model`), written once, when the run ends: checkpoints hold what resuming
+    needs (with LoRA the adapters only), and ``diffpo-train export`` turns any of them into this."""
+    export_model(model, tokenizer, out, head, policy)
 
 
-def _example_pool(cfg: RLConfig, split: str, n: int) -> list[dict]:
-    pool = []
-    for name in cfg.tasks.split(","):
-        pool += [{**ex, "task": name} for ex in get_task(name).make_dataset(split, n, cfg.seed)]
-    return pool
+def _example_pool(cfg: RLConfig, n: int) -> list[dict]:
+    """``n`` training examples per task, each with its ``task``: generated, or the first ``n`` rows of the
+    task's ``--data`` file (:func:`training.data.example_pool`)."""
+    return example_pool(cfg.tasks.split(","), n, cfg.seed, cfg.data)
 
 
-def _reward(text: str, example: dict) -> float:
-    return get_task(example["task"]).reward(text, example)
+class TaskReward:
+    """The reward of a rollout: ``reward_function(example["task"], kind)`` (``--reward``), looked up once per task.
+
+    ``TaskReward("correctness")`` is also the exact-match scorer beside d1's summed terms."""
+
+    def __init__(self, kind: str = "correctness"):
+        self.kind = kind
+        self._by_task: dict = {}
+
+    def __call__(self, text: str, example: dict) -> float:
+        task = example["task"]
+        if task not in self._by_task:
+            self._by_task[task] = reward_function(task, self.kind)
+        return self._by_task[task](text, example)
+
+
+_reward = TaskReward("correctness")  # the task's correctness: the default reward, and exact match beside d1's
 
 
 @dataclass
@@ -194,7 +214,7 @@ def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: i
 
     policy = new_policy()
     if cfg.warm_start_prompts > 0:
-        pool = _example_pool(cfg, "train", cfg.warm_start_prompts)
+        pool = _example_pool(cfg, cfg.warm_start_prompts)
         prompts = [base.encode(ex["prompt"]) for ex in pool]
         behaviour = SamplingParams("eb", gen_length, block_length=cfg.block_length, threshold=cfg.warm_start_gamma)
         t0 = time.perf_counter()
@@ -227,6 +247,9 @@ def train_rl(cfg: RLConfig) -> RLRun:
     train_model = cfg.train in ("model", "joint")
     train_policy = cfg.train in ("sampler", "joint") and cfg.sampler_kind == "policy"
     train_head = cfg.train in ("sampler", "joint") and cfg.sampler_kind == "head"
+    # the examples first: a bad --data / --eval-data file fails before the model loads
+    pool = _example_pool(cfg, cfg.train_examples)
+    eval_sets = eval_sets_of(cfg.tasks.split(","), cfg.eval_examples, cfg.eval_data) if cfg.eval_every else {}
     base = load_model(cfg.model, dtype=cfg.dtype)
     if base.paradigm == "canvas":
         canvas_rl.check(cfg, base.path)
@@ -286,13 +309,11 @@ def train_rl(cfg: RLConfig) -> RLRun:
     if base.paradigm == "canvas":  # the head's rollouts; NFE_max = decoder passes of every step of every block
         params, nfe_max = canvas_rl.rollout_params(cfg, loaded, gen_length)
     else:
-        params = SamplingParams(sampler, gen_length, block_length=block_length, steps=cfg.steps, cache=cfg.cache,
+        steps = default_steps(sampler == "steps" and uses_chat_template(loaded, cfg.chat_template), gen_length, cfg.steps)
+        params = SamplingParams(sampler, gen_length, block_length=block_length, steps=steps, cache=cfg.cache,
                                 threshold=None if train_head or train_policy else cfg.threshold,
                                 temperature=cfg.temperature, top_p=cfg.top_p).resolved()
         nfe_max = gen_length  # one token per pass
-    pool = _example_pool(cfg, "train", cfg.train_examples)
-    eval_sets = {t: get_task(t).make_dataset("test", cfg.eval_examples, seed=0) for t in cfg.tasks.split(",")} \
-        if cfg.eval_every else {}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "rl_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -304,14 +325,16 @@ def train_rl(cfg: RLConfig) -> RLRun:
         with metrics_file.open("a") as f:
             first = evaluate_tasks(loaded, eval_sets, params, cfg.chat_template)
             f.write(json.dumps({"step": 0, "rollouts": 0, **first}) + "\n")
+    task_reward = _reward if cfg.reward == "correctness" else TaskReward(cfg.reward)
     for step in bar:
         t0 = time.perf_counter()
         step_seed = (cfg.seed * 1_000_003 + step) * world + rank
         g = torch.Generator().manual_seed(step_seed)
         idx = torch.randint(0, len(pool), (cfg.prompts_per_step,), generator=g).tolist()
-        batch = rollout(unwrapped, loaded, [pool[i] for i in idx], _reward, cfg.num_generations, params,
+        batch = rollout(unwrapped, loaded, [pool[i] for i in idx], task_reward, cfg.num_generations, params,
                         seed=step_seed * 100_000, head=head_unwrapped, chat_template=cfg.chat_template,
-                        policy=policy_unwrapped if sampler == "policy" else None)
+                        policy=policy_unwrapped if sampler == "policy" else None,
+                        correctness_fn=None if cfg.reward == "correctness" else _reward)
         rollout_seconds = time.perf_counter() - t0
         record = {}
         # the NFE-penalised reward, once per step: the head's, and the model's with --model-reward sampler
@@ -348,11 +371,12 @@ def train_rl(cfg: RLConfig) -> RLRun:
             if accelerator.is_main_process:
                 extra = {"head_optimizer": head_optimizer.state_dict()} if head_optimizer else None
                 save_checkpoint(ckpt, model=unwrapped, tokenizer=tokenizer, step=step, optimizer=optimizer,
-                                extra=extra, head=head_unwrapped, policy=policy_unwrapped)
-                _export(unwrapped, tokenizer, out, lora, head_unwrapped, policy_unwrapped)
-    if cfg.max_steps == 0 and accelerator.is_main_process:  # e.g. a step policy's warm start alone
-        _export(unwrapped, tokenizer, out, False, head_unwrapped, policy_unwrapped)
-    accelerator.wait_for_everyone()
+                                extra=extra, head=head_unwrapped, policy=policy_unwrapped,
+                                lora_base={"model": str(Path(base.path).resolve()), "dtype": cfg.dtype} if lora
+                                else None)
+    if accelerator.is_main_process:  # also after 0 steps: e.g. a step policy's warm start alone
+        _export(unwrapped, tokenizer, out, head_unwrapped, policy_unwrapped)
+    finish_run(accelerator, bar)
     return RLRun(out, unwrapped)
 
 
@@ -362,7 +386,8 @@ def _model_update(cfg: RLConfig, model, unwrapped, ref_model, optimizer, acceler
     diffpo = cfg.algo == "diffpo"
     advantages, _ = group_advantages(rewards, cfg.num_generations, cfg.scale_std)
     advantages = advantages.to(batch.completion.device)
-    token_mask = scored(batch.commit_step)
+    # d1's completion mask: each completion's sampled tokens up to and including its first EOS (not the tail)
+    token_mask = scored(batch.completion, batch.commit_step, batch.eos_ids)
     # per inner step: the prompt mask, tau and the old/reference log-probs, all before any update
     draws = []
     with torch.no_grad():
@@ -391,7 +416,8 @@ def _model_update(cfg: RLConfig, model, unwrapped, ref_model, optimizer, acceler
     return {"loss": round(mean("loss"), 5), "kl": round(mean("kl"), 6),
             "ratio_clip_fraction": round(mean("ratio_clip_fraction"), 5),
             "is_clip_fraction": round(mean("is_clip_fraction"), 5), "mean_is_weight": round(mean("mean_is_weight"), 4),
-            "grad_norm": round(sum(grad_norms) / len(grad_norms), 4)}
+            "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
+            "completion_length": round(float(token_mask.sum(1).float().mean()), 3)}  # scored tokens per row (d1's)
 
 
 def _head_update(cfg: RLConfig, head, head_optimizer, accelerator, batch, r: torch.Tensor) -> dict:
