@@ -8,11 +8,14 @@ import json
 import sys
 from pathlib import Path
 
-from accelerate import PartialState
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as conftest does: benchmarks/ (test_family_llada)
 
-from diffpo_serve.dllm.loading import load_model
-from training import rl
-from training.config import RLConfig
+from accelerate import PartialState  # noqa: E402
+
+from diffpo_serve.dllm.loading import load_model  # noqa: E402
+from training import rl  # noqa: E402
+from training.config import RLConfig  # noqa: E402
+from training.distributed import exit_status  # noqa: E402
 
 base, out = sys.argv[1], Path(sys.argv[2])
 overrides = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
@@ -20,6 +23,9 @@ texts, prompts = [], []
 if "text-reward" in sys.argv[4:]:
     from test_rl_real_models import text_reward
     rl._reward = text_reward
+else:  # a reward that differs within a group (the tiny model's sudoku rewards may all be 0: no gradient at all)
+    from conftest import varied_reward
+    rl._reward = varied_reward
 rollout = rl.rollout
 
 
@@ -42,3 +48,4 @@ adapters = {n: float(p.double().sum()) for n, p in run.model.named_parameters() 
 (out / f"rank{state.process_index}.json").write_text(
     json.dumps({"world": state.num_processes, "initial": initial, "checksums": checksums, "adapters": adapters,
                 "rollout_texts": texts, "rollout_prompts": prompts}))
+sys.exit(exit_status(0))  # as diffpo-train ends a rank (training/distributed.py)

@@ -5,10 +5,16 @@ mid-save leaves the previous checkpoint intact. ``--resume`` loads it and contin
 :func:`trim_metrics` first drops the metric lines logged after it, so a resumed run's metrics.jsonl has
 each step once; a run that starts from step 0 moves a previous run's file aside (:func:`fresh_metrics`);
 :func:`start_metrics` does whichever applies.
+
+A LoRA run's checkpoint holds the adapters (peft's ``adapter_model.safetensors`` and ``adapter_config.json``),
+never the base weights, plus ``lora_base.json`` naming the base model (directory and dtype) the adapters apply
+to. The plain, natively loadable model (adapters merged into the base) is written by :func:`export_model`, once
+at the end of a run, and for any checkpoint by :func:`export_checkpoint` (``diffpo-train export``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,6 +25,8 @@ from pathlib import Path
 import torch
 
 STATE_FILE = "trainer_state.pt"
+LORA_BASE_FILE = "lora_base.json"  # a LoRA checkpoint's base model: {"model": directory, "dtype": name or null}
+ADAPTER_CONFIG = "adapter_config.json"  # peft's; its presence makes a checkpoint a LoRA one
 log = logging.getLogger(__name__)
 
 
@@ -54,12 +62,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(directory: Path, *, model, tokenizer, step: int, optimizer=None, scheduler=None,
-                    extra: dict | None = None, head=None, policy=None) -> None:
+                    extra: dict | None = None, head=None, policy=None, lora_base: dict | None = None) -> None:
     """Write a complete checkpoint of a training run to ``directory`` (atomically); ``head``/``policy``:
-    the model's threshold head and step policy, saved next to its weights."""
+    the model's threshold head and step policy, saved next to its weights. A peft ``model`` writes its adapters
+    only; ``lora_base`` (``{"model": directory, "dtype": name or None}``) then records the base they apply to."""
 
     def write(tmp: Path):
         model.save_pretrained(tmp)
+        if lora_base is not None:
+            (tmp / LORA_BASE_FILE).write_text(json.dumps(lora_base, indent=2))
         tokenizer.save_pretrained(tmp)
         if head is not None:
             head.save(tmp)
@@ -138,3 +149,76 @@ def start_metrics(path: Path, checkpoint_step: int | None) -> None:
         trim_metrics(path, checkpoint_step + 1)
     elif previous := fresh_metrics(path):
         log.warning("starting at step 0: the metrics already in %s were moved to %s", path, previous)
+
+
+# ----------------------------------------------------------------------------- the plain model (export)
+
+
+def is_lora_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds LoRA adapters (peft's adapter config) rather than full weights."""
+    return (Path(directory) / ADAPTER_CONFIG).is_file()
+
+
+def read_lora_base(directory: Path) -> dict:
+    """The ``{"model", "dtype"}`` of a LoRA checkpoint's base model, with a clear error when missing or bad."""
+    path = Path(directory) / LORA_BASE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing: this LoRA checkpoint does not name its base model; "
+                              "give it with --base-model")
+    try:
+        base = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not JSON: {e}") from e
+    if not isinstance(base, dict) or not isinstance(base.get("model"), str):
+        raise CheckpointError(f'{path}: expected {{"model": "<base model directory>", "dtype": ...}}, got {base!r}')
+    return {"model": base["model"], "dtype": base.get("dtype")}
+
+
+def export_model(model, tokenizer, out: Path, head=None, policy=None) -> None:
+    """Write ``model`` as a plain model directory that ``load_model(out)`` loads natively (no peft): a peft model
+    is merged (base + B A scaling) on a copy, the trained one is left as it is; the tokenizer, threshold head and
+    step policy are written beside it. Other files in ``out`` (metrics, the checkpoint) are left alone."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plain = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if head is not None:
+        head.save(out)
+    if policy is not None:
+        policy.save(out)
+
+
+def export_checkpoint(checkpoint: Path, output: Path, base_model: str | None = None) -> Path:
+    """Write the plain model of a training checkpoint to ``output`` (``diffpo-train export``): a LoRA checkpoint's
+    adapters merged into its base (``base_model``, default the one its ``lora_base.json`` names, loaded in the
+    dtype it trained in), a full one's weights as they are; with the threshold head and step policy saved beside
+    them. Equals the run's own export had it ended at that checkpoint's step. Returns ``output``."""
+    from diffpo_serve.dllm.loading import load_model
+    from diffpo_serve.dllm.step_policy import load_policy
+    from diffpo_serve.dllm.threshold_head import load_head
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    recover_interrupted(checkpoint)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: no checkpoint directory")
+    if output.resolve() == checkpoint.resolve():
+        raise CheckpointError(f"{output}: the output would overwrite the checkpoint; choose another directory")
+    if is_lora_checkpoint(checkpoint):
+        from peft import PeftModel
+        from diffpo_serve.dllm.loading import ModelLoadError
+        base = read_lora_base(checkpoint)
+        try:
+            loaded = load_model(base_model or base["model"], dtype=base["dtype"])
+        except ModelLoadError as e:
+            raise CheckpointError(f"{checkpoint}: the base model of its adapters: {e}"
+                                  + ("" if base_model else " (give its new place with --base-model)")) from e
+        model = PeftModel.from_pretrained(loaded.model, checkpoint).merge_and_unload()  # a throwaway copy: in place
+        tokenizer = loaded.tokenizer
+    else:
+        if base_model:
+            raise CheckpointError(f"{checkpoint}: holds full weights, not LoRA adapters; --base-model does not apply")
+        loaded = load_model(checkpoint)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    export_model(model, tokenizer, output, load_head(checkpoint), load_policy(checkpoint))
+    return output

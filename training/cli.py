@@ -1,4 +1,5 @@
-"""The ``diffpo-train`` command line: ``sft``, ``rl``, ``distill`` and ``eval`` subcommands built from training.config."""
+"""The ``diffpo-train`` command line: ``sft``, ``rl``, ``distill``, ``eval`` and ``export`` subcommands built from
+training.config."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from training.config import DistillConfig, EvalConfig, RLConfig, SFTConfig, add_arguments, from_args
+from training.config import DistillConfig, EvalConfig, ExportConfig, RLConfig, SFTConfig, add_arguments, from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter), DistillConfig)
     add_arguments(sub.add_parser("eval", help="accuracy and NFE on a task",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter), EvalConfig)
+    add_arguments(sub.add_parser("export", help="write a checkpoint's model as a plain model directory (LoRA "
+                                 "adapters merged into their base; loads without peft)",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter), ExportConfig)
     return parser
 
 
@@ -43,13 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from training.evaluate import run_eval
             run_eval(from_args(EvalConfig, args))
+        elif args.command == "export":
+            from training.checkpoint import export_checkpoint
+            cfg = from_args(ExportConfig, args)
+            if not cfg.checkpoint or not cfg.output:
+                raise ValueError("--checkpoint and --output are both required")
+            print(export_checkpoint(cfg.checkpoint, cfg.output, cfg.base_model))
     except (ModelLoadError, CheckpointError, DataFileError) as e:
         print(f"diffpo-train {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"diffpo-train {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    from training.distributed import exit_status
+    return exit_status(0)  # a rank of a multi-process run exits here (training/distributed.py says why)
 
 
 if __name__ == "__main__":
