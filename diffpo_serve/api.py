@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import logging
 import time
+from dataclasses import replace
 from email.message import Message
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,7 @@ from diffpo_serve.engine import Engine, Generation
 from diffpo_serve.metrics import ServerMetrics, endpoint_label
 from diffpo_serve.paradigms import check_startup
 from diffpo_serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body, unavailable)
-from diffpo_serve.settings import ServerSettings
+from diffpo_serve.settings import ServerSettings, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
 def load_from_settings(settings: ServerSettings) -> LoadedModel:
-    """The default loader: the shared ``load_model`` with the settings' path, device and ids."""
+    """The default loader: the shared ``load_model`` with the settings' path, device (``auto`` resolved) and ids."""
     loaded = load_model(settings.model, mask_id=settings.mask_id, pad_id=settings.pad_id,
                         eos_ids=parse_ids(settings.eos_id, "eos_id") if settings.eos_id is not None else None,
-                        device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
-                        compile=settings.compile)
+                        device=resolve_device(settings.device), dtype=settings.dtype,
+                        trust_remote_code=settings.trust_remote_code, compile=settings.compile)
     problem = check_startup(loaded, settings)  # e.g. a masked-only --default-sampler for a canvas model
     if problem is not None:
         raise ModelLoadError(f"{settings.model}: {problem}")
@@ -385,6 +386,9 @@ def create_app(settings: ServerSettings | None = None, *, loader: Loader | None 
     inject slow or blocked loaders); ``on_fatal(exc)`` is called when loading fails (the CLI exits).
     """
     settings = (settings or ServerSettings.from_env()).validated()
+    if settings.device == "auto":  # resolved once, here: the decoder process and /v1/models see the same device
+        settings = replace(settings, device=resolve_device(settings.device))
+        log.info("--device auto: %s", settings.device)
     metrics = ServerMetrics()
     runtime = ServerRuntime(settings, metrics, loader or load_from_settings, on_fatal)
 

@@ -68,6 +68,8 @@ class Engine:
         config = getattr(loaded.model, "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config  # DiffusionGemma nests it
         self.vocab_size = int(getattr(text, "vocab_size", 0) or len(loaded.tokenizer))
+        log.info("on %s; a request that sets none gets %s", settings.device,
+                 ", ".join(f"{k} {v}" for k, v in self.paradigm.card(settings)["defaults"].items()))
 
     # ------------------------------------------------------------------ models
 
@@ -79,7 +81,8 @@ class Engine:
             self.check_model(name)
         card = self.loaded.card
         return ModelCard(id=self.model_name, created=self.created, root=self.loaded.path,
-                         max_model_len=self.loaded.max_length, description=card.description,
+                         max_model_len=self.loaded.max_length, device=self.settings.device,
+                         description=card.description,
                          examples=list(card.examples), cache=self.settings.cache,
                          cache_modes=list(CACHE_MODES) if self.loaded.kv_cache else ["off"],
                          **self.paradigm.card(self.settings))

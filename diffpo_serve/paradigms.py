@@ -9,7 +9,9 @@ engine and the batcher hold that object and never branch on the paradigm's name.
   :meth:`~Paradigm.params` maps the OpenAI request and its diffusion extras onto the paradigm's params
   (:class:`~diffpo_serve.dllm.sampler.SamplingParams` or :class:`~diffpo_serve.dllm.canvas.CanvasParams`) and
   refuses what the paradigm cannot do with an OpenAI-style 400 naming the parameter; the default sampler and
-  answer length; the decoding defaults ``/v1/models`` shows;
+  the decoding defaults a request gets for what it leaves out (a masked model's answer length, block length
+  and steps: :func:`masked_defaults`, from the server's flags, the checkpoint's generation config and the
+  family's constants), which ``/v1/models`` shows;
 - **the batch state** (the batcher, next to the model): ``init_state`` / ``concat`` / ``step`` (one batched
   model pass; rows join and leave between steps with ``concat`` and ``state.select``);
 - **what a step reports**: :meth:`~Paradigm.determined`, the ids of each row that can no longer change (the
@@ -26,18 +28,18 @@ for its device).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import torch
 
 from diffpo_serve.dllm import canvas as cv
 from diffpo_serve.dllm import sampler as masked
-from diffpo_serve.dllm.families import family_module
+from diffpo_serve.dllm.families import decoding_defaults, family_module
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.protocol import APIError
 from diffpo_serve.settings import ServerSettings
 
-FALLBACK_GEN_LENGTH = 16
+FALLBACK_GEN_LENGTH = 16  # the answer length of a model whose checkpoint and family state none
 CANVAS_ONLY = ("t_min", "t_max", "stability_threshold", "confidence_threshold")  # extras of the canvas paradigm
 
 
@@ -153,6 +155,64 @@ def _invalid(e: ValueError, length_param: str) -> APIError:
 
 # ----------------------------------------------------------------------------- masked
 
+@dataclass(frozen=True)
+class MaskedDefaults:
+    """The lengths a masked request gets for those it leaves out (:func:`masked_defaults`), and where each came
+    from (``sources``: the flag, ``generation_config.json``, ``family <model_type>`` or ``default``)."""
+
+    gen_length: int
+    block_length: int | None  # None: one block of the whole answer
+    steps: int | None  # `steps` sampler: passes for an answer of gen_length; None: one token per pass
+    sources: dict[str, str]
+
+    def steps_for(self, gen_length: int, block_length: int | None) -> int | None:
+        """The `steps` of a request of ``gen_length`` in blocks of ``block_length`` that names none: as many
+        passes per token of a block as the default (:func:`~diffpo_serve.dllm.sampler.default_steps`); None for
+        lengths the sampler refuses (its own check then names them)."""
+        if gen_length < 1 or (block_length is not None and block_length < 1):
+            return None
+        if self.steps is None:
+            return masked.default_steps(gen_length, block_length)
+        return masked.default_steps(gen_length, block_length, self.steps, self.gen_length)
+
+    def card(self) -> dict:
+        """``/v1/models``' view: the answer length, its block length and its `steps` passes, as decoded."""
+        gen = self.gen_length
+        return {"gen_length": gen, "block_length": min(self.block_length or gen, gen),
+                "steps": self.steps_for(gen, self.block_length)}
+
+
+def _stated(generation: Mapping, key: str, where: str) -> int | None:
+    """A positive integer of the checkpoint's generation config, or None; raises ValueError naming the file."""
+    value = generation.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}/generation_config.json: `{key}` must be a positive integer; got {value!r}")
+    return value
+
+
+def masked_defaults(settings: ServerSettings, generation: Mapping, model_type: str | None,
+                    where: str) -> MaskedDefaults:
+    """A masked model's decoding defaults, each from the first layer that states it: the server's flag
+    (``--default-max-tokens``, ``--default-block-length``, ``--default-steps``), the checkpoint's
+    ``generation_config.json`` (``generation``, read from ``where``: ``max_new_tokens``, ``block_length``,
+    ``steps``), the family's constants (:func:`~diffpo_serve.dllm.families.decoding_defaults`), else 16 tokens
+    in one block, one token per pass. A request's own fields override all of them (:meth:`MaskedParadigm.params`)."""
+    family = decoding_defaults(model_type)
+    layers = {"gen_length": (settings.default_max_tokens, "max_new_tokens", FALLBACK_GEN_LENGTH),
+              "block_length": (settings.default_block_length, "block_length", None),
+              "steps": (settings.default_steps, "steps", None)}
+    values: dict = {}
+    sources: dict[str, str] = {}
+    for name, (flag, key, fallback) in layers.items():
+        candidates = ((flag, "--default-" + {"gen_length": "max-tokens"}.get(name, name.replace("_", "-"))),
+                      (_stated(generation, key, where), "generation_config.json"),
+                      (family.get(name), f"family {model_type}"), (fallback, "default"))
+        values[name], sources[name] = next(((v, src) for v, src in candidates if v is not None), (None, "default"))
+    return MaskedDefaults(**values, sources=sources)
+
+
 class MaskedParadigm:
     """The masked sampler (:mod:`diffpo_serve.dllm.sampler`): every sampler, the KV cache, the step policy."""
 
@@ -162,6 +222,15 @@ class MaskedParadigm:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self._align = None  # the prompt layout, from the model's dtype (decoder side only)
+        self._defaults: tuple[ServerSettings, MaskedDefaults] | None = None
+
+    def decoding(self, settings: ServerSettings) -> MaskedDefaults:
+        """The model's decoding defaults under ``settings`` (:func:`masked_defaults`); raises ValueError for a
+        generation config that states a bad value."""
+        if self._defaults is None or self._defaults[0] is not settings:
+            model_type = getattr(getattr(self.loaded.model, "config", None), "model_type", None)
+            self._defaults = settings, masked_defaults(settings, self.loaded.generation, model_type, self.loaded.path)
+        return self._defaults[1]
 
     # ---- the engine's side
 
@@ -170,11 +239,8 @@ class MaskedParadigm:
                                             "learned" if self.loaded.threshold_head is not None else "steps")
 
     def default_gen_length(self, settings: ServerSettings) -> int:
-        """``--default-max-tokens``, else the model's ``generation_config.max_new_tokens``, else 16."""
-        if settings.default_max_tokens is not None:
-            return settings.default_max_tokens
-        value = getattr(getattr(self.loaded.model, "generation_config", None), "max_new_tokens", None)
-        return int(value) if value else FALLBACK_GEN_LENGTH
+        """``--default-max-tokens``, else the generation config's ``max_new_tokens``, else the family's, else 16."""
+        return self.decoding(settings).gen_length
 
     def context_tokens(self, gen_length: int) -> int:
         return gen_length
@@ -196,8 +262,11 @@ class MaskedParadigm:
         if cache != "off" and not loaded.kv_cache:
             raise APIError(400, f"cache `{cache}` needs a model with a native KV cache and this model has none; "
                                 "use `off`", param="cache", code="unsupported_cache")
+        defaults = self.decoding(settings)
+        block_length = req.block_length if req.block_length is not None else defaults.block_length
+        steps = req.steps if req.steps is not None else defaults.steps_for(gen_length, block_length)
         params = masked.SamplingParams(
-            sampler=sampler, gen_length=gen_length, block_length=req.block_length, steps=req.steps, cache=cache,
+            sampler=sampler, gen_length=gen_length, block_length=block_length, steps=steps, cache=cache,
             threshold=req.threshold, top_p=1.0 if req.top_p is None else req.top_p,
             temperature=settings.default_temperature if req.temperature is None else req.temperature)
         try:
@@ -217,15 +286,20 @@ class MaskedParadigm:
 
     def card(self, settings: ServerSettings) -> dict:
         """``samplers``: those this model runs without a ``threshold`` (``learned`` needs its threshold head,
-        ``policy`` its step policy); ``defaults``: what a request that sets nothing gets."""
+        ``policy`` its step policy); ``defaults``: what a request that sets nothing gets (``block_length`` and
+        ``steps``, the `steps` sampler's passes, as its answer of ``gen_length`` is decoded)."""
         sampler = self.default_sampler(settings)
         return {"paradigm": self.name, "samplers": [s for s in self.samplers if self.runs(s)],
-                "defaults": {"sampler": sampler, "gen_length": self.default_gen_length(settings),
+                "defaults": {"sampler": sampler, **self.decoding(settings).card(),
                              "threshold": masked.DEFAULT_THRESHOLD[sampler], "temperature": settings.default_temperature,
                              "cache": settings.cache}}
 
     def check_settings(self, settings: ServerSettings) -> str | None:
-        return None  # the settings' own validation covers the masked paradigm
+        try:
+            self.decoding(settings)  # a generation config stating a bad length fails at startup, naming the file
+        except ValueError as e:
+            return str(e)
+        return None
 
     # ---- the batcher's side
 
@@ -302,10 +376,10 @@ class CanvasParadigm:
     ``max_tokens``), ``threshold`` -> the entropy bound, ``steps`` -> the most denoising steps *per block*,
     ``seed`` -> the row's generator (choice i: seed + i), the extras ``t_min``/``t_max`` (the temperature
     schedule), ``stability_threshold``/``confidence_threshold`` (the early stop); unset ones take the
-    checkpoint's defaults (its generation config). Samplers: ``eb`` (a fixed bound) and ``learned`` (the
-    threshold head picks each row's bound at its first decoder pass). Refused with a 400 naming the parameter:
-    masked-only samplers, ``block_length`` other than C, ``cache`` other than ``off``, ``temperature`` and
-    ``top_p`` (the schedule replaces them).
+    checkpoint's defaults (its generation config), ``steps`` the server's ``--default-steps`` first. Samplers:
+    ``eb`` (a fixed bound) and ``learned`` (the threshold head picks each row's bound at its first decoder pass).
+    Refused with a 400 naming the parameter: masked-only samplers, ``block_length`` other than C, ``cache`` other
+    than ``off``, ``temperature`` and ``top_p`` (the schedule replaces them).
     """
 
     name = "canvas"
@@ -362,7 +436,8 @@ class CanvasParadigm:
         if req.top_p is not None and req.top_p != 1:
             raise APIError(400, "`top_p` is not supported by this model: its proposals are drawn from the whole "
                                 "(temperature-scheduled) distribution", param="top_p", code="unsupported_parameter")
-        params = cv.CanvasParams(gen_length=gen_length, threshold=req.threshold, steps=req.steps, t_min=req.t_min,
+        steps = req.steps if req.steps is not None else settings.default_steps  # None: the checkpoint's
+        params = cv.CanvasParams(gen_length=gen_length, threshold=req.threshold, steps=steps, t_min=req.t_min,
                                  t_max=req.t_max, stability_threshold=req.stability_threshold,
                                  confidence_threshold=req.confidence_threshold, sampler=sampler)
         try:
@@ -382,12 +457,17 @@ class CanvasParadigm:
     def card(self, settings: ServerSettings) -> dict:
         defaults = {"sampler": self.default_sampler(settings), **self.defaults,
                     "gen_length": self.default_gen_length(settings), "canvas_length": self.canvas_length}
+        if settings.default_steps is not None:
+            defaults["steps"] = settings.default_steps
         return {"paradigm": self.name, "samplers": list(self.samplers), "defaults": defaults}
 
     def check_settings(self, settings: ServerSettings) -> str | None:
         if settings.default_temperature != 0:
             return ("--default-temperature: a canvas model samples with its own temperature schedule (the request "
                     "extras t_min / t_max); leave it at 0")
+        if settings.default_block_length not in (None, self.canvas_length):
+            return (f"--default-block-length {settings.default_block_length}: a canvas model decodes whole canvases "
+                    f"of {self.canvas_length} tokens (its config's canvas_length); leave it out")
         return None
 
     # ---- the batcher's side

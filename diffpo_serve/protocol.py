@@ -128,8 +128,9 @@ _THRESHOLD_HELP = ("diffusion extra: `confidence` minimum confidence, `eb` gamma
                    "probability (0: the whole block at once; above 1: one token per pass); overrides the sampler "
                    "default (confidence 0.9, eb 0.3, policy: its trained operating point; a canvas model: its "
                    "checkpoint's entropy bound) and a learned head. Ignored by `steps`.")
-_BLOCK_HELP = ("diffusion extra: semi-autoregressive block length in tokens (default: one block of max_tokens; "
-               "a canvas model's is fixed: its canvas_length).")
+_BLOCK_HELP = ("diffusion extra: semi-autoregressive block length in tokens (default: the server's, "
+               "`defaults.block_length` in /v1/models: LLaDA and Dream 32, a model without one a single block of "
+               "max_tokens; a canvas model's is fixed: its canvas_length).")
 _CANVAS_HELP = "diffusion extra, canvas models only (default: the checkpoint's generation config): "
 _T_MIN_HELP = _CANVAS_HELP + "the temperature schedule's floor (T = t_min + (t_max - t_min) * steps left / steps)."
 _T_MAX_HELP = _CANVAS_HELP + "the temperature at a block's first denoising step."
@@ -139,8 +140,9 @@ _CACHE_HELP = ("diffusion extra: KV cache. `off` (every step runs the whole sequ
                "prompt and finished blocks reused within a block; Fast-dLLM) or `dual` (also those of the masked "
                "suffix); default: the server's (`cache` in /v1/models). Native models only.")
 _STEPS_HELP = ("diffusion extra: `steps` sampler only: total forward passes, a multiple of the number of "
-               "blocks (default: max_tokens, one token per pass). A canvas model: the most denoising steps "
-               "per block (default: its checkpoint's).")
+               "blocks (default: the server's passes per token, `defaults.steps` for `defaults.gen_length` in "
+               "/v1/models; unless configured one token per pass). A canvas model: the most denoising steps "
+               "per block (default: the server's, else its checkpoint's).")
 
 _RETURN_STEPS_HELP = ("diffusion extra, /v1/completions with stream=true only: also stream one "
                       "`text_completion.step` chunk per forward pass of each choice (positions committed at "
@@ -459,6 +461,8 @@ class ModelCard(BaseModel):
     owned_by: str = "diffpo"
     root: str | None = None
     max_model_len: int | None = Field(None, description="extension: prompt + completion tokens the model fits")
+    device: str | None = Field(None, description="extension: the torch device the model runs on (`--device`; "
+                               "`auto` resolved: cuda when torch sees a GPU, else cpu)")
     description: str | None = Field(None, description="extension: what the model does and which prompts it "
                                     "understands (its model card's `description`)")
     examples: list[str] = Field(default_factory=list, description="extension: example prompts from its model card "
@@ -472,8 +476,9 @@ class ModelCard(BaseModel):
     samplers: list[str] = Field(default_factory=list, description="extension: the `sampler` values this model "
                                 "accepts")
     defaults: dict[str, Any] = Field(default_factory=dict, description="extension: what a request gets for the "
-                                     "diffusion extras it leaves out (sampler, gen_length, threshold, ...; a canvas "
-                                     "model also its steps per block, temperature schedule, stopping thresholds "
+                                     "diffusion extras it leaves out (sampler, gen_length, threshold, ...; a masked "
+                                     "model also the block_length and `steps` passes of that answer; a canvas "
+                                     "model its steps per block, temperature schedule, stopping thresholds "
                                      "and canvas_length)")
 
 

@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+import torch
+
 from diffpo_serve.dllm.loading import parse_ids
 from diffpo_serve.dllm.sampler import CACHE_MODES, SAMPLERS
 
@@ -43,8 +45,17 @@ class ServerSettings:
     max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)")
     max_rows_per_request: int = option(128, "most rows one request may ask for (prompts x n)")
     default_max_tokens: int | None = option(
-        None, "gen_length when a request sets no max_tokens (default: the model's generation_config "
-              "max_new_tokens, else 16)")
+        None, "gen_length when a request sets no max_tokens (default: the model's generation_config.json "
+              "max_new_tokens, else its family's (LLaDA, Dream: 256), else 16)")
+    default_block_length: int | None = option(
+        None, "block_length when a request sets none (default: the model's generation_config.json block_length, "
+              "else its family's (LLaDA, Dream: 32), else one block of the whole answer); a canvas model's "
+              "is its canvas_length")
+    default_steps: int | None = option(
+        None, "`steps` sampler: passes for an answer of the default length when a request sets no steps; a request "
+              "of another length gets as many passes per token, the same in every block (default: the model's "
+              "generation_config.json steps, else one token per pass; at most one pass per token counts). A "
+              "canvas model: its most denoising steps per block")
     default_sampler: str | None = option(None, f"sampler when a request names none ({', '.join(SAMPLERS)}; default: "
                                               "policy when the model has a step policy, else learned when it has a threshold head, "
                                               "else steps)")
@@ -52,7 +63,8 @@ class ServerSettings:
                                "prompt's and finished blocks' keys/values within a block, dual also the masked "
                                "suffix's (Fast-dLLM); native models only; see docs/benchmarks.md")
     default_temperature: float = option(0.0, "temperature when a request sets none (0: greedy; at most 2, as in OpenAI's API)")
-    device: str = option("cpu", "torch device for the model (cpu, cuda, cuda:1, ...)")
+    device: str = option("auto", "torch device for the model: auto (cuda when torch sees a GPU, else cpu), cpu, "
+                                 "cuda, cuda:1, ...")
     dtype: str | None = option(None, "model dtype (float32, bfloat16, float16; default: the checkpoint's). bfloat16 "
                                      "speeds up batched decoding on CPUs with AMX; greedy outputs stay "
                                      "independent of the batch on a CPU (on a GPU they may not)")
@@ -82,6 +94,9 @@ class ServerSettings:
             (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (self.max_rows_per_request >= 1, "max_rows_per_request must be >= 1"),
             (self.default_max_tokens is None or self.default_max_tokens >= 1, "default_max_tokens must be >= 1"),
+            (self.default_block_length is None or self.default_block_length >= 1,
+             "default_block_length must be >= 1"),
+            (self.default_steps is None or self.default_steps >= 1, "default_steps must be >= 1"),
             (self.default_sampler in (None, *SAMPLERS), f"default_sampler must be one of {', '.join(SAMPLERS)}"),
             (self.cache in CACHE_MODES, f"cache must be one of {', '.join(CACHE_MODES)}"),
             (0 <= self.default_temperature <= 2, "default_temperature must be in [0, 2] (as OpenAI's temperature)"),
@@ -93,6 +108,7 @@ class ServerSettings:
             parse_cpus(self.decoder_cpus)
         if self.eos_id is not None:
             parse_ids(self.eos_id, "eos_id")
+        check_device(self.device)
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -142,6 +158,25 @@ def parse_value(name: str, typ: type, raw: str) -> Any:
         return typ(raw)
     except ValueError:
         raise ValueError(f"{env_name(name)}: expected {typ.__name__}, got {raw!r}") from None
+
+
+def check_device(spec: str) -> None:
+    """``auto`` or a torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``); raises ValueError naming the
+    setting."""
+    if spec == "auto":
+        return
+    try:
+        torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {spec!r}") from None
+
+
+def resolve_device(spec: str) -> str:
+    """The device ``--device`` names: ``auto`` is ``cuda`` when torch sees a GPU, else ``cpu`` (never ``mps``: the
+    sampler's float64 scores do not run there; name it to try); any other value is returned as given."""
+    if spec != "auto":
+        return spec
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_cpus(spec: str) -> set[int]:

@@ -33,7 +33,7 @@ import logging
 import os
 import types
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -82,6 +82,9 @@ class LoadedModel:
     eos_ids: tuple[int, ...] = ()  # every id that ends a row; eos_id first (empty: just eos_id)
     kv_cache: bool = False  # the model takes the KV-cache arguments (supports_kv_cache): sampler `cache` works
     paradigm: str = "masked"  # how it decodes: "masked" (sampler.py) or "canvas" (canvas.py; mask_id is then -1)
+    # the checkpoint's generation_config.json as written ({} without one): a masked model has no transformers
+    # generation config (it cannot generate), so its decoding defaults are read here (paradigms.masked_defaults)
+    generation: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.eos_ids = tuple(dict.fromkeys([int(self.eos_id), *(int(i) for i in self.eos_ids)]))
@@ -319,7 +322,8 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_list[0],
                        eos_ids=tuple(eos_list), path=str(path), name=path.name, max_length=max_length,
                        threshold_head=head, compiled=compiled, card=card, step_policy=policy,
-                       kv_cache=supports_kv_cache(model), paradigm=paradigm)
+                       kv_cache=supports_kv_cache(model), paradigm=paradigm,
+                       generation=_read_json(path / "generation_config.json") or {})
 
 
 def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

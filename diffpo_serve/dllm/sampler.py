@@ -93,6 +93,18 @@ LEARNED = SAMPLERS.index("learned")
 POLICY = SAMPLERS.index("policy")
 
 
+def default_steps(gen_length: int, block_length: int | None, passes: int = 1, tokens: int = 1) -> int:
+    """The `steps` sampler's passes for an answer of ``gen_length`` in blocks of ``block_length`` (None: one
+    block) when none are named: ``passes`` passes per ``tokens`` tokens of a full block, rounded up, at least one
+    per block and at most one per token (more passes than masks commit one token per pass all the same), the
+    same for every block. A shorter last block (``gen_length`` not a multiple of the block length) gets a full
+    block's budget and ends when it is committed. The default, one pass per token, is LLaDA's published
+    ``steps = gen_length`` whenever the blocks divide the answer (and NFE = ``gen_length`` when they do not)."""
+    block = min(block_length or gen_length, gen_length)
+    per_block = max(1, min(block, -(-block * passes // tokens)))
+    return -(-gen_length // block) * per_block
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one prompt is decoded; the same names are used by the CLI and the HTTP API."""
@@ -100,7 +112,7 @@ class SamplingParams:
     sampler: str = "steps"
     gen_length: int = 16
     block_length: int | None = None  # None: one block of gen_length
-    steps: int | None = None  # `steps` sampler: total forward passes (None: gen_length, one token per step)
+    steps: int | None = None  # `steps` sampler: total forward passes (None: one token per pass, default_steps)
     threshold: float | None = None  # `confidence`: min confidence; `eb`: gamma; `policy`: min commit probability.
     # None: DEFAULT_THRESHOLD
     temperature: float = 0.0
@@ -119,7 +131,7 @@ class SamplingParams:
             raise ValueError(f"block_length must be >= 1; got {block}")
         block = min(block, self.gen_length)
         num_blocks = -(-self.gen_length // block)
-        steps = self.steps if self.steps is not None else self.gen_length
+        steps = self.steps if self.steps is not None else default_steps(self.gen_length, block)
         if self.sampler != "steps":
             steps = None  # only the `steps` sampler has a fixed number of passes
         elif steps < num_blocks or steps % num_blocks:

@@ -29,6 +29,10 @@ A family module may also define hooks the loader calls (all optional):
                                                 :mod:`diffpo_serve.dllm.sampler`) or ``"canvas"`` (random-token
                                                 canvas, :mod:`diffpo_serve.dllm.canvas`, whose model interface
                                                 the family's ``canvas_denoiser(model)`` hook returns)
+and decoding defaults, for a request that sets none (:func:`decoding_defaults`; the checkpoint's
+``generation_config.json`` and the server's flags override them):
+    ``GEN_LENGTH``                              answer tokens (the server's ``max_tokens``)
+    ``BLOCK_LENGTH``                            semi-autoregressive block length (absent: one block)
 and, for training, ``LORA_TARGET_MODULES``: peft's ``target_modules`` (a list of module-name suffixes or
 a full-name regex) for the family's LoRA adapters (RL's ``--lora-r``; without it, peft's "all-linear").
 Every native model's layers support ``gradient_checkpointing_enable()``.
@@ -52,6 +56,13 @@ def family_module(model_type: str | None) -> ModuleType | None:
     """The native module for a config's ``model_type`` (registered with transformers), or None."""
     name = FAMILY_MODULES.get(model_type or "")
     return importlib.import_module(name) if name else None
+
+
+def decoding_defaults(model_type: str | None) -> dict[str, int | None]:
+    """``{"gen_length": ..., "block_length": ...}`` as the family of ``model_type`` states them (its ``GEN_LENGTH``
+    and ``BLOCK_LENGTH``); None where it states none or the model type has no native family."""
+    module = family_module(model_type)
+    return {"gen_length": getattr(module, "GEN_LENGTH", None), "block_length": getattr(module, "BLOCK_LENGTH", None)}
 
 
 def _ids(value) -> list[int]:

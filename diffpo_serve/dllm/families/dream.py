@@ -58,6 +58,13 @@ MODEL_TYPE = "Dream"
 MASK_TOKEN, TURN_END_TOKEN = "<|mask|>", "<|im_end|>"
 # LoRA targets (peft ``target_modules``): the seven projections of every layer, not ``lm_head``
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# decoding defaults (families/__init__.py; the checkpoint's generation_config.json and the server's flags override
+# them): Dream's own diffusion_generate decodes the answer as one block, with steps = max_new_tokens in its
+# examples (its published generation_config.json says steps 512 and no length); Fast-dLLM's Dream generate
+# (128 tokens, 128 steps, blocks of 32) and d1's evaluation (256 tokens, blocks of 32) decode in blocks of 32,
+# which lets a row end at an early EOS and a stream send each block as it is committed.
+GEN_LENGTH = 256
+BLOCK_LENGTH = 32
 
 
 class DreamConfig(PretrainedConfig):

@@ -62,6 +62,12 @@ TURN_END_TOKEN = "<|eot_id|>"  # LLaDA-Instruct's chat template ends each turn w
 # LoRA targets (peft ``target_modules``, a full-name regex): every projection inside the blocks, not the
 # embedding or the output layer (``transformer.ff_out``, which shares its name with the blocks' MLP down)
 LORA_TARGET_MODULES = r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)"
+# decoding defaults (families/__init__.py; the checkpoint's generation_config.json and the server's flags override
+# them): LLaDA's published generate decodes semi-autoregressively in blocks of 32 (its examples: 128 tokens,
+# 128 steps, blocks of 32), one token per pass (its steps = gen_length, also the sampler's default); 256 answer
+# tokens, as d1 evaluates the instruct model. The published generation_config.json states none of them.
+GEN_LENGTH = 256
+BLOCK_LENGTH = 32
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 _NORMS = ("default", "low_precision", "rms", "gemma_rms")
