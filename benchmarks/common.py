@@ -43,7 +43,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def save(name: str, text: str, data) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write NAME.md and NAME.json under docs/results/; NAME may start with a topic folder ("server/compile")."""
+    (RESULTS / name).parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
     return RESULTS / f"{name}.md"

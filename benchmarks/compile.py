@@ -12,7 +12,7 @@ as it is and one with ``load_model(compile=True)``:
     NFE compiled than eager,
   - how many of 256 mixed prompts decode differently in batches of 64 than alone, compiled.
 One process, one torch thread; greedy decoding is deterministic, so the counts are from one run.
-Writes docs/results/compile.{md,json}.
+Writes docs/results/server/compile.{md,json}.
 
     python -m benchmarks.compile [--model DIR] [--n 500] [--rounds 5] [--reps 10]
 """
@@ -119,7 +119,7 @@ def main(argv=None):
             f"includes compilation and warm-up: in this process, after inductor's on-disk cache may have been "
             f"filled by an earlier run, and in a fresh process with an empty cache (one run each).\n\n"
             + markdown_table(task_rows, list(dict.fromkeys(k for r in task_rows for k in r))) + "\n")
-    print(save("compile", text, {"speed": speed_rows, "tasks": task_rows}))
+    print(save("server/compile", text, {"speed": speed_rows, "tasks": task_rows}))
 
 
 if __name__ == "__main__":

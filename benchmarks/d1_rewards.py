@@ -13,7 +13,7 @@ Its ``parse_*_answers`` functions are imported and run unchanged on each shard; 
 replaced by a stub, since d1 uses it for a token count that no verdict depends on and its encoding file
 is a download. With ``--d1-dir`` the 256 verdicts are recomputed too and must equal the committed ones.
 ``--write-fixtures`` (re)writes ``tests/fixtures/d1/`` from ``--d1-dir``.
-Writes docs/results/d1_rewards.{md,json}.
+Writes docs/results/real_models/d1_rewards.{md,json}.
 
     python -m benchmarks.d1_rewards [--d1-dir /path/to/d1] [--write-fixtures]
 """
@@ -223,7 +223,7 @@ def main(argv=None):
                     help="d1's repository (unpacked): score lengths 128 and 512 too, running d1's evaluator")
     ap.add_argument("--write-fixtures", action="store_true",
                     help="(re)write tests/fixtures/d1/ from --d1-dir's length-256 generations")
-    ap.add_argument("--name", default="d1_rewards", help="results file name under docs/results/")
+    ap.add_argument("--name", default="real_models/d1_rewards", help="results file name under docs/results/")
     args = ap.parse_args(argv)
     if args.write_fixtures and args.d1_dir is None:
         raise SystemExit("--write-fixtures needs --d1-dir")

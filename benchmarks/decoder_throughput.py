@@ -4,7 +4,7 @@ Both decode the same prompts greedily with the ``steps`` sampler at equal steps 
 so both do exactly ``steps`` forward passes per prompt), measured side by side in one process and
 repeated ``--runs`` times (interleaved). Reports generated tokens per second (prompts x gen_length /
 wall seconds), the speed-up ratio, and whether the outputs agree token for token. Writes
-docs/results/decoder_throughput.{md,json}.
+docs/results/server/decoder_throughput.{md,json}.
 
     python -m benchmarks.decoder_throughput [--model DIR] [--n 256] [--runs 3]
 """
@@ -66,7 +66,7 @@ def main(argv=None):
             f"time (benchmarks/llada_reference.py); speed-up = median over {args.runs} interleaved runs of the "
             f"per-run ratio; outputs_identical compares the greedy tokens. Machine: {machine()}.\n\n"
             + markdown_table(rows, list(rows[0])) + "\n")
-    print(save("decoder_throughput", text, rows))
+    print(save("server/decoder_throughput", text, rows))
 
 
 if __name__ == "__main__":

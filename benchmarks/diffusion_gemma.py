@@ -9,7 +9,7 @@ batches (``--batch-sizes``); the reference runs them one by one, as transformers
 give a row an output that depends on its batch. Reports decoder passes per second (the work; a random
 model rarely stops a block early, so both do about ``steps`` passes per block), answer tokens per second
 (prompts x gen_length / seconds) and the speed-up, the median over ``--runs`` interleaved runs. Writes
-docs/results/diffusion_gemma.{md,json} unless ``--no-save``.
+docs/results/real_models/diffusion_gemma.{md,json} unless ``--no-save``.
 
 Accuracy against NFE for fixed bounds and the learned bound is **not** measured: that needs a DiffusionGemma
 that solves the tasks, and training one (its encoder-decoder objective over noised canvases) is beyond a few
@@ -121,7 +121,7 @@ def main(argv=None) -> list[dict]:
                 f"diffpo's batched `canvas.generate` vs transformers' `generate` one prompt at a time; medians over "
                 f"{args.runs} interleaved runs on {args.device}. Machine: {machine()}. Accuracy vs NFE: not measured "
                 "(no trained model; see the script's docstring).\n\n" + markdown_table(rows, list(rows[0])) + "\n")
-        print(save("diffusion_gemma", text, rows))
+        print(save("real_models/diffusion_gemma", text, rows))
     return rows
 
 

@@ -9,7 +9,7 @@ layout the sampler has (tight left padding, float32's; aligned, half precision's
 taken for batches of mixed prompt lengths and for batches that hold one length each (no padding),
 which tells padding apart from batch size. One process, one torch thread; greedy decoding is
 deterministic, so one run each (the timings are medians).
-Writes docs/results/dtype.{md,json}.
+Writes docs/results/server/dtype.{md,json}.
 
     python -m benchmarks.dtype [--model DIR] [--n 1000] [--reps 20]
 """
@@ -105,7 +105,7 @@ def main(argv=None):
             f"per batch (no padding). Tight: prompts left-padded to the batch's longest; aligned: prompts "
             f"first, both canvas regions padded to multiples of that many columns (`prompt_alignment`).\n\n"
             + markdown_table(layout_rows, list(layout_rows[0])) + "\n")
-    print(save("dtype", text, {"accuracy": accuracy_rows, "layouts": layout_rows}))
+    print(save("server/dtype", text, {"accuracy": accuracy_rows, "layouts": layout_rows}))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def plot(rows: list[dict], panels: list[str], path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", required=True, help="comma-separated NAME=DIR, the starting model first")
-    add_front_arguments(ap, "joint_policy")
+    add_front_arguments(ap, "step_policy/joint_policy")
     args = ap.parse_args(argv)
     models = {}
     for item in args.models.split(","):
@@ -123,7 +123,7 @@ def main(argv=None):
         rows += mixed(rows, tasks, per_prompt, by="model")
     compared = equal_accuracy(rows)
     panels = tasks + (["mixed"] if len(tasks) > 1 else [])
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / args.name).parent.mkdir(parents=True, exist_ok=True)
     plot(rows, panels, RESULTS / f"{args.name}.png")
     text = (f"# Models trained for speed against their starting model\n\nModels: "
             + ", ".join(f"`{n}` = `{p}`" for n, p in models.items())

@@ -17,7 +17,7 @@ sqrt(p (1 - p) / n) and mean NFE.
     python -m benchmarks.kv_cache [--preset mid] [--batch-sizes 1,16] [--runs 1] [--accuracy --n 1000]
     python -m benchmarks.kv_cache --preset 8b --device cuda --dtype bfloat16 --batch-sizes 1,16
 
-Writes docs/results/kv_cache[_NAME].{md,json} and a bar plot kv_cache[_NAME].png.
+Writes docs/results/kv_cache/kv_cache[_NAME].{md,json} and a bar plot kv_cache[_NAME].png.
 """
 
 from __future__ import annotations
@@ -191,6 +191,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_ylabel("generated tokens / s")
     ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
@@ -216,7 +217,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps is None:
         args.steps = args.gen
-    name = "kv_cache" + (f"_{args.name}" if args.name else "")
+    name = "kv_cache/kv_cache" + (f"_{args.name}" if args.name else "")
     speed_rows = [] if args.no_speed else speed(args)
     accuracy_rows = accuracy(args) if args.accuracy else []
     d, heads, layers, mlp, vocab = PRESETS[args.preset]

@@ -7,7 +7,7 @@ the meta device (no memory, nothing downloaded) and applying the family's ``LORA
 The activation formula is checked against a measurement: the bytes autograd saves for the backward pass of
 one LoRA training forward of a small LLaDA (bf16, CPU), counted with ``saved_tensors_hooks``.
 
-    python -m benchmarks.memory_8b            # writes docs/results/memory_8b.{md,json}
+    python -m benchmarks.memory_8b            # writes docs/results/real_models/memory_8b.{md,json}
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens per row (padded)")
     p.add_argument("--gen", type=int, default=256, help="answer tokens per row")
     p.add_argument("--rank", type=int, default=128, help="LoRA rank")
-    p.add_argument("--out", default="docs/results/memory_8b", help="writes OUT.md and OUT.json")
+    p.add_argument("--out", default="docs/results/real_models/memory_8b", help="writes OUT.md and OUT.json")
     args = p.parse_args(argv)
     results = [table(int(r), args.prompt, args.gen, args.rank) for r in args.rows.split(",")]
     check = measure_small()

@@ -8,7 +8,7 @@ gamma); a :class:`ThresholdHead` is fit to them by cross-entropy on the sampler'
 features; the ``learned`` sampler with that head is then decoded on the test split beside the
 fixed-gamma front of the same model. ``front`` is the best accuracy that fixed gammas reach at the
 head's NFE, mixing two neighbouring gammas across prompts (the upper hull of the fixed points).
-Writes docs/results/oracle_head.{md,json}.
+Writes docs/results/samplers/oracle_head.{md,json}.
 
     python -m benchmarks.oracle_head --model runs/sft [--task countdown] [--lams 0.5,0.2,0.05]
 """
@@ -69,7 +69,7 @@ def main(argv=None):
     ap.add_argument("--model", required=True)
     ap.add_argument("--task", default="cd3")
     ap.add_argument("--features", default="prompt+answer", choices=list(FEATURES))
-    ap.add_argument("--name", default="oracle_head", help="results file name under docs/results/")
+    ap.add_argument("--name", default="samplers/oracle_head", help="results file name under docs/results/")
     ap.add_argument("--train-n", type=int, default=4000)
     ap.add_argument("--test-n", type=int, default=1000)
     ap.add_argument("--lams", default="0.5,0.2,0.05")

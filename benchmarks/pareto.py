@@ -6,7 +6,7 @@ sampler at its trained operating point, on the same generated test prompts of ea
 of the same model. A third panel is mixed traffic (equal parts of each task, the situation a server
 is in): a global gamma must suit the hardest task there, while the head picks per prompt; its points
 are the per-task results averaged, exact because a greedy row decodes the same in any batch.
-Writes docs/results/pareto.{md,json,png}.
+Writes docs/results/samplers/pareto.{md,json,png}.
 
     python -m benchmarks.pareto --models sft=diffpo_serve/bundled_model,head=runs/sampler-head [--n 1000]
 
@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--tasks", default="sudoku,cd3")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--name", default="pareto", help="results file stem under docs/results")
+    ap.add_argument("--name", default="samplers/pareto", help="results file stem under docs/results")
     ap.add_argument("--learned-only", default="", help="comma-separated model names to run with their learned "
                     "samplers only (the head, the step policy; e.g. on a model whose sweep another entry has)")
     ap.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
@@ -155,7 +155,7 @@ def main(argv=None):
             rows.append(oracle_row(name, task, per_setting))
     if len(tasks) > 1:
         rows += mixed_rows(rows, tasks)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / args.name).parent.mkdir(parents=True, exist_ok=True)
     plot(rows, panels, RESULTS / f"{args.name}.png", only)
     models = list(dict.fromkeys(f"`{n}{'@' + t if t else ''}` = `{p}`" for n, t, p in
                                 [(n, t if any(e[0] == n and e[1] != t for e in entries) else "", p)

@@ -3,7 +3,7 @@
 For each task and seed, trains both algorithms with identical budgets (same prompts per step, G,
 mu, learning rate, steps) and evaluates greedy full-step accuracy on held-out test prompts every
 ``--eval-every`` steps. Runs are kept under runs/bench_rl/ and skipped when already complete, so an
-interrupted benchmark continues where it stopped. Writes docs/results/rl_curves.{md,json,png}.
+interrupted benchmark continues where it stopped. Writes docs/results/rl/rl_curves.{md,json,png}.
 
     python -m benchmarks.rl_curves [--tasks countdown,sudoku] [--seeds 0,1,2] [--max-steps 150 | countdown=240,sudoku=120]
                                    [--lr 3e-5] [--temperature 1.0] [--beta 0.04] [--tag NAME]
@@ -139,11 +139,11 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
     ap.add_argument("--beta", type=float, default=RLConfig.beta, help="weight of the KL to the reference model")
     ap.add_argument("--tag", default="", help="a name for this configuration: runs under runs/bench_rl/TAG/, "
-                    "results in docs/results/rl_curves_TAG.*")
+                    "results in docs/results/rl/rl_curves_TAG.*")
     ap.add_argument("--algos", default="d1,diffpo", help="train only these algorithms (e.g. one per process to "
                     "use two cores); the table and plot are written only when both are given")
     ap.add_argument("--replot", action="store_true", help="rebuild the table and plot from the curves saved in "
-                    "docs/results/rl_curves[_TAG].json (no training, no evaluation; pass the run's other flags "
+                    "docs/results/rl/rl_curves[_TAG].json (no training, no evaluation; pass the run's other flags "
                     "so the header describes it)")
     args = ap.parse_args(argv)
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
@@ -151,7 +151,7 @@ def main(argv=None):
     if not algos or set(algos) - {"d1", "diffpo"}:
         ap.error(f"--algos: expected d1, diffpo or both (comma-separated), got {args.algos!r}")
     max_steps = steps_per_task(args.max_steps, tasks)
-    name = f"rl_curves_{args.tag}" if args.tag else "rl_curves"
+    name = f"rl/rl_curves_{args.tag}" if args.tag else "rl/rl_curves"
     t0 = time.time()
     curves: dict = {}
     signal: list[dict] = []  # one row per algorithm and seed (not kept by --replot)
@@ -191,6 +191,7 @@ def main(argv=None):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    (RESULTS / name).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / f"{name}.png", dpi=120)
     start = f"`{args.model}`" if args.model else "the bundled model"
     budget = ", ".join(f"{n} steps ({t})" for t, n in max_steps.items())

@@ -2,7 +2,7 @@
 
 Sweeps ``steps`` (several step counts), ``confidence`` and ``eb`` (threshold sweeps), and adds the
 model's learned samplers at their defaults (``learned`` with a threshold head, ``policy`` with a step
-policy), all greedy, one block, on the same prompts; writes docs/results/sampler_front.{md,json,png}.
+policy), all greedy, one block, on the same prompts; writes docs/results/samplers/sampler_front.{md,json,png}.
 
     python -m benchmarks.sampler_front [--model DIR] [--n 1000]
 """
@@ -64,6 +64,7 @@ def plot(rows: list[dict], tasks: list[str], path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
@@ -81,13 +82,13 @@ def main(argv=None):
     for task in tasks:
         data = get_task(task).make_dataset("test", args.n, seed=0)
         rows += sweep(loaded, task, data, args.batch_size)
-    plot(rows, tasks, RESULTS / "sampler_front.png")
+    plot(rows, tasks, RESULTS / "samplers" / "sampler_front.png")
     text = (f"# Accuracy vs NFE of the samplers\n\nModel `{loaded.path.split('/')[-1]}`; {args.n} generated test "
             f"prompts per task (test split, seed 0), greedy, one block of the task's gen_length; one run each "
             f"(greedy decoding is deterministic). Machine: {machine()}; {time.time() - t0:.0f} s in all.\n\n"
             + markdown_table(rows, ["task", "sampler", "setting", "accuracy", "exact", "mean_nfe"])
             + "\n\n![accuracy vs NFE](sampler_front.png)\n")
-    print(save("sampler_front", text, rows))
+    print(save("samplers/sampler_front", text, rows))
 
 
 if __name__ == "__main__":

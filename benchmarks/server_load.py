@@ -15,7 +15,7 @@ eb sampler, gamma 0.3, block_length 4, 16 tokens, greedy: the locustfile's defau
      server process, all of it on the server's cores;
 each ``--repeats`` times, interleaved; ratios are taken within a repeat (side by side).
 Output tokens are completion tokens up to and including EOS, as the server's usage counts them.
-Writes docs/results/server_load.{md,json}. Needs locust (``pip install -e .[load]``).
+Writes docs/results/server/server_load.{md,json}. Needs locust (``pip install -e .[load]``).
 
 The load generator must not eat the system under test's CPU (in production the clients are on other
 machines), so by default locust is pinned to the last core and the server, like the offline decoder
@@ -26,7 +26,7 @@ runs everything on every core).
                                       [--dtype bfloat16] [--compile] [--device cuda] [--no-isolate]
 
 It also counts the prompts whose greedy output depends on the batch (offline, batched vs alone).
-Other ``--users``, a ``--dtype`` or ``--compile`` write docs/results/server_load_64users.md,
+Other ``--users``, a ``--dtype`` or ``--compile`` write docs/results/server/server_load_64users.md,
 ..._bfloat16.md, ..._compiled.md.
 """
 
@@ -342,7 +342,7 @@ def main(argv=None):
             f"{span(paired(systems[4], systems[0]), '.2f')}. Greedy outputs that depend on the batch: {differ} of 256 "
             f"prompts decode differently (tokens or NFE) in offline batches of {args.batch_size} than alone"
             f"{' (' + flags.strip() + ')' if flags else ''}.\n")
-    name = "server_load" + (f"_{args.users}users" if args.users != 32 else "") + (f"_{dtype}" if dtype else "")
+    name = "server/server_load" + (f"_{args.users}users" if args.users != 32 else "") + (f"_{dtype}" if dtype else "")
     name += "_compiled" if args.compile else ""
     name += f"_{args.device.split(':')[0]}" if args.device != "cpu" else ""
     print(save(name, text, rows))

@@ -14,7 +14,7 @@ measured row counts (memory per row is constant) at 32 rows, marked as extrapola
 
     python -m benchmarks.step_memory [--rows 1,2,4,8,32] [--before-ref REV] [--before-max-rows 8]
 
-Writes docs/results/step_memory.{md,json}.
+Writes docs/results/server/step_memory.{md,json}.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--before-max-rows", type=int, default=8, help="largest row count run with the old sampler")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--name", default="step_memory")
+    ap.add_argument("--name", default="server/step_memory")
     args = ap.parse_args(argv)
     sizes = [int(r) for r in args.rows.split(",")]
     gib = 1 << 30

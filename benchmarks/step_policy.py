@@ -9,7 +9,7 @@ in any batch, so its points are the per-task results averaged):
 - ``policy``: each given step policy (``NAME=DIR``: a model directory whose weights are the same
   model's and which holds a ``step_policy``), swept over its knob (commit every masked token with
   p >= knob, at least one);
-- ``oracle``: FACTS.md's step oracle, a bound, not a sampler: decode at full steps to get the answer A,
+- ``oracle``: the step oracle, a bound, not a sampler: decode at full steps to get the answer A,
   then decode again committing at each pass exactly the masked tokens whose argmax already equals A's
   token (at least the most confident one).
 
@@ -43,7 +43,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
-from diffpo_serve.dllm.loading import load_model, model_logits  # noqa: E402
+from diffpo_serve.dllm.forward import model_logits  # noqa: E402
+from diffpo_serve.dllm.loading import load_model  # noqa: E402
 import diffpo_serve.dllm.sampler as sampler_module  # noqa: E402
 from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, generate, init_state  # noqa: E402
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
@@ -307,7 +308,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--policies", required=True, help="comma-separated NAME=DIR: model directories holding a "
                     "step policy trained on --model (their own weights are not used)")
-    add_front_arguments(ap, "step_policy")
+    add_front_arguments(ap, "step_policy/step_policy")
     ap.add_argument("--cost-calls", type=int, default=3, help="calls of the policy's cost measurement (each "
                     "31 paired steps), one table row each: on a shared machine they show its spread")
     args = ap.parse_args(argv)
@@ -359,7 +360,7 @@ def main(argv=None):
     cost = [{"policy": name, "call": k + 1, **policy_cost(loaded, p, cost_data, first.GEN_LENGTH)}
             for name, p in policies.items() for k in range(args.cost_calls)]
     panels = tasks + (["mixed"] if len(tasks) > 1 else [])
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / args.name).parent.mkdir(parents=True, exist_ok=True)
     plot(rows, panels, RESULTS / f"{args.name}.png")
     text = (f"# The per-step commit policy vs fixed gamma, the per-prompt head and the step oracle\n\n"
             f"Model `{_shown(loaded.path)}`; policies: " + ", ".join(f"`{n}` = `{p}`" for n, p in
