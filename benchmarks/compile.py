@@ -29,9 +29,9 @@ import time
 
 import torch
 
-from benchmarks.common import batch_dependent, machine, markdown_table, save
+from benchmarks.common import batch_dependent, machine, markdown_table, load_model, save
 from benchmarks.dtype import DTYPES, TASKS, samplers, step_ms_per_row
-from diffpo_serve.dllm.loading import load_model
+
 from diffpo_serve.dllm.sampler import SamplingParams, prompt_alignment
 from training.evaluate import evaluate
 from training.tasks import get_task

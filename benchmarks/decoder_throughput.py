@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from benchmarks.common import machine, markdown_table, save
+from benchmarks.common import machine, markdown_table, load_model, save
 from benchmarks.llada_reference import llada_generate
-from diffpo_serve.dllm.loading import load_model
+
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from training.tasks import get_task
 

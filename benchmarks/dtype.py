@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from benchmarks.common import batch_dependent, machine, markdown_table, save
-from diffpo_serve.dllm.loading import load_model
+from benchmarks.common import batch_dependent, machine, markdown_table, load_model, save
+
 from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, init_state, prompt_alignment
 from training.evaluate import evaluate
 from training.tasks import get_task

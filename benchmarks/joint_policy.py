@@ -28,9 +28,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
+from benchmarks.common import RESULTS, machine, markdown_table, load_model, save  # noqa: E402
 from benchmarks.step_policy import PromptCache, add_front_arguments, decode, mixed, prompt_key, summarise  # noqa: E402
-from diffpo_serve.dllm.loading import load_model  # noqa: E402
+
 from diffpo_serve.dllm.sampler import SamplingParams  # noqa: E402
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.tasks import get_task  # noqa: E402

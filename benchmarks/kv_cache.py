@@ -151,7 +151,7 @@ def speed(args) -> list[dict]:
 
 
 def accuracy(args) -> list[dict]:
-    from diffpo_serve.dllm.loading import load_model
+    from benchmarks.common import load_model
     from training.evaluate import evaluate
     from training.tasks import get_task
 

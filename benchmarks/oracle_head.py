@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from benchmarks.common import machine, markdown_table, save
-from diffpo_serve.dllm.loading import load_model
+from benchmarks.common import machine, markdown_table, load_model, save
+
 from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, generate, init_state
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID, FEATURES, ThresholdHead
 from training.tasks import get_task

@@ -25,8 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
-from diffpo_serve.dllm.loading import load_model  # noqa: E402
+from benchmarks.common import RESULTS, load_model, load_saved, machine, markdown_table, save  # noqa: E402
+
 from diffpo_serve.dllm.sampler import SamplingParams  # noqa: E402
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv=None):
     panels = tasks + (["mixed"] if len(tasks) > 1 else [])
     only = [n for n in args.plot_models.split(",") if n] or None
     if args.replot:
-        plot(json.loads((RESULTS / f"{args.name}.json").read_text()), panels, RESULTS / f"{args.name}.png", only)
+        plot(load_saved(args.name), panels, RESULTS / f"{args.name}.png", only)
         return
     if not args.models:
         ap.error("--models is required (unless --replot)")

@@ -17,8 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
-from diffpo_serve.dllm.loading import load_model  # noqa: E402
+from benchmarks.common import RESULTS, machine, markdown_table, load_model, save  # noqa: E402
+
 from diffpo_serve.dllm.sampler import SamplingParams  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.tasks import get_task  # noqa: E402

@@ -49,9 +49,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.common import batch_dependent, machine, markdown_table, save
+from benchmarks.common import batch_dependent, machine, markdown_table, load_model, save
 from diffpo_serve.batcher import BatchFailure, Batcher, RowRequest, RowUpdate
-from diffpo_serve.dllm.loading import load_model
+
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -42,10 +42,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
+from benchmarks.common import RESULTS, machine, markdown_table, load_model, save  # noqa: E402
 from diffpo_serve.dllm.forward import model_logits  # noqa: E402
-from diffpo_serve.dllm.loading import load_model  # noqa: E402
-import diffpo_serve.dllm.sampler as sampler_module  # noqa: E402
+
+import diffpo_serve.dllm.sampler.step as sampler_module  # noqa: E402
 from diffpo_serve.dllm.sampler import SamplingParams, denoise_step, generate, init_state  # noqa: E402
 from diffpo_serve.dllm.threshold_head import DEFAULT_GRID  # noqa: E402
 from training.tasks import get_task  # noqa: E402

@@ -454,3 +454,45 @@ def test_policy_cost_pairs_the_steps_and_takes_the_median_ratio(monkeypatch):
     assert cost["policy_step_ms"] == pytest.approx(1.05 * cost["eb_step_ms"], rel=0.2)
     assert cost["policy_part"] == pytest.approx(0.03 / 1.02)
     assert sp.sampler_module._policy_step is fake_part and fake_part is not real_part
+
+
+# ----------------------------------------------------------------------------- provenance of result files
+
+
+def test_model_checksum_is_sha256_of_the_weight_files_by_name(tmp_path):
+    import hashlib
+    from benchmarks import common
+    (tmp_path / "b.safetensors").write_bytes(b"BBB")
+    (tmp_path / "a.safetensors").write_bytes(b"AA")
+    (tmp_path / "config.json").write_text("{}")  # not a weight file: not hashed
+    expected = hashlib.sha256(b"a.safetensors" + b"AA" + b"b.safetensors" + b"BBB").hexdigest()[:16]
+    assert common.model_checksum(tmp_path) == expected
+    (tmp_path / "config.json").write_text('{"changed": 1}')
+    assert common.model_checksum(tmp_path) == expected
+    (tmp_path / "a.safetensors").write_bytes(b"AB")
+    assert common.model_checksum(tmp_path) != expected
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert common.model_checksum(empty) == "no weights"
+
+
+def test_save_records_provenance_and_load_saved_strips_it(tmp_path, monkeypatch):
+    from benchmarks import common
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "LOADED_MODELS", {})
+    loaded = common.load_model()  # the bundled model, recorded with its checksum
+    assert common.LOADED_MODELS == {str(loaded.path): common.model_checksum(loaded.path)}
+    monkeypatch.setattr(common, "git_commit", lambda: "abc1234")
+    monkeypatch.setattr("sys.argv", ["benchmarks/x.py", "--n", "5", "--name", "a b"])
+    common.save("topic/rows", "# table\n", [{"x": 1}])
+    common.save("topic/dict", "# table\n", {"x": 1})
+    md = (tmp_path / "topic" / "rows.md").read_text()
+    assert md.startswith("# table\n\n---\nProvenance: commit abc1234, ")
+    assert "--n 5 --name 'a b'" in md and common.model_checksum(loaded.path) in md and common.machine() in md
+    rows = json.loads((tmp_path / "topic" / "rows.json").read_text())
+    assert rows["rows"] == [{"x": 1}] and rows["provenance"]["commit"] == "abc1234"
+    assert rows["provenance"]["models"] == {str(loaded.path): common.model_checksum(loaded.path)}
+    assert common.load_saved("topic/rows") == [{"x": 1}]
+    assert common.load_saved("topic/dict") == {"x": 1}
+    (tmp_path / "old.json").write_text('[{"x": 2}]')  # a file written before provenance reads as it was
+    assert common.load_saved("old") == [{"x": 2}]
