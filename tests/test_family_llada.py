@@ -22,8 +22,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
 
 from diffpo_serve.dllm.families.llada import LLaDAConfig, LLaDAModelLM
-from diffpo_serve.dllm.loading import (LoadedModel, ModelLoadError, ignores_padding, load_model, model_logits,
-                                       transformer_layers)
+from diffpo_serve.dllm.forward import ignores_padding, model_logits
+from diffpo_serve.dllm.loading import LoadedModel, ModelLoadError, load_model, transformer_layers
 from benchmarks.llada_reference import llada_generate
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 

@@ -12,7 +12,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM,
                           BertTokenizerFast)
 
-from diffpo_serve.dllm.loading import LoadedModel, ModelLoadError, load_model, model_logits
+from diffpo_serve.dllm.forward import model_logits
+from diffpo_serve.dllm.loading import LoadedModel, ModelLoadError, load_model
 from diffpo_serve.dllm.model import DiffpoConfig, DiffpoForMaskedLM
 from diffpo_serve.dllm.tokenizer import build_tokenizer
 

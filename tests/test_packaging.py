@@ -37,7 +37,7 @@ def test_wheel_carries_packages_bundled_model_and_playground(tmp_path):
     for f in sorted(bundled.iterdir()):
         assert f"diffpo_serve/bundled_model/{f.name}" in names, f.name
     assert "diffpo_serve/static/playground.html" in names
-    for module in ("diffpo_serve/cli.py", "diffpo_serve/dllm/sampler.py", "training/cli.py", "training/tasks/sudoku.py"):
+    for module in ("diffpo_serve/cli.py", "diffpo_serve/dllm/sampler/step.py", "diffpo_serve/dllm/forward.py", "training/cli.py", "training/tasks/sudoku.py"):
         assert module in names, module
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "diffpo-serve = diffpo_serve.cli:main" in entry_points and "diffpo-train = training.cli:main" in entry_points

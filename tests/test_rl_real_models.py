@@ -19,7 +19,8 @@ import torch
 
 from diffpo_serve.dllm.families.dream import DreamModel
 from diffpo_serve.dllm.families.llada import LLaDAModelLM
-from diffpo_serve.dllm.loading import load_model, model_logits, transformer_layers
+from diffpo_serve.dllm.forward import model_logits
+from diffpo_serve.dllm.loading import load_model, transformer_layers
 from training import rl
 from training.config import RLConfig
 from training.prompting import CHAT_BLOCK_LENGTH, CHAT_GEN_LENGTH

@@ -503,7 +503,7 @@ def test_full_blocks_of_a_given_answer_take_no_pass_wherever_they_stand(model, c
 def test_a_pass_that_commits_nothing_raises_instead_of_looping_forever(model, monkeypatch):
     """Every commit rule takes at least one candidate per pass; a rule that takes none (a bug) must stop the
     decode with an error naming the rows, not hang the server's decoder."""
-    import diffpo_serve.dllm.sampler as sampler_module
+    import diffpo_serve.dllm.sampler.step as sampler_module  # where the step calls it
 
     real = sampler_module.select_commits
     monkeypatch.setattr(sampler_module, "select_commits", lambda *a, **k: torch.zeros_like(real(*a, **k)))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import EOS, MASK, PAD, tiny_model
-from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, _step_logits, block_columns, denoise_step,
-                                       generate, init_state, masked_columns)
+from diffpo_serve.dllm.sampler import (BatchState, SamplingParams, block_columns, denoise_step,
+                                       generate, init_state, masked_columns, step_logits)
 from test_kv_cache import tiny_dream, tiny_llada
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
@@ -55,7 +55,7 @@ def test_prefix_cache_first_step_exact_later_steps_bounded():
         exact = model(canvas, attention_mask=attention, position_ids=positions).logits
         exact = exact.gather(1, index[..., None].expand(-1, -1, exact.shape[-1]))
         step = state.block_step[rows].clone()
-        cached = _step_logits(model, state, rows, canvas, attention, positions, index)[0]
+        cached = step_logits(model, state, rows, canvas, attention, positions, index)[0]
         difference = (cached - exact).abs().amax((1, 2)) / exact.abs().amax((1, 2))  # relative to the scale
         first += difference[step == 0].tolist()
         later += difference[step > 0].tolist()
@@ -429,7 +429,7 @@ def test_query_columns_by_value():
     """A cached step computes, per row, its block (dual) or its block's start to the canvas end (prefix), the
     batch as wide as its widest row and narrower rows repeating their last column: no more columns than that
     (a wider query would give the same logits at a higher cost, which no output test sees)."""
-    from diffpo_serve.dllm.sampler import _query_columns
+    from diffpo_serve.dllm.sampler.cache import query_columns
     state = BatchState.concat([init_state(PROMPTS[:1], SamplingParams(gen_length=16, block_length=4, cache=c), **IDS)
                                for c in ("prefix", "prefix", "dual")])
     pw, length = state.prompt_width, state.canvas.shape[1]
@@ -437,12 +437,12 @@ def test_query_columns_by_value():
     state.block[:] = torch.tensor([2, 1, 1])  # generation columns 8-11, 4-7, 4-7
     rows = torch.arange(3)
     cols, _, _, _ = block_columns(state, rows)
-    got = _query_columns(state, rows, pw + cols)
+    got = query_columns(state, rows, pw + cols)
     # prefix rows from their block's start (canvas 13 and 9) to column 20; the widest, 12 columns, sets the
     # width and the first row repeats column 20; the dual row its block, then its last column repeated
     assert got.tolist() == [list(range(13, 21)) + [20] * 4, list(range(9, 21)), [9, 10, 11, 12] + [12] * 8]
     only_dual = state.select(torch.tensor([2]))
-    assert _query_columns(only_dual, torch.arange(1), pw + block_columns(only_dual, torch.arange(1))[0]).tolist() \
+    assert query_columns(only_dual, torch.arange(1), pw + block_columns(only_dual, torch.arange(1))[0]).tolist() \
         == [[9, 10, 11, 12]]
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import EOS, MASK, PAD, tiny_model
-from diffpo_serve.dllm.loading import ModelLoadError, load_model, model_logits
+from diffpo_serve.dllm.forward import model_logits
+from diffpo_serve.dllm.loading import ModelLoadError, load_model
 from diffpo_serve.dllm.sampler import BatchState, SamplingParams, denoise_step, generate, init_state
 from diffpo_serve.dllm.step_policy import (FEATURE_NAMES, NEAR_CERTAIN, StepPolicy, decision_entropy, decision_logprob,
                                            load_policy, policy_commits, token_features)

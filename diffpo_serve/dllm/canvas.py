@@ -54,7 +54,7 @@ from typing import Protocol
 import torch
 
 from diffpo_serve.dllm.families import family_module
-from diffpo_serve.dllm.sampler import entropy_before
+from diffpo_serve.dllm.sampler.rules import entropy_before
 
 SAMPLERS = ("eb", "learned")  # the canvas accept rule is the entropy bound; `learned`: the head picks the bound
 

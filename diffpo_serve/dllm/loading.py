@@ -12,7 +12,8 @@ It loads, from a local directory only (nothing is downloaded), in this order:
   (c) other checkpoints that ship their own modelling code (``trust_remote_code``), which register
       themselves under ``AutoModel`` in their ``auto_map``. Such a model may ignore ``attention_mask``
       or ``position_ids`` (LLaDA's published code does both): the loader probes that once, warns, and
-      marks the model so :func:`model_logits` runs it on unpadded rows only (:func:`ignores_padding`).
+      marks the model so :func:`~diffpo_serve.dllm.forward.model_logits` runs it on unpadded rows only
+      (:mod:`diffpo_serve.dllm.forward`).
 and returns a :class:`LoadedModel` holding the model, its tokenizer and the special ids the sampler
 needs: ``mask_id``, ``pad_id`` and every end-of-sequence id (``eos_ids``; ``eos_id`` is the first, the one
 a finished row is filled with). Each comes from the ``load_model`` argument, else the family's
@@ -27,7 +28,6 @@ order; pad from the tokenizer, the config, the generation config, else the first
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 
 from diffpo_serve.dllm import model as _own_model  # noqa: F401  (registers our config and model)
 from diffpo_serve.dllm.families import FAMILY_MODULES
-from diffpo_serve.dllm.kv_cache import gather_columns
+from diffpo_serve.dllm.forward import check_padding, model_logits, supports_kv_cache
 from diffpo_serve.dllm.model_card import CardInfo, ModelCardError, read_card
 from diffpo_serve.dllm.step_policy import StepPolicyError, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHeadError, load_head
@@ -275,6 +275,36 @@ def load_model(
     except Exception as e:  # transformers raises many types here (OSError, ValueError, ...)
         raise ModelLoadError(f"{path}: cannot load the tokenizer: {e}") from e
 
+    model = _load_weights(path, family, config, remote, dtype)
+    model.to(device).eval()
+
+    mask_id, pad_id, eos_list = special_ids(path, config, tokenizer, family, mask_id=mask_id, pad_id=pad_id,
+                                            eos_ids=eos_ids)
+    if family is None:  # native families honour masks and positions by construction (and by their tests)
+        check_padding(model, mask_id, path)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_length = int(getattr(text_config, "max_position_embeddings", None)
+                     or getattr(config, "max_sequence_length", 0) or tokenizer.model_max_length)
+    head, card, policy = _load_extras(path, device)
+    compiled = None
+    if compile:
+        try:
+            compiled = compile_layers(model, mask_id)
+        except Exception as e:  # inductor raises its own types; the first line says what failed
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ModelLoadError(f"{path}: torch.compile failed ({type(e).__name__}: {first}); on a CPU it needs "
+                                 "a C++ compiler (g++, or the one named by CXX); without --compile (compile=False) "
+                                 "the model runs as it is") from e
+    return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_list[0],
+                       eos_ids=tuple(eos_list), path=str(path), name=path.name, max_length=max_length,
+                       threshold_head=head, compiled=compiled, card=card, step_policy=policy,
+                       kv_cache=supports_kv_cache(model), paradigm=paradigm,
+                       generation=_read_json(path / "generation_config.json") or {})
+
+
+def _load_weights(path: Path, family, config, remote: bool, dtype) -> torch.nn.Module:
+    """The model of the checkpoint at ``path`` with every weight read from it: a family's own class, a masked LM,
+    or a remote-code denoiser registered under ``AutoModel``. Raises :class:`ModelLoadError` naming the path."""
     auto_map = getattr(config, "auto_map", None) or {}
     kwargs = dict(local_files_only=True, trust_remote_code=remote, output_loading_info=True)
     if dtype is not None:
@@ -295,35 +325,15 @@ def load_model(
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ModelLoadError(f"{path}: cannot load the model weights: {len(missing)} tensor(s) missing "
                              f"from the checkpoint: {shown}")
-    model.to(device).eval()
+    return model
 
-    mask_id, pad_id, eos_list = special_ids(path, config, tokenizer, family, mask_id=mask_id, pad_id=pad_id,
-                                            eos_ids=eos_ids)
-    if family is None:  # native families honour masks and positions by construction (and by their tests)
-        check_padding(model, mask_id, path)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    max_length = int(getattr(text_config, "max_position_embeddings", None)
-                     or getattr(config, "max_sequence_length", 0) or tokenizer.model_max_length)
+
+def _load_extras(path: Path, device):
+    """What a checkpoint may carry beside its weights: ``(threshold head, model card, step policy)``."""
     try:
-        head = load_head(path, device=device)
-        card = read_card(path)
-        policy = load_policy(path, device=device)
+        return load_head(path, device=device), read_card(path), load_policy(path, device=device)
     except (ThresholdHeadError, ModelCardError, StepPolicyError) as e:
         raise ModelLoadError(str(e)) from e
-    compiled = None
-    if compile:
-        try:
-            compiled = compile_layers(model, mask_id)
-        except Exception as e:  # inductor raises its own types; the first line says what failed
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise ModelLoadError(f"{path}: torch.compile failed ({type(e).__name__}: {first}); on a CPU it needs "
-                                 "a C++ compiler (g++, or the one named by CXX); without --compile (compile=False) "
-                                 "the model runs as it is") from e
-    return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_list[0],
-                       eos_ids=tuple(eos_list), path=str(path), name=path.name, max_length=max_length,
-                       threshold_head=head, compiled=compiled, card=card, step_policy=policy,
-                       kv_cache=supports_kv_cache(model), paradigm=paradigm,
-                       generation=_read_json(path / "generation_config.json") or {})
 
 
 def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -361,144 +371,3 @@ def compile_layers(model: torch.nn.Module, mask_id: int, width: int = 16) -> str
             model_logits(model, ids, attention, torch.arange(width, device=device).expand(rows, width))
     counts = Counter(type(m).__name__ for m in layers.values())
     return " + ".join(f"{n} {cls}" for cls, n in counts.items()) + " layers" if layers else "the whole model"
-
-
-IGNORES_PADDING = "_diffpo_ignores_padding"  # attribute set on a model whose output padding would change
-
-
-def ignores_padding(model: torch.nn.Module) -> bool:
-    """Whether :func:`check_padding` found that padding changes this model's output for a row."""
-    return bool(getattr(getattr(model, "module", model), IGNORES_PADDING, False))
-
-
-@torch.no_grad()
-def check_padding(model: torch.nn.Module, mask_id: int, path: Path | str = "model") -> bool:
-    """Probe once whether padding changes a row's logits (a forward that ignores ``attention_mask`` or takes
-    no ``position_ids``, as LLaDA's published code does); if so, mark the model so :func:`model_logits`
-    runs it on unpadded rows only, log a warning, and return True.
-
-    The probe: a row of 6 tokens alone, and the same row left-padded by 3 and right-padded by 2 columns
-    (attention off, positions following the mask); its logits must agree to rounding (1e-4 of their
-    scale in float32, 2e-2 in half precision).
-    """
-    inner = getattr(model, "module", model)
-    device = next(inner.parameters()).device
-    dtype = next(inner.parameters()).dtype
-    vocab = int(getattr(getattr(inner, "config", None), "vocab_size", 0) or mask_id + 1)
-    row = torch.tensor([[1, 2, 3, mask_id, mask_id, 4]], device=device) % max(vocab, 5)
-    padded = torch.cat([torch.full((1, 3), 5 % vocab, device=device), row,
-                        torch.full((1, 2), 6 % vocab, device=device)], 1)
-    attention = torch.zeros_like(padded, dtype=torch.bool)
-    attention[:, 3:9] = True
-    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
-    alone = _forward(inner, row, torch.ones_like(row, dtype=torch.bool),
-                     torch.arange(6, device=device)[None]).float()
-    inside = _forward(inner, padded, attention, positions)[:, 3:9].float()
-    tolerance = (1e-4 if dtype == torch.float32 else 2e-2) * (1.0 + float(alone.abs().max()))
-    difference = float((alone - inside).abs().max())
-    changed = not difference <= tolerance
-    setattr(inner, IGNORES_PADDING, changed)
-    if changed:
-        log.warning("%s: padding changes this model's output (max logit difference %.3g; its forward ignores "
-                    "attention_mask or position_ids): each step runs rows of equal length together, unpadded, "
-                    "which costs extra forward passes in mixed batches", path, difference)
-    return changed
-
-
-_FORWARD_ARGS: dict[type, frozenset[str]] = {}
-
-
-def _accepted(inner: torch.nn.Module) -> frozenset[str]:
-    """The keyword arguments ``inner.forward`` accepts (``"*"`` when it takes ``**kwargs``)."""
-    accepted = _FORWARD_ARGS.get(type(inner))
-    if accepted is None:
-        params = inspect.signature(inner.forward).parameters
-        accepted = frozenset(params) | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params.values()) else set())
-        _FORWARD_ARGS[type(inner)] = accepted
-    return accepted
-
-
-def supports_kv_cache(model: torch.nn.Module) -> bool:
-    """Whether the model takes the KV-cache arguments of :mod:`diffpo_serve.dllm.kv_cache` (the native
-    families do; generic masked LMs and remote code do not). Wrappers (DDP's ``module``, peft's base model)
-    pass the arguments through and are looked inside."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):  # peft: forward(**kwargs) reaches the base model's forward
-        inner = inner.get_base_model()
-    return {"kv_cache", "query_index", "return_kv", "logits_index"} <= _accepted(inner)
-
-
-def _forward(inner: torch.nn.Module, input_ids, attention_mask, position_ids, hidden: bool = False,
-             model: torch.nn.Module | None = None, logits_index=None):
-    """One forward pass of ``model`` (default ``inner``; ``inner`` is the unwrapped module whose signature
-    decides which arguments are passed). ``logits_index`` (b, k): only those columns' logits (asked of the
-    model when it takes the argument, else cut from the full logits)."""
-    accepted = _accepted(inner)
-    kwargs = {"attention_mask": attention_mask}
-    if position_ids is not None and "position_ids" in accepted:
-        kwargs["position_ids"] = position_ids
-    native_index = logits_index is not None and "logits_index" in accepted
-    if native_index:
-        kwargs["logits_index"] = logits_index
-    if hidden:
-        kwargs["output_hidden_states"] = True
-    out = (model if model is not None else inner)(input_ids=input_ids, **kwargs)
-    logits = out.logits
-    if logits_index is not None and not native_index:
-        logits = gather_columns(logits, logits_index)
-    return (logits, out.hidden_states[-1]) if hidden else logits
-
-
-def cached_forward(model: torch.nn.Module, input_ids, attention_mask, position_ids, *, logits_index,
-                   kv_cache=None, query_index=None, return_kv: bool = False, hidden: bool = False):
-    """A native model's forward with the KV-cache arguments (:mod:`diffpo_serve.dllm.kv_cache`):
-    ``(logits at logits_index, last hidden state or None, the keys/values or None)``."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_index=logits_index, kv_cache=kv_cache, query_index=query_index, return_kv=return_kv,
-                output_hidden_states=hidden)
-    return out.logits, (out.hidden_states[-1] if hidden else None), out.kv_cache
-
-
-def _unpadded(model, inner, input_ids, attention_mask, hidden: bool):
-    """Logits (and hidden states) of a padded batch computed without padding: rows with the same number
-    of real tokens run together with those tokens only (what each would see alone); padded columns hold 0."""
-    attention = attention_mask.bool()
-    lengths = attention.sum(-1)
-    out_logits = out_hidden = None
-    for n in lengths.unique().tolist():
-        rows = (lengths == n).nonzero().squeeze(-1)
-        keep = attention[rows]
-        ids = input_ids[rows][keep].view(len(rows), n)
-        result = _forward(inner, ids, torch.ones_like(ids, dtype=torch.bool),
-                          torch.arange(n, device=ids.device).expand(len(rows), n), hidden, model)
-        logits, h = result if hidden else (result, None)
-        if out_logits is None:
-            out_logits = logits.new_zeros(*input_ids.shape, logits.shape[-1])
-            out_hidden = h.new_zeros(*input_ids.shape, h.shape[-1]) if hidden else None
-        placed = torch.zeros_like(attention)
-        placed[rows] = keep
-        out_logits = out_logits.index_put((placed,), logits.reshape(-1, logits.shape[-1]))
-        if hidden:
-            out_hidden = out_hidden.index_put((placed,), h.reshape(-1, h.shape[-1]))
-    return (out_logits, out_hidden) if hidden else out_logits
-
-
-def model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None, *, hidden: bool = False,
-                 logits_index: torch.Tensor | None = None):
-    """Logits (b, l, V) of any loaded model; passes only the arguments its ``forward`` accepts.
-
-    With ``hidden=True`` returns ``(logits, last_hidden_state)``, the latter (b, l, d). ``logits_index``
-    (b, k): the logits of those columns only, (b, k, V); a native model then never materialises the rest.
-    A model that :func:`check_padding` marked runs on unpadded rows (:func:`ignores_padding`); the logits
-    of padded positions are then 0.
-    """
-    inner = getattr(model, "module", model)  # DistributedDataParallel and similar wrappers
-    if getattr(inner, IGNORES_PADDING, False) and not bool(attention_mask.bool().all()):
-        result = _unpadded(model, inner, input_ids, attention_mask, hidden)
-        if logits_index is None:
-            return result
-        logits, h = result if hidden else (result, None)
-        logits = gather_columns(logits, logits_index)
-        return (logits, h) if hidden else logits
-    return _forward(inner, input_ids, attention_mask, position_ids, hidden, model, logits_index)

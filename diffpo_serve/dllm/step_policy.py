@@ -22,7 +22,7 @@ Features (per masked token of the current block, all read from the pass the samp
  10 log_confidence   log p(argmax) (resolves confidences near 1, where most commits happen)
  11 near_certain     1 if the entropy is below 0.01 nats
 
-(8-11 are the extra features of FACTS.md's supervised probe, which needed 19-25% fewer passes than EB.)
+(8-11 were added after a supervised probe with them needed 19-25% fewer passes than EB.)
 
 With ``features="basic+hidden"`` the token's final hidden state is appended. A small MLP maps the
 (standardised) features to a logit; its sigmoid is the commit probability p.

@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffpo_serve.dllm.sampler.rules import entropy_before
+
 WEIGHTS, CONFIG = "threshold_head.safetensors", "threshold_head.json"
 DEFAULT_GRID = [round(float(g), 6) for g in torch.logspace(-3, 1, 13)]  # 0.001 ... 10, x2.15 apart
 
@@ -51,11 +53,9 @@ def eb_commit_fractions(answer_entropy: torch.Tensor, answer_attention: torch.Te
     """(b, n) first-pass per-position entropies of the answer region, (b, n) bool -> (b, K + 1), detached.
 
     For each gamma of ``grid``: the fraction of the row's answer positions that the EB rule would
-    commit (the sampler's :func:`~diffpo_serve.dllm.sampler.entropy_before` <= gamma, at least one);
+    commit (the sampler's :func:`~diffpo_serve.dllm.sampler.rules.entropy_before` <= gamma, at least one);
     then the mean per-position entropy.
     """
-    from diffpo_serve.dllm.sampler import entropy_before  # here: the sampler imports this module's loader
-
     h = answer_entropy.detach().float().masked_fill(~answer_attention, 0.0)
     before, _ = entropy_before(h, answer_attention)
     n = answer_attention.sum(-1).clamp(min=1)

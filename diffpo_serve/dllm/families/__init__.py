@@ -8,7 +8,7 @@ config and model classes with transformers' ``AutoConfig`` / ``AutoModel`` / ``A
 under the checkpoint's ``model_type``, so ``from_pretrained(dir)`` reads the published layout
 (single file or sharded with ``model.safetensors.index.json``) with the published parameter names.
 
-The model interface the sampler, the likelihoods and the threshold head see (``loading.model_logits``):
+The model interface the sampler, the likelihoods and the threshold head see (:mod:`diffpo_serve.dllm.forward`):
 ``model(input_ids, attention_mask=..., position_ids=..., output_hidden_states=...)`` returns an output
 with ``.logits`` (b, l, V), where **position i's logits are the distribution of token i** (a family
 whose checkpoint predicts the next token, as Dream does, shifts inside its own module), and
