@@ -3,10 +3,12 @@
 Owns: the routes (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models[/{id}]``, ``/health``,
 ``/metrics``, and the browser playground at ``/`` and ``/playground``: one static page, open like
 ``/health``, that calls the API from the same origin), the lifecycle (:class:`ServerRuntime`: the model loads in the background after startup,
-so ``/health`` answers 503 while loading; shutdown drains the batcher), the gate in front of the app
-(API key, body size limit, per-request metrics) and the exception handlers that render every error
-(validation, malformed JSON, unknown route, anything unexpected) as the one OpenAI error envelope.
-A catch-all handler logs the traceback and answers a generic 500; no response carries a traceback.
+so ``/health`` answers 503 while loading; :meth:`ServerRuntime.drain` is SIGTERM's drain, shutdown stops the
+batcher), CORS (:class:`Cors`, the outermost layer: the ``--allowed-*`` settings, preflights answered before the
+API key), the gate in front of the app (API key, body size limit, per-request metrics, and the 503 envelope for
+a request uvicorn cancels at shutdown) and the exception handlers that render every error (validation,
+malformed JSON, unknown route, anything unexpected) as the one OpenAI error envelope. A catch-all handler
+logs the traceback and answers a generic 500; no response carries a traceback, none is plain text.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from diffpo_serve.batcher import Batcher
@@ -35,7 +38,7 @@ from diffpo_serve.engine import Engine, Generation
 from diffpo_serve.metrics import ServerMetrics, endpoint_label
 from diffpo_serve.paradigms import check_startup
 from diffpo_serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body, unavailable)
-from diffpo_serve.settings import ServerSettings, resolve_device
+from diffpo_serve.settings import ServerSettings, parse_list, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,30 @@ class ServerRuntime:
             if self.batcher is not None:
                 self.batcher.begin_drain()
 
+    def busy(self) -> bool:
+        """Rows of requests are queued or decoding (in this process or the decoder process)."""
+        if self.batcher is None:
+            return False
+        stats = self.batcher.stats()
+        return bool(stats["active_rows"] or stats["waiting_requests"])
+
+    async def drain(self, poll: float = 0.05) -> bool:
+        """SIGTERM's drain, while the listener stays open: new requests get 503 ``draining`` from now on,
+        running and queued ones get up to ``drain_timeout`` seconds to finish; what is left then fails with
+        the 503 ``draining`` envelope (a stream: an error event, then ``[DONE]``). Returns whether
+        everything finished in time."""
+        self.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        while self.busy():
+            if loop.time() >= deadline:
+                log.warning("drain timed out after %ss; failing the requests still running",
+                            self.settings.drain_timeout)
+                await asyncio.to_thread(self.batcher.stop)
+                return False
+            await asyncio.sleep(poll)
+        return True
+
     async def shutdown(self) -> None:
         self.begin_drain()
         if self._task is not None and not self._task.done():
@@ -159,7 +186,9 @@ def _json_response(status: int, body: dict, headers: dict[str, str] | None = Non
 
 
 class Gate:
-    """Outermost middleware: request metrics, API key on ``/v1``, body size limit (413)."""
+    """Middleware inside :class:`Cors`: request metrics, API key on ``/v1``, body size limit (413); a request
+    cancelled before its response started (uvicorn's shutdown grace ran out) gets the 503 ``draining`` envelope
+    instead of uvicorn's plain-text 500."""
 
     def __init__(self, app, settings: ServerSettings, metrics: ServerMetrics):
         self.app = app
@@ -188,20 +217,30 @@ class Gate:
                 record()
 
         try:
-            if self._key is not None and scope["path"].startswith("/v1") and not self._authorized(scope):
-                error = APIError(401, "Invalid or missing API key: send `Authorization: Bearer <key>`",
-                                 type="authentication_error", code="invalid_api_key",
-                                 headers={"WWW-Authenticate": "Bearer"})
-                return await _json_response(401, error.body(), error.headers)(scope, receive, send_and_record)
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                receive = await self._buffer_body(scope, receive, send_and_record)
-                if receive is None:
-                    return
-            await self.app(scope, receive, send_and_record)
+            await self._gated(scope, receive, send_and_record)
+        except asyncio.CancelledError:
+            if state["status"] is None:  # uvicorn gave up on the request at shutdown: the envelope, not its
+                error = unavailable("the server is shutting down", code="draining", retry_after=5)  # text 500
+                with contextlib.suppress(Exception):
+                    await _json_response(503, error.body(), error.headers)(scope, receive, send_and_record)
+            raise
         finally:
             if state["status"] is None:
                 state["status"] = 499  # no response started: the client went away
             record()
+
+    async def _gated(self, scope, receive, send_and_record):
+        """The API key on ``/v1`` (401), then the body limit (413), then the app."""
+        if self._key is not None and scope["path"].startswith("/v1") and not self._authorized(scope):
+            error = APIError(401, "Invalid or missing API key: send `Authorization: Bearer <key>`",
+                             type="authentication_error", code="invalid_api_key",
+                             headers={"WWW-Authenticate": "Bearer"})
+            return await _json_response(401, error.body(), error.headers)(scope, receive, send_and_record)
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            receive = await self._buffer_body(scope, receive, send_and_record)
+            if receive is None:
+                return
+        await self.app(scope, receive, send_and_record)
 
     def _authorized(self, scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
@@ -245,6 +284,35 @@ class Gate:
             return await receive()
 
         return replay
+
+
+# ----------------------------------------------------------------------------- CORS
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware with the settings' ``--allowed-*`` lists, answering preflights without plain
+    text: an allowed one gets 200, no body, and the ``Access-Control-Allow-*`` headers, a refused one 400 with the error
+    envelope (code ``cors_not_allowed``) and no ``Access-Control-Allow-Origin`` for the browser to accept.
+
+    Outermost, so that preflights (which carry no API key) are answered before the :class:`Gate`, and every
+    response, errors included, carries the headers a page from an allowed origin needs to read it."""
+
+    def __init__(self, app, settings: ServerSettings):
+        super().__init__(app, allow_origins=parse_list(settings.allowed_origins, "allowed_origins"),
+                         allow_methods=parse_list(settings.allowed_methods, "allowed_methods"),
+                         allow_headers=parse_list(settings.allowed_headers, "allowed_headers"),
+                         allow_credentials=settings.allow_credentials)
+
+    def preflight_response(self, request_headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        headers = {k: v for k, v in answer.headers.items() if k not in ("content-length", "content-type")}
+        if answer.status_code == 200:  # 200 and no body, as vLLM's and llama.cpp's preflights
+            return Response(status_code=200, headers=headers)
+        refused = answer.body.decode().removeprefix("Disallowed CORS ")
+        message = (f"cross-origin request refused ({refused} not allowed): origin "
+                   f"{request_headers['origin']!r}, method {request_headers['access-control-request-method']!r}; "
+                   "the server's --allowed-origins / --allowed-methods / --allowed-headers decide")
+        return _json_response(400, error_body(message, type="invalid_request_error", code="cors_not_allowed"),
+                              headers)
 
 
 # ----------------------------------------------------------------------------- responses
@@ -405,6 +473,7 @@ def create_app(settings: ServerSettings | None = None, *, loader: Loader | None 
     app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, runtime
     install_error_handlers(app)
     app.add_middleware(Gate, settings=settings, metrics=metrics)
+    app.add_middleware(Cors, settings=settings)  # added last: outside the Gate
 
     async def engine() -> Engine:  # async: resolved on the event loop, no worker-thread hop per request
         return runtime.require_engine()

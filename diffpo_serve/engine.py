@@ -87,8 +87,9 @@ class Engine:
                          cache_modes=list(CACHE_MODES) if self.loaded.kv_cache else ["off"],
                          **self.paradigm.card(self.settings))
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
+    def check_model(self, name: str | None) -> None:
+        """404 for a name other than the served model's; ``None`` (omitted or null) is the served model."""
+        if name is not None and name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 
@@ -108,12 +109,15 @@ class Engine:
         self.check_model(req.model)
         _log_ignored(req)
         unsupported = [("logprobs", bool(req.logprobs)), ("top_logprobs", bool(req.top_logprobs)),
-                       ("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none", "auto")),
-                       ("response_format", req.response_format is not None and req.response_format.type != "text")]
+                       ("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none", "auto"))]
         self._refuse(unsupported, req)
         return self._start("chat", req, [self._chat_prompt(req.messages)], endpoint)
 
     def _refuse(self, unsupported: list[tuple[str, bool]], req) -> None:
+        for name in req.constraints():  # structured outputs: refused, never silently unconstrained
+            raise APIError(400, f"`{name}` is not supported by this diffusion server: it cannot constrain its "
+                                "output (structured outputs / guided decoding)", param=name,
+                           code="unsupported_parameter")
         unsupported += [("frequency_penalty", bool(req.frequency_penalty)),
                         ("presence_penalty", bool(req.presence_penalty)), ("logit_bias", bool(req.logit_bias))]
         for name, used in unsupported:
@@ -205,7 +209,7 @@ class Engine:
 
 
 def _log_ignored(req) -> None:
-    extra = sorted(req.model_extra or {})
+    extra = req.ignored_fields()
     if extra:
         log.warning("ignoring unknown request fields: %s", ", ".join(extra))
 

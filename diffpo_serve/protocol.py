@@ -5,7 +5,10 @@ the server's own diffusion extras are fenced off at the end of each request unde
 extras" and carry the sampler's own names (``sampler``, ``threshold``, ``block_length``, ``steps``;
 see :class:`diffpo_serve.dllm.sampler.SamplingParams`). With the ``openai`` client they are passed
 through ``extra_body``. Unknown fields are accepted and ignored (the server logs their names), as
-vLLM does. Typed fields are strict: ``"16"`` is not an integer and ``true`` is not a number.
+vLLM does, except the output constraints of peer servers (:data:`CONSTRAINT_FIELDS`: vLLM's
+``structured_outputs`` and ``guided_*``, llama.cpp's ``json_schema`` and ``grammar``) and a non-text
+``response_format``: the server cannot constrain its text, so these get a 400 naming the field. ``model``
+may be omitted or null: the server's one model. Typed fields are strict: ``"16"`` is not an integer and ``true`` is not a number.
 
 Responses are OpenAI's objects plus documented extension fields:
 
@@ -80,6 +83,12 @@ def unavailable(message: str, code: str, retry_after: int = 1) -> APIError:
 
 # ----------------------------------------------------------------------------- requests
 
+# output constraints of peer servers (vLLM: structured_outputs and the older guided_*; llama.cpp: json_schema,
+# grammar): refused with a 400 naming the field rather than ignored, since the text would not follow them
+CONSTRAINT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structural_tag", "guided_decoding_backend", "guided_whitespace_pattern", "json_schema",
+                     "grammar")
+
 STRICT_INT = dict(strict=True)
 FINITE = dict(strict=True, allow_inf_nan=False)
 MAX_STOP_STRINGS = 16
@@ -108,6 +117,21 @@ class _GenerationFields(BaseModel):
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
+
+    def constraints(self) -> list[str]:
+        """The output constraints this request asks for, which a diffusion server cannot honour (each a 400):
+        the structured-output / guided-decoding fields of :data:`CONSTRAINT_FIELDS` that are set (not null),
+        and a ``response_format`` other than ``text``."""
+        extra = self.model_extra or {}
+        names = [name for name in CONSTRAINT_FIELDS if extra.get(name) is not None]
+        fmt = getattr(self, "response_format", None)
+        if fmt is not None and fmt.type != "text":
+            names.append("response_format")
+        return names
+
+    def ignored_fields(self) -> list[str]:
+        """The request's unknown fields, which the server ignores (constraint fields are refused, not ignored)."""
+        return sorted(set(self.model_extra or {}) - set(CONSTRAINT_FIELDS))
 
     def stop_strings(self) -> list[str]:
         return list(getattr(self, "stop", None) or [])
@@ -148,6 +172,12 @@ _RETURN_STEPS_HELP = ("diffusion extra, /v1/completions with stream=true only: a
                       "`text_completion.step` chunk per forward pass of each choice (positions committed at "
                       "that pass, their token ids and texts, the current block).")
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(strict=True)
+
+
 Sampler = Literal["steps", "confidence", "eb", "learned", "policy"]
 Cache = Literal["off", "prefix", "dual"]
 
@@ -155,7 +185,7 @@ Cache = Literal["off", "prefix", "dual"]
 class CompletionRequest(_GenerationFields):
     """``POST /v1/completions``. ``prompt``: a string, a list of strings, token ids, or lists of ids."""
 
-    model: str = Field(strict=True)
+    model: str | None = Field(None, strict=True)  # omitted or null: the one served model
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = Field(None, ge=1, **STRICT_INT)
     echo: bool | None = Field(False, strict=True)
@@ -165,6 +195,7 @@ class CompletionRequest(_GenerationFields):
     max_tokens: int | None = Field(None, ge=1, **STRICT_INT)
     n: int = Field(1, ge=1, le=128, **STRICT_INT)
     presence_penalty: float | None = Field(0.0, **FINITE)
+    response_format: ResponseFormat | None = None  # vLLM's extension on completions; only `text` is served
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, **STRICT_INT)
     stop: str | list[str] | None = None
     stream: bool | None = Field(False, strict=True)
@@ -223,12 +254,6 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str = Field(strict=True)
-
-
 class ChatCompletionRequest(_GenerationFields):
     """``POST /v1/chat/completions``.
 
@@ -237,7 +262,7 @@ class ChatCompletionRequest(_GenerationFields):
     """
 
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str = Field(strict=True)
+    model: str | None = Field(None, strict=True)  # omitted or null: the one served model
     frequency_penalty: float | None = Field(0.0, **FINITE)
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = Field(False, strict=True)

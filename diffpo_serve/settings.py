@@ -8,6 +8,7 @@ reads argv at import; :func:`diffpo_serve.cli.main` does, and ``create_app`` tak
 
 from __future__ import annotations
 
+import json
 import os
 import types
 import typing
@@ -83,6 +84,16 @@ class ServerSettings:
                                       "fills the rest of a finished row (default: every eos_token_id of the "
                                       "generation config, config and tokenizer)")
     log_level: str = option("info", "log level (debug, info, warning, error)")
+    allowed_origins: str = option(
+        "", "CORS: origins whose browser pages may call the API, comma-separated or a JSON list (vLLM's form), "
+            "e.g. http://localhost:3000 or '*' for any origin (vLLM's default). Default: none, so a page from "
+            "another origin cannot call a server on your machine; the playground at / is same-origin and needs none")
+    allowed_methods: str = option("*", "CORS: methods a cross-origin request may use (comma-separated or a JSON "
+                                       "list; * for any)")
+    allowed_headers: str = option("*", "CORS: request headers a cross-origin request may send (comma-separated "
+                                       "or a JSON list; * for any, Authorization included)")
+    allow_credentials: bool = option(False, "CORS: let cross-origin pages send cookies / HTTP auth (the API "
+                                            "key is a header and needs none); with '*' origins any site could")
 
     def validated(self) -> "ServerSettings":
         """Check ranges; raises ValueError naming the setting."""
@@ -109,6 +120,8 @@ class ServerSettings:
         if self.eos_id is not None:
             parse_ids(self.eos_id, "eos_id")
         check_device(self.device)
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            parse_list(getattr(self, name), name)
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -191,3 +204,19 @@ def parse_cpus(spec: str) -> set[int]:
     if not cores or min(cores) < 0:
         raise ValueError(f"decoder_cpus: expected core numbers like 1 or 2-3,5, got {spec!r}")
     return cores
+
+
+def parse_list(spec: str, name: str) -> list[str]:
+    """A CORS list setting: ``""`` -> ``[]``, ``"a, b"`` -> ``["a", "b"]``, or a JSON list of strings as vLLM's
+    flags take (``'["a", "b"]'``); raises ValueError naming the setting."""
+    text = spec.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            raise ValueError(f"{name}: not a JSON list of strings: {spec!r}") from None
+        if not all(isinstance(i, str) for i in items):
+            raise ValueError(f"{name}: not a JSON list of strings: {spec!r}")
+    else:
+        items = text.split(",")
+    return [i.strip() for i in items if i.strip()]

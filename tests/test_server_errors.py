@@ -37,7 +37,7 @@ DROP = object()
 
 # (id, method, path, request kwargs for httpx, status, param or None when not checked)
 CASES = [
-    ("missing-model", "POST", "/v1/completions", dict(json=completion(model=DROP)), 400, "model"),
+    ("model-not-a-string", "POST", "/v1/completions", dict(json=completion(model=123)), 400, "model"),
     ("missing-prompt", "POST", "/v1/completions", dict(json=completion(prompt=DROP)), 400, "prompt"),
     ("prompt-number", "POST", "/v1/completions", dict(json=completion(prompt=123)), 400, "prompt"),
     ("prompt-empty-string", "POST", "/v1/completions", dict(json=completion(prompt="")), 400, "prompt"),

@@ -5,10 +5,14 @@ Imported by the other ``test_server_*`` modules; its own tests check the helpers
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import torch
@@ -89,6 +93,32 @@ def slow_scripted_loader(settings) -> LoadedModel:
     """A module-level (so picklable: ``--decoder-process`` spawns with it) loader of a slow scripted
     model that writes 128 x's, 20 ms per forward pass."""
     return scripted_loaded(default="x" * 128, delay=0.02)
+
+
+def serve_scripted(port: int, *flags: str) -> subprocess.Popen:
+    """``diffpo-serve``'s own ``main`` in a new process on ``port``, serving the slow scripted model of
+    :func:`slow_scripted_loader` (``scripted``; with the default ``--decoder-process`` the decoder process loads it
+    by name), so that requests stay in flight long enough to signal the process meanwhile."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import diffpo_serve.api as api, test_server_support as s; "
+            "api.load_from_settings = s.slow_scripted_loader; from diffpo_serve.cli import main; "
+            "raise SystemExit(main(sys.argv[2:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), "--port", str(port),
+                             "--log-level", "warning", *flags], env=env, cwd=Path(__file__).resolve().parents[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until ``url/health`` answers 200; raises if the process exits or the time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the server never became ready")
 
 
 def free_port() -> int:
