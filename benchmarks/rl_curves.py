@@ -1,17 +1,69 @@
-"""d1 vs DiFFPO from the bundled SFT model: test accuracy against the number of rollouts.
+"""d1 vs DiFFPO: greedy test accuracy against rollouts, and the area under the exact-match curve.
 
 For each task and seed, trains both algorithms with identical budgets (same prompts per step, G,
-mu, learning rate, steps) and evaluates greedy full-step accuracy on held-out test prompts every
-``--eval-every`` steps. Runs are kept under runs/bench_rl/ and skipped when already complete, so an
-interrupted benchmark continues where it stopped. Writes docs/results/rl/rl_curves.{md,json,png}.
+mu, learning rate, p_mask, steps) and evaluates greedy full-step accuracy on held-out test prompts every
+``--eval-every`` steps. Runs are kept under runs/bench_rl/TAG/ and skipped when already complete (a run
+that stopped resumes from its checkpoint; one whose saved settings differ from the command's is refused),
+so an interrupted benchmark continues where it stopped, across sessions; ``--algos d1`` and ``--algos
+diffpo`` in two processes train one algorithm each. Writes docs/results/rl/rl_curves[_TAG].{md,json,png}.
 
-    python -m benchmarks.rl_curves [--tasks countdown,sudoku] [--seeds 0,1,2] [--max-steps 150 | countdown=240,sudoku=120]
-                                   [--lr 3e-5] [--temperature 1.0] [--beta 0.04] [--tag NAME]
+    python -m benchmarks.rl_curves [--model DIR] [--tasks countdown,sudoku] [--seeds 0,1,2]
+        [--max-steps 150 | countdown=240,sudoku=120] [--lr 3e-5] [--num-generations 8] [--p-mask 0.15]
+        [--is-numerator masked|unmasked] [--tau-over all|answer] [--temperature 1.0] [--beta 0.04]
+        [--auc-steps 300] [--tag NAME] [--algos d1,diffpo]
+
+The comparison protocol, written down before its runs
+-----------------------------------------------------
+Question: does DiFFPO's estimator (two-stage likelihood, truncated importance weight) train a dLLM to a
+higher exact-match accuracy per rollout than d1's one-pass mean-field estimate?
+
+- **Task and base.** Primary, with headroom: ``countdown`` (three numbers up to 99, targets up to 999) from
+  the bundled model, which solves 0.266 of its 1,000 generated test prompts exactly (greedy, full steps,
+  ``diffpo-train eval --task countdown``): inside the 20-50 % band where both algorithms can gain >= 0.05. A
+  base outside that band on the same prompts is not used. Second, low headroom: ``cd3`` from ``runs/base``
+  (0.654 exact; docs/benchmarks.md, "A base model with headroom for RL").
+- **Metric.** Exact match (``eval_<task>_exact``: reward 1), greedy full-step decoding, on 1,000 held-out
+  test prompts (the task's generated test split, never trained on), at step 0 and every 25 steps.
+- **Primary statistic.** Per run, the area under the exact-match curve over steps 0-300 (trapezoid rule,
+  divided by 300: the curve's mean over the window, :func:`curve_auc`); per algorithm its mean over seeds and
+  standard error (sample sd / sqrt(seeds)); DiFFPO - d1 with the standard error sqrt(SE_d1^2 + SE_diffpo^2)
+  and z = difference / SE (:func:`auc_comparison`). Separated: |z| >= 3.
+- **Logged beside it** (:func:`window_means`, same window, mean and SE over seeds): the T = 1 accuracy (exact
+  match of the temperature-1 training rollouts, fresh prompts every step: what greedy evaluation may hide)
+  and the zero-variance groups per step (groups whose G rewards are equal carry no gradient); the final
+  point's comparison and each run's training signal (IS weight, clip fraction) as before.
+- **Fixed settings.** 300 steps of 16 prompts x G = 8 rollouts at temperature 1 (the ``steps`` sampler,
+  one token per pass), mu = 4, lr 3e-5, eps 0.5, beta 0, C = 2, ``--is-numerator masked``, ``--tau-over
+  all``; one torch thread per run.
+- **Arms.** d1 vs DiFFPO x p_mask {0, 0.15}, seeds 0-4 each, on the primary task: 20 runs, tags
+  ``headroom-p0`` and ``headroom-p15``. Then cd3 from runs/base at the better p_mask (the one with the larger
+  DiFFPO AUC), 5 seeds per algorithm. Then the estimator's open choices (``--is-numerator unmasked``,
+  ``--tau-over answer``, DiFFPO only, 5 seeds each) on the setting where the core arms separate, or, where
+  none does, on the primary task, to test whether those choices are why. Every arm is reported, also those
+  that do not separate.
+- **Confirmatory run.** The setting the project then ships as default is rerun with fresh seeds 100-104, 5
+  per algorithm (tag ``confirm``); the reported difference is that run's, not the exploratory arms'.
+
+Commands (each run resumes; run the two algorithms in two processes to use two cores)::
+
+    python -m benchmarks.rl_curves --tasks countdown --seeds 0,1,2,3,4 --max-steps 300 --eval-every 25 \
+        --eval-examples 1000 --beta 0 --p-mask 0 --tag headroom-p0 [--algos d1 | --algos diffpo]
+    python -m benchmarks.rl_curves ... --p-mask 0.15 --tag headroom-p15
+
+Budget, measured before the runs (the 2-core AMD EPYC development machine, shared: load average about 7
+during the measurement, so an idle machine is faster; one torch thread per process; bundled model,
+countdown, 16 x 8 rollouts, mu = 4, beta 0): a step takes 6.5 s for d1 (6 steps) and 12.5 s for DiFFPO (6
+steps: two likelihood passes and the z_tau rows; ``--is-numerator unmasked`` adds one pass, about 20 s); a
+1,000-prompt greedy evaluation takes 47 s. The 20 primary runs: 10 x 300 x 6.5 s + 10 x 300 x 12.5 s =
+15.8 process-hours of steps, plus 20 x 13 evaluations x 47 s = 3.4 hours, about 19 process-hours: about
+10 hours wall-clock with one process per core, likely 4-6 on an idle machine. The cd3 arm and the
+confirmatory run (10 runs each) take about half that each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -23,11 +75,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import RESULTS, machine, markdown_table, save  # noqa: E402
+from benchmarks.common import RESULTS, load_saved, machine, markdown_table, record_model, save  # noqa: E402
 from training.config import RLConfig  # noqa: E402
+from training.likelihood import IS_NUMERATORS, TAU_OVER  # noqa: E402
 from training.rl import train_rl  # noqa: E402
 
 RUNS = Path("runs/bench_rl")
+AUC_STEPS = 300  # the protocol's window: steps 0-300
 
 
 def steps_per_task(spec: str, tasks: list[str]) -> dict[str, int]:
@@ -77,17 +131,35 @@ def comparison(d1: dict, diffpo: dict, seeds: list[int], n_eval: int) -> dict:
             "se_diff": se, "z": diff / se if se > 0 else float("nan")}
 
 
+RESUMABLE = ("max_steps", "resume")  # settings a run may change when it is continued
+
+
+def settings_changed(saved: dict, cfg: RLConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from a run's saved ``rl_config.json`` (``saved``), other than those a
+    continued run may change (:data:`RESUMABLE`); a setting the saved file predates counts only when ``cfg``
+    moves it off its default."""
+    now = dataclasses.asdict(cfg)
+    defaults = dataclasses.asdict(RLConfig())
+    return sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v)
+
+
 def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]:
-    """Train (or continue) one run up to ``max_steps``; its records up to that step."""
+    """Train (or continue) one run up to ``max_steps``; its records up to that step. A run directory that holds
+    a run with other settings is refused (SystemExit naming them): its curve would be mixed into the wrong arm."""
     out = RUNS / args.tag / f"{task}-{algo}-s{seed}"
     metrics = out / "metrics.jsonl"
+    cfg = RLConfig(algo=algo, model=args.model, output_dir=str(out), tasks=task, seed=seed,
+                   max_steps=max_steps, eval_every=args.eval_every, eval_examples=args.eval_examples,
+                   save_every=args.eval_every, lr=args.lr, num_generations=args.num_generations,
+                   prompts_per_step=args.prompts_per_step, num_iterations=args.num_iterations,
+                   temperature=args.temperature, beta=args.beta, p_mask=args.p_mask, is_numerator=args.is_numerator,
+                   tau_over=args.tau_over, resume=metrics.exists())
+    saved = out / "rl_config.json"
+    if saved.exists() and (changed := settings_changed(json.loads(saved.read_text()), cfg)):
+        raise SystemExit(f"{saved}: this run was trained with other settings ({', '.join(changed)}); use another "
+                         "--tag for this configuration")
     done = metrics.exists() and any(json.loads(x)["step"] >= max_steps for x in metrics.read_text().splitlines())
     if not done:
-        cfg = RLConfig(algo=algo, model=args.model, output_dir=str(out), tasks=task, seed=seed,
-                       max_steps=max_steps, eval_every=args.eval_every, eval_examples=args.eval_examples,
-                       save_every=args.eval_every, lr=args.lr, num_generations=args.num_generations,
-                       prompts_per_step=args.prompts_per_step, num_iterations=args.num_iterations,
-                       temperature=args.temperature, beta=args.beta, resume=metrics.exists())
         train_rl(cfg)
     return curve_records(metrics.read_text(), max_steps)
 
@@ -123,6 +195,56 @@ def training_signal(records: list[dict], window: int = SIGNAL_WINDOW) -> dict:
             "is_clip_fraction_last": mean(last, "is_clip_fraction")}
 
 
+def curve_auc(points: list[tuple[int, float]], window: int) -> float:
+    """The area under a (step, value) curve over steps [0, window] by the trapezoid rule, divided by ``window``:
+    the curve's mean over the window (a flat curve at v has AUC v). The curve must start at step 0 and reach
+    ``window``; past it, a point only sets the value at ``window`` by linear interpolation."""
+    pts = sorted(points)
+    if not pts or pts[0][0] != 0:
+        raise ValueError(f"curve_auc: the curve must start at step 0, got steps {[x for x, _ in pts]}")
+    if pts[-1][0] < window:
+        raise ValueError(f"curve_auc: the curve ends at step {pts[-1][0]}, before the window's end {window}")
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 >= window:
+            break
+        if x1 > window:
+            x1, y1 = window, y0 + (y1 - y0) * (window - x0) / (x1 - x0)
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / window
+
+
+def window_means(records: list[dict], window: int) -> dict:
+    """A run's means over its update steps 1..``window``: the T = 1 accuracy (``accuracy``: exact match of the
+    step's rollouts, sampled at the rollout temperature) and the zero-variance groups per step."""
+    steps = [r for r in records if "reward" in r and r["step"] <= window]
+    if not steps:
+        raise ValueError(f"window_means: no update step in 1..{window}")
+    return {"t1_accuracy": statistics.mean(r["accuracy"] for r in steps),
+            "zero_variance_groups": statistics.mean(r["zero_variance_groups"] for r in steps)}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error, sample sd (n - 1) / sqrt(n); nan for a single value."""
+    n = len(values)
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+
+
+def auc_comparison(per_run: dict, seeds: list[int]) -> tuple[list[dict], dict]:
+    """The protocol's statistic: ``per_run`` algo -> seed -> {"auc", "t1_accuracy", "zero_variance_groups"}.
+    Returns one row per algorithm (each quantity's mean and SE over ``seeds``) and DiFFPO - d1 in AUC with the
+    standard error sqrt(SE_d1^2 + SE_diffpo^2) and z = difference / SE."""
+    rows, auc = [], {}
+    for algo in ("d1", "diffpo"):
+        row = {"algo": algo, "seeds": len(seeds)}
+        for key in ("auc", "t1_accuracy", "zero_variance_groups"):
+            row[f"{key}_mean"], row[f"{key}_se"] = mean_se([per_run[algo][s][key] for s in seeds])
+        rows.append(row)
+        auc[algo] = (row["auc_mean"], row["auc_se"])
+    diff, se = auc["diffpo"][0] - auc["d1"][0], math.hypot(auc["d1"][1], auc["diffpo"][1])
+    return rows, {"diffpo_minus_d1_auc": diff, "se_diff": se, "z": diff / se if se > 0 else float("nan")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="starting model (default: the bundled model; the published "
@@ -133,7 +255,15 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-examples", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=3e-5)
-    ap.add_argument("--num-generations", type=int, default=8)
+    ap.add_argument("--num-generations", type=int, default=8, help="G: rollouts per prompt")
+    ap.add_argument("--p-mask", type=float, default=RLConfig.p_mask, help="d1's prompt masking in the likelihood "
+                    "passes (both algorithms)")
+    ap.add_argument("--is-numerator", default=RLConfig.is_numerator, choices=IS_NUMERATORS, help="DiFFPO's "
+                    "importance-weight numerator: masked or unmasked prompt (diffpo-train rl --help)")
+    ap.add_argument("--tau-over", default=RLConfig.tau_over, choices=TAU_OVER, help="DiFFPO's tau: among all "
+                    "passes or the passes that commit answer tokens (diffpo-train rl --help)")
+    ap.add_argument("--auc-steps", type=int, default=AUC_STEPS, help="the AUC's window: steps 0..N (cut to a "
+                    "task's --max-steps when shorter)")
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--num-iterations", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
@@ -153,13 +283,21 @@ def main(argv=None):
     max_steps = steps_per_task(args.max_steps, tasks)
     name = f"rl/rl_curves_{args.tag}" if args.tag else "rl/rl_curves"
     t0 = time.time()
-    curves: dict = {}
-    signal: list[dict] = []  # one row per algorithm and seed (not kept by --replot)
+    curves: dict = {}  # task -> algo -> seed -> [(rollouts, greedy accuracy)]: the plot and the final point
+    per_run: dict = {}  # task -> algo -> seed -> AUC of the exact-match curve, T = 1 accuracy, zero-variance groups
+    windows = {t: min(args.auc_steps, n) for t, n in max_steps.items()}
+    signal: list[dict] = []  # one row per algorithm and seed
     if args.replot:
-        saved = json.loads((RESULTS / f"{name}.json").read_text())
-        curves = {t: {a: {int(s): [tuple(p) for p in pts] for s, pts in runs.items()}
-                      for a, runs in by_algo.items()}
-                  for t, by_algo in saved.items()}
+        saved = load_saved(name)
+        def by_seed(runs, point):  # JSON's keys are strings
+            return {int(s): point(v) for s, v in runs.items()}
+
+        old_format = "accuracy" not in saved  # files written before the AUC hold the curves alone
+        curves = {t: {a: by_seed(runs, lambda pts: [tuple(p) for p in pts]) for a, runs in by_algo.items()}
+                  for t, by_algo in (saved if old_format else saved["accuracy"]).items()}
+        per_run = {} if old_format else {t: {a: by_seed(runs, dict) for a, runs in by_algo.items()}
+                                         for t, by_algo in saved["per_run"].items()}
+        signal = [] if old_format else saved["signal"]
     else:
         for task in tasks:
             for seed in seeds:
@@ -170,10 +308,14 @@ def main(argv=None):
                                                                               if key in r]
                     if recs:
                         signal.append({"task": task, "algo": algo, "seed": seed, **training_signal(recs)})
+                        exact = [(r["step"], r[f"eval_{task}_exact"]) for r in recs if f"eval_{task}_exact" in r]
+                        per_run.setdefault(task, {}).setdefault(algo, {})[seed] = {
+                            "auc": curve_auc(exact, windows[task]), **window_means(recs, windows[task])}
     if set(algos) != {"d1", "diffpo"}:
         print(f"trained {args.algos} only: no table or plot (run again with both algorithms to write them)")
         return
-    rows, compared, fig = [], [], plt.figure(figsize=(5.5 * len(tasks), 4.2))
+    rows, compared, auc_rows, auc_compared = [], [], [], []
+    fig = plt.figure(figsize=(5.5 * len(tasks), 4.2))
     for k, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), k + 1)
         for algo, color in (("d1", "tab:blue"), ("diffpo", "tab:red")):
@@ -185,6 +327,10 @@ def main(argv=None):
             rows.append({"task": task, "algo": algo, **summary(runs, seeds)})
         compared.append({"task": task, **comparison(curves[task]["d1"], curves[task]["diffpo"], seeds,
                                                     args.eval_examples)})
+        if task in per_run:
+            algo_rows, diff = auc_comparison(per_run[task], seeds)
+            auc_rows += [{"task": task, "steps": f"0-{windows[task]}", **r} for r in algo_rows]
+            auc_compared.append({"task": task, "steps": f"0-{windows[task]}", **diff})
         ax.set_xlabel("rollouts")
         ax.set_ylabel("greedy test accuracy (mean reward)")
         ax.set_title(task)
@@ -197,26 +343,36 @@ def main(argv=None):
     budget = ", ".join(f"{n} steps ({t})" for t, n in max_steps.items())
     text = (f"# d1 vs DiFFPO: test accuracy against rollouts\n\nFrom {start}; per run {budget} "
             f"of {args.prompts_per_step} prompts x G={args.num_generations} rollouts, mu={args.num_iterations}, "
-            f"lr={args.lr}, rollout temperature {args.temperature:g}, beta={args.beta:g}, other settings RLConfig "
+            f"lr={args.lr}, rollout temperature {args.temperature:g}, beta={args.beta:g}, p_mask={args.p_mask:g}, "
+            f"IS numerator {args.is_numerator}, tau over {args.tau_over} passes, other settings RLConfig "
             f"defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
             f"{seeds}; `final_acc_sd` is the sample standard deviation (n - 1) of the seeds' final accuracies. "
             + ("Table and plot rebuilt from the saved curves (`--replot`)." if args.replot else
                f"Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
                f"under runs/bench_rl are reused, not retrained).") + "\n\n"
+            + (("The protocol's statistic (module docstring; `auc_comparison` in the script): per run the area "
+                "under the greedy exact-match curve over the steps shown, divided by their number (the curve's "
+                "mean); beside it the T = 1 accuracy (exact match of the temperature-sampled training rollouts) "
+                "and the zero-variance groups per step, means over the same steps; each as mean and standard "
+                "error (sample sd / sqrt(seeds)) over seeds.\n\n" + markdown_table(auc_rows, list(auc_rows[0]))
+                + "\n\nDiFFPO - d1 in AUC, its standard error sqrt(SE_d1^2 + SE_diffpo^2) and z = difference / "
+                "SE:\n\n" + markdown_table(auc_compared, list(auc_compared[0])) + "\n\nAlong the curve:\n\n")
+               if auc_rows else "")
             + markdown_table(rows, list(rows[0]))
             + "\n\nThe issue's criterion (`comparison` in the script): DiFFPO's final gain over the base (the mean "
               "of every run's step-0 accuracy) and DiFFPO - d1 at the final point, with the standard error of that "
               "difference (the larger of the seeds' spread and the test set's binomial noise) and z = difference / "
               "error.\n\n"
-            + markdown_table(compared, list(compared[0])) + f"\n\n![rl curves]({name}.png)\n"
+            + markdown_table(compared, list(compared[0])) + f"\n\n![rl curves]({Path(name).name}.png)\n"
             + ("\nWhat the updates saw (`training_signal` in the script; means over each run's first and last "
                f"{SIGNAL_WINDOW} steps): the sampled rollouts' mean reward, the groups per step (of "
                f"{args.prompts_per_step}) whose {args.num_generations} rewards were all equal, and the mean "
                "truncated importance weight and the fraction of tokens whose weight was capped at C, over the last "
                f"{SIGNAL_WINDOW} steps.\n\n" + markdown_table(signal, list(signal[0]))
                + "\n" if signal else ""))
-    print(save(name, text, curves))
+    record_model(args.model)  # the starting model: its checksum in the result's provenance
+    print(save(name, text, {"accuracy": curves, "per_run": per_run, "signal": signal}))
 
 
 if __name__ == "__main__":

@@ -77,8 +77,8 @@ def spy(monkeypatch):
         calls.norms.append(float(real_clip(self, *args, **kw)))
         return calls.norms[-1]
 
-    def tau(num_steps, generator=None):
-        t = real_tau(num_steps, generator)
+    def tau(num_steps, generator=None, *passes):
+        t = real_tau(num_steps, generator, *passes)
         calls.tau.append((num_steps.clone(), t.clone()))
         return t
 

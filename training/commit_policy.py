@@ -6,8 +6,8 @@ in later DAgger rounds the policy itself) while recording the policy's features 
 already equals the token of an answer A (:func:`commit_labels`), and the policy is fit to those labels by
 binary cross-entropy. ``--warm-start-label`` chooses A (:data:`WARM_START_LABELS`): ``trajectory`` (the
 default), the answer the behaviour decode itself ends with; ``full_steps``, the full-step greedy answer (the
-step oracle of FACTS.md commits exactly its label-1 tokens; countdown has several right answers, and where
-the two decodes reach different ones it calls every token of the behaviour's answer not final);
+step oracle of ``benchmarks/step_policy.py`` commits exactly its label-1 tokens; countdown has several right
+answers, and where the two decodes reach different ones it calls every token of the behaviour's answer not final);
 ``continuation``, per pass the full-step completion of the answer as it stood before that pass
 (:func:`continuation_answers`). docs/benchmarks.md compares them.
 
@@ -87,7 +87,7 @@ def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: i
     """Candidate features (N, F) and labels (N,) from ``behaviour`` trajectories of ``prompts``.
 
     ``label`` (:data:`WARM_START_LABELS`): ``full_steps`` compares each pass's argmax with the full-step greedy
-    answer (FACTS.md's step oracle); ``trajectory`` with the answer the behaviour decode itself ends with (a
+    answer (the step oracle's labels); ``trajectory`` with the answer the behaviour decode itself ends with (a
     token already final in its own trajectory; where the two decodes reach different answers, as countdown's
     orders of one sum do, the first label calls every token of the other answer wrong; but every token the
     behaviour commits is final in its own trajectory by construction, right or wrong); ``continuation`` with

@@ -1,6 +1,8 @@
 """Typed configuration of every ``diffpo-train`` command, with help text; argparse is built from it.
 
-Field names are the CLI flags (``gen_length`` -> ``--gen-length``); nothing parses argv at import.
+Field names are the CLI flags (``gen_length`` -> ``--gen-length``); nothing parses argv at import. A field made
+with ``option(..., advanced=True)`` is a research knob: ``--help`` lists it in its own group after the common
+options (:func:`add_arguments`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,26 @@ from diffpo_serve.dllm.sampler import SAMPLERS
 from diffpo_serve.dllm.step_policy import FEATURE_SETS
 from diffpo_serve.dllm.threshold_head import FEATURES
 from training.commit_policy import WARM_START_LABELS
+from training.likelihood import IS_NUMERATORS, TAU_OVER
 from training.tasks import REWARD_KINDS
 
 
-def option(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def option(default, help: str, advanced: bool = False, **kw):
+    """A config field with its ``--help`` text; ``advanced``: listed under :data:`ADVANCED` (research knobs a
+    user rarely sets), after the common options; ``kw``: more argparse keywords (``choices``)."""
+    return field(default=default, metadata={"help": help, "advanced": advanced, **kw})
+
+
+ADVANCED = "advanced / research options"  # the help's second group; the first is argparse's own "options"
+
+
+def check_choices(cfg) -> None:
+    """A ValueError naming the flag where a field with ``choices`` holds another value (a config built in code,
+    where argparse did not check it); None passes where it is the field's default."""
+    for f in dataclasses.fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        if choices is not None and value not in choices and not (value is None and f.default is None):
+            raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: expected one of {', '.join(map(str, choices))}")
 
 
 CACHE_LOSS_MODES = ["off", "prefix", "dual", "both"]
@@ -54,12 +71,13 @@ class SFTConfig:
     max_steps: int = option(6000, "optimiser steps")
     batch_size: int = option(128, "sequences per step (per process)")
     lr: float = option(2e-3, "peak learning rate (AdamW)")
-    warmup_steps: int = option(200, "linear warm-up steps")
-    min_lr_ratio: float = option(0.1, "cosine decay ends at lr * min_lr_ratio")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    warmup_steps: int = option(200, "linear warm-up steps", advanced=True)
+    min_lr_ratio: float = option(0.1, "cosine decay ends at lr * min_lr_ratio", advanced=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", advanced=True)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", advanced=True)
     loss_weighting: str = option("inv_t", "inv_t: LLaDA's sum of masked CE / t over all completion tokens; "
-                                 "masked_mean: mean CE over masked positions", choices=["inv_t", "masked_mean"])
+                                 "masked_mean: mean CE over masked positions", choices=["inv_t", "masked_mean"],
+                                 advanced=True)
     seed: int = option(0, "seed for data order, masking and initialisation")
     save_every: int = option(500, "steps between checkpoints (OUTPUT_DIR/checkpoint, for --resume); the model "
                              "itself is written to OUTPUT_DIR at the end")
@@ -68,13 +86,15 @@ class SFTConfig:
                              "to metrics.jsonl (0: off)")
     eval_examples: int = option(256, "test prompts per task for --eval-every")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
-    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=CACHE_LOSS_MODES)
-    cache_loss_weight: float = option(1.0, "--cache-loss: the cached-view loss is added to the SFT loss times this")
-    cache_block_length: int = option(4, "--cache-loss: the block length of the cached decode trained for")
+    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=CACHE_LOSS_MODES, advanced=True)
+    cache_loss_weight: float = option(1.0, "--cache-loss: the cached-view loss is added to the SFT loss times this",
+                                      advanced=True)
+    cache_block_length: int = option(4, "--cache-loss: the block length of the cached decode trained for",
+                                     advanced=True)
     targets: str = option("tokens", "what the losses score: tokens: cross-entropy on the completions' tokens; "
                           "model: KL from a frozen copy of --model's own uncached predictions at the same masked "
                           "positions (with --cache-loss: trains the cached decode to match the uncached one without "
-                          "moving the latter)", choices=["tokens", "model"])
+                          "moving the latter)", choices=["tokens", "model"], advanced=True)
     hidden_size: int = option(128, "new model: width")
     num_hidden_layers: int = option(4, "new model: layers")
     num_attention_heads: int = option(4, "new model: attention heads")
@@ -86,67 +106,36 @@ class RLConfig:
     """RL post-training with verifiable rewards: d1's diffu-GRPO or DiFFPO (arXiv 2510.02212).
 
     Defaults are d1's published LLaDA settings scaled to the tiny model: G = 8 (theirs 6),
-    mu = 4 (theirs 8-12), eps = 0.5, beta = 0.04, p_mask = 0.15; lr 3e-5 was stable here (FACTS.md).
+    mu = 4 (theirs 8-12), eps = 0.5, beta = 0.04, p_mask = 0.15; lr 3e-5 was stable on the tiny model.
     """
+
+    def __post_init__(self):
+        check_choices(self)
 
     algo: str = option("diffpo", "likelihood surrogate: d1 (one-pass mean-field) or diffpo "
                        "(two-stage with truncated importance weights)", choices=["d1", "diffpo"])
     train: str = option("model", "what to train: model (the dLLM), sampler (only the learned sampler, model "
                         "frozen) or joint (both, from the same rollouts)", choices=["model", "sampler", "joint"])
-    sampler_kind: str = option("head", "the learned sampler of --train sampler/joint: head (the per-prompt "
-                               "threshold head, sampler `learned`) or policy (the per-step commit policy, sampler "
-                               "`policy`)", choices=["head", "policy"])
-    policy_features: str = option("basic", "a new step policy's input: basic (12 per-token features of the pass) "
-                                  "or basic+hidden (also the token's final hidden state)", choices=list(FEATURE_SETS))
-    warm_start_prompts: int = option(4000, "a new step policy: training prompts (per task) of its supervised warm "
-                                     "start (labels: --warm-start-label; 0: no warm start)")
-    warm_start_gamma: float = option(0.1, "EB gamma of the behaviour decodes the warm start's features come from")
-    warm_start_label: str = option("trajectory", "the warm start's label of a masked token: full_steps (its argmax "
-                                   "equals the full-step greedy answer's token), trajectory (it equals the token "
-                                   "the behaviour decode itself ends with there: final in that trajectory) or "
-                                   "continuation (it equals the token a full-step decode puts there when it "
-                                   "completes the answer as it stood before that pass)",
-                                   choices=list(WARM_START_LABELS))
-    warm_start_epochs: int = option(5, "epochs of the warm start's binary cross-entropy fit")
-    warm_start_rounds: int = option(1, "rounds of the warm start: each round after the first decodes the same "
-                                    "prompts with the policy so far (greedy, at its operating point), adds those "
-                                    "states with their labels to the data and refits a new policy on all of it "
-                                    "(DAgger, Ross et al. 2011: it learns on the states it visits itself)")
-    warm_start_point: float | None = option(0.9, "after the warm start, fold this threshold into the policy "
-                                            "(p >= point becomes p >= 0.5, its new operating point), so RL rollouts "
-                                            "sample around that rule (0: keep 0.5)")
+    model: str | None = option(None, "model directory to post-train; default: the bundled model")
+    output_dir: str = option("runs/rl", "directory for the trained model, checkpoints and metrics.jsonl")
+    tasks: str = option("cd3", "comma-separated tasks; each step draws its prompts from their train splits")
+    data: str | None = option(None, DATA_HELP)
+    eval_data: str | None = option(None, EVAL_DATA_HELP)
+    train_examples: int = option(20_000, "training prompts generated per task")
     reward: str = option("correctness", "the rollouts' reward: correctness (the task's, as d1's evaluator judges "
                          "answers) or d1 (d1's training reward: on gsm8k correctness x2 plus its integer, strict and "
                          "soft format and XML-count terms, on math500 correctness x2 plus its format term; the other "
                          "tasks' correctness); accuracy is logged from correctness either way",
                          choices=list(REWARD_KINDS))
-    lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
-    model_reward: str = option("task", "reward of the dLLM's loss: task (correctness only) or sampler (the NFE-"
-                               "penalised sampler reward, so correct-and-fast rollouts count most; joint training)",
-                               choices=["task", "sampler"])
-    entropy_coef: float = option(0.01, "entropy bonus of the threshold head's REINFORCE loss")
-    head_lr: float = option(3e-3, "learning rate of the threshold head or step policy (AdamW)")
-    head_features: str = option("prompt", "a new threshold head's input: prompt (mean prompt hidden state), "
-                                "prompt+answer (also the mean over the all-mask answer region) or prompt+answer+eb "
-                                "(also the fraction of the answer EB would commit in the first pass at each gamma)",
-                                choices=list(FEATURES))
-    output_dir: str = option("runs/rl", "directory for the trained model, checkpoints and metrics.jsonl")
-    model: str | None = option(None, "model directory to post-train; default: the bundled model")
-    tasks: str = option("cd3", "comma-separated tasks; each step draws its prompts from their train splits")
-    train_examples: int = option(20_000, "training prompts generated per task")
-    data: str | None = option(None, DATA_HELP)
-    eval_data: str | None = option(None, EVAL_DATA_HELP)
+    max_steps: int = option(300, "RL steps (each: rollouts, then mu optimiser steps)")
     num_generations: int = option(8, "G: completions per prompt (one group)")
     prompts_per_step: int = option(16, "prompts per step (per process)")
     num_iterations: int = option(4, "mu: inner optimisation steps on each batch of rollouts")
+    lr: float = option(3e-5, "learning rate (AdamW)")
     epsilon: float = option(0.5, "eps: ratio clip range [1 - eps, 1 + eps]")
     beta: float = option(0.04, "beta: weight of the k3 KL to the frozen reference model (0: no reference)")
     p_mask: float = option(0.15, "p_mask: probability of masking each prompt token in the likelihood passes")
     C: float = option(2.0, "C: cap of the truncated importance weight (diffpo)")
-    lr: float = option(3e-5, "learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
-    scale_std: bool = option(False, "divide advantages by the group std")
     temperature: float = option(1.0, "rollout sampling temperature (0: greedy tokens; rows still draw their gamma "
                                 "from the head, so with --train sampler a group compares gammas on one prompt "
                                 "without sampling noise)")
@@ -156,16 +145,20 @@ class RLConfig:
                           "with --train model: the model's own step policy, frozen, its commits drawn)",
                           choices=list(SAMPLERS))
     threshold: float | None = option(None, "rollout sampler threshold (confidence / eb)")
+    sampler_kind: str = option("head", "the learned sampler of --train sampler/joint: head (the per-prompt "
+                               "threshold head, sampler `learned`) or policy (the per-step commit policy, sampler "
+                               "`policy`)", choices=["head", "policy"])
+    lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
+    head_lr: float = option(3e-3, "learning rate of the threshold head or step policy (AdamW)")
     gen_length: int | None = option(None, "tokens per completion (default: the task's; 256 through a chat template)")
     block_length: int | None = option(None, "rollout block length (default: gen_length; 32 through a chat template)")
-    chat_template: bool = option(True, "a model whose tokenizer has a chat template reads each task's instruction in "
-                                       "it, as in eval; --no-chat-template sends the raw prompts")
     steps: int | None = option(None, "rollout forward passes for the steps sampler (default: gen_length; half of it "
                                "through a chat template, as d1's rollouts)")
+    chat_template: bool = option(True, "a model whose tokenizer has a chat template reads each task's instruction in "
+                                       "it, as in eval; --no-chat-template sends the raw prompts")
     cache: str = option("off", "rollout KV cache (native models): off, prefix or dual; the behaviour log-probs are "
                         "then those of the cached sampler, the distribution actually sampled from",
                         choices=["off", "prefix", "dual"])
-    max_steps: int = option(300, "RL steps (each: rollouts, then mu optimiser steps)")
     seed: int = option(0, "seed for prompts, rollouts, masks and tau")
     save_every: int = option(50, "steps between checkpoints (OUTPUT_DIR/checkpoint: what --resume needs; with "
                              "--lora-r the adapters and trainer state only, never the base weights); the model "
@@ -184,6 +177,46 @@ class RLConfig:
                                      "in any case", choices=["float32", "bfloat16", "float16"])
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
     device: str | None = option(None, "torch device (default: accelerate's choice)")
+    is_numerator: str = option("masked", "diffpo: the prompt the importance weight's numerator pi_old sees: "
+                               "masked (d1's prompt with p_mask masking, the clipped ratio's surrogate) or unmasked "
+                               "(the whole prompt: one more no-grad forward pass per inner step while p_mask > 0); "
+                               "d1 has no weight", choices=list(IS_NUMERATORS), advanced=True)
+    tau_over: str = option("all", "diffpo: the passes tau is drawn among: all (every pass 1..K of the rollout) or "
+                           "answer (only the passes that commit at least one scored token, so z_tau holds part of the "
+                           "answer, not only its EOS tail); d1 draws no tau", choices=list(TAU_OVER), advanced=True)
+    scale_std: bool = option(False, "divide advantages by the group std", advanced=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", advanced=True)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", advanced=True)
+    model_reward: str = option("task", "reward of the dLLM's loss: task (correctness only) or sampler (the NFE-"
+                               "penalised sampler reward, so correct-and-fast rollouts count most; joint training)",
+                               choices=["task", "sampler"], advanced=True)
+    entropy_coef: float = option(0.01, "entropy bonus of the threshold head's REINFORCE loss", advanced=True)
+    head_features: str = option("prompt", "a new threshold head's input: prompt (mean prompt hidden state), "
+                                "prompt+answer (also the mean over the all-mask answer region) or prompt+answer+eb "
+                                "(also the fraction of the answer EB would commit in the first pass at each gamma)",
+                                choices=list(FEATURES), advanced=True)
+    policy_features: str = option("basic", "a new step policy's input: basic (12 per-token features of the pass) "
+                                  "or basic+hidden (also the token's final hidden state)", choices=list(FEATURE_SETS),
+                                  advanced=True)
+    warm_start_prompts: int = option(4000, "a new step policy: training prompts (per task) of its supervised warm "
+                                     "start (labels: --warm-start-label; 0: no warm start)", advanced=True)
+    warm_start_gamma: float = option(0.1, "EB gamma of the behaviour decodes the warm start's features come from",
+                                     advanced=True)
+    warm_start_label: str = option("trajectory", "the warm start's label of a masked token: full_steps (its argmax "
+                                   "equals the full-step greedy answer's token), trajectory (it equals the token "
+                                   "the behaviour decode itself ends with there: final in that trajectory) or "
+                                   "continuation (it equals the token a full-step decode puts there when it "
+                                   "completes the answer as it stood before that pass)",
+                                   choices=list(WARM_START_LABELS), advanced=True)
+    warm_start_epochs: int = option(5, "epochs of the warm start's binary cross-entropy fit", advanced=True)
+    warm_start_rounds: int = option(1, "rounds of the warm start: each round after the first decodes the same "
+                                    "prompts with the policy so far (greedy, at its operating point), adds those "
+                                    "states with their labels to the data and refits a new policy on all of it "
+                                    "(DAgger, Ross et al. 2011: it learns on the states it visits itself)",
+                                    advanced=True)
+    warm_start_point: float | None = option(0.9, "after the warm start, fold this threshold into the policy "
+                                            "(p >= point becomes p >= 0.5, its new operating point), so RL rollouts "
+                                            "sample around that rule (0: keep 0.5)", advanced=True)
 
 
 @dataclass
@@ -214,21 +247,21 @@ class DistillConfig:
     max_steps: int = option(1500, "optimiser steps")
     batch_size: int = option(128, "sequences per step (per process)")
     lr: float = option(1e-4, "learning rate (AdamW, constant after warm-up)")
-    warmup_steps: int = option(0, "linear warm-up steps")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
-    loss_weighting: str = option("masked_mean", "as for sft", choices=["inv_t", "masked_mean"])
+    warmup_steps: int = option(0, "linear warm-up steps", advanced=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", advanced=True)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", advanced=True)
+    loss_weighting: str = option("masked_mean", "as for sft", choices=["inv_t", "masked_mean"], advanced=True)
     seed: int = option(0, "seed of the training prompts, data order and masking")
     save_every: int = option(250, "steps between checkpoints (OUTPUT_DIR/checkpoint, for --resume); the model "
                              "itself is written to OUTPUT_DIR at the end")
     log_every: int = option(50, "steps between metric lines")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint (the teacher's answers are read back "
                           "from OUTPUT_DIR/distill_data.jsonl, not decoded again)")
-    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=CACHE_LOSS_MODES)
-    cache_loss_weight: float = option(1.0, "as for sft")
-    cache_block_length: int = option(4, "as for sft")
+    cache_loss: str = option("off", CACHE_LOSS_HELP, choices=CACHE_LOSS_MODES, advanced=True)
+    cache_loss_weight: float = option(1.0, "as for sft", advanced=True)
+    cache_block_length: int = option(4, "as for sft", advanced=True)
     targets: str = option("tokens", "as for sft (model: KL from the teacher's own uncached predictions, with the "
-                          "teacher's answers as contexts)", choices=["tokens", "model"])
+                          "teacher's answers as contexts)", choices=["tokens", "model"], advanced=True)
     device: str = option("cpu", "torch device of the teacher's decoding")
 
 
@@ -272,11 +305,11 @@ class EvalConfig:
     limit: int | None = option(None, "evaluate only the first N examples")
     num_examples: int = option(1000, "size of the generated test split when --data is not given")
     seed: int = option(0, "seed of the generated test split and of sampling")
-    mask_id: int | None = option(None, "override the model's mask token id")
-    pad_id: int | None = option(None, "override the model's padding token id")
+    mask_id: int | None = option(None, "override the model's mask token id", advanced=True)
+    pad_id: int | None = option(None, "override the model's padding token id", advanced=True)
     eos_id: str | None = option(None, "override the model's end-of-sequence ids (comma-separated; the first fills "
                                       "a finished row; default: every eos_token_id of its generation config, "
-                                      "config and tokenizer)")
+                                      "config and tokenizer)", advanced=True)
     trust_remote_code: bool = option(False, "allow model directories that ship their own code (LLaDA, Dream)")
     device: str = option("cpu", "torch device")
     dtype: str | None = option(None, "decode in this dtype (default: the checkpoint's; bfloat16 is faster on CPUs "
@@ -298,9 +331,19 @@ class ExportConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per dataclass field, typed and with the field's help text."""
+    """One ``--flag`` per dataclass field, typed and with the field's help text: the common fields in the parser's
+    own options group, the ``advanced`` ones in a group of their own, :data:`ADVANCED`, listed after it; the usage
+    line names no flags."""
     hints = get_type_hints(cls)
+    parser.usage = "%(prog)s [-h] [options]"  # fifty flags spelled out in the usage line would bury the groups
+    advanced = None
     for f in dataclasses.fields(cls):
+        target = parser
+        if f.metadata.get("advanced"):
+            advanced = advanced or parser.add_argument_group(
+                ADVANCED, "the estimator's open choices, optimiser details and the learned samplers' warm-start and "
+                          "feature knobs; the defaults are the project's tested settings")
+            target = advanced
         flag = "--" + f.name.replace("_", "-")
         kw = {"help": f.metadata.get("help", ""), "default": f.default}
         if "choices" in f.metadata:
@@ -311,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         else:
             base = [t for t in getattr(typ, "__args__", (typ,)) if t is not type(None)][0]
             kw["type"] = base
-        parser.add_argument(flag, **kw)
+        target.add_argument(flag, **kw)
 
 
 def from_args(cls, args: argparse.Namespace):

@@ -11,6 +11,12 @@ A masked dLLM has no tractable sequence likelihood, so RL on it scores tokens wi
     scores the tokens committed at steps <= tau; pass B, on [masked prompt ; z_tau], scores the tokens
     committed after tau. Every sampled token gets exactly one log-prob; tau = K is d1's estimate.
 
+Two choices of the estimator are left open by the sources and are options (``RLConfig``): which passes tau is
+drawn among (:func:`draw_tau`; ``--tau-over all``: every pass 1..K, as above; ``answer``: only the passes that
+commit at least one scored token, :func:`answer_passes`, because a sampler that commits the EOS tail first would
+otherwise often draw a z_tau that reveals only the answer's length), and which prompt the importance weight's
+numerator sees (``--is-numerator``, :data:`IS_NUMERATORS`; ``training/rl.py`` computes it).
+
 Both score tokens under the policy the sampler draws from, :func:`~diffpo_serve.dllm.sampler.policy_logprobs`
 (the model's softmax without the mask token), so that DiFFPO's importance weight compares one family
 of distributions (``training/loss.py``).
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from diffpo_serve.dllm.loading import model_logits
+from diffpo_serve.dllm.forward import model_logits
 from diffpo_serve.dllm.sampler import policy_logprobs
 
 
@@ -42,10 +48,37 @@ def prompt_mask(prompt_attention: torch.Tensor, p_mask: float, generator: torch.
     return (draw < p_mask) & prompt_attention
 
 
-def draw_tau(num_steps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """tau ~ Uniform{1, ..., K} per row, K = the row's number of sampling steps (its NFE)."""
+IS_NUMERATORS = ("masked", "unmasked")  # the importance weight's pi_old sees the p_mask-masked prompt, or all of it
+TAU_OVER = ("all", "answer")  # tau is drawn among every pass, or among the passes that commit scored tokens
+
+
+def answer_passes(commit_step: torch.Tensor, token_mask: torch.Tensor, num_steps: torch.Tensor) -> torch.Tensor:
+    """(b, K) bool, K = the largest ``num_steps``: column s - 1 is True where the row's pass s committed at least
+    one token of ``token_mask`` (the scored tokens, :func:`scored`): the passes that commit answer tokens.
+    ``commit_step`` is 0-based (pass s commits the tokens with commit_step s - 1); -1 (fills) is never a pass."""
+    width = max(int(num_steps.max()), int(commit_step.max()) + 1, 1)
+    steps = torch.arange(width, device=commit_step.device)
+    return ((commit_step[..., None] == steps) & token_mask.bool()[..., None]).any(1)
+
+
+def draw_tau(num_steps: torch.Tensor, generator: torch.Generator | None = None,
+             passes: torch.Tensor | None = None) -> torch.Tensor:
+    """tau (b,), 1-based, uniform over each row's allowed passes: every pass 1..K (``passes`` None; K = the row's
+    number of sampling steps, its NFE) or those marked True in ``passes`` (b, >= K), column s - 1 for pass s
+    (:func:`answer_passes`); a row with none marked draws from 1..K (it has no scored token: its tau changes
+    nothing). One uniform u per row either way, mapped to the floor(u * n)-th of the row's n allowed passes, so
+    both variants consume the generator alike and ``passes`` marking every pass draws the same tau as None."""
     u = torch.rand(num_steps.shape, generator=generator, device="cpu").to(num_steps.device)
-    return (u * num_steps).floor().long().clamp(max=num_steps - 1) + 1
+    most = int(num_steps.max())
+    if passes is not None and passes.shape[1] < most:
+        raise ValueError(f"draw_tau: passes has {passes.shape[1]} columns, fewer than the most passes of a row "
+                         f"({most})")
+    every = torch.arange(most if passes is None else passes.shape[1], device=num_steps.device) < num_steps[:, None]
+    allowed = every if passes is None else passes.bool() & every
+    allowed = torch.where(allowed.any(1, keepdim=True), allowed, every)
+    n = allowed.sum(1)
+    pick = (u * n).floor().long().clamp(max=n - 1)  # 0-based rank among the allowed passes
+    return (allowed.long().cumsum(1) <= pick[:, None]).sum(1) + 1
 
 
 def sampled(commit_step: torch.Tensor) -> torch.Tensor:

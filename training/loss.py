@@ -31,15 +31,22 @@ sampler actually drew it from:
 
 (a point mass on the argmax at T = 0), computed by ``sampling_logprobs(policy_logprobs(...))`` in
 ``diffpo_serve/dllm/sampler.py`` and recorded by the sampler as ``logp_behaviour_j = log q(y_j | z_{s_j})``.
-``logp_old_j`` is the surrogate of ``training/likelihood.py`` under the frozen policy: log pi_old(y_j |
-the surrogate's context: the prompt with p_mask masking and either all masks or z_tau), from the same
-``policy_logprobs`` at T = 1 and top_p = 1, because the policy RL trains is the model's own pi. The mask
-token is in neither term. So w_j = min(C, pi_old(y_j | surrogate context) / q(y_j | z_{s_j})) corrects
-exactly the two ways the sample differs from the surrogate being trained:
+The numerator is the surrogate of ``training/likelihood.py`` under the frozen policy: log pi_old(y_j |
+the surrogate's context: the prompt and either all masks or z_tau), from the same ``policy_logprobs`` at
+T = 1 and top_p = 1, because the policy RL trains is the model's own pi. Its prompt is an option
+(``--is-numerator``): ``masked``, the prompt with d1's p_mask masking, so the numerator is the clipped
+ratio's ``logp_old_j`` itself, or ``unmasked``, the whole prompt the sampler saw (one more no-grad pass).
+The mask token is in neither term. So w_j = min(C, pi_old(y_j | surrogate context) / q(y_j | z_{s_j}))
+corrects exactly the ways the sample differs from the surrogate being trained:
 
-- the context: the surrogate scores y_j in another context than the sampler drew it in. At T = 1,
-  top_p = 1 and p_mask = 0, a token committed at step 0 (scored by pass A on all masks) or at step tau
-  (pass B on z_tau) is scored in its own context, and w = 1 exactly;
+- the prompt: with the masked numerator, pi_old sees a prompt with about p_mask of its tokens hidden, which
+  the sampler never did, and this pulls the mean weight well below 1: with the bundled model at T = 1 the
+  mean was 0.69-0.72 at p_mask 0.15 and 0.89-0.90 at p_mask 0 on its probe's prompts, and 0.47 against 0.64
+  on one step of 128 countdown rollouts (the unmasked numerator gives the p_mask 0 weights for the same
+  rollouts and tau);
+- the canvas: the surrogate scores y_j in another context than the sampler drew it in. At T = 1,
+  top_p = 1 and an unmasked prompt, a token committed at step 0 (scored by pass A on all masks) or at step
+  tau (pass B on z_tau) is scored in its own context, and w = 1 exactly;
 - the reshaping: at T != 1 the ratio carries pi / pi_T, with pi_T proportional to pi^(1/T) (T < 1 weights
   down the likely tokens the sampler over-drew, up the unlikely ones, capped at C); with top_p < 1 a
   token inside the nucleus gets pi / (pi / nucleus mass) = the nucleus mass < 1 (same context), and the

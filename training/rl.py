@@ -20,7 +20,10 @@ only in the likelihood surrogate (:mod:`training.likelihood`) and the importance
   d1      one-pass mean-field log-probs, w = 1;
   diffpo  two-stage log-probs at a tau drawn from the rollout's own steps, w = min(C, pi_old/q), q the
           distribution the sampler drew each token from (temperature, top-p; :mod:`training.loss` says
-          what the weight corrects).
+          what the weight corrects). Two open choices are options: ``--tau-over all|answer`` (tau among every
+          pass, or among the passes that commit scored tokens) and ``--is-numerator masked|unmasked`` (pi_old
+          under the p_mask-masked prompt, as the ratio's, or under the whole prompt: one more no-grad pass
+          per inner step when a prompt token is masked).
 
 Both score each completion's tokens up to and including its first EOS, as d1 does (not the EOS tail a dLLM
 commits; :func:`training.likelihood.scored`), and average over the batch's scored tokens. The learned
@@ -73,7 +76,8 @@ from training.distributed import finish_run
 from training.config import RLConfig
 from training.data import eval_sets as eval_sets_of, example_pool
 from training.evaluate import evaluate_tasks
-from training.likelihood import draw_tau, mean_field_logprobs, prompt_mask, scored, two_stage_logprobs
+from training.likelihood import (answer_passes, draw_tau, mean_field_logprobs, prompt_mask, scored,
+                                 two_stage_logprobs)
 from training.prompting import default_steps, generation_lengths, uses_chat_template
 from training.loss import (group_advantages, policy_loss, sampler_reward, threshold_head_loss,
                            truncated_is_weight)
@@ -388,15 +392,22 @@ def _model_update(cfg: RLConfig, model, unwrapped, ref_model, optimizer, acceler
     advantages = advantages.to(batch.completion.device)
     # d1's completion mask: each completion's sampled tokens up to and including its first EOS (not the tail)
     token_mask = scored(batch.completion, batch.commit_step, batch.eos_ids)
+    # --tau-over answer: tau only among the passes that commit a scored token
+    passes = answer_passes(batch.commit_step, token_mask, batch.nfe) if diffpo and cfg.tau_over == "answer" else None
     # per inner step: the prompt mask, tau and the old/reference log-probs, all before any update
     draws = []
     with torch.no_grad():
         for _ in range(cfg.num_iterations):
             masked_prompt = prompt_mask(batch.prompt_attention, cfg.p_mask, g)
-            tau = draw_tau(batch.nfe, g) if diffpo else None
+            tau = (draw_tau(batch.nfe, g) if passes is None else draw_tau(batch.nfe, g, passes)) if diffpo else None
             old = surrogate_logprobs(unwrapped, batch, masked_prompt, tau, mask_id)
             ref = surrogate_logprobs(ref_model, batch, masked_prompt, tau, mask_id) if ref_model else None
-            w = truncated_is_weight(old, batch.behaviour_logprob, cfg.C) if diffpo else None
+            w = None
+            if diffpo:  # the weight's numerator: pi_old under the masked prompt (old itself) or the whole prompt
+                unmasked = cfg.is_numerator == "unmasked" and bool(masked_prompt.any())
+                numerator = surrogate_logprobs(unwrapped, batch, torch.zeros_like(masked_prompt), tau, mask_id) \
+                    if unmasked else old
+                w = truncated_is_weight(numerator, batch.behaviour_logprob, cfg.C)
             draws.append((masked_prompt, tau, old, ref, w))
     stats, grad_norms = [], []
     model.train()

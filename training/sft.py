@@ -7,7 +7,7 @@ to predict the masked tokens. Two estimates of the loss are offered:
 ``inv_t``        LLaDA's: sum over masked positions of CE / t, divided by the completion length;
                  an upper bound on the negative log-likelihood.
 ``masked_mean``  the mean CE over the masked positions; same minimiser, lower variance at small t,
-                 and on our tiny model it leaves the early plateau much sooner (shared/FACTS.md).
+                 and on our tiny model it leaves the early plateau much sooner.
 
 Runs under accelerate (``accelerate launch --multi_gpu --num_processes N -m training.cli sft ...`` for
 several processes; on CPU they use gloo), with a
@@ -151,7 +151,7 @@ def cached_view_loss(model, prompts: list[list[int]], targets: torch.Tensor, blo
     ``view`` is :func:`cached_view`'s ``(k, t, refresh, current, masked)``. The keys/values come from a
     forward over [prompt ; refresh] (what the sampler stores at block k's first step); the query columns
     of [prompt ; current] are block k and, with ``prefix``, everything after it (``dual`` reads the later
-    blocks from the cache too), as in ``sampler._query_columns``. The prompt's and the finished blocks'
+    blocks from the cache too), as in ``sampler.cache.query_columns``. The prompt's and the finished blocks'
     keys/values are thus stale by the tokens committed in block k since the refresh: the approximation the
     cached decode makes (Fast-dLLM, arXiv 2505.22618), trained for here. Gradients flow through both
     forwards. With a ``teacher`` (``--targets model``) block k's masked tokens are scored against the teacher's
