@@ -2,7 +2,7 @@
 
 One background thread owns the model and a batch state holding every active row (a row is one prompt
 decoded once; a request with ``n`` choices over ``p`` prompts contributes ``n * p`` rows). The state and
-the step belong to the model's decoding paradigm (:mod:`diffpo_serve.paradigms`: the masked sampler's
+the step belong to the model's decoding paradigm (:mod:`diffpo_serve.dllm.decoding`: the masked sampler's
 :class:`~diffpo_serve.dllm.sampler.BatchState`, or DiffusionGemma's
 :class:`~diffpo_serve.dllm.canvas.CanvasState`), reached through one :class:`~diffpo_serve.paradigms.Paradigm`
 object; the loop is the same for both::
@@ -24,7 +24,7 @@ joining and leaving; updates report the threshold each row really used.
 The asyncio side talks to the thread through :class:`RequestHandle`: :meth:`Batcher.submit` queues a
 request's rows (or raises :class:`QueueFull` / :class:`Draining`), and the thread delivers
 :class:`RowUpdate` / :class:`BatchFailure` events (and, for rows submitted with ``return_steps``,
-one :class:`~diffpo_serve.paradigms.StepUpdate` or :class:`~diffpo_serve.paradigms.CanvasStepUpdate` per
+one :class:`~diffpo_serve.dllm.decoding.StepUpdate` or :class:`~diffpo_serve.dllm.decoding.CanvasStepUpdate` per
 forward pass, before that pass's RowUpdate) into the handle's ``asyncio.Queue`` with
 ``loop.call_soon_threadsafe``, once per step for all of that step's events (:func:`deliver_all`). The
 thread never holds the lock during a forward pass, so the event loop never waits for the model.
@@ -45,7 +45,8 @@ from diffpo_serve.dllm.canvas import CanvasParams
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.metrics import ServerMetrics
-from diffpo_serve.paradigms import CanvasStepUpdate, StepUpdate, paradigm_for  # noqa: F401  (re-exported)
+from diffpo_serve.dllm.decoding import CanvasStepUpdate, StepUpdate  # noqa: F401  (re-exported)
+from diffpo_serve.paradigms import paradigm_for
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ What differs between decoding paradigms (masked, canvas) is asked of the model's
 cannot do, the defaults, and the answer's positions for the context-length check.
 
 Step events (``return_steps``, streamed completions only): the batcher also reports each forward pass
-of such rows (a :class:`~diffpo_serve.paradigms.StepUpdate` or, for a canvas model, a
-:class:`~diffpo_serve.paradigms.CanvasStepUpdate`, before that pass's row update), and the stream turns
+of such rows (a :class:`~diffpo_serve.dllm.decoding.StepUpdate` or, for a canvas model, a
+:class:`~diffpo_serve.dllm.decoding.CanvasStepUpdate`, before that pass's row update), and the stream turns
 each into a ``text_completion.step`` chunk: the committed positions, their ids and texts (masked), or the
 current block's whole draft and the positions the bound kept (canvas). They come from the same batched
 decoder as every other row; nothing is decoded twice.
@@ -40,7 +40,8 @@ from diffpo_serve.decoder_process import DecoderGone
 from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import CACHE_MODES
 from diffpo_serve.metrics import ServerMetrics
-from diffpo_serve.paradigms import CanvasStepUpdate, PassUpdate, paradigm_for
+from diffpo_serve.dllm.decoding import CanvasStepUpdate, PassUpdate
+from diffpo_serve.paradigms import paradigm_for
 from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice,
                                    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                    ChatMessage, ChatStreamChoice, CompletionCanvasStepChoice, CompletionChoice,

@@ -17,7 +17,6 @@ import training.rl as rl
 from diffpo_serve.dllm.canvas import CanvasParams
 from diffpo_serve.dllm.loading import load_model
 from diffpo_serve.dllm.threshold_head import load_head
-from training import canvas_rl
 from training.config import RLConfig
 from training.evaluate import evaluate
 from training.loss import group_advantages
@@ -104,11 +103,13 @@ def test_what_a_canvas_model_cannot_train_is_refused_with_the_reason(checkpoint,
 
 
 def test_rollout_params_and_nfe_max(checkpoint):
-    loaded = load_model(checkpoint)
-    params, nfe_max = canvas_rl.rollout_params(RLConfig(steps=5), loaded, 20)
+    base = load_model(checkpoint)
+    loaded = dc_replace(base, threshold_head=rl._setup_head(base, RLConfig(train="sampler"), checkpoint, False))
+    # the chat template's block length (32) is not a canvas model's: its blocks are its canvas of 8
+    params, nfe_max = rl.rollout_params(RLConfig(steps=5), loaded, "learned", None, 20, 32)
     assert (params.sampler, params.gen_length, params.threshold, params.steps) == ("learned", 20, None, 5)
     assert nfe_max == 3 * 5  # ceil(20 / 8) blocks of at most 5 passes
-    params, nfe_max = canvas_rl.rollout_params(RLConfig(), loaded, 16)
+    params, nfe_max = rl.rollout_params(RLConfig(), loaded, "learned", None, 16, None)
     assert nfe_max == 2 * 3  # the checkpoint's 3 steps per block
 
 

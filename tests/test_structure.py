@@ -1,5 +1,6 @@
 """The core's shape, checked by reading its source with ``ast``: no function in ``diffpo_serve/dllm`` longer than
-80 lines, and no import circle among its modules (module-level imports, the ones that run at import time)."""
+80 lines, no import circle among its modules (module-level imports, the ones that run at import time), and
+training importing nothing of the server but its core (``diffpo_serve.dllm``; every import, inside functions too)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,50 @@ def import_cycle(folder: Path, package: str) -> list[str] | None:
         return None
 
     return next((c for start in sorted(graph) if start not in state and (c := visit(start, []))), None)
+
+
+def imports_outside(folder: Path, package: str, allowed: str) -> list[str]:
+    """``path:line module`` of every import under ``folder`` (module level or inside a function) of a ``package``
+    module outside ``allowed`` (``allowed`` itself and its submodules are fine; relative imports stay inside
+    ``folder``)."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from pkg import mod`: the module is pkg.mod where pkg itself is the package
+                names = [f"{node.module}.{a.name}" for a in node.names] if node.module == package else [node.module]
+            else:
+                continue
+            for name in names:
+                inside = name == package or name.startswith(package + ".")
+                if inside and not (name == allowed or name.startswith(allowed + ".")):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    return found
+
+
+def test_training_imports_only_the_core_of_the_server():
+    assert imports_outside(ROOT / "training", "diffpo_serve", "diffpo_serve.dllm") == []
+
+
+def test_the_import_check_sees_server_imports_at_any_depth(tmp_path):
+    """The check itself: a module-level, a function-level and a ``from package import module`` import of the
+    server are each found; imports of the core, and of names that only start like the package, are not."""
+    global ROOT
+    folder = tmp_path / "training"
+    folder.mkdir()
+    (folder / "a.py").write_text("import diffpo_serve.dllm.canvas\nfrom diffpo_serve.dllm import sampler\n"
+                                 "import diffpo_server_x\nfrom diffpo_serve.protocol import APIError\n")
+    (folder / "b.py").write_text("def f():\n    from diffpo_serve import paradigms, dllm\n\n"
+                                 "def g():\n    import diffpo_serve\n")
+    saved, ROOT = ROOT, tmp_path
+    try:
+        assert imports_outside(folder, "diffpo_serve", "diffpo_serve.dllm") == [
+            "training/a.py:4 diffpo_serve.protocol", "training/b.py:2 diffpo_serve.paradigms",
+            "training/b.py:5 diffpo_serve"]
+    finally:
+        ROOT = saved
 
 
 def test_no_function_in_the_core_is_longer_than_80_lines():

@@ -21,7 +21,8 @@ denoising steps per block), where a masked model's is ``gen_length`` (one token 
   rest).
 - ``--cache``, ``--block-length``, ``--temperature`` / ``--top-p`` other than 1: masked-sampler settings (a canvas
   model keeps its own encoder cache per row, decodes whole canvases of C tokens, samples with its checkpoint's
-  temperature schedule). ``--steps`` is the most denoising steps per block (default: the checkpoint's).
+  temperature schedule). ``--steps`` is the most denoising steps per block (default: the checkpoint's); the
+  rollouts' params and NFE_max come from the model's decoder (:func:`training.rl.rollout_params`).
 
 ``--eval-every`` evaluates the head's decoding (``learned``) on each task's test prompts, with fixed seeds
 (:func:`training.evaluate.evaluate_tasks`), and logs ``eval_<task>_accuracy`` / ``_exact`` / ``_mean_nfe``.
@@ -29,8 +30,6 @@ denoising steps per block), where a masked model's is ``gen_length`` (one token 
 
 from __future__ import annotations
 
-from diffpo_serve.dllm import canvas
-from diffpo_serve.dllm.loading import LoadedModel
 from training.config import RLConfig
 
 
@@ -51,12 +50,3 @@ def check(cfg: RLConfig, path: str) -> None:
             raise ValueError(f"{path} decodes a random-token canvas: {flag} is a masked-sampler setting (its blocks "
                              "are the model's canvas, its temperature the checkpoint's schedule); leave it at its "
                              "default")
-
-
-def rollout_params(cfg: RLConfig, loaded: LoadedModel, gen_length: int) -> tuple[canvas.CanvasParams, int]:
-    """The rollouts' :class:`canvas.CanvasParams` (``learned``: each row's bound from the head) and NFE_max, the
-    most decoder passes a row can take (the sampler reward's normaliser)."""
-    denoiser = canvas.denoiser_for(loaded.model)
-    params = canvas.CanvasParams(gen_length=gen_length, steps=cfg.steps, sampler="learned")
-    steps = params.resolved(denoiser.defaults).steps
-    return params, -(-gen_length // denoiser.canvas_length) * steps

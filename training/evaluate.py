@@ -5,12 +5,12 @@ readable table and, as the last stdout line, one JSON object with the summary. W
 is computed differently from its reward (sudoku: d1 compares cells with the one stored solution, so a right
 answer to a puzzle with several solutions loses cells), ``d1_accuracy`` reports d1's number beside it.
 
-A canvas model (DiffusionGemma) decodes with :func:`diffpo_serve.dllm.canvas.generate` instead; its flags are
-mapped, and refused, as the server maps a request (:func:`canvas_params` hands them to the
-:class:`~diffpo_serve.paradigms.CanvasParadigm`): ``--threshold`` the entropy bound, ``--steps`` the most
-denoising steps per block, ``--t-min``/``--t-max``/``--stability-threshold``/``--confidence-threshold`` its
-schedule and early stop; masked-only flags are errors naming the flag. Its NFE counts decoder passes; the
-summary adds the mean encoder passes (one per block).
+The model decodes through its :class:`~diffpo_serve.dllm.decoding.Decoder`, whatever its paradigm; the flags
+become the decoder's knobs (:func:`eval_params`), validated as the server validates a request's fields, and a
+refused knob is an error naming its flag. A canvas model (DiffusionGemma): ``--threshold`` is the entropy bound,
+``--steps`` the most denoising steps per block, ``--t-min``/``--t-max``/``--stability-threshold``/
+``--confidence-threshold`` its schedule and early stop; masked-only flags are refused. Its NFE counts decoder
+passes; the summary adds the mean encoder passes (one per block).
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffpo_serve.dllm import canvas
+from diffpo_serve.dllm.decoding import CANVAS_ONLY, Decoder, KnobError, Knobs, decoder_for
 from diffpo_serve.dllm.loading import LoadedModel, load_model, parse_ids
-from diffpo_serve.dllm.sampler import SamplingParams, generate
-from diffpo_serve.paradigms import CANVAS_ONLY, paradigm_for
-from diffpo_serve.protocol import APIError, CompletionRequest
-from diffpo_serve.settings import ServerSettings
+from diffpo_serve.dllm.sampler import SamplingParams
 from training.config import EvalConfig
 from training.prompting import default_steps, generation_lengths, prompt_ids, uses_chat_template
 from training.tasks import get_task
@@ -66,8 +64,8 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
     the task's instruction in it (training/prompting.py); False sends the raw prompts.
     """
     task = get_task(task_name)
-    denoiser = canvas.denoiser_for(loaded.model) if isinstance(params, canvas.CanvasParams) else None
-    params = params.resolved(denoiser.defaults) if denoiser is not None else params.resolved()
+    decoder = decoder_for(loaded)
+    params = decoder.resolve(params)
     rows, total_tokens, seconds, scored = [], 0, 0.0, []
     examples = list(dataset)
     bar = tqdm(total=len(examples), desc=f"{desc} {task_name}", disable=not progress)
@@ -77,7 +75,7 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
         chunk_params = params if params.seed is None else [
             replace(params, seed=params.seed + start + i) for i in range(len(chunk))]
         t0 = time.perf_counter()
-        sequences, nfes, thresholds, encoder_passes = _decode(loaded, denoiser, prompts, chunk_params)
+        sequences, nfes, thresholds, encoder_passes = _decode(loaded, decoder, prompts, chunk_params)
         seconds += time.perf_counter() - t0
         for ex, ids, nfe, thr, enc in zip(chunk, sequences, nfes, thresholds, encoder_passes):
             text, _ = loaded.decode(ids)
@@ -93,49 +91,54 @@ def evaluate(loaded: LoadedModel, task_name: str, dataset, params: SamplingParam
     return EvalResult(
         task=task_name, n=n, accuracy=sum(rewards) / max(n, 1), exact=sum(r >= 1.0 for r in rewards) / max(n, 1),
         mean_nfe=sum(r["nfe"] for r in rows) / max(n, 1), tokens_per_second=total_tokens / max(seconds, 1e-9),
-        mean_encoder_passes=None if denoiser is None else sum(r["encoder_passes"] for r in rows) / max(n, 1),
+        mean_encoder_passes=(sum(r["encoder_passes"] for r in rows) / max(n, 1) if rows and "encoder_passes" in
+                             rows[0] else None),
         sampler=params.sampler,
         threshold=(sum(r["threshold"] for r in rows) / max(n, 1) if params.sampler == "learned" and
                    params.threshold is None else params.threshold if params.sampler != "steps" else None),
-        gen_length=params.gen_length,
-        block_length=params.block_length if denoiser is None else denoiser.canvas_length,
-        steps=params.steps if params.sampler == "steps" or denoiser is not None else None, seconds=seconds,
-        rows=rows, cache="off" if denoiser is not None else params.cache,
+        gen_length=params.gen_length, seconds=seconds, rows=rows, **decoder.summary(params),
         threshold_distribution=_distribution([r["threshold"] for r in rows]) if params.sampler == "learned" else None,
         d1_accuracy=task.d1_accuracy(scored) if hasattr(task, "d1_accuracy") else None)
 
 
-def _decode(loaded: LoadedModel, denoiser, prompts: list[list[int]], params: list) -> tuple[list, list, list, list]:
-    """One batch in the model's paradigm: per row its token ids (a canvas row's cut at its ``gen_length``), NFE,
-    bound and encoder passes (None for a masked model)."""
-    if denoiser is not None:
-        out = canvas.generate(denoiser, prompts, params, eos_ids=loaded.eos_ids, pad_id=loaded.pad_id,
-                              head=loaded.threshold_head)
-        sequences = [ids[:n] for ids, n in zip(out.sequences.tolist(), out.gen_length.tolist())]
-        return sequences, out.nfe.tolist(), out.threshold.tolist(), out.encoder_passes.tolist()
-    out = generate(loaded.model, prompts, params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
-                   eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, head=loaded.threshold_head,
-                   policy=loaded.step_policy)
-    return out.sequences.tolist(), out.nfe.tolist(), out.threshold.tolist(), [None] * len(prompts)
+def _decode(loaded: LoadedModel, decoder: Decoder, prompts: list[list[int]],
+            params: list) -> tuple[list, list, list, list]:
+    """One batch: per row its token ids (cut at its ``gen_length``), NFE, bound and encoder passes (None for a
+    masked model)."""
+    out = decoder.generate(prompts, params)
+    encoder = [None] * len(prompts) if out.encoder_passes is None else out.encoder_passes.tolist()
+    return out.rows(), out.nfe.tolist(), out.threshold.tolist(), encoder
+
+
+def eval_params(cfg: EvalConfig, loaded: LoadedModel, gen_length: int, block_length: int | None, chat: bool):
+    """The eval flags as the model's decoder params (:meth:`~diffpo_serve.dllm.decoding.Decoder.params_for`),
+    validated and refused as the server validates a request's fields; a refusal is a ValueError naming the model
+    and the flag. ``--sampler`` unset: ``steps`` for a model that decodes masked tokens, else the model's own.
+    ``--temperature 0`` (the default) means unset, as the server's ``--default-temperature 0``; ``block_length``
+    (the chat-template default of 32 where ``--block-length`` is unset) applies where the caller picks the blocks
+    (a canvas model's blocks are its canvas)."""
+    decoder = decoder_for(loaded)
+    if cfg.mask_id is not None and not decoder.masks:
+        raise ValueError(f"{loaded.path}: --mask-id: this model has no mask token (it decodes a random-token canvas)")
+    sampler = cfg.sampler or ("steps" if decoder.masks else decoder.fallback_sampler())
+    steps = cfg.steps if cfg.steps is not None else default_steps(chat and sampler == "steps", gen_length)
+    knobs = Knobs(sampler=sampler, threshold=cfg.threshold, steps=steps,
+                  block_length=block_length if decoder.block_length is None else cfg.block_length, cache=cfg.cache,
+                  temperature=cfg.temperature or None, seed=cfg.seed,
+                  **{name: getattr(cfg, name) for name in CANVAS_ONLY})
+    try:
+        return decoder.params_for(knobs, gen_length)
+    except KnobError as e:
+        flag = "--" + e.param.replace("_", "-")
+        if e.param in CANVAS_ONLY and e.code == "unsupported_parameter":  # a masked model refusing them
+            raise ValueError(f"{loaded.path}: {flag} is an option of canvas models (DiffusionGemma's temperature "
+                             "schedule and early stop); this model decodes masked tokens") from None
+        raise ValueError(f"{loaded.path}: {flag}: {e}") from None
 
 
 def canvas_params(cfg: EvalConfig, loaded: LoadedModel, gen_length: int) -> canvas.CanvasParams:
-    """The eval flags of a canvas model as :class:`canvas.CanvasParams`, mapped and refused exactly as the server
-    maps a request's fields (:meth:`diffpo_serve.paradigms.CanvasParadigm.params`); a refusal is a ValueError
-    naming the model and the flag. ``--temperature 0`` (the default) means unset, as the server's
-    ``--default-temperature 0``; ``--block-length`` 32, the chat-template default of masked models, is not
-    applied (a canvas model's blocks are its canvas)."""
-    if cfg.mask_id is not None:
-        raise ValueError(f"{loaded.path}: --mask-id: this model has no mask token (it decodes a random-token canvas)")
-    request = CompletionRequest.model_construct(
-        model=loaded.path, prompt="", sampler=cfg.sampler, threshold=cfg.threshold, steps=cfg.steps,
-        block_length=cfg.block_length, cache=cfg.cache, temperature=cfg.temperature or None,
-        **{name: getattr(cfg, name) for name in CANVAS_ONLY})
-    try:
-        params = paradigm_for(loaded).params(request, gen_length, "gen_length", ServerSettings())
-    except APIError as e:
-        raise ValueError(f"{loaded.path}: --{(e.param or 'gen_length').replace('_', '-')}: {e.message}") from None
-    return replace(params, seed=cfg.seed)
+    """A canvas model's :func:`eval_params` (it ignores the chat-template lengths)."""
+    return eval_params(cfg, loaded, gen_length, None, chat=False)
 
 
 def _distribution(values: list[float]) -> dict:
@@ -169,18 +172,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     task = get_task(cfg.task)
     chat = uses_chat_template(loaded, cfg.chat_template)
     gen_length, block_length = generation_lengths(chat, task.GEN_LENGTH, cfg.gen_length, cfg.block_length)
-    if loaded.paradigm == "canvas":
-        params = canvas_params(cfg, loaded, gen_length)
-    else:
-        for name in CANVAS_ONLY:
-            if getattr(cfg, name) is not None:
-                raise ValueError(f"{loaded.path}: --{name.replace('_', '-')} is an option of canvas models "
-                                 "(DiffusionGemma's temperature schedule and early stop); this model decodes masked "
-                                 "tokens")
-        params = SamplingParams(sampler=cfg.sampler or "steps", gen_length=gen_length,
-                                block_length=block_length, steps=default_steps(chat and (cfg.sampler or "steps") == "steps", gen_length, cfg.steps),
-                                threshold=cfg.threshold, cache=cfg.cache,
-                                temperature=cfg.temperature, seed=cfg.seed if cfg.temperature > 0 else None)
+    params = eval_params(cfg, loaded, gen_length, block_length, chat)
     torch.manual_seed(cfg.seed)
     result = evaluate(loaded, cfg.task, data, params, batch_size=cfg.batch_size, chat_template=cfg.chat_template)
     if cfg.output:
@@ -198,11 +190,11 @@ def evaluate_tasks(loaded: LoadedModel, eval_sets: dict, params: SamplingParams 
     """Accuracy, exact rate and NFE of ``loaded`` on each task's prompts (``eval_sets``: task name -> dataset),
     as the ``eval_<task>_<metric>`` fields the trainers log. A masked model decodes with ``params`` made greedy;
     a canvas model cannot (it starts from random tokens and samples with its temperature schedule), so it
-    decodes with fixed seeds (example i with seed i) and every point of a curve sees the same random streams."""
+    decodes with fixed seeds (example i with seed i) and every point of a curve sees the same random streams
+    (:meth:`~diffpo_serve.dllm.decoding.Decoder.reproducible`)."""
     record = {}
+    fixed = decoder_for(loaded).reproducible(params)
     for task, data in eval_sets.items():
-        fixed = replace(params, seed=0) if isinstance(params, canvas.CanvasParams) else \
-            replace(params, temperature=0.0, seed=None)
         r = evaluate(loaded, task, data, fixed, progress=False, chat_template=chat_template)
         record.update({f"eval_{task}_accuracy": round(r.accuracy, 4), f"eval_{task}_exact": round(r.exact, 4),
                        f"eval_{task}_mean_nfe": round(r.mean_nfe, 3)})

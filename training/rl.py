@@ -63,6 +63,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from diffpo_serve.dllm.decoding import Knobs, decoder_for
 from diffpo_serve.dllm.families import family_module
 from diffpo_serve.dllm.loading import LoadedModel, load_model
 from diffpo_serve.dllm.sampler import SamplingParams
@@ -145,6 +146,23 @@ def rollout_lengths(cfg: RLConfig, loaded: LoadedModel) -> tuple[int, int | None
     task_length = max(get_task(t).GEN_LENGTH for t in cfg.tasks.split(","))
     return generation_lengths(uses_chat_template(loaded, cfg.chat_template), task_length, cfg.gen_length,
                               cfg.block_length)
+
+
+def rollout_params(cfg: RLConfig, loaded: LoadedModel, sampler: str, threshold: float | None, gen_length: int,
+                   block_length: int | None):
+    """The rollouts' resolved params in the model's paradigm and NFE_max, the most model passes a row can take
+    (the sampler reward's normaliser: a masked model's ``gen_length``, one token per pass; a canvas model's
+    decoder passes of every step of every block). ``block_length`` applies where the caller picks the blocks,
+    ``--temperature`` / ``--top-p`` where the paradigm samples with them (a canvas model has its own schedule;
+    :func:`training.canvas_rl.check` refuses them)."""
+    decoder = decoder_for(loaded)
+    tempered = {"temperature": cfg.temperature, "top_p": cfg.top_p} if decoder.tempered else {}
+    chat_steps = sampler == "steps" and uses_chat_template(loaded, cfg.chat_template)
+    steps = cfg.steps if cfg.steps is not None else default_steps(chat_steps, gen_length)
+    knobs = Knobs(sampler=sampler, threshold=threshold, steps=steps, cache=cfg.cache, **tempered,
+                  block_length=block_length if decoder.block_length is None else None)
+    params = decoder.resolve(decoder.params_for(knobs, gen_length))
+    return params, decoder.max_nfe(params)
 
 # -----------------------------------------------------------------------------
 
@@ -255,7 +273,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
     pool = _example_pool(cfg, cfg.train_examples)
     eval_sets = eval_sets_of(cfg.tasks.split(","), cfg.eval_examples, cfg.eval_data) if cfg.eval_every else {}
     base = load_model(cfg.model, dtype=cfg.dtype)
-    if base.paradigm == "canvas":
+    if not decoder_for(base).masks:  # no mask state: only the threshold head trains (training/canvas_rl.py)
         canvas_rl.check(cfg, base.path)
     tokenizer, mask_id = base.tokenizer, base.mask_id
     lora = bool(cfg.lora_r and train_model)
@@ -310,14 +328,8 @@ def train_rl(cfg: RLConfig) -> RLRun:
     loaded = replace(base, model=unwrapped, threshold_head=head_unwrapped, step_policy=policy_unwrapped)
 
     sampler = "learned" if train_head else "policy" if train_policy else cfg.sampler
-    if base.paradigm == "canvas":  # the head's rollouts; NFE_max = decoder passes of every step of every block
-        params, nfe_max = canvas_rl.rollout_params(cfg, loaded, gen_length)
-    else:
-        steps = default_steps(sampler == "steps" and uses_chat_template(loaded, cfg.chat_template), gen_length, cfg.steps)
-        params = SamplingParams(sampler, gen_length, block_length=block_length, steps=steps, cache=cfg.cache,
-                                threshold=None if train_head or train_policy else cfg.threshold,
-                                temperature=cfg.temperature, top_p=cfg.top_p).resolved()
-        nfe_max = gen_length  # one token per pass
+    params, nfe_max = rollout_params(cfg, loaded, sampler, None if train_head or train_policy else cfg.threshold,
+                                     gen_length, block_length)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "rl_config.json").write_text(json.dumps(asdict(cfg), indent=2))

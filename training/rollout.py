@@ -1,10 +1,10 @@
 """RL rollouts: G completions per prompt from the shared sampler, with their trajectories and rewards.
 
-A masked model decodes with :func:`diffpo_serve.dllm.sampler.generate` (commit steps and behaviour log-probs
-recorded for the model's loss, which scores each completion up to its first EOS, any of ``LoadedModel.eos_ids``:
-:func:`training.likelihood.scored`); a canvas model (DiffusionGemma) with :func:`diffpo_serve.dllm.canvas.generate`,
-which records each row's bound and the head's features but no per-token trajectory (it has no mask state;
-only its threshold head is trained: :mod:`training.canvas_rl`).
+Rows decode with the model's :meth:`Decoder.explore <diffpo_serve.dllm.decoding.Decoder.explore>`: a masked model
+records commit steps and behaviour log-probs for the model's loss (which scores each completion up to its first
+EOS, any of ``LoadedModel.eos_ids``: :func:`training.likelihood.scored`); a canvas model (DiffusionGemma) records
+each row's bound and the head's features but no per-token trajectory (it has no mask state; only its threshold
+head is trained: :mod:`training.canvas_rl`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from diffpo_serve.dllm import canvas
+from diffpo_serve.dllm.decoding import decoder_for
 from diffpo_serve.dllm.loading import LoadedModel
-from diffpo_serve.dllm.sampler import PolicyTrace, SamplingParams, generate
+from diffpo_serve.dllm.sampler import PolicyTrace, SamplingParams
 from training.data import left_pad
 from training.prompting import prompt_ids as encode_prompt
 
@@ -67,27 +68,19 @@ def rollout(model: torch.nn.Module, loaded: LoadedModel, examples: list[dict], r
     row_params = [replace(params, seed=seed + i) for i in range(len(prompts))]
     was_training = model.training
     model.eval()
-    if isinstance(params, canvas.CanvasParams):
-        out = canvas.generate(canvas.denoiser_for(model), prompts, row_params, eos_ids=loaded.eos_ids,
-                              pad_id=loaded.pad_id, head=head, sample_threshold=True)
-        completion = out.sequences[:, :int(out.gen_length.max())]  # whole canvases, cut at the lengths asked for
-        commit_step = logprob = trace = None  # no mask state: no per-token trajectory
-    else:
-        out = generate(model, prompts, row_params, mask_id=loaded.mask_id, eos_id=loaded.eos_id,
-                       eos_ids=loaded.eos_ids, pad_id=loaded.pad_id, return_trajectory=True, head=head,
-                       sample_threshold=True, policy=policy, sample_commits=policy is not None)
-        completion, commit_step, logprob = out.sequences, out.commit_step, out.logprob
-        trace = out.policy_trace if policy is not None else None
+    out = decoder_for(loaded).explore(model, prompts, row_params, head, policy)
     model.train(was_training)
-    texts = [loaded.decode(seq[:n])[0] for seq, n in zip(completion.tolist(), out.gen_length.tolist())]
+    completion = out.sequences
+    texts = [loaded.decode(ids)[0] for ids in out.rows()]
     rewards = torch.tensor([reward_fn(t, ex) for t, ex in zip(texts, row_examples)])
     correctness = None if correctness_fn is None else torch.tensor(
         [correctness_fn(t, ex) for t, ex in zip(texts, row_examples)])
     prompt_ids, prompt_attention = left_pad(prompts, loaded.pad_id)
     return RolloutBatch(prompt_ids=prompt_ids.to(completion.device),
                         prompt_attention=prompt_attention.to(completion.device), completion=completion,
-                        commit_step=commit_step, eos_ids=tuple(loaded.eos_ids), behaviour_logprob=logprob,
+                        commit_step=out.commit_step, eos_ids=tuple(loaded.eos_ids), behaviour_logprob=out.logprob,
                         nfe=out.nfe, rewards=rewards,
                         texts=texts, num_generations=num_generations, threshold=out.threshold,
-                        threshold_choice=out.threshold_choice, head_features=out.head_features, policy_trace=trace,
+                        threshold_choice=out.threshold_choice, head_features=out.head_features,
+                        policy_trace=out.policy_trace,
                         correctness=correctness)

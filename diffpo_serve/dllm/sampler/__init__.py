@@ -12,7 +12,7 @@ Callers import from here; the parts live along their seams:
 - :mod:`.loop`    :func:`generate`, the step looped to completion for evaluation and RL rollouts.
 
 Each row has its own seeded generator, so a row's output does not depend on the rest of the batch. The server's
-batcher calls :func:`denoise_step` itself (through :mod:`diffpo_serve.paradigms`).
+batcher calls :func:`denoise_step` itself (through :mod:`diffpo_serve.dllm.decoding`).
 """
 
 from diffpo_serve.dllm.sampler.cache import step_logits
