@@ -70,3 +70,13 @@ def server(model_path):
     from test_server_support import live_server
     with live_server(model=model_path, max_batch_size=8, max_queue=64) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    """A tiny model of ours with small weights (init 0.1), saved with the tokenizer: the RL tests' starting model
+    (module scope: each test module gets its own copy)."""
+    path = tmp_path_factory.mktemp("base")
+    tiny_model(seed=0, init=0.1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import EOS, MASK, PAD, tiny_model, varied_reward
+from conftest import EOS, MASK, PAD, varied_reward
 from diffpo_serve.dllm.sampler import SamplingParams, generate
 from diffpo_serve.dllm.step_policy import FEATURE_NAMES, StepPolicy, decision_entropy, decision_logprob
 from training.commit_policy import (commit_labels, fit_warm_start, pass_states, policy_rl_loss,
@@ -186,14 +186,6 @@ def test_one_gradient_step_moves_the_rollouts_logprob_with_its_advantage(model, 
 
 
 # ----------------------------------------------------------------------------- the trainer
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("base")
-    tiny_model(seed=0, init=0.1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
 
 def test_sampler_training_of_the_step_policy(base_dir, tmp_path):
     from diffpo_serve.dllm.loading import load_model

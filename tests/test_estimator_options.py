@@ -165,14 +165,6 @@ def test_unmasked_numerator_at_p_mask_0_is_the_masked_one(spy, monkeypatch):
 
 # ----------------------------------------------------------------------------- from the command lines
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("base")
-    tiny_model(seed=0, init=0.1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("flags, want", [
     ([], dict(is_numerator="masked", tau_over="all", p_mask=0.15)),
     (["--is-numerator", "unmasked", "--tau-over", "answer", "--p-mask", "0.3"],

@@ -76,14 +76,14 @@ def test_rollouts_encode_the_templated_instruction(chat_model_dir, monkeypatch):
     chat = load_model(chat_model_dir)
     ex = {**get_task("sudoku").make_dataset("test", 1, 0)[0], "task": "sudoku"}
     seen = []
-    import training.rollout as rollout_module
-    real = rollout_module.generate
+    from diffpo_serve.dllm import decoding
+    real = decoding.MaskedDecoder.explore
 
-    def spy(model, prompts, *a, **kw):
+    def spy(self, model, prompts, *a, **kw):  # the prompts the rollout hands the model's decoder
         seen.extend(prompts)
-        return real(model, prompts, *a, **kw)
+        return real(self, model, prompts, *a, **kw)
 
-    monkeypatch.setattr(rollout_module, "generate", spy)
+    monkeypatch.setattr(decoding.MaskedDecoder, "explore", spy)
     rollout(chat.model, chat, [ex], lambda t, e: 0.0, 2, SamplingParams("steps", 4, steps=4), seed=0)
     want = chat.encode("[user]" + get_task("sudoku").instruction(ex, "train") + "[assistant]")  # d1's training prompt
     assert seen == [want, want]

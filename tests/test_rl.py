@@ -199,14 +199,6 @@ def test_kl_k3_by_hand():
 
 # ----------------------------------------------------------------------------- the trainer
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("base")
-    tiny_model(seed=0, init=0.1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def rl_cfg(base, out, **kw):
     base_kw = dict(model=str(base), output_dir=str(out), tasks="sudoku", train_examples=64, num_generations=4,
                    prompts_per_step=2, num_iterations=2, max_steps=4, save_every=2, lr=1e-2, gen_length=16,
