@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from diffpo_serve.dllm.loading import load_model
-from test_server_support import save_tiny_model
+from test_server_support import save_chat_model
 from training.prompting import prompt_ids, prompt_text
 from training.tasks import d1_prompts, get_task
 
@@ -30,12 +30,7 @@ MATH_PROBLEM = ("If $f(x) = \\frac{3x-2}{x-2}$, what is the value of $f(-2) +f(-
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("d1chat") / "tiny-chat")
-    cfg_file = Path(path) / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["chat_template"] = TEMPLATE
-    cfg_file.write_text(json.dumps(cfg))
-    return load_model(path)
+    return load_model(save_chat_model(tmp_path_factory.mktemp("d1chat") / "tiny-chat", TEMPLATE))
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ strings are d1's word for word: tests/test_d1_prompts.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from diffpo_serve.dllm.loading import load_model
-from test_server_support import save_tiny_model
+from test_server_support import save_chat_model
 from training.cli import main as cli_main
 from training.prompting import prompt_text
 from training.rollout import rollout
@@ -26,12 +25,7 @@ TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor 
 
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("chat") / "tiny-chat")
-    cfg_file = Path(path) / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["chat_template"] = TEMPLATE
-    cfg_file.write_text(json.dumps(cfg))
-    return path
+    return save_chat_model(tmp_path_factory.mktemp("chat") / "tiny-chat", TEMPLATE)
 
 
 def test_instructions_state_the_problem_and_d1s_answer_format():

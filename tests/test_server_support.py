@@ -5,6 +5,7 @@ Imported by the other ``test_server_*`` modules; its own tests check the helpers
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -35,6 +36,16 @@ def save_tiny_model(directory) -> str:
     tiny_model().save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
     return str(directory)
+
+
+def save_chat_model(directory, template: str) -> str:
+    """:func:`save_tiny_model` whose tokenizer has the chat template ``template``."""
+    path = save_tiny_model(directory)
+    cfg_file = Path(path) / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["chat_template"] = template
+    cfg_file.write_text(json.dumps(cfg))
+    return path
 
 
 class Scripted(torch.nn.Module):
