@@ -83,6 +83,7 @@ class RowUpdate:
     sampler: str
     threshold: float
     encoder_passes: int | None = None  # canvas rows: prompt-encoder passes so far (None: masked rows)
+    logprobs: list | None = None  # rows that asked for them: a TokenLogprob per id of ``ids``
 
 
 @dataclass(frozen=True)
@@ -386,6 +387,7 @@ class Batcher:
         if report:
             idx = torch.tensor([r for r, _, _ in report], device=state.canvas.device)
             ids = self.paradigm.determined(state, idx)
+            logprobs = self.paradigm.token_logprobs(state, idx, [len(i) for i in ids])
             nfe, thresholds = state.nfe[idx].tolist(), state.threshold[idx].tolist()
             encoder = self.paradigm.encoder_passes(state, idx)
             for k, (r, b, f) in enumerate(report):
@@ -394,7 +396,7 @@ class Batcher:
                 events.append((slot.handle, RowUpdate(
                     choice=slot.choice, ids=ids[k], finished=bool(f), nfe=int(nfe[k]),
                     sampler=slot.params.sampler, threshold=round(float(thresholds[k]), 6),
-                    encoder_passes=encoder[k])))
+                    encoder_passes=encoder[k], logprobs=logprobs[k])))
         if any(finished):  # finished rows leave before their results go out
             done = set(r for r, f in zip(rows, finished) if f)
             self._keep([i for i in range(len(self._slots)) if i not in done])

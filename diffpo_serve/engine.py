@@ -12,6 +12,11 @@ advances (every earlier position is then committed) and when it finishes; the te
 prefix is sent minus any tail that could still become a stop string (and any incomplete UTF-8
 character), so nothing sent is ever taken back.
 
+Log-probs (``logprobs``; OpenAI's shapes, :class:`~diffpo_serve.protocol.CompletionLogprobs` and
+:class:`~diffpo_serve.protocol.ChatLogprobs`) are the sampler's record of each token at the pass that committed it
+(:class:`~diffpo_serve.dllm.decoding.TokenLogprob`). They cover the tokens whose text makes up the choice's text;
+a stream sends each token's entry with the chunk whose text completes it (:meth:`ChoiceText.take_logprobs`).
+
 What differs between decoding paradigms (masked, canvas) is asked of the model's
 :class:`~diffpo_serve.paradigms.Paradigm`: the request's params and the 400s for what the paradigm
 cannot do, the defaults, and the answer's positions for the context-length check.
@@ -42,8 +47,8 @@ from diffpo_serve.dllm.sampler import CACHE_MODES
 from diffpo_serve.metrics import ServerMetrics
 from diffpo_serve.dllm.decoding import CanvasStepUpdate, PassUpdate
 from diffpo_serve.paradigms import paradigm_for
-from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice,
-                                   ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatLogprobs,
+                                   ChatCompletionChunk, CompletionLogprobs, TokenLogprobEntry, TopLogprob, ChatCompletionRequest, ChatCompletionResponse,
                                    ChatMessage, ChatStreamChoice, CompletionCanvasStepChoice, CompletionChoice,
                                    CompletionRequest, CompletionResponse, CompletionStepChoice, CompletionStepChunk,
                                    CompletionStreamChoice, CompletionStreamResponse,
@@ -99,8 +104,11 @@ class Engine:
     def start_completion(self, req: CompletionRequest, endpoint: str = "/v1/completions") -> "Generation":
         self.check_model(req.model)
         _log_ignored(req)
-        unsupported = [("echo", bool(req.echo)), ("logprobs", req.logprobs is not None),
-                       ("suffix", bool(req.suffix)), ("best_of", req.best_of not in (None, req.n))]
+        if req.echo:
+            raise APIError(400, "`echo` is not supported by this diffusion server: it decodes the answer alone and "
+                                "never scores the prompt's tokens, so it has no prompt log-probs to return with it",
+                           param="echo", code="unsupported_parameter")
+        unsupported = [("suffix", bool(req.suffix)), ("best_of", req.best_of not in (None, req.n))]
         self._refuse(unsupported, req)
         if req.return_steps and not req.stream:
             raise APIError(400, "return_steps is only allowed when stream is true", param="return_steps")
@@ -109,8 +117,9 @@ class Engine:
     def start_chat(self, req: ChatCompletionRequest, endpoint: str = "/v1/chat/completions") -> "Generation":
         self.check_model(req.model)
         _log_ignored(req)
-        unsupported = [("logprobs", bool(req.logprobs)), ("top_logprobs", bool(req.top_logprobs)),
-                       ("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none", "auto"))]
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "`top_logprobs` needs `logprobs` set to true", param="top_logprobs")
+        unsupported = [("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none", "auto"))]
         self._refuse(unsupported, req)
         return self._start("chat", req, [self._chat_prompt(req.messages)], endpoint)
 
@@ -239,10 +248,15 @@ def held_back(text: str, stops: list[str]) -> int:
 class ChoiceText:
     """Text, finish reason and token count of one choice, fed with its row's updates."""
 
-    def __init__(self, index: int, loaded: LoadedModel, stops: list[str]):
+    def __init__(self, index: int, loaded: LoadedModel, stops: list[str], logprobs: bool = False):
         self.index = index
         self._loaded = loaded
         self._stops = stops
+        self._logprobs = logprobs  # the request asked for log-probs: track which tokens the text covers
+        self.ids: list[int] = []  # the row's determined ids (latest update)
+        self.token_logprobs: list = []  # a TokenLogprob per id of ``ids`` (rows with logprobs)
+        self.tokens_ready = 0  # leading tokens whose text is all in ``text`` (all of the text's once done)
+        self.tokens_sent = 0  # leading tokens whose log-probs have gone out (streaming)
         self.text = ""  # text so far that is safe to send (all of it once done)
         self.sent = ""
         self.done = False
@@ -272,7 +286,28 @@ class ChoiceText:
         delta = self.text[len(self.sent):]
         if len(self.text) > len(self.sent):
             self.sent = self.text
+        if self._logprobs:
+            self.ids, self.token_logprobs = event.ids, event.logprobs or []
+            self.tokens_ready = (self._tokens_through(event.ids, len(self.text)) if self.done and self.text
+                                 else self._tokens_within(event.ids, len(self.text)))
         return delta
+
+    def take_logprobs(self) -> tuple[list[int], list, int]:
+        """The tokens ready whose log-probs have not gone out: (ids, TokenLogprobs, index of the first)."""
+        start, self.tokens_sent = self.tokens_sent, max(self.tokens_sent, self.tokens_ready)
+        return self.ids[start:self.tokens_sent], self.token_logprobs[start:self.tokens_sent], start
+
+    def _tokens_within(self, ids: list[int], chars: int) -> int:
+        """Most leading tokens whose text fits in ``chars`` characters (binary search; before any EOS)."""
+        end = self._loaded.eos_index(ids)
+        lo, hi = 0, len(ids) if end is None else end
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self._loaded.decode(ids[:mid])[0]) <= chars:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _tokens_through(self, ids: list[int], chars: int) -> int:
         """Fewest leading tokens whose text reaches ``chars`` characters (binary search)."""
@@ -309,7 +344,10 @@ class Generation:
         self.created = int(time.time())
         self.model = engine.model_name
         stops = req.stop_strings()
-        self.choices = [ChoiceText(i, engine.loaded, stops) for i in range(len(handle.rows))]
+        self.alternatives = req.logprob_alternatives()  # None: no log-probs
+        self.choices = [ChoiceText(i, engine.loaded, stops, self.alternatives is not None)
+                        for i in range(len(handle.rows))]
+        self._text_offset = [0] * len(self.choices)  # completions' text_offset of each choice's next token
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
         self._deadline = self._started + engine.settings.request_timeout
@@ -386,10 +424,40 @@ class Generation:
         if self.kind == "chat":
             return ChatCompletionResponse(**common, choices=[
                 ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                           nfe=c.nfe, threshold=c.threshold, encoder_passes=c.encoder_passes) for c in self.choices])
+                           nfe=c.nfe, threshold=c.threshold, encoder_passes=c.encoder_passes,
+                           logprobs=self._logprobs(c)) for c in self.choices])
         return CompletionResponse(**common, choices=[
             CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason, nfe=c.nfe,
-                             threshold=c.threshold, encoder_passes=c.encoder_passes) for c in self.choices])
+                             threshold=c.threshold, encoder_passes=c.encoder_passes, logprobs=self._logprobs(c))
+            for c in self.choices])
+
+    def _logprobs(self, c: ChoiceText) -> CompletionLogprobs | ChatLogprobs | None:
+        """The log-probs of the choice's tokens not yet sent, in the endpoint's shape; None without log-probs.
+        Each token's alternatives are the ``alternatives`` most likely at its pass, most likely first."""
+        if self.alternatives is None:
+            return None
+        ids, entries, _ = c.take_logprobs()
+        k = self.alternatives
+        tops = [list(zip(e.top_ids[:k], e.top_logprobs[:k])) for e in entries]
+        known = sorted({i for top in tops for i, _ in top} | set(ids))
+        text_of = dict(zip(known, self.engine.token_texts(known)))
+        if self.kind == "chat":
+            return ChatLogprobs(content=[
+                TokenLogprobEntry(token=text_of[i], logprob=e.logprob, bytes=list(text_of[i].encode()),
+                                  top_logprobs=[TopLogprob(token=text_of[j], logprob=v, bytes=list(text_of[j].encode()))
+                                                for j, v in top])
+                for i, e, top in zip(ids, entries, tops)])
+        offsets, alternatives = [], []
+        for i, e, top in zip(ids, entries, tops):
+            offsets.append(self._text_offset[c.index])
+            self._text_offset[c.index] += len(text_of[i])
+            listed: dict[str, float] = {}
+            for j, v in top:  # two ids with one text: the likelier keeps it
+                listed.setdefault(text_of[j], v)
+            listed.setdefault(text_of[i], e.logprob)  # the generated token, always (OpenAI: up to logprobs + 1)
+            alternatives.append(listed)
+        return CompletionLogprobs(tokens=[text_of[i] for i in ids], token_logprobs=[e.logprob for e in entries],
+                                  top_logprobs=alternatives, text_offset=offsets)
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE lines: (chat: a role delta per choice,) text chunks, the usage chunk, ``[DONE]``.
@@ -426,13 +494,14 @@ class Generation:
     def _chunk(self, c: ChoiceText, delta: str, role: bool = False) -> str:
         final = dict(finish_reason=c.finish_reason, nfe=c.nfe, threshold=c.threshold,
                      encoder_passes=c.encoder_passes) if c.done else {}
+        logprobs = None if role else self._logprobs(c)
         if self.kind == "chat":
             message = DeltaMessage(role="assistant", content="") if role else DeltaMessage(content=delta or None)
-            chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                        choices=[ChatStreamChoice(index=c.index, delta=message, **final)])
+            chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[
+                ChatStreamChoice(index=c.index, delta=message, logprobs=logprobs, **final)])
         else:
-            chunk = CompletionStreamResponse(id=self.id, created=self.created, model=self.model,
-                                             choices=[CompletionStreamChoice(index=c.index, text=delta, **final)])
+            chunk = CompletionStreamResponse(id=self.id, created=self.created, model=self.model, choices=[
+                CompletionStreamChoice(index=c.index, text=delta, logprobs=logprobs, **final)])
         return self._dump(chunk)
 
     def _step_chunk(self, c: ChoiceText, step: PassUpdate) -> str:

@@ -77,7 +77,8 @@ def _decoded_params(decoder, knobs: Knobs, gen_length: int, length_param: str):
 def _knobs(req, **filled) -> Knobs:
     """The request's decoding fields as :class:`Knobs` (``filled``: those the server's defaults decide)."""
     fields = ("sampler", "threshold", "steps", "block_length", "cache", "temperature", "top_p") + CANVAS_ONLY
-    return Knobs(**{**{name: getattr(req, name, None) for name in fields}, **filled})
+    return Knobs(**{**{name: getattr(req, name, None) for name in fields},
+                    "logprobs": req.logprob_alternatives() is not None, **filled})
 
 
 # ----------------------------------------------------------------------------- masked

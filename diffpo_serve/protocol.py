@@ -178,6 +178,9 @@ class ResponseFormat(BaseModel):
     type: str = Field(strict=True)
 
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits: completions' `logprobs`, chat's `top_logprobs`
+MAX_TOP_LOGPROBS = 20  # = the sampler's TOP_LOGPROBS (what a decode records)
+
 Sampler = Literal["steps", "confidence", "eb", "learned", "policy"]
 Cache = Literal["off", "prefix", "dual"]
 
@@ -191,7 +194,7 @@ class CompletionRequest(_GenerationFields):
     echo: bool | None = Field(False, strict=True)
     frequency_penalty: float | None = Field(0.0, **FINITE)
     logit_bias: dict[str, float] | None = None
-    logprobs: int | None = Field(None, ge=0, **STRICT_INT)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, **STRICT_INT)
     max_tokens: int | None = Field(None, ge=1, **STRICT_INT)
     n: int = Field(1, ge=1, le=128, **STRICT_INT)
     presence_penalty: float | None = Field(0.0, **FINITE)
@@ -228,6 +231,10 @@ class CompletionRequest(_GenerationFields):
 
     def gen_length(self) -> int | None:
         return self.max_tokens
+
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives per token the response lists (``logprobs``); None: no log-probs asked for."""
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -278,7 +285,7 @@ class ChatCompletionRequest(_GenerationFields):
     temperature: float | None = Field(None, ge=0, le=2, **FINITE)
     tool_choice: Any = None
     tools: list[Any] | None = None
-    top_logprobs: int | None = Field(None, ge=0, **STRICT_INT)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, **STRICT_INT)
     top_p: float | None = Field(None, gt=0, le=1, **FINITE)
     user: str | None = Field(None, strict=True)
 
@@ -295,6 +302,11 @@ class ChatCompletionRequest(_GenerationFields):
 
     def gen_length(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives per token the response lists (``top_logprobs``, 0 when not given); None: ``logprobs``
+        is not true."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ----------------------------------------------------------------------------- responses
@@ -319,10 +331,40 @@ class Usage(BaseModel):
     encoder_passes: int | None = Field(None, description=_ENCODER_SUM_HELP)
 
 
+class CompletionLogprobs(BaseModel):
+    """Completions' ``logprobs`` (OpenAI's legacy shape), one entry per generated token of ``text``: the token's
+    text, its log-probability under the model at the pass that committed it, a dict of the ``logprobs`` most likely
+    tokens there (the committed one always included, so up to ``logprobs`` + 1) and its character offset in the
+    choice's text (counted from the first token of the whole choice, also in a stream)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """Chat's ``logprobs``: per generated token its text, log-probability, UTF-8 bytes and the ``top_logprobs``
+    most likely tokens at the pass that committed it."""
+
+    content: list[TokenLogprobEntry] | None
+    refusal: list[TokenLogprobEntry] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
     nfe: int = Field(description="extension: forward passes this choice took")
     threshold: float | None = Field(description="extension: threshold / gamma used; null for `steps`")
@@ -342,7 +384,7 @@ class CompletionResponse(BaseModel):
 class CompletionStreamChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None  # the tokens whose text this chunk completes
     finish_reason: FinishReason | None = None
     nfe: int | None = None  # extension, on the choice's last chunk
     threshold: float | None = None  # extension, on the choice's last chunk
@@ -438,7 +480,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
     nfe: int = Field(description="extension: forward passes this choice took")
     threshold: float | None = Field(description="extension: threshold / gamma used; null for `steps`")
@@ -463,7 +505,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None  # the tokens whose text this chunk completes
     finish_reason: FinishReason | None = None
     nfe: int | None = None  # extension, on the choice's last chunk
     threshold: float | None = None  # extension, on the choice's last chunk

@@ -272,11 +272,24 @@ def test_a_huge_bound_keeps_every_position(canvas_server):
     ({"sampler": "learned"}, "sampler"),  # no threshold head on this model
     ({"cache": "prefix"}, "cache"), ({"block_length": 4}, "block_length"), ({"temperature": 0.5}, "temperature"),
     ({"top_p": 0.9}, "top_p"), ({"t_min": 0.9, "t_max": 0.5}, "t_min"), ({"max_tokens": 600}, "max_tokens"),
+    ({"logprobs": 0}, "logprobs"),
 ])
 def test_bad_input_is_a_400_naming_the_param(canvas_server, body, param):
     r = httpx.post(canvas_server.url + "/v1/completions", json={"model": NAME, "prompt": "abc", **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_logprobs_are_refused_with_the_reason(canvas_server):
+    """A canvas model commits no token at one pass (it redraws the block and keeps what the bound accepts), so
+    there is no committing pass to take a log-probability from: chat's logprobs are a 400 that says so."""
+    r = httpx.post(canvas_server.url + "/v1/chat/completions", timeout=30, json={
+        "model": NAME, "messages": [{"role": "user", "content": "abc"}], "logprobs": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    assert "redraws every position" in r.json()["error"]["message"]
+    plain = httpx.post(canvas_server.url + "/v1/chat/completions", timeout=30, json={
+        "model": NAME, "messages": [{"role": "user", "content": "abc"}], "logprobs": False, "max_tokens": 8})
+    assert plain.status_code == 200 and plain.json()["choices"][0]["logprobs"] is None
 
 
 def test_image_token_prompts_are_a_400(canvas_server):

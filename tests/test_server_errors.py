@@ -72,7 +72,7 @@ CASES = [
     ("stream-options-without-stream", "POST", "/v1/completions",
      dict(json=completion(stream_options={"include_usage": True})), 400, "stream_options"),
     ("seed-string", "POST", "/v1/completions", dict(json=completion(seed="abc")), 400, "seed"),
-    ("logprobs-unsupported", "POST", "/v1/completions", dict(json=completion(logprobs=2)), 400, "logprobs"),
+    ("logprobs-over-five", "POST", "/v1/completions", dict(json=completion(logprobs=6)), 400, "logprobs"),
     ("echo-unsupported", "POST", "/v1/completions", dict(json=completion(echo=True)), 400, "echo"),
     ("penalty-unsupported", "POST", "/v1/completions", dict(json=completion(frequency_penalty=0.5)), 400,
      "frequency_penalty"),

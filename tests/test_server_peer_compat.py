@@ -195,6 +195,71 @@ def test_seeded_sampling_repeats_and_different_seeds_differ(client):
     assert len(different) > 1
 
 
+# ----------------------------------------------------------------------------- logprobs
+
+# adapted from vLLM tests/entrypoints/openai/completion/test_completion.py::test_no_logprobs, test_zero_logprobs
+# and test_some_logprobs: the openai client parses the legacy shape; logprobs=0 lists the generated token alone,
+# logprobs=k lists k or k + 1 entries per token (the generated token always among them); a token's log-prob is
+# <= 0 and the tokens make up the text (the values themselves are pinned in tests/test_server_logprobs.py)
+@pytest.mark.parametrize("k", [None, 0, 3])
+def test_completion_logprobs_parsed_by_the_openai_client(client, k):
+    kw = {} if k is None else {"logprobs": k}
+    choice = client.completions.create(model=MODEL_NAME, prompt=SUDOKU, max_tokens=8, **kw).choices[0]
+    if k is None:
+        assert choice.logprobs is None
+        return
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.token_logprobs) == len(lp.tokens) == len(lp.text_offset)
+    assert all(v <= 0 for v in lp.token_logprobs)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == value and (len(top) == 1 if k == 0 else k <= len(top) <= k + 1)
+
+
+# adapted from vLLM tests/entrypoints/openai/completion/test_completion.py::test_completion_streaming (with
+# logprobs) and llama.cpp tools/server/tests/unit/test_completion.py's n_probs streaming case: the streamed
+# chunks' log-probs, in order, are the non-streamed response's
+def test_completion_logprobs_streamed_with_the_openai_client(client):
+    kw = dict(model=MODEL_NAME, prompt=COUNTDOWN, max_tokens=16, logprobs=2, extra_body={"block_length": 4})
+    whole = client.completions.create(**kw).choices[0].logprobs
+    tokens, values = [], []
+    for chunk in client.completions.create(stream=True, **kw):
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            values += chunk.choices[0].logprobs.token_logprobs
+    assert tokens == whole.tokens and values == whole.token_logprobs
+
+
+# adapted from vLLM tests/entrypoints/openai/chat/test_chat.py::test_no_logprobs_chat, test_zero_logprobs_chat,
+# test_some_logprobs_chat and test_too_many_chat_logprobs
+@pytest.mark.parametrize("logprobs,top", [(False, None), (True, 0), (True, 5)])
+def test_chat_logprobs_parsed_by_the_openai_client(client, logprobs, top):
+    kw = {"logprobs": logprobs} if top is None else {"logprobs": logprobs, "top_logprobs": top}
+    choice = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": SUDOKU}],
+                                            max_completion_tokens=8, **kw).choices[0]
+    if not logprobs:
+        assert choice.logprobs is None
+        return
+    content = choice.logprobs.content
+    assert "".join(c.token for c in content) == choice.message.content
+    assert all(len(c.top_logprobs) == top and c.logprob <= 0 for c in content)
+
+
+def test_too_many_chat_logprobs_are_a_bad_request(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": SUDOKU}],
+                                       max_completion_tokens=8, logprobs=True, top_logprobs=21)
+
+
+# adapted from vLLM tests/entrypoints/openai/chat/test_chat.py::test_chat_streaming (logprobs on the deltas)
+def test_chat_logprobs_streamed_with_the_openai_client(client):
+    kw = dict(model=MODEL_NAME, messages=[{"role": "user", "content": COUNTDOWN}], max_completion_tokens=16,
+              logprobs=True, top_logprobs=2, extra_body={"block_length": 4})
+    whole = client.chat.completions.create(**kw).choices[0].logprobs.content
+    streamed = [entry for chunk in client.chat.completions.create(stream=True, **kw)
+                if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert streamed == whole
+
+
 # ----------------------------------------------------------------------------- the drain
 
 def _drain(flags: tuple[str, ...]) -> None:

@@ -14,7 +14,8 @@ the :class:`Decoder` and never branch on the paradigm's name. A decoder owns:
 - **a whole decode** (evaluation, RL): :meth:`~Decoder.generate` with the model's own learned parts, and
   :meth:`~Decoder.explore` (rollouts: the head's bound and the policy's commits sampled, the trajectory kept),
   both returning a :class:`Decoded`;
-- **what a step reports**: :meth:`~Decoder.determined`, the ids of each row that can no longer change, and
+- **what a step reports**: :meth:`~Decoder.determined`, the ids of each row that can no longer change (with
+  :meth:`~Decoder.token_logprobs`, their :class:`TokenLogprob` for rows that asked for them), and
   :meth:`~Decoder.step_updates`, the per-pass events of rows that asked for them: :class:`StepUpdate` (masked:
   the positions committed at that pass) or :class:`CanvasStepUpdate` (canvas: the current block's draft).
 
@@ -25,7 +26,7 @@ passes for a canvas model), ``threshold`` (the bound each row decodes with) and 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -64,6 +65,7 @@ class Knobs:
     t_max: float | None = None
     stability_threshold: int | None = None
     confidence_threshold: float | None = None
+    logprobs: bool = False  # record each generated token's log-prob and its alternatives (:class:`TokenLogprob`)
 
 
 # ----------------------------------------------------------------------------- per-pass events and results
@@ -111,6 +113,16 @@ class CanvasStepUpdate(PassUpdate):
     draft_ids: list[int]
     accepted_positions: list[int]
     block_done: bool
+
+
+class TokenLogprob(NamedTuple):
+    """One generated token's log-probability under the model's distribution (softmax of its logits, the mask token
+    excluded, before temperature and top_p) at the pass that committed it, and that pass's most likely tokens at
+    its position with theirs (most likely first, up to ``TOP_LOGPROBS``)."""
+
+    logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
 
 
 @dataclass
@@ -174,6 +186,10 @@ class Decoder(Protocol):
     def explore(self, model: torch.nn.Module, prompts: list[list[int]], params, head, policy) -> Decoded: ...
 
     def determined(self, state, rows: torch.Tensor) -> list[list[int]]: ...
+
+    def token_logprobs(self, state, rows: torch.Tensor, lengths: list[int]) -> list[list[TokenLogprob] | None]:
+        """For each row, a :class:`TokenLogprob` per generated position of its first ``lengths[k]`` (those
+        :meth:`determined` returns); None for a row that did not ask for them."""
 
     def encoder_passes(self, state, rows: torch.Tensor) -> list[int | None]:
         """Prompt-encoder passes of each row so far (reported beside NFE); None where the paradigm has none."""
@@ -245,7 +261,7 @@ class MaskedDecoder:
         params = masked.SamplingParams(
             sampler=sampler, gen_length=gen_length, block_length=knobs.block_length, steps=knobs.steps, cache=cache,
             threshold=knobs.threshold, top_p=1.0 if knobs.top_p is None else knobs.top_p, temperature=temperature,
-            seed=knobs.seed if temperature > 0 else None)
+            seed=knobs.seed if temperature > 0 else None, logprobs=knobs.logprobs)
         try:
             params.resolved()
         except ValueError as e:
@@ -310,6 +326,23 @@ class MaskedDecoder:
         masked_ = (gen == state.mask_id).long()
         length = torch.minimum((masked_.cumsum(-1) == 0).sum(-1), state.gen_length[rows]).tolist()
         return [ids[:n] for ids, n in zip(gen.tolist(), length)]
+
+    def token_logprobs(self, state: masked.BatchState, rows: torch.Tensor,
+                       lengths: list[int]) -> list[list[TokenLogprob] | None]:
+        """What rows with ``logprobs`` recorded (``BatchState.model_logprob``, ``top_ids``, ``top_logprob``) for their
+        first ``lengths[k]`` generated positions; None for the other rows."""
+        recording = state.record_logprobs[rows].tolist()
+        out: list[list[TokenLogprob] | None] = [None] * len(recording)
+        if not any(recording):
+            return out
+        for k, (r, n) in enumerate(zip(rows.tolist(), lengths)):
+            if not recording[k]:
+                continue
+            logprob, ids, top = (t[r, :n].tolist() for t in (state.model_logprob, state.top_ids, state.top_logprob))
+            out[k] = [TokenLogprob(lp, tuple(i for i in row_ids if i >= 0), tuple(v for i, v in zip(row_ids, row_lp)
+                                                                                    if i >= 0))
+                      for lp, row_ids, row_lp in zip(logprob, ids, top)]
+        return out
 
     def step_updates(self, state: masked.BatchState, out: masked.StepOutput, picked: list[int],
                      blocks_before: torch.Tensor, slots: list[tuple[int, str]]) -> list[StepUpdate]:
@@ -386,6 +419,11 @@ class CanvasDecoder:
     def _refuse(self, knobs: Knobs, sampler: str) -> None:
         """Raise a :class:`KnobError` for the first knob this paradigm cannot honour (see the class docstring)."""
         c = self.canvas_length
+        if knobs.logprobs:
+            raise KnobError("`logprobs` is not supported by this model: a canvas model redraws every position of "
+                            "its block at each pass and keeps those the entropy bound accepts, so a token is not "
+                            "committed at one pass whose distribution its log-probability could come from",
+                            "logprobs", "unsupported_parameter")
         if sampler not in self.samplers:
             raise KnobError(f"sampler `{sampler}` is a masked-model sampler; this model decodes a random-token "
                             f"canvas whose accept rule is the entropy bound: use `eb` (bound `threshold`) or "
@@ -474,6 +512,9 @@ class CanvasDecoder:
         gen_length = state.gen_length[rows]
         done = torch.where(state.finished[rows], gen_length, torch.minimum(state.block[rows] * c, gen_length))
         return [ids[:n] for ids, n in zip(state.generated[rows].tolist(), done.tolist())]
+
+    def token_logprobs(self, state: cv.CanvasState, rows: torch.Tensor, lengths: list[int]) -> list[None]:
+        return [None] * len(rows)  # refused in params_for (see _refuse)
 
     def step_updates(self, state: cv.CanvasState, out: cv.CanvasStepOutput, picked: list[int],
                      blocks_before: torch.Tensor, slots: list[tuple[int, str]]) -> list[CanvasStepUpdate]:

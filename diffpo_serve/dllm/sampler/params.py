@@ -63,6 +63,7 @@ SAMPLERS = tuple(s.label for s in Sampler)
 CACHE_MODES = tuple(c.label for c in CacheMode)
 # learned: the head's choice; policy: the step policy's operating point
 DEFAULT_THRESHOLD = {"steps": 0.0, "confidence": 0.9, "eb": 0.3, "learned": None, "policy": None}
+TOP_LOGPROBS = 20  # alternatives kept per committed token of a row with ``logprobs`` (OpenAI's chat maximum)
 
 
 def default_steps(gen_length: int, block_length: int | None, passes: int = 1, tokens: int = 1) -> int:
@@ -91,6 +92,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     cache: str = "off"  # KV cache: "off", "prefix" or "dual" (CACHE_MODES; native models only)
+    logprobs: bool = False  # record each committed token's log-prob under the model and its TOP_LOGPROBS
+    # most likely alternatives, at the pass that committed it (BatchState.model_logprob); changes no decode
 
     def resolved(self) -> "SamplingParams":
         """Fill defaults and validate; raises ValueError with a message fit for an API user."""

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from diffpo_serve.dllm.kv_cache import KVCache
-from diffpo_serve.dllm.sampler.params import CacheMode, Sampler, SamplingParams
+from diffpo_serve.dllm.sampler.params import TOP_LOGPROBS, CacheMode, Sampler, SamplingParams
+
+#: the per-row fields indexed by generation position (dim 1), with the value a padded column holds
+GEN_FIELDS = {"commit_step": -1, "logprob": 0.0, "prev_argmax": -1, "model_logprob": float("nan"), "top_ids": -1,
+              "top_logprob": float("nan")}
+
 
 @dataclass
 class BatchState:
@@ -42,6 +47,13 @@ class BatchState:
     finished: torch.Tensor  # b  bool
     commit_step: torch.Tensor  # b, gen_width  step (0-based, the row's own count) of each commit; -1 = none
     logprob: torch.Tensor  # b, gen_width  log-prob of the committed token under the sampling distribution
+    # rows with ``logprobs`` (SamplingParams): each committed token's log-prob under the model's distribution
+    # (policy_logprobs: the mask excluded, before temperature and top_p) at the pass that committed it, and that
+    # pass's TOP_LOGPROBS most likely tokens there; NaN / -1 where nothing is recorded
+    record_logprobs: torch.Tensor  # b  bool
+    model_logprob: torch.Tensor  # b, gen_width  float
+    top_ids: torch.Tensor  # b, gen_width, TOP_LOGPROBS  long, most likely first; -1 = none
+    top_logprob: torch.Tensor  # b, gen_width, TOP_LOGPROBS  float
     threshold_choice: torch.Tensor | None = None  # b  index into the head's grid, -1 = not chosen by the head
     head_features: torch.Tensor | None = None  # b, d  prompt features the head saw (zeros until then)
     generators: list = field(default_factory=list)  # per row: torch.Generator or None (greedy)
@@ -108,8 +120,7 @@ class BatchState:
             cols = torch.arange(left, pw + right, device=self.canvas.device)
         canvas, attention = self.canvas[:, cols], self.attention_mask[:, cols]
         return replace(self, canvas=canvas, attention_mask=attention, prompt_width=width,
-                       commit_step=self.commit_step[:, :right], logprob=self.logprob[:, :right],
-                       prev_argmax=self.prev_argmax[:, :right],
+                       **{k: getattr(self, k)[:, :right] for k in GEN_FIELDS},
                        kv=self.kv.columns(cols) if self.kv is not None else None)
 
     @staticmethod
@@ -135,12 +146,12 @@ class BatchState:
                                                       torch.zeros(b, left, dtype=torch.bool, device=dev),
                                                       s.attention_mask[:, split:],
                                                       torch.zeros(b, right, dtype=torch.bool, device=dev)], 1))
-            parts["commit_step"].append(torch.cat([s.commit_step, s.commit_step.new_full((b, right), -1)], 1))
-            parts["logprob"].append(torch.cat([s.logprob, s.logprob.new_zeros((b, right))], 1))
-            parts["prev_argmax"].append(torch.cat([s.prev_argmax, s.prev_argmax.new_full((b, right), -1)], 1))
+            for k, fill in GEN_FIELDS.items():
+                v = getattr(s, k)
+                parts[k].append(torch.cat([v, v.new_full((b, right, *v.shape[2:]), fill)], 1))
             kvs.append(None if s.kv is None else s.kv.pad_columns(split, left, right))
             for k in parts:
-                if k not in ("canvas", "attention_mask", "commit_step", "logprob", "prev_argmax"):
+                if k not in ("canvas", "attention_mask", *GEN_FIELDS):
                     parts[k].append(getattr(s, k))
         merged = {k: torch.cat(v, 0) for k, v in parts.items()}
         return replace(first, **merged, prompt_width=pw, generators=[g for s in states for g in s.generators],
@@ -220,6 +231,10 @@ def init_state(
         finished=(first_block >= torch.tensor(num_blocks)).to(device),
         commit_step=torch.full((b, gw), -1, dtype=torch.long, device=device),
         logprob=torch.zeros((b, gw), dtype=torch.float, device=device),
+        record_logprobs=col([p.logprobs for p in params], torch.bool),
+        model_logprob=torch.full((b, gw), float("nan"), device=device),
+        top_ids=torch.full((b, gw, TOP_LOGPROBS), -1, dtype=torch.long, device=device),
+        top_logprob=torch.full((b, gw, TOP_LOGPROBS), float("nan"), device=device),
         prev_argmax=torch.full((b, gw), -1, dtype=torch.long, device=device),
         policy_logprob=torch.zeros(b, dtype=torch.float, device=device),
         policy=policy, sample_commits=sample_commits, trace_features=trace_features,

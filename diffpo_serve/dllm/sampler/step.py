@@ -29,7 +29,7 @@ import torch
 
 from diffpo_serve.dllm.kv_cache import gather_columns
 from diffpo_serve.dllm.sampler.cache import reads_dual_cache, step_logits
-from diffpo_serve.dllm.sampler.params import Sampler
+from diffpo_serve.dllm.sampler.params import TOP_LOGPROBS, Sampler
 from diffpo_serve.dllm.sampler.rules import (entropy_before, greedy_tokens, policy_logprobs, remasking_confidence,
                                              sampling_logprobs, select_commits, transfer_counts)
 from diffpo_serve.dllm.sampler.state import BatchState, first_masked_block
@@ -239,6 +239,7 @@ class _Draws:
     entropy: torch.Tensor
     probs: torch.Tensor | None
     token_logprob: torch.Tensor
+    recorded: tuple | None = None  # rows with ``logprobs``: (model log-prob, top ids, top log-probs), _recorded
 
 
 def _draw(state: BatchState, p: _Pass, out: _Logits) -> _Draws:
@@ -260,7 +261,11 @@ def _draw(state: BatchState, p: _Pass, out: _Logits) -> _Draws:
     tokens = greedy_tokens(logits, state.mask_id)
     argmax = tokens.clone()
     lean = greedy and len(steps_rows) == r and not p.features
+    recording = state.record_logprobs[rows]
+    recorded_logp = None  # the policy's log-probs of the rows that record them (n, K, V)
     if lean:
+        if bool(recording.any()):
+            recorded_logp = policy_logprobs(logits[recording], state.mask_id)
         out.logits = logits = None
         probs = logq = None
         confidence = entropy = torch.zeros(tokens.shape, device=tokens.device)  # read by no `steps` row
@@ -268,6 +273,8 @@ def _draw(state: BatchState, p: _Pass, out: _Logits) -> _Draws:
         # r, K, V in float32 (the model's dtype may be half); never the mask: a row could stall on it
         logp = policy_logprobs(logits, state.mask_id)
         out.logits = logits = None
+        if bool(recording.any()):
+            recorded_logp = logp[recording]
         probs = logp.exp()
         entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, with 0 log 0 = 0 (no NaN on saturated rows)
         # the behaviour distribution q; at T = 1 without a nucleus it is the policy itself, computed above; greedy
@@ -287,7 +294,26 @@ def _draw(state: BatchState, p: _Pass, out: _Logits) -> _Draws:
             score[scored] = steps_score
         if drawn_logits is not None:
             score[steps_rows[drawing]] = remasking_confidence(drawn_logits, tokens[steps_rows[drawing]])
-    return _Draws(tokens, argmax, score, confidence, entropy, probs, token_logprob)
+    recorded = None if recorded_logp is None else _recorded(recorded_logp, tokens, recording)
+    return _Draws(tokens, argmax, score, confidence, entropy, probs, token_logprob, recorded)
+
+
+def _recorded(logp: torch.Tensor, tokens: torch.Tensor, recording: torch.Tensor):
+    """What rows with ``logprobs`` record of this pass, for all r rows in block positions (NaN / -1 in rows that
+    record nothing): each position's token's log-prob under the model (``logp``, the recording rows' policy
+    log-probs, n x K x V) and the :data:`TOP_LOGPROBS` most likely tokens with theirs (fewer in a smaller
+    vocabulary; the mask token, never drawn, is never among them)."""
+    r, k = tokens.shape
+    top = min(TOP_LOGPROBS, logp.shape[-1])
+    token_lp = torch.full((r, k), float("nan"), device=logp.device)
+    top_lp = torch.full((r, k, TOP_LOGPROBS), float("nan"), device=logp.device)
+    top_ids = torch.full((r, k, TOP_LOGPROBS), -1, dtype=torch.long, device=logp.device)
+    token_lp[recording] = logp.gather(-1, tokens[recording][..., None]).squeeze(-1)
+    values, ids = logp.topk(top, dim=-1)
+    possible = values > float("-inf")  # the mask (and nothing else) has probability 0
+    top_lp[recording, :, :top] = torch.where(possible, values, float("nan"))
+    top_ids[recording, :, :top] = torch.where(possible, ids, -1)
+    return token_lp, top_ids, top_lp
 
 
 def _draw_tokens(state: BatchState, p: _Pass, tokens: torch.Tensor, logq: torch.Tensor | None) -> None:
@@ -324,8 +350,8 @@ def _decide(state: BatchState, p: _Pass, out: _Logits, d: _Draws):
 
 
 def _write_back(state: BatchState, p: _Pass, commit: torch.Tensor, d: _Draws) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 5: the committed tokens, their commit step and log q into the state (from block positions back to
-    generation positions); the rows' counters and blocks advanced; a row finished when its last block is done or
+    """Phase 5: the committed tokens, their commit step and log q (and what rows with ``logprobs`` record) into
+    the state (from block positions back to generation positions); the rows' counters and blocks advanced; a row finished when its last block is done or
     an EOS is committed with no mask before it (the masks after it then become ``eos_id``). Returns (committed
     (r, gen_width) bool, finished (r,))."""
     rows, cols, in_block = p.rows, p.cols, p.in_block
@@ -340,6 +366,12 @@ def _write_back(state: BatchState, p: _Pass, commit: torch.Tensor, d: _Draws) ->
     commit_step, logprob = state.commit_step[rows], state.logprob[rows]
     commit_step[at] = step_index[:, None].expand(r, width)[commit]
     logprob[at] = d.token_logprob[commit].to(logprob.dtype)
+    if d.recorded is not None:
+        for name, values in zip(("model_logprob", "top_ids", "top_logprob"), d.recorded):
+            field = getattr(state, name)
+            kept = field[rows]
+            kept[at] = values[commit].to(kept.dtype)
+            field[rows] = kept
     block, block_step = state.block[rows], state.block_step[rows] + 1
     block_done = ~(gen.gather(1, cols).eq(state.mask_id) & in_block).any(-1)
     gen_length, block_length = state.gen_length[rows], state.block_length[rows]
