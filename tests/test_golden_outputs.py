@@ -12,7 +12,11 @@ and compared within ``TOLERANCE``.
 
 The fixture was written once, before the decoders were restructured, with
 ``python tests/test_golden_outputs.py --write``, and is never edited: a change of output is a bug in the
-change, not in the fixture.
+change, not in the fixture. The one exception is a change of behaviour made on purpose: it is recorded beside
+the fixture, in ``changes.json``, with its reason and its scope (a word every case it changes must name, e.g.
+``policy``), as the new outputs of just the cases it changes (``python tests/test_golden_outputs.py
+--record-change SCOPE "REASON"``); the test checks each recorded case really differs from the fixture and lies in
+its scope, then compares everything else with the fixture as written.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "golden" / "outputs.json"
+CHANGES = FIXTURE.parent / "changes.json"  # deliberate changes of behaviour, in order (see the module docstring)
 TOLERANCE = 2e-4  # absolute, on log-probs, thresholds and other floats (stored rounded to 5 decimals)
 DIGITS = 5
 
@@ -254,8 +259,26 @@ def compare(expected, got, where: str = "") -> list[str]:
     return [] if expected == got else [f"{where}: {expected!r} != {got!r}"]
 
 
-def test_golden_outputs_are_unchanged(tmp_path):
+def expected_outputs(changes: list[dict]) -> dict:
+    """The fixture with each deliberate change's cases put in, checking that every recorded case lies in its
+    change's scope and differs from what it replaces (a record that changes nothing would hide nothing, but also
+    explain nothing)."""
     expected = json.loads(FIXTURE.read_text())
+    for change in changes:
+        for top, cases in change["cases"].items():
+            for case, outputs in cases.items():
+                assert change["scope"] in f"{top}/{case}", (change["reason"], top, case)
+                assert compare(expected[top][case], outputs), f"{top}/{case}: recorded as changed, but is not"
+                expected[top][case] = outputs
+    return expected
+
+
+def recorded_changes() -> list[dict]:
+    return json.loads(CHANGES.read_text())["changes"] if CHANGES.exists() else []
+
+
+def test_golden_outputs_are_unchanged(tmp_path):
+    expected = expected_outputs(recorded_changes())
     got = json.loads(json.dumps(golden_outputs(tmp_path)))  # the same JSON round trip the fixture took
     differences = compare(expected, got)
     assert not differences, f"{len(differences)} golden output(s) changed, first ones:\n" + "\n".join(differences[:15])
@@ -296,10 +319,44 @@ def test_compare_sees_a_changed_token_and_a_moved_logprob():
     assert compare(tree, {"a": {"sequences": [[4, 5]]}})
 
 
+def test_a_recorded_change_must_change_something_in_its_scope():
+    """``expected_outputs`` refuses a record outside its scope or one equal to the fixture."""
+    fixture = json.loads(FIXTURE.read_text())
+    same = {"reason": "nothing", "scope": "policy", "cases": {"bundled": {"policy/off/greedy":
+                                                                         fixture["bundled"]["policy/off/greedy"]}}}
+    moved = json.loads(json.dumps(fixture["bundled"]["eb/off/greedy"]))
+    moved["nfe"][0] += 1
+    outside = {"reason": "eb moved", "scope": "policy", "cases": {"bundled": {"eb/off/greedy": moved}}}
+    for change in (same, outside):
+        try:
+            expected_outputs([change])
+        except AssertionError:
+            continue
+        raise AssertionError(f"accepted: {change['reason']}")
+    inside = {"reason": "eb moved", "scope": "eb", "cases": {"bundled": {"eb/off/greedy": moved}}}
+    assert expected_outputs([inside])["bundled"]["eb/off/greedy"]["nfe"][0] == fixture["bundled"]["eb/off/greedy"][
+        "nfe"][0] + 1
+
+
 if __name__ == "__main__":
     import tempfile
+    if sys.argv[1:2] == ["--record-change"] and len(sys.argv) == 4:
+        scope, reason = sys.argv[2:]
+        changes = recorded_changes()
+        expected = expected_outputs(changes)
+        with tempfile.TemporaryDirectory() as tmp:
+            outputs = json.loads(json.dumps(golden_outputs(Path(tmp))))
+        cases = {top: {case: outputs[top][case] for case in expected[top]
+                       if compare(expected[top][case], outputs[top][case])} for top in expected}
+        cases = {top: found for top, found in cases.items() if found}
+        changes.append({"reason": reason, "scope": scope, "cases": cases})
+        expected_outputs(changes)  # every case in scope
+        CHANGES.write_text(json.dumps({"changes": changes}, separators=(",", ":")) + "\n")
+        sys.exit(f"recorded {sum(map(len, cases.values()))} changed case(s) in {CHANGES}: "
+                 + ", ".join(f"{t}/{c}" for t, found in cases.items() for c in found))
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/test_golden_outputs.py --write  (only before the decoders change)")
+        sys.exit("usage: python tests/test_golden_outputs.py --write  (only before the decoders change)\n"
+                 "       python tests/test_golden_outputs.py --record-change SCOPE REASON  (a deliberate change)")
     with tempfile.TemporaryDirectory() as tmp:
         outputs = golden_outputs(Path(tmp))
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)

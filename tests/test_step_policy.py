@@ -42,7 +42,8 @@ def random_policy(seed: int = 0, threshold: float = 0.5) -> StepPolicy:
 
 def test_features_by_hand_on_a_tiny_model(model):
     """Six passes of a 12-token answer in blocks of 4 (block 0's four, block 1's first two): every feature
-    recomputed from the logits, positions and fractions relative to the row's current block."""
+    recomputed from the logits, positions and fractions relative to the row's current block; `unchanged` is 0 at
+    a block's first pass (a pass computes its own block only, so nothing of the next block is known before)."""
     prompt = [5, 6, 7]
     params = SamplingParams("eb", gen_length=12, block_length=4, threshold=0.0)  # one token per pass
     state = init_state([prompt], params, **IDS, trace_features=True)
@@ -69,14 +70,15 @@ def test_features_by_hand_on_a_tiny_model(model):
             top = sorted(probs[j].tolist(), reverse=True)
             before = sum(ent[k] for k in masked if (ent[k], k) < (ent[j], j))
             rank = sum(1 for k in masked if (ent[k], k) < (ent[j], j))
-            unchanged = 0.0 if s == 0 else float(outs[s - 1][1].argmax[0, j] == out.argmax[0, j])
-            seen_unchanged.add(unchanged) if s else None
+            unchanged = 0.0 if step == 0 else float(outs[s - 1][1].argmax[0, j] == out.argmax[0, j])
+            seen_unchanged.add(unchanged) if step else None
             left = float(j == start or (j - 1) not in masked)
             expected = [top[0], ent[j], top[0] - top[1], before, (j - start) / 4, len(masked) / 4, unchanged,
                         step / 4, rank / 4, left, math.log(top[0]), float(ent[j] < 0.01)]
             seen_left.add(left)
             assert f[j].tolist() == pytest.approx(expected, abs=1e-5), (s, j)
-        assert out.argmax[0, start:].tolist() == logits.argmax(-1)[start:].tolist()  # the block and after it
+        assert out.argmax[0, start:start + 4].tolist() == logits.argmax(-1)[start:start + 4].tolist()
+        assert (out.argmax[0, start + 4:] == -1).all() and (out.argmax[0, :start] == -1).all()  # nothing else
     assert seen_unchanged == {0.0, 1.0}  # the run exercises both values of `unchanged` after the first pass
     assert seen_left == {0.0, 1.0}
     assert len(FEATURE_NAMES) == out.features.shape[-1]
@@ -245,7 +247,7 @@ def test_previous_argmax_survives_select_and_concat(model):
     first = init_state(PROMPTS[:2], p1, **IDS, policy=policy)
     denoise_step(model, first)
     before = first.prev_argmax.clone()
-    assert (before != -1).all() and before.shape == (2, 8)
+    assert (before[:, :4] != -1).all() and (before[:, 4:] == -1).all() and before.shape == (2, 8)  # block 0 only
     late = init_state(PROMPTS[2:], p2, **IDS, policy=policy)
     joined = BatchState.concat([first, late])
     assert joined.prev_argmax[:2, :8].tolist() == before.tolist()
@@ -356,25 +358,29 @@ def test_setting_the_operating_point_moves_the_threshold_into_the_network():
         policy.set_operating_point(1.0)
 
 
-def test_unchanged_at_a_blocks_first_pass_compares_with_the_previous_blocks_last_pass(model):
-    """Logits are materialised for the block only, but a traced row also keeps the argmax of the rest of
-    its answer: at block 1's first pass `unchanged` compares with block 0's last pass at block 1's columns
-    (not with nothing), and that argmax equals the full forward's."""
+def test_unchanged_is_zero_at_a_blocks_first_pass_and_no_pass_reads_past_its_block(model):
+    """A pass computes logits for its own block only (no look-ahead: at a 256-token answer in blocks of 32 that
+    would be up to 8x the block's vocabulary projection per pass), so at block 1's first pass `unchanged` is 0 on
+    every candidate, as at block 0's, and block 1's second pass compares with its first; the argmax a pass
+    reports is -1 outside its block and the full forward's inside it."""
     prompt = [5, 6, 7]
     params = SamplingParams("eb", gen_length=8, block_length=4, threshold=0.0)  # one token per pass
     out = generate(model, [prompt], params, **IDS, trace_features=True, return_trajectory=True)
     trace = out.policy_trace
     assert int(out.nfe[0]) == 8
     last, first = 3, 4  # block 0's last pass, block 1's first
+    unchanged = FEATURE_NAMES.index("unchanged")
     assert trace.candidates[0, first].tolist() == [False] * 4 + [True] * 4
-    assert (trace.argmax[0, last, 4:] >= 0).all()
-    expected = (trace.argmax[0, first, 4:] == trace.argmax[0, last, 4:]).float()
-    assert trace.features[0, first, 4:, FEATURE_NAMES.index("unchanged")].tolist() == expected.tolist()
-    # the kept argmax is the full forward's at that pass
+    assert (trace.argmax[0, last, 4:] == -1).all() and (trace.argmax[0, first, :4] == -1).all()
+    assert trace.features[0, first, :, unchanged].tolist() == [0.0] * 8
+    second = first + 1
+    candidates = trace.candidates[0, second]
+    expected = ((trace.argmax[0, second] == trace.argmax[0, first]) & candidates).float()
+    assert trace.features[0, second, :, unchanged].tolist() == expected.tolist()
     canvas = torch.tensor([prompt + out.sequences[0].tolist()])
-    canvas[0, 3:][out.commit_step[0] >= last] = MASK  # the canvas that pass saw
+    canvas[0, 3:][out.commit_step[0] >= first] = MASK  # the canvas block 1's first pass saw
     with torch.no_grad():
         logits = model_logits(model, canvas, torch.ones_like(canvas, dtype=torch.bool),
                               torch.arange(canvas.shape[1])[None])[0, 3:]
     logits[:, MASK] = float("-inf")
-    assert trace.argmax[0, last, 4:].tolist() == logits[4:].argmax(-1).tolist()
+    assert trace.argmax[0, first, 4:].tolist() == logits[4:].argmax(-1).tolist()

@@ -15,7 +15,8 @@ Features (per masked token of the current block, all read from the pass the samp
   4 position         (j - block start) / block size
   5 masked_fraction  masked tokens of the block / block size
   6 unchanged        1 if the argmax equals the previous pass's argmax at this position, else 0
-                     (0 in a row's first pass; the previous argmax is kept in the sampler's BatchState)
+                     (0 in a block's first pass: a pass computes its own block only; the previous argmax is
+                     kept in the sampler's BatchState)
   7 pass_index       forward passes already taken in this block / block size
   8 entropy_rank     rank of the token's entropy among the block's masked tokens (0 = lowest) / block size
   9 left_committed   1 if the position before it holds a token (committed, or the previous block/prompt)

@@ -10,11 +10,11 @@ the step policy's decisions), :func:`_write_back` (tokens, commit steps, log-pro
 
 A step materialises logits for each row's current block only, and of a greedy row's block only at its
 still-masked columns (:func:`masked_columns`; the model's logits stay in its dtype until the float32 softmax), so
-its memory grows with the block, not the answer (``benchmarks/step_memory.py``). Two exceptions: a ``learned``
-row's first pass (the head reads the whole answer's entropies), and rows whose step-policy features a pass
-computes (``policy`` rows, or every row with ``trace_features``), which also take the argmax from their block's
-end to their answer's end. The policy's features, decisions and draws are computed at the block's columns and
-handed out in generation positions (:class:`StepOutput`).
+its memory grows with the block, not the answer (``benchmarks/step_memory.py``). The one exception is a
+``learned`` row's first pass (the head reads the whole answer's entropies). The policy's features, decisions and
+draws are computed at the block's columns and handed out in generation positions (:class:`StepOutput`); its
+``unchanged`` feature compares a column's argmax with the previous pass's in the same block (none at a block's
+first pass), so a policy row computes nothing beyond its block either (``benchmarks/policy_cost.py``).
 
 A row finishes when its text is determined: every block is committed, or an EOS (any of the state's ``eos_ids``:
 chat models end a turn with their own token) is committed with no mask before it (the positions after it are then
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from diffpo_serve.dllm.kv_cache import gather_columns
-from diffpo_serve.dllm.sampler.cache import reads_dual_cache, step_logits
+from diffpo_serve.dllm.sampler.cache import step_logits
 from diffpo_serve.dllm.sampler.params import TOP_LOGPROBS, Sampler
 from diffpo_serve.dllm.sampler.rules import (entropy_before, greedy_tokens, policy_logprobs, remasking_confidence,
                                              sampling_logprobs, select_commits, transfer_counts)
@@ -136,8 +136,7 @@ def _to_generation(values: torch.Tensor, row_index: torch.Tensor, cols: torch.Te
 @dataclass
 class _Pass:
     """Where one pass works, for its running rows (r of them): their canvas, and in generation positions their
-    block's columns whose logits are computed (``cols``, r x K, ``in_block`` marking the real ones) and the later
-    columns whose argmax is read (``ahead``, r x A, ``ahead_real``)."""
+    block's columns whose logits are computed (``cols``, r x K, ``in_block`` marking the real ones)."""
 
     rows: torch.Tensor
     canvas: torch.Tensor
@@ -154,18 +153,14 @@ class _Pass:
     block_end: torch.Tensor
     cols: torch.Tensor
     in_block: torch.Tensor
-    ahead: torch.Tensor
-    ahead_real: torch.Tensor
 
 
 def _plan(state: BatchState, rows: torch.Tensor) -> _Pass:
     """Phase 1: the columns this pass computes. Logits only where they are read: a greedy row's masked block
     columns; traced rows keep their whole block (the policy's features name block positions), and so do sampling
     rows (their generator draws one token per block position, so a row's random stream, and thus its output, stays
-    what it is alone and in any batch). Traced rows also read the argmax from their block's end to their answer's
-    end: the `unchanged` feature of a block's first pass compares with the previous pass's argmax there (other rows
-    repeat their block's last column, so they compute nothing more). A `dual` row's step that reads its cache runs
-    its block only: those columns keep the argmax of the last pass that ran them, its block's first."""
+    what it is alone and in any batch). Nothing beyond the block: the policy's `unchanged` feature compares with the
+    previous pass's argmax in the same block."""
     canvas = state.canvas[rows]
     attention = state.attention_mask[rows]
     policy_rows = state.sampler[rows] == Sampler.POLICY
@@ -175,26 +170,19 @@ def _plan(state: BatchState, rows: torch.Tensor) -> _Pass:
     traced = policy_rows | state.trace_features
     keep = traced | (state.temperature[rows] > 0)
     cols, in_block = masked_columns(gen, block_cols, in_block, state.mask_id, keep=keep)
-    reads_ahead = traced & ~reads_dual_cache(state, rows)
-    ahead_width = int((state.gen_length[rows] - block_end)[reads_ahead].max()) if bool(reads_ahead.any()) else 0
-    ahead = block_end[:, None] + torch.arange(ahead_width, device=gen.device)
-    ahead_real = reads_ahead[:, None] & (ahead < state.gen_length[rows][:, None])
     return _Pass(rows=rows, canvas=canvas, attention=attention,
                  positions=(attention.long().cumsum(-1) - 1).clamp(min=0), gen=gen,
                  pending=state.threshold[rows].isnan(), policy_rows=policy_rows, traced=traced, features=features,
                  want_hidden=features and state.policy is not None and state.policy.uses_hidden,
-                 block_cols=block_cols, block_start=block_start, block_end=block_end, cols=cols, in_block=in_block,
-                 ahead=torch.where(ahead_real, ahead, cols[:, -1:]), ahead_real=ahead_real)
+                 block_cols=block_cols, block_start=block_start, block_end=block_end, cols=cols, in_block=in_block)
 
 
 @dataclass
 class _Logits:
-    """Phase 2's result: the logits at the pass's block columns (r, K, V, the model's dtype), the argmax of the
-    columns ahead (r, A; None without), the hidden states the policy reads at the block columns, and for a head's
-    first pass the prompt's hidden states and the answer's entropies."""
+    """Phase 2's result: the logits at the pass's block columns (r, K, V, the model's dtype), the hidden states the
+    policy reads there, and for a head's first pass the prompt's hidden states and the answer's entropies."""
 
     logits: torch.Tensor
-    ahead_argmax: torch.Tensor | None
     index_hidden: torch.Tensor | None
     hidden: torch.Tensor | None = None
     answer_entropy: torch.Tensor | None = None
@@ -204,8 +192,8 @@ def _run_model(model: torch.nn.Module, state: BatchState, p: _Pass) -> _Logits:
     """Phase 2: the forward pass (through the KV cache where rows use one). A head's first pass reads the
     entropies over the whole answer: all its logits this once."""
     pw, gw = state.prompt_width, state.gen_width
-    r, width = p.cols.shape
-    wanted = torch.cat([p.cols, p.ahead], 1)  # r, K + A  generation positions
+    r = len(p.rows)
+    wanted = p.cols  # r, K  generation positions
     index_hidden_rows = p.traced if p.want_hidden else None
     hidden = answer_entropy = None
     if bool(p.pending.any()):
@@ -218,13 +206,7 @@ def _run_model(model: torch.nn.Module, state: BatchState, p: _Pass) -> _Logits:
     else:
         logits, _, index_hidden = step_logits(model, state, p.rows, p.canvas, p.attention, p.positions, pw + wanted,
                                               index_hidden=index_hidden_rows, block_index=pw + p.block_cols)
-    ahead_argmax = None
-    if p.ahead.shape[1]:  # only their argmax is needed (the mask excluded, as policy_logprobs does)
-        ahead_argmax = greedy_tokens(logits[:, width:], state.mask_id)
-        logits = logits[:, :width]
-    if index_hidden is not None:
-        index_hidden = index_hidden[:, :width]
-    return _Logits(logits, ahead_argmax, index_hidden, hidden, answer_entropy)
+    return _Logits(logits, index_hidden, hidden, answer_entropy)
 
 
 @dataclass
@@ -401,17 +383,14 @@ def _stop_at_eos(state: BatchState, gen: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.where(eos_done[:, None] & masked, torch.full_like(gen, state.eos_id), gen), eos_done
 
 
-def _record_argmax(state: BatchState, p: _Pass, argmax: torch.Tensor, ahead_argmax: torch.Tensor | None):
-    """Phase 6: this pass's argmax where it was computed (the block; for traced rows also the rest of the answer),
-    in generation positions, kept as the rows' ``prev_argmax`` (the policy's `unchanged` feature) and returned."""
+def _record_argmax(state: BatchState, p: _Pass, argmax: torch.Tensor):
+    """Phase 6: this pass's argmax where it was computed (the block), in generation positions, kept as the rows'
+    ``prev_argmax`` (the policy's `unchanged` feature) and returned."""
     rows, cols, in_block = p.rows, p.cols, p.in_block
     r, width = cols.shape
     full_argmax = torch.full_like(p.gen, -1)
     row_index = torch.arange(r, device=cols.device)[:, None].expand(r, width)
     full_argmax[row_index[in_block], cols[in_block]] = argmax[in_block]
-    if ahead_argmax is not None:
-        later = torch.arange(r, device=cols.device)[:, None].expand(r, p.ahead.shape[1])
-        full_argmax[later[p.ahead_real], p.ahead[p.ahead_real]] = ahead_argmax[p.ahead_real]
     prev = state.prev_argmax[rows]
     state.prev_argmax[rows] = torch.where(full_argmax >= 0, full_argmax, prev)
     return full_argmax
@@ -435,7 +414,7 @@ def denoise_step(model: torch.nn.Module, state: BatchState) -> StepOutput:
     draws = _draw(state, plan, logits)
     candidates, commit, features, decisions = _decide(state, plan, logits, draws)
     committed, finished = _write_back(state, plan, commit, draws)
-    argmax = _record_argmax(state, plan, draws.argmax, logits.ahead_argmax)
+    argmax = _record_argmax(state, plan, draws.argmax)
     if features is None:
         return StepOutput(rows=rows, committed=committed, newly_finished=finished)
     r, width = plan.cols.shape
