@@ -260,6 +260,9 @@ def train_rl(cfg: RLConfig) -> RLRun:
     """Run RL post-training; the output directory is a loadable model (with its head, if trained)."""
     if cfg.warm_start_rounds < 1:
         raise ValueError(f"--warm-start-rounds {cfg.warm_start_rounds}: at least 1 (the first round decodes with EB)")
+    if cfg.warm_start_point and not 0 < cfg.warm_start_point < 1:  # else it fails only after the whole warm start
+        raise ValueError(f"--warm-start-point {cfg.warm_start_point}: a probability in (0, 1), or 0 to keep the "
+                         "fitted policy's 0.5")
     # on a machine without CUDA, cpu=True is what makes a multi-process launch use gloo DDP
     accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available()))
     out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / CHECKPOINT
