@@ -92,6 +92,9 @@ def git_commit() -> str:
     return head + ("+uncommitted" if dirty else "")
 
 
+COMMIT_AT_START = git_commit()  # the checkout whose code this process imported (HEAD may move during a long run)
+
+
 def command() -> str:
     """The command line that is running, as ``python -m benchmarks.NAME ARGS`` when run as a module."""
     main = sys.modules.get("__main__")
@@ -101,14 +104,19 @@ def command() -> str:
 
 
 def provenance() -> dict:
-    """What a result file records about how it was made: commit, UTC date, command, machine, model checksums."""
-    return {"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    """What a result file records about how it was made: commit, UTC date, command, machine, model checksums;
+    ``commit_at_start`` too when the checkout changed between this process's start and the save."""
+    info = {"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command(), "machine": machine(), "models": dict(LOADED_MODELS)}
+    if COMMIT_AT_START != info["commit"]:
+        info["commit_at_start"] = COMMIT_AT_START
+    return info
 
 
 def provenance_text(info: dict) -> str:
     models = ", ".join(f"`{p}` ({c})" for p, c in info["models"].items()) or "none loaded"
-    return (f"\n\n---\nProvenance: commit {info['commit']}, {info['date']}; `{info['command']}`; "
+    started = f" (the run started at {info['commit_at_start']})" if "commit_at_start" in info else ""
+    return (f"\n\n---\nProvenance: commit {info['commit']}, {info['date']}{started}; `{info['command']}`; "
             f"{info['machine']}; models (SHA-256 of the weight files, first 16 hex digits): {models}.\n")
 
 

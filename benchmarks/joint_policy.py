@@ -138,7 +138,7 @@ def main(argv=None):
                                         "sampler", "setting", "accuracy", "mean_nfe", "fewer_nfe"])
             + "\n\n## Every point\n\n"
             + markdown_table(rows, ["task", "model", "sampler", "setting", "accuracy", "se", "mean_nfe"])
-            + f"\n\n![joint policy]({args.name}.png)\n")
+            + f"\n\n![joint policy]({args.name.rsplit('/', 1)[-1]}.png)\n")
     print(save(args.name, text, {"models": models, "rows": rows, "equal_accuracy": compared}))
 
 

@@ -8,17 +8,19 @@ The activation formula is checked against a measurement: the bytes autograd save
 one LoRA training forward of a small LLaDA (bf16, CPU), counted with ``saved_tensors_hooks``.
 
     python -m benchmarks.memory_8b            # writes docs/results/real_models/memory_8b.{md,json}
+
+The result files record their provenance (commit, date, command, machine) through ``benchmarks.common.save``;
+no model is loaded (the sizes are LLaDA-8B's published ones), so none is checksummed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import save
 from diffpo_serve.dllm.families.llada import LORA_TARGET_MODULES, LLaDAConfig, LLaDAModelLM
 
 GB = 1e9
@@ -168,14 +170,13 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens per row (padded)")
     p.add_argument("--gen", type=int, default=256, help="answer tokens per row")
     p.add_argument("--rank", type=int, default=128, help="LoRA rank")
-    p.add_argument("--out", default="docs/results/real_models/memory_8b", help="writes OUT.md and OUT.json")
+    p.add_argument("--name", default="real_models/memory_8b", help="writes docs/results/NAME.md and NAME.json")
     args = p.parse_args(argv)
     results = [table(int(r), args.prompt, args.gen, args.rank) for r in args.rows.split(",")]
     check = measure_small()
     text = markdown(results, check)
     print(text)
-    Path(args.out + ".md").write_text(text)
-    Path(args.out + ".json").write_text(json.dumps({"results": results, "check": check}, indent=2))
+    save(args.name, text, {"results": results, "check": check})
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def main(argv=None):
             f"for any per-prompt threshold over this grid, not a sampler). "
             f"Machine: {machine()}; {time.time() - t0:.0f} s.\n\n"
             + markdown_table(rows, ["model", "task", "setting", "accuracy", "exact", "mean_nfe", "thresholds"])
-            + f"\n\n![pareto]({args.name}.png)\n")
+            + f"\n\n![pareto]({args.name.rsplit('/', 1)[-1]}.png)\n")
     print(save(args.name, text, rows))
 
 

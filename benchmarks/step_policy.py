@@ -377,7 +377,7 @@ def main(argv=None):
                                     "policy_part"])
             + "\n\n## Every point\n\n"
             + markdown_table(rows, ["task", "name", "setting", "accuracy", "se", "mean_nfe", "eb_nfe_at_acc", "saving"])
-            + f"\n\n![step policy]({args.name}.png)\n")
+            + f"\n\n![step policy]({Path(args.name).name}.png)\n")
     print(save(args.name, text, {"rows": rows, "summary": summary, "cost": cost}))
 
 

@@ -496,3 +496,18 @@ def test_save_records_provenance_and_load_saved_strips_it(tmp_path, monkeypatch)
     assert common.load_saved("topic/dict") == {"x": 1}
     (tmp_path / "old.json").write_text('[{"x": 2}]')  # a file written before provenance reads as it was
     assert common.load_saved("old") == [{"x": 2}]
+
+
+def test_provenance_names_the_commit_a_run_started_at_when_the_checkout_moved(monkeypatch):
+    """A long benchmark whose checkout gets a new commit while it runs records both: the code it imported is the
+    one it started at."""
+    from benchmarks import common
+    monkeypatch.setattr(common, "git_commit", lambda: "bbb2222")
+    monkeypatch.setattr(common, "COMMIT_AT_START", "bbb2222")
+    assert "commit_at_start" not in common.provenance()
+    assert "started at" not in common.provenance_text(common.provenance())
+    monkeypatch.setattr(common, "COMMIT_AT_START", "aaa1111")
+    info = common.provenance()
+    assert info["commit"] == "bbb2222" and info["commit_at_start"] == "aaa1111"
+    assert "Provenance: commit bbb2222, " in common.provenance_text(info)
+    assert f"{info['date']} (the run started at aaa1111)" in common.provenance_text(info)
