@@ -166,6 +166,13 @@ def test_a_bad_length_in_the_generation_config_fails_at_startup_naming_file_and_
                            f"got {value!r}")
 
 
+def test_the_smallest_lengths_a_generation_config_may_state_are_served(tmp_path):
+    """1 is a positive integer: an answer of one token in blocks of one, one pass, starts (0 does not, above)."""
+    loaded = llada_with(tmp_path, {"max_new_tokens": 1, "block_length": 1, "steps": 1})
+    assert check_startup(loaded, ServerSettings()) is None
+    assert card_lengths(loaded, ServerSettings()) == (1, 1, 1)
+
+
 def test_a_canvas_model_refuses_another_block_length_and_takes_default_steps_per_block(tmp_path):
     from tiny_diffusion_gemma import CANVAS, random_model
     from tiny_diffusion_gemma import write_checkpoint as write_gemma
