@@ -111,7 +111,7 @@ def test_rows_join_mid_block_and_leave_with_the_cache(model, cache):
 def test_step_materialises_logits_at_the_blocks_masked_columns_only(model, monkeypatch):
     """The model is asked for the current block's still-masked columns only (gen 16, block 4, 2 tokens per
     pass: 4 then 2 of 16 + prompt in each block); a row whose step-policy features are traced reads its
-    whole block (4 every pass)."""
+    whole block (4 every pass) and nothing past it."""
     seen = []
     real = model.forward
 
@@ -126,7 +126,7 @@ def test_step_materialises_logits_at_the_blocks_masked_columns_only(model, monke
     assert seen == [4, 2] * 4
     seen.clear()
     run(model, PROMPTS[:2], params, stop_at_eos=False, trace_features=True)
-    assert seen == [4 + 12, 4 + 12, 4 + 8, 4 + 8, 4 + 4, 4 + 4, 4, 4]  # the block, and its argmax ahead
+    assert seen == [4] * 8  # the whole block, every pass
 
 
 def test_masked_columns_by_hand():
@@ -357,11 +357,10 @@ def test_hidden_state_features_of_a_cached_step_are_the_cached_forward_s(cache):
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_unchanged_feature_with_the_cache_compares_with_the_last_pass_that_ran_the_columns(cache):
-    """One token per pass, two blocks of 4: at block 1's first pass (pass 4) `unchanged` compares with the
-    argmax the previous pass computed at its columns. With `prefix` pass 3 ran them; a `dual` pass reading its
-    cache runs its block only, so passes 1-3 leave block 1's columns alone (argmax -1 in the trace) and the
-    comparison is with pass 0, the last that ran them."""
+def test_unchanged_feature_with_the_cache_compares_within_the_block(cache):
+    """One token per pass, two blocks of 4, with either cache: no pass of block 0 runs block 1's columns (argmax
+    -1 in the trace), so at block 1's first pass (pass 4) `unchanged` is 0 on every candidate, and at its second
+    it compares with its first."""
     from diffpo_serve.dllm.step_policy import FEATURE_NAMES
 
     model = tiny_model(init=0.1)
@@ -371,12 +370,12 @@ def test_unchanged_feature_with_the_cache_compares_with_the_last_pass_that_ran_t
               stop_at_eos=False)
     trace, unchanged = out.policy_trace, FEATURE_NAMES.index("unchanged")
     assert out.nfe.tolist() == [8]
-    ran_later = (trace.argmax[0, 1:4, 4:] >= 0).all(-1)
-    assert ran_later.tolist() == ([True] * 3 if cache == "prefix" else [False] * 3)
-    previous = trace.argmax[0, 3 if cache == "prefix" else 0, 4:]
-    expected = (trace.argmax[0, 4, 4:] == previous).float()
-    assert trace.features[0, 4, 4:, unchanged].tolist() == expected.tolist()
+    assert (trace.argmax[0, :4, 4:] == -1).all() and (trace.argmax[0, 4:, :4] == -1).all()
     assert trace.candidates[0, 4, 4:].all()
+    assert trace.features[0, 4, :, unchanged].tolist() == [0.0] * 8
+    candidates = trace.candidates[0, 5]
+    expected = ((trace.argmax[0, 5] == trace.argmax[0, 4]) & candidates).float()
+    assert trace.features[0, 5, :, unchanged].tolist() == expected.tolist()
 
 
 def test_engine_serves_a_step_policy_with_the_cache():

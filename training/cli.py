@@ -10,6 +10,12 @@ import sys
 from training.config import DistillConfig, EvalConfig, ExportConfig, RLConfig, SFTConfig, add_arguments, from_args
 
 
+def say(result) -> None:
+    """Print a command's result (the output directory) as one line in one write: the ranks of a multi-process run
+    share stdout, often unbuffered, where ``print``'s separate writes of text and newline can interleave."""
+    sys.stdout.write(f"{result}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpo-train", description="Train and evaluate masked diffusion LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sft":
             from training.sft import train_sft
-            print(train_sft(from_args(SFTConfig, args)))
+            say(train_sft(from_args(SFTConfig, args)))
         elif args.command == "rl":
             from training.rl import train_rl
-            print(train_rl(from_args(RLConfig, args)).output_dir)
+            say(train_rl(from_args(RLConfig, args)).output_dir)
         elif args.command == "distill":
             from training.distill import train_distill
-            print(train_distill(from_args(DistillConfig, args)))
+            say(train_distill(from_args(DistillConfig, args)))
         elif args.command == "eval":
             from training.evaluate import run_eval
             run_eval(from_args(EvalConfig, args))
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = from_args(ExportConfig, args)
             if not cfg.checkpoint or not cfg.output:
                 raise ValueError("--checkpoint and --output are both required")
-            print(export_checkpoint(cfg.checkpoint, cfg.output, cfg.base_model))
+            say(export_checkpoint(cfg.checkpoint, cfg.output, cfg.base_model))
     except (ModelLoadError, CheckpointError, DataFileError) as e:
         print(f"diffpo-train {args.command}: error: {e}", file=sys.stderr)
         return 2
