@@ -47,11 +47,11 @@ from diffpo_serve.dllm.sampler import CACHE_MODES
 from diffpo_serve.metrics import ServerMetrics
 from diffpo_serve.dllm.decoding import CanvasStepUpdate, PassUpdate
 from diffpo_serve.paradigms import paradigm_for
-from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatLogprobs,
-                                   ChatCompletionChunk, CompletionLogprobs, TokenLogprobEntry, TopLogprob, ChatCompletionRequest, ChatCompletionResponse,
-                                   ChatMessage, ChatStreamChoice, CompletionCanvasStepChoice, CompletionChoice,
+from diffpo_serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatCompletionChunk,
+                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
+                                   ChatStreamChoice, CompletionCanvasStepChoice, CompletionChoice, CompletionLogprobs,
                                    CompletionRequest, CompletionResponse, CompletionStepChoice, CompletionStepChunk,
-                                   CompletionStreamChoice, CompletionStreamResponse,
+                                   CompletionStreamChoice, CompletionStreamResponse, TokenLogprobEntry, TopLogprob,
                                    DeltaMessage, ModelCard, ModelList, Usage, error_body, unavailable)
 from diffpo_serve.settings import ServerSettings
 
@@ -257,6 +257,7 @@ class ChoiceText:
         self.token_logprobs: list = []  # a TokenLogprob per id of ``ids`` (rows with logprobs)
         self.tokens_ready = 0  # leading tokens whose text is all in ``text`` (all of the text's once done)
         self.tokens_sent = 0  # leading tokens whose log-probs have gone out (streaming)
+        self.text_offset = 0  # completions' text_offset of the next token whose log-probs go out
         self.text = ""  # text so far that is safe to send (all of it once done)
         self.sent = ""
         self.done = False
@@ -288,39 +289,34 @@ class ChoiceText:
             self.sent = self.text
         if self._logprobs:
             self.ids, self.token_logprobs = event.ids, event.logprobs or []
+            # once done, every token the text ends in; before, only those whose text is all sent
             self.tokens_ready = (self._tokens_through(event.ids, len(self.text)) if self.done and self.text
-                                 else self._tokens_within(event.ids, len(self.text)))
+                                 else self._first_reaching(event.ids, len(self.text) + 1) - 1)
         return delta
 
-    def take_logprobs(self) -> tuple[list[int], list, int]:
-        """The tokens ready whose log-probs have not gone out: (ids, TokenLogprobs, index of the first)."""
+    def take_logprobs(self) -> tuple[list[int], list]:
+        """The tokens ready whose log-probs have not gone out: (ids, TokenLogprobs)."""
         start, self.tokens_sent = self.tokens_sent, max(self.tokens_sent, self.tokens_ready)
-        return self.ids[start:self.tokens_sent], self.token_logprobs[start:self.tokens_sent], start
+        return self.ids[start:self.tokens_sent], self.token_logprobs[start:self.tokens_sent]
 
-    def _tokens_within(self, ids: list[int], chars: int) -> int:
-        """Most leading tokens whose text fits in ``chars`` characters (binary search; before any EOS)."""
+    def _first_reaching(self, ids: list[int], chars: int) -> int:
+        """Fewest leading tokens whose text has ``chars`` characters or more (binary search over the tokens before
+        any EOS); one more than those tokens when none does."""
         end = self._loaded.eos_index(ids)
-        lo, hi = 0, len(ids) if end is None else end
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(self._loaded.decode(ids[:mid])[0]) <= chars:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def _tokens_through(self, ids: list[int], chars: int) -> int:
-        """Fewest leading tokens whose text reaches ``chars`` characters (binary search)."""
-        end = self._loaded.eos_index(ids)
-        ids = ids[:end] if end is not None else ids
-        lo, hi = 1, len(ids)
+        lo, hi = 0, (len(ids) if end is None else end) + 1
         while lo < hi:
             mid = (lo + hi) // 2
             if len(self._loaded.decode(ids[:mid])[0]) >= chars:
                 hi = mid
             else:
                 lo = mid + 1
-        return hi
+        return lo
+
+    def _tokens_through(self, ids: list[int], chars: int) -> int:
+        """Fewest leading tokens whose text reaches ``chars`` (>= 1) characters (all of them, before any EOS, when
+        none does)."""
+        end = self._loaded.eos_index(ids)
+        return min(self._first_reaching(ids, chars), len(ids) if end is None else end)
 
 
 # ----------------------------------------------------------------------------- one request in flight
@@ -347,7 +343,6 @@ class Generation:
         self.alternatives = req.logprob_alternatives()  # None: no log-probs
         self.choices = [ChoiceText(i, engine.loaded, stops, self.alternatives is not None)
                         for i in range(len(handle.rows))]
-        self._text_offset = [0] * len(self.choices)  # completions' text_offset of each choice's next token
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
         self._deadline = self._started + engine.settings.request_timeout
@@ -436,7 +431,7 @@ class Generation:
         Each token's alternatives are the ``alternatives`` most likely at its pass, most likely first."""
         if self.alternatives is None:
             return None
-        ids, entries, _ = c.take_logprobs()
+        ids, entries = c.take_logprobs()
         k = self.alternatives
         tops = [list(zip(e.top_ids[:k], e.top_logprobs[:k])) for e in entries]
         known = sorted({i for top in tops for i, _ in top} | set(ids))
@@ -449,8 +444,8 @@ class Generation:
                 for i, e, top in zip(ids, entries, tops)])
         offsets, alternatives = [], []
         for i, e, top in zip(ids, entries, tops):
-            offsets.append(self._text_offset[c.index])
-            self._text_offset[c.index] += len(text_of[i])
+            offsets.append(c.text_offset)
+            c.text_offset += len(text_of[i])
             listed: dict[str, float] = {}
             for j, v in top:  # two ids with one text: the likelier keeps it
                 listed.setdefault(text_of[j], v)

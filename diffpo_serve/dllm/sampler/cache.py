@@ -10,11 +10,9 @@ keys/values of the masked suffix too. The block's first step is thus exact; a re
 (``cache_refresh=1``) makes the whole decode the uncached one. The state (``BatchState.kv``, ``cache_block``) is
 per row, so rows join and leave between steps and a row's output does not depend on its batch. RL rollouts with a
 cache record the log-probs of the cached sampler: the distribution actually sampled from. ``policy`` rows (and
-rows whose policy features are traced) use the cache too. Their ``unchanged`` feature at a block's first pass
-compares with the argmax the previous pass computed at the block's columns: with ``prefix`` that pass ran them,
-with ``dual`` it did not (it ran the block before), so there it compares with the last pass that did, the
-previous block's first (part of the approximation). A policy that reads hidden states (``basic+hidden``) gets
-those of the cached forward, as approximate as its logits.
+rows whose policy features are traced) use the cache too; their ``unchanged`` feature compares with the previous
+pass in the same block (0 at a block's first pass), with or without a cache. A policy that reads hidden states
+(``basic+hidden``) gets those of the cached forward, as approximate as its logits.
 """
 
 from __future__ import annotations
@@ -52,13 +50,6 @@ def refreshes(state: BatchState, rows: torch.Tensor) -> torch.Tensor:
     return refresh
 
 
-def reads_dual_cache(state: BatchState, rows: torch.Tensor) -> torch.Tensor:
-    """(r,) bool: the rows whose step runs only their block's columns (``dual``, not refreshing)."""
-    if state.cache is None:
-        return torch.zeros_like(rows, dtype=torch.bool)
-    return (state.cache[rows] == CacheMode.DUAL) & ~refreshes(state, rows)
-
-
 def step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, canvas: torch.Tensor,
                  attention: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
                  hidden_rows: torch.Tensor | None = None, index_hidden: torch.Tensor | None = None,
@@ -71,7 +62,7 @@ def step_logits(model: torch.nn.Module, state: BatchState, rows: torch.Tensor, c
     A row with ``cache`` off runs the whole canvas. A cached row refreshes (one full forward that also
     stores its keys/values) at the first step of each block (and every ``cache_refresh`` steps), otherwise
     runs only its query columns (:func:`query_columns` of ``block_index``, r x K', default ``index``: its
-    block's columns, and any later ones it reads; ``index`` must lie within them) against its stored
+    block's columns; ``index`` must lie within them) against its stored
     keys/values; its hidden state at ``index`` is then the cached forward's."""
     want_hidden = hidden_rows is not None
     want_index_hidden = index_hidden is not None and bool(index_hidden.any())

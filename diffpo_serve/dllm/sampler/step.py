@@ -192,19 +192,17 @@ def _run_model(model: torch.nn.Module, state: BatchState, p: _Pass) -> _Logits:
     """Phase 2: the forward pass (through the KV cache where rows use one). A head's first pass reads the
     entropies over the whole answer: all its logits this once."""
     pw, gw = state.prompt_width, state.gen_width
-    r = len(p.rows)
-    wanted = p.cols  # r, K  generation positions
     index_hidden_rows = p.traced if p.want_hidden else None
     hidden = answer_entropy = None
     if bool(p.pending.any()):
-        answer = torch.arange(gw, device=p.gen.device).expand(r, gw)
+        answer = torch.arange(gw, device=p.gen.device).expand(len(p.rows), gw)
         logits, hidden, answer_hidden = step_logits(model, state, p.rows, p.canvas, p.attention, p.positions,
                                                     pw + answer, p.pending, index_hidden=index_hidden_rows)
         answer_entropy = torch.special.entr(policy_logprobs(logits[p.pending], state.mask_id).exp()).sum(-1)
-        logits = logits.gather(1, wanted[..., None].expand(-1, -1, logits.shape[-1]))
-        index_hidden = gather_columns(answer_hidden, wanted) if p.want_hidden else None
+        logits = logits.gather(1, p.cols[..., None].expand(-1, -1, logits.shape[-1]))
+        index_hidden = gather_columns(answer_hidden, p.cols) if p.want_hidden else None
     else:
-        logits, _, index_hidden = step_logits(model, state, p.rows, p.canvas, p.attention, p.positions, pw + wanted,
+        logits, _, index_hidden = step_logits(model, state, p.rows, p.canvas, p.attention, p.positions, pw + p.cols,
                                               index_hidden=index_hidden_rows, block_index=pw + p.block_cols)
     return _Logits(logits, index_hidden, hidden, answer_entropy)
 
@@ -333,9 +331,9 @@ def _decide(state: BatchState, p: _Pass, out: _Logits, d: _Draws):
 
 def _write_back(state: BatchState, p: _Pass, commit: torch.Tensor, d: _Draws) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 5: the committed tokens, their commit step and log q (and what rows with ``logprobs`` record) into
-    the state (from block positions back to generation positions); the rows' counters and blocks advanced; a row finished when its last block is done or
-    an EOS is committed with no mask before it (the masks after it then become ``eos_id``). Returns (committed
-    (r, gen_width) bool, finished (r,))."""
+    the state (from block positions back to generation positions); the rows' counters and blocks advanced; a row
+    finished when its last block is done or an EOS is committed with no mask before it (the masks after it then
+    become ``eos_id``). Returns (committed (r, gen_width) bool, finished (r,))."""
     rows, cols, in_block = p.rows, p.cols, p.in_block
     r, width = cols.shape
     step_index = state.nfe[rows]
