@@ -13,7 +13,7 @@ from training.tasks.common import DataFileError, extract_answer
 # ---------------------------------------------------------------- registry / parsing
 
 def test_registry():
-    assert set(TASKS) == {"sudoku", "countdown", "cd3", "gsm8k", "math500"}
+    assert set(TASKS) == {"sudoku", "countdown", "cd3", "gsm8k", "math500", "sudoku_easy", "sudoku_hard"}
     for name, mod in TASKS.items():
         assert get_task(name) is mod and mod.NAME == name
         assert isinstance(mod.GEN_LENGTH, int) and mod.GEN_LENGTH > 0
@@ -322,3 +322,32 @@ def test_cd3_draws_d1s_countdown_distribution():
     # countdown keeps its wider range: targets above 100 are most of it
     wide = countdown.make_dataset("train", 500, 0)
     assert max(wide["target"]) > 500 and max(max(r) for r in wide["numbers"]) <= 99
+
+
+@pytest.mark.parametrize("name,lo,hi", [("sudoku_easy", 4, 8), ("sudoku_hard", 9, 12)])
+def test_sudoku_variants_draw_their_blank_range(name, lo, hi):
+    """sudoku_easy / sudoku_hard: sudoku's prompts, split, reward and metric with 4-8 / 9-12 blanks, every count
+    of the range drawn about equally often, each puzzle with one solution; their own draws, not sudoku's."""
+    mod = get_task(name)
+    assert mod.NAME == name and mod.GEN_LENGTH == sudoku.GEN_LENGTH and mod.reward is sudoku.reward
+    for split in ("train", "test"):
+        grids = set(sudoku.split_grids(split))
+        ds = mod.make_dataset(split, 200, seed=1)
+        for ex in ds:
+            puzzle, sol = ex["puzzle"], ex["solution"]
+            assert ex["prompt"] == "sudoku " + puzzle and sol in grids and lo <= puzzle.count("0") <= hi
+            assert [g for g in sudoku.all_grids() if all(p in ("0", c) for p, c in zip(puzzle, g))] == [sol]
+    counts = [p.count("0") for p in mod.make_dataset("test", 800, seed=0)["puzzle"]]
+    share = 800 // (hi - lo + 1)
+    assert set(counts) == set(range(lo, hi + 1)) and all(share * 0.6 <= counts.count(k) <= share * 1.4
+                                                          for k in range(lo, hi + 1))
+    assert mod.make_dataset("test", 50, seed=0).to_dict() == mod.make_dataset("test", 50, seed=0).to_dict()
+    assert mod.make_dataset("test", 50, seed=0)["puzzle"] != sudoku.make_dataset("test", 50, seed=0)["puzzle"]
+    assert mod.d1_accuracy([("1234", {"puzzle": "0" * 16, "solution": "1234" * 4})]) == pytest.approx(0.25)
+
+
+def test_sudoku_blank_range_outside_the_generator_is_refused():
+    for bad in ((3, 8), (9, 13), (8, 4)):
+        with pytest.raises(ValueError, match=f"{bad[0]}-{bad[1]}"):
+            sudoku.make_dataset("test", 5, blanks=bad)
+    assert [p.count("0") for p in sudoku.make_dataset("test", 20, blanks=(7, 7))["puzzle"]] == [7] * 20

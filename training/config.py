@@ -269,7 +269,8 @@ class DistillConfig:
 class EvalConfig:
     """Accuracy and NFE of a model on a task's test split or data file."""
 
-    task: str = option("cd3", "task name (sudoku, cd3, countdown, gsm8k, math500)")
+    task: str = option("cd3", "task name (sudoku, cd3, countdown, gsm8k, math500; sudoku_easy and sudoku_hard: "
+                                      "sudoku with 4-8 and 9-12 blanks)")
     data: str | None = option(None, "data file of --task, JSONL, CSV or Parquet by extension, with the task's "
                                     "fields (as for rl --data); default: the generated test split")
     model: str | None = option(None, "model directory; default: the bundled model")

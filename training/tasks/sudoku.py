@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 from functools import lru_cache
+from types import ModuleType
 
 import datasets
 
@@ -106,13 +107,20 @@ def _to_dataset(rows: list[dict]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in cols})
 
 
-def make_dataset(split: str, n: int, seed: int = 0) -> datasets.Dataset:
+def make_dataset(split: str, n: int, seed: int = 0, blanks: tuple[int, int] = (MIN_BLANKS, MAX_BLANKS),
+                 name: str = NAME) -> datasets.Dataset:
+    """``n`` puzzles from ``split``'s solution grids, each with a number of blank cells drawn uniformly from
+    ``blanks`` (inclusive) and exactly one solution; ``name`` keys the random stream (a variant's draws are its
+    own, the prompt format is the same)."""
     check_split(split, n)
+    lo, hi = blanks
+    if not MIN_BLANKS <= lo <= hi <= MAX_BLANKS:
+        raise ValueError(f"sudoku blanks {lo}-{hi}: expected a range inside {MIN_BLANKS}-{MAX_BLANKS}")
     grids = split_grids(split)
-    rng = make_rng(NAME, split, seed)
+    rng = make_rng(name, split, seed)
     rows = []
     for _ in range(n):
-        k = rng.randint(MIN_BLANKS, MAX_BLANKS)  # uniform, as before uniqueness was required
+        k = rng.randint(lo, hi)  # uniform, as before uniqueness was required
         while True:  # blank sets of k cells whose puzzle has more than one solution are redrawn
             solution = rng.choice(grids)
             blanks = set(rng.sample(range(16), k))
@@ -216,3 +224,19 @@ def reward(completion: str, example: dict) -> float:
     except Exception:  # defensive: reward must never raise
         return 0.0
     return d1_cell_accuracy(completion, example)
+
+
+def variant(name: str, blanks: tuple[int, int], doc: str) -> ModuleType:
+    """A task that is sudoku with ``blanks`` (inclusive) blank cells per generated puzzle: the same prompts,
+    files, reward and metric, its own test and train draws (the same split of solution grids). For measuring a
+    learned sampler away from its training distribution (trained on few blanks, tested on many)."""
+    mod = ModuleType(f"{__name__}.{name}", doc)
+    for attr in ("GEN_LENGTH", "instruction", "load_file", "reward", "d1_accuracy", "d1_cell_accuracy"):
+        setattr(mod, attr, globals()[attr])
+    mod.NAME, mod.BLANKS = name, blanks
+    mod.make_dataset = lambda split, n, seed=0: make_dataset(split, n, seed, blanks=blanks, name=name)
+    return mod
+
+
+EASY = variant("sudoku_easy", (4, 8), "4x4 sudoku with 4-8 blank cells (sudoku's lower range).")
+HARD = variant("sudoku_hard", (9, 12), "4x4 sudoku with 9-12 blank cells (sudoku's upper range).")
