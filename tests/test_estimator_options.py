@@ -216,3 +216,24 @@ def test_a_config_built_in_code_refuses_an_unknown_option_value():
     with pytest.raises(ValueError, match="--is-numerator"):
         RLConfig(is_numerator="none")
     assert RLConfig(dtype=None, tau_over="answer").tau_over == "answer"
+
+
+def test_every_trainer_config_built_in_code_refuses_an_unknown_option_value():
+    """sft, distill and eval check their choices as rl does (``--targets modle`` would otherwise train on the
+    tokens), and every config's defaults are among its own choices."""
+    import dataclasses
+
+    from training.config import DistillConfig, EvalConfig, ExportConfig, SFTConfig
+    with pytest.raises(ValueError, match=r"--targets 'modle': expected one of tokens, model"):
+        SFTConfig(targets="modle")
+    with pytest.raises(ValueError, match=r"--cache-loss 'all'"):
+        DistillConfig(cache_loss="all")
+    with pytest.raises(ValueError, match=r"--sampler 'fast'"):
+        EvalConfig(sampler="fast")
+    from training.config import RLConfig
+    for cls in (SFTConfig, RLConfig, DistillConfig, EvalConfig, ExportConfig):
+        cfg = cls()
+        for f in dataclasses.fields(cls):
+            if "choices" in f.metadata and f.default is not None:
+                assert getattr(cfg, f.name) in f.metadata["choices"], (cls.__name__, f.name)
+    assert SFTConfig().targets == "tokens" and DistillConfig().cache_loss == "off"

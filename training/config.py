@@ -57,6 +57,9 @@ EVAL_DATA_HELP = ("held-out examples of --eval-every, given as --data (its first
 class SFTConfig:
     """Masked-diffusion supervised fine-tuning (LLaDA, arXiv 2502.09992, sec. 2.3)."""
 
+    def __post_init__(self):
+        check_choices(self)
+
     output_dir: str = option("runs/sft", "directory for the trained model and its checkpoints")
     model: str | None = option(None, "model directory to fine-tune; default: a new tiny model from --hidden-size etc.")
     tasks: str = option("sudoku,cd3", "comma-separated tasks mixed in equal parts")
@@ -229,6 +232,9 @@ class DistillConfig:
     (docs/benchmarks.md).
     """
 
+    def __post_init__(self):
+        check_choices(self)
+
     output_dir: str = option("runs/distill", "directory for the distilled model, its data and checkpoints")
     model: str | None = option(None, "model directory to distill (teacher and student); default: the bundled model")
     tasks: str = option("sudoku,cd3", "comma-separated tasks whose training prompts the teacher answers")
@@ -268,6 +274,9 @@ class DistillConfig:
 @dataclass
 class EvalConfig:
     """Accuracy and NFE of a model on a task's test split or data file."""
+
+    def __post_init__(self):
+        check_choices(self)
 
     task: str = option("cd3", "task name (sudoku, cd3, countdown, gsm8k, math500; sudoku_easy and sudoku_hard: "
                                       "sudoku with 4-8 and 9-12 blanks)")
@@ -323,6 +332,9 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     """The plain model of a training checkpoint: LoRA adapters merged into their base, loadable without peft."""
+
+    def __post_init__(self):
+        check_choices(self)
 
     checkpoint: str | None = option(None, "checkpoint directory (a run's OUTPUT_DIR/checkpoint); required")
     output: str | None = option(None, "directory to write the model to (created; model files in it are "
