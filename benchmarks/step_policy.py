@@ -206,7 +206,18 @@ def summary_rows(rows: list[dict]) -> list[dict]:
                         "eb_accuracy": eb_best["accuracy"], "eb_mean_nfe": eb_best["mean_nfe"],
                         "fewer_nfe": 1 - best["mean_nfe"] / eb_best["mean_nfe"],
                         "best_saving_vs_front": max(savings) if savings else float("nan")})
+    add_oracle_share(out)
     return out
+
+
+def add_oracle_share(summary: list[dict]) -> None:
+    """``of_oracle`` on every summary row: its ``fewer_nfe`` as a share of the step oracle's on the same task (the
+    part of the oracle's saving over the fixed gammas that the sampler takes; nan where the task has no oracle
+    row or the oracle saves nothing)."""
+    oracle = {r["task"]: r.get("fewer_nfe", float("nan")) for r in summary if r["name"] == "oracle"}
+    for r in summary:
+        o, f = oracle.get(r["task"], float("nan")), r.get("fewer_nfe", float("nan"))
+        r["of_oracle"] = f / o if o == o and o > 0 and f == f else float("nan")
 
 
 def mixed(rows: list[dict], tasks: list[str], per_prompt: dict, by: str = "name") -> list[dict]:
@@ -368,10 +379,11 @@ def main(argv=None):
             + f". {args.n} generated test prompts per task (seed {args.seed}), greedy, one {first.GEN_LENGTH}-token block, one "
             f"run each (deterministic); `mixed` pools the tasks' prompts in equal parts. `se`: standard error of the "
             f"accuracy. `eb_nfe_at_acc`: mean NFE fixed gammas need for the row's accuracy (two neighbouring "
-            f"gammas mixed across prompts); `saving` = 1 - mean_nfe / eb_nfe_at_acc. Machine: {machine()}; "
+            f"gammas mixed across prompts); `saving` = 1 - mean_nfe / eb_nfe_at_acc; `of_oracle`: the row's "
+            f"`fewer_nfe` over the step oracle's on the same task. Machine: {machine()}; "
             f"{time.time() - t0:.0f} s.\n\n## Equal accuracy (within one SE of the most accurate fixed gamma)\n\n"
             + markdown_table(summary, ["task", "name", "setting", "accuracy", "mean_nfe", "eb_setting", "eb_accuracy",
-                                       "eb_mean_nfe", "fewer_nfe", "best_saving_vs_front"])
+                                       "eb_mean_nfe", "fewer_nfe", "of_oracle", "best_saving_vs_front"])
             + "\n\n## The policy's own cost per step (first step of a batch, median)\n\n"
             + markdown_table(cost, ["policy", "call", "rows", "eb_step_ms", "policy_step_ms", "policy_share",
                                     "policy_part"])

@@ -146,6 +146,15 @@ def test_step_policy_summary_compares_within_one_standard_error():
     (row,) = summary_rows(rows)
     assert (row["setting"], row["eb_setting"]) == ("x", "b")  # y is more than one SE below 0.50
     assert row["fewer_nfe"] == pytest.approx(0.25)
+    assert row["of_oracle"] != row["of_oracle"]  # no oracle row: nan
+    oracle = {"task": "t", "name": "oracle", "sampler": "oracle", "setting": "o", "accuracy": 0.49, "se": 0.02,
+              "mean_nfe": 1.5}
+    rows2 = rows + [oracle, {**oracle, "task": "u", "mean_nfe": 9}] + [{**r, "task": "u"} for r in rows]
+    got = {(r["task"], r["name"]): r for r in summary_rows(rows2)}
+    # the oracle saves 1 - 1.5 / 4 = 0.625 against gamma b; p saves 0.25 of that: 0.4
+    assert got["t", "oracle"]["of_oracle"] == pytest.approx(1.0)
+    assert got["t", "p"]["of_oracle"] == pytest.approx(0.25 / 0.625)
+    assert got["u", "p"]["of_oracle"] != got["u", "p"]["of_oracle"]  # an oracle slower than the front: nan
 
 
 def test_step_oracle_with_full_step_answers_commits_them(model):
