@@ -237,3 +237,23 @@ def test_every_trainer_config_built_in_code_refuses_an_unknown_option_value():
             if "choices" in f.metadata and f.default is not None:
                 assert getattr(cfg, f.name) in f.metadata["choices"], (cls.__name__, f.name)
     assert SFTConfig().targets == "tokens" and DistillConfig().cache_loss == "off"
+
+
+def test_a_config_names_an_unknown_task_before_anything_runs():
+    from training.config import DistillConfig, EvalConfig, RLConfig, SFTConfig
+    for make in (lambda: RLConfig(tasks="cd3,sudkou"), lambda: SFTConfig(tasks="sudkou"),
+                 lambda: DistillConfig(tasks="cd3,sudkou"), lambda: EvalConfig(task="sudkou")):
+        with pytest.raises(ValueError, match=r"unknown task 'sudkou'; valid tasks: sudoku, countdown, cd3"):
+            make()
+    assert RLConfig(tasks="sudoku_hard,cd3").tasks == "sudoku_hard,cd3"
+
+
+@pytest.mark.parametrize("command,flag,default", [
+    ("sft", "output_dir", "runs/sft"), ("sft", "tasks", "sudoku,cd3"), ("rl", "output_dir", "runs/rl"),
+    ("rl", "tasks", "cd3"), ("distill", "output_dir", "runs/distill"), ("distill", "tasks", "sudoku,cd3"),
+    ("eval", "task", "cd3"), ("distill", "device", "cpu"), ("eval", "device", "cpu")])
+def test_each_command_s_documented_defaults(command, flag, default):
+    """What a bare ``diffpo-train COMMAND`` writes to and trains on, as README's examples and --help state."""
+    from training.cli import build_parser
+    args = build_parser().parse_args([command])
+    assert getattr(args, flag) == default

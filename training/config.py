@@ -17,7 +17,7 @@ from diffpo_serve.dllm.step_policy import FEATURE_SETS
 from diffpo_serve.dllm.threshold_head import FEATURES
 from training.commit_policy import WARM_START_LABELS
 from training.likelihood import IS_NUMERATORS, TAU_OVER
-from training.tasks import REWARD_KINDS
+from training.tasks import REWARD_KINDS, TASKS
 
 
 def option(default, help: str, advanced: bool = False, **kw):
@@ -31,11 +31,17 @@ ADVANCED = "advanced / research options"  # the help's second group; the first i
 
 def check_choices(cfg) -> None:
     """A ValueError naming the flag where a field with ``choices`` holds another value (a config built in code,
-    where argparse did not check it); None passes where it is the field's default."""
+    where argparse did not check it; None passes where it is the field's default), or where ``tasks`` / ``task``
+    names a task that does not exist (before any model loads or data is generated)."""
     for f in dataclasses.fields(cfg):
         value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        flag = f"--{f.name.replace('_', '-')}"
         if choices is not None and value not in choices and not (value is None and f.default is None):
-            raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: expected one of {', '.join(map(str, choices))}")
+            raise ValueError(f"{flag} {value!r}: expected one of {', '.join(map(str, choices))}")
+        if f.name in ("tasks", "task") and isinstance(value, str):
+            unknown = [t for t in value.split(",") if t not in TASKS]
+            if unknown:
+                raise ValueError(f"{flag} {value!r}: unknown task {unknown[0]!r}; valid tasks: {', '.join(TASKS)}")
 
 
 CACHE_LOSS_MODES = ["off", "prefix", "dual", "both"]
