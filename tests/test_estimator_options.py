@@ -257,3 +257,19 @@ def test_each_command_s_documented_defaults(command, flag, default):
     from training.cli import build_parser
     args = build_parser().parse_args([command])
     assert getattr(args, flag) == default
+
+
+@pytest.mark.parametrize("command,unset", [
+    ("sft", {"model", "data", "eval_data"}),
+    ("rl", {"model", "data", "eval_data", "threshold", "gen_length", "block_length", "steps", "dtype", "device"}),
+    ("distill", {"model", "data", "eval_data", "teacher_steps", "gen_length"}),
+    ("eval", {"data", "model", "sampler", "threshold", "gen_length", "block_length", "steps", "t_min", "t_max",
+              "stability_threshold", "confidence_threshold", "limit", "mask_id", "pad_id", "eos_id", "dtype",
+              "output"}),
+    ("export", {"checkpoint", "output", "base_model"})])
+def test_options_a_bare_command_leaves_unset(command, unset):
+    """The options that default to "not given" (the bundled model, the generated data, the model's own generation
+    settings, ...) are exactly these: a bare command reads no file and overrides nothing it was not asked to."""
+    from training.cli import build_parser
+    args = vars(build_parser().parse_args([command]))
+    assert {k for k, v in args.items() if v is None} == unset
