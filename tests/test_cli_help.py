@@ -74,3 +74,33 @@ def test_advanced_options_still_parse():
     assert (args.tau_over, args.warm_start_rounds, args.scale_std) == ("answer", 3, False)
     args = build_parser().parse_args(["sft", "--cache-loss", "dual"])
     assert args.cache_loss == "dual"
+
+
+def help_entries(command: str) -> dict[str, str]:
+    """Each flag of ``diffpo-train COMMAND --help`` with its help text (wrapped lines joined, spaces collapsed)."""
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            build_parser().parse_args([command, "--help"])
+    entries: dict[str, str] = {}
+    current = None
+    for line in out.getvalue().splitlines():
+        m = re.match(r"^  (--[-\w]+)(?:, --[-\w]+)?(?: \S+)?(.*)$", line)
+        if m:
+            current = m.group(1)
+            entries[current] = m.group(2)
+        elif current is not None and line.startswith("   "):
+            entries[current] += " " + line
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_flag_s_help_is_its_own_text_with_its_default(command):
+    """``--help`` gives every flag the help text of its own config field and ``(default: ...)`` with the field's
+    default."""
+    entries = help_entries(command)
+    for f in dataclasses.fields(COMMANDS[command]):
+        entry = entries[flag(f)]
+        assert "".join(f.metadata["help"].split()) in "".join(entry.split()), flag(f)  # argparse wraps at hyphens
+        assert entry.endswith(f"(default: {f.default})"), (flag(f), entry[-60:])
