@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -86,6 +88,10 @@ def test_cache_block_length_must_divide_the_answer_at_its_edge(tmp_path):
     with pytest.raises(ValueError, match="--targets model scores against the starting model"):
         sft.train_sft(sft_cfg(tmp_path / "y", targets="model"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    for ok in (1, 8):  # the edges that divide: one token per block, the whole answer as one block
+        out = sft.train_sft(sft_cfg(tmp_path / f"ok{ok}", cache_loss="prefix", cache_block_length=ok, max_steps=1,
+                                    save_every=1))
+        assert (Path(out) / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------- the warm start's operating point
