@@ -104,3 +104,10 @@ def test_each_flag_s_help_is_its_own_text_with_its_default(command):
         entry = entries[flag(f)]
         assert "".join(f.metadata["help"].split()) in "".join(entry.split()), flag(f)  # argparse wraps at hyphens
         assert entry.endswith(f"(default: {f.default})"), (flag(f), entry[-60:])
+
+
+def test_data_help_says_what_each_command_reads_from_the_file():
+    """sft and rl read training examples from --data; distill reads the prompts its teacher answers."""
+    assert help_entries("sft")["--data"].startswith("training examples from a data file instead of generated ones")
+    assert help_entries("rl")["--data"].startswith("training examples from a data file")
+    assert help_entries("distill")["--data"].startswith("the teacher's prompts from a data file instead of generated")
