@@ -33,3 +33,9 @@ def test_every_relative_link_resolves(doc):
     path = ROOT / doc
     missing = [t for t in relative_links(path.read_text()) if not (path.parent / t).exists()]
     assert not missing, f"{doc} links to missing files: {missing}"
+
+
+def test_the_benchmarks_page_stays_short():
+    """docs/benchmarks.md holds current results only and reads in minutes: at most 400 lines (the development
+    history goes to docs/history.md and docs/results/archive/)."""
+    assert len((ROOT / "docs" / "benchmarks.md").read_text().splitlines()) <= 400
