@@ -7,7 +7,6 @@ before anything runs).
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import pytest

@@ -17,7 +17,7 @@ from diffpo_serve.dllm.step_policy import FEATURE_SETS
 from diffpo_serve.dllm.threshold_head import FEATURES
 from training.commit_policy import WARM_START_LABELS
 from training.likelihood import IS_NUMERATORS, TAU_OVER
-from training.tasks import REWARD_KINDS, TASKS
+from training.tasks import REWARD_KINDS, get_task
 
 
 def option(default, help: str, advanced: bool = False, **kw):
@@ -39,9 +39,18 @@ def check_choices(cfg) -> None:
         if choices is not None and value not in choices and not (value is None and f.default is None):
             raise ValueError(f"{flag} {value!r}: expected one of {', '.join(map(str, choices))}")
         if f.name in ("tasks", "task") and isinstance(value, str):
-            unknown = [t for t in value.split(",") if t not in TASKS]
-            if unknown:
-                raise ValueError(f"{flag} {value!r}: unknown task {unknown[0]!r}; valid tasks: {', '.join(TASKS)}")
+            for name in value.split(","):
+                try:
+                    get_task(name)
+                except ValueError as e:
+                    raise ValueError(f"{flag} {value!r}: {e}") from None
+
+
+class Checked:
+    """Base of every command's config: :func:`check_choices` runs when one is built (from flags or in code)."""
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 CACHE_LOSS_MODES = ["off", "prefix", "dual", "both"]
@@ -60,11 +69,8 @@ EVAL_DATA_HELP = ("held-out examples of --eval-every, given as --data (its first
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Checked):
     """Masked-diffusion supervised fine-tuning (LLaDA, arXiv 2502.09992, sec. 2.3)."""
-
-    def __post_init__(self):
-        check_choices(self)
 
     output_dir: str = option("runs/sft", "directory for the trained model and its checkpoints")
     model: str | None = option(None, "model directory to fine-tune; default: a new tiny model from --hidden-size etc.")
@@ -111,15 +117,12 @@ class SFTConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(Checked):
     """RL post-training with verifiable rewards: d1's diffu-GRPO or DiFFPO (arXiv 2510.02212).
 
     Defaults are d1's published LLaDA settings scaled to the tiny model: G = 8 (theirs 6),
     mu = 4 (theirs 8-12), eps = 0.5, beta = 0.04, p_mask = 0.15; lr 3e-5 was stable on the tiny model.
     """
-
-    def __post_init__(self):
-        check_choices(self)
 
     algo: str = option("diffpo", "likelihood surrogate: d1 (one-pass mean-field) or diffpo "
                        "(two-stage with truncated importance weights)", choices=["d1", "diffpo"])
@@ -229,7 +232,7 @@ class RLConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Checked):
     """Self-distillation: fine-tune a model on its own full-step answers so few-pass decoding keeps them.
 
     Defaults: a constant learning rate of 1e-4 (about 1/20 of SFT's peak), the masked-mean loss, 1,500
@@ -237,9 +240,6 @@ class DistillConfig:
     about 1.8 passes to the left (gamma 0.215: 5.66 -> 3.85 passes) without losing full-step accuracy
     (docs/benchmarks.md).
     """
-
-    def __post_init__(self):
-        check_choices(self)
 
     output_dir: str = option("runs/distill", "directory for the distilled model, its data and checkpoints")
     model: str | None = option(None, "model directory to distill (teacher and student); default: the bundled model")
@@ -278,11 +278,8 @@ class DistillConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """Accuracy and NFE of a model on a task's test split or data file."""
-
-    def __post_init__(self):
-        check_choices(self)
 
     task: str = option("cd3", "task name (sudoku, cd3, countdown, gsm8k, math500; sudoku_easy and sudoku_hard: "
                                       "sudoku with 4-8 and 9-12 blanks)")
@@ -336,11 +333,8 @@ class EvalConfig:
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Checked):
     """The plain model of a training checkpoint: LoRA adapters merged into their base, loadable without peft."""
-
-    def __post_init__(self):
-        check_choices(self)
 
     checkpoint: str | None = option(None, "checkpoint directory (a run's OUTPUT_DIR/checkpoint); required")
     output: str | None = option(None, "directory to write the model to (created; model files in it are "

@@ -123,8 +123,8 @@ def make_dataset(split: str, n: int, seed: int = 0, blanks: tuple[int, int] = (M
         k = rng.randint(lo, hi)  # uniform, as before uniqueness was required
         while True:  # blank sets of k cells whose puzzle has more than one solution are redrawn
             solution = rng.choice(grids)
-            blanks = set(rng.sample(range(16), k))
-            puzzle = "".join("0" if i in blanks else ch for i, ch in enumerate(solution))
+            cells = set(rng.sample(range(16), k))
+            puzzle = "".join("0" if i in cells else ch for i, ch in enumerate(solution))
             if solution_count(puzzle) == 1:
                 break
         rows.append(_row(puzzle, solution))
