@@ -57,6 +57,23 @@ def test_auc_comparison_by_hand():
                     "z": pytest.approx(0.11 / se)}
 
 
+def test_paired_comparison_by_hand():
+    """Per seed DiFFPO - d1: 0.10, 0.13, 0.04 (mean 0.09, sample sd sqrt(0.0021) = 0.0458..); the unpaired SE of
+    the same numbers is larger, since the seeds move both algorithms together."""
+    def run(auc):
+        return {"auc": auc, "t1_accuracy": 0.0, "zero_variance_groups": 0}
+    per_run = {"d1": {0: run(0.20), 1: run(0.30), 2: run(0.40)},
+               "diffpo": {0: run(0.30), 1: run(0.43), 2: run(0.44)}}
+    got = rc.paired_comparison(per_run, [0, 1, 2])
+    se = math.sqrt(((0.10 - 0.09) ** 2 + (0.13 - 0.09) ** 2 + (0.04 - 0.09) ** 2) / 2 / 3)
+    assert got == {"paired_diff": pytest.approx(0.09), "paired_se": pytest.approx(se),
+                   "paired_z": pytest.approx(0.09 / se)}
+    assert rc.auc_comparison(per_run, [0, 1, 2])[1]["se_diff"] > 2 * se
+    # the order of the difference: d1 ahead gives a negative one
+    assert rc.paired_comparison({"d1": per_run["diffpo"], "diffpo": per_run["d1"]}, [0, 1, 2])["paired_diff"] \
+        == pytest.approx(-0.09)
+
+
 def test_a_run_directory_trained_with_other_settings_is_refused(tmp_path, monkeypatch):
     """The p_mask 0.15 run under tag t is not continued as a p_mask 0 run; a file from before the estimator options
     (no is_numerator / tau_over) matches their defaults; a longer --max-steps continues a run."""
@@ -113,6 +130,8 @@ def test_main_writes_the_auc_table_and_replot_rebuilds_it(tmp_path, monkeypatch)
     text = (tmp_path / "rl" / "rl_curves_x.md").read_text()
     diff, se = 0.55 - 0.275, math.hypot(0.075, 0.05)  # SE of two values = |a - b| / 2
     assert f"| cd3 | 0-4 | {diff:.3f} | {se:.3f} | {diff / se:.3f} |" in text
+    # paired by seed: 0.5 - 0.2 = 0.3 and 0.6 - 0.35 = 0.25, mean 0.275, SE |0.3 - 0.25| / 2 = 0.025, z 11
+    assert "| cd3 | 0-4 | 0.275 | 0.025 | 11.000 |" in text
     assert "](rl_curves_x.png)" in text
     rc.main(["--tasks", "cd3", "--seeds", "0,1", "--max-steps", "4", "--eval-every", "2", "--tag", "x", "--replot"])
     again = (tmp_path / "rl" / "rl_curves_x.md").read_text()
