@@ -15,13 +15,18 @@ from training.config import ADVANCED, DistillConfig, EvalConfig, ExportConfig, R
 COMMANDS = {"sft": SFTConfig, "rl": RLConfig, "distill": DistillConfig, "eval": EvalConfig, "export": ExportConfig}
 
 
-def help_sections(command: str) -> tuple[str, dict[str, list[str]]]:
-    """The usage line of ``diffpo-train COMMAND --help`` and, in order, each section title with the flags it lists."""
+def help_text(command: str) -> str:
+    """What ``diffpo-train COMMAND --help`` prints (it exits with 0)."""
     with pytest.raises(SystemExit) as exit_:
         with contextlib.redirect_stdout(io.StringIO()) as out:
             build_parser().parse_args([command, "--help"])
     assert exit_.value.code == 0
-    text = out.getvalue()
+    return out.getvalue()
+
+
+def help_sections(command: str) -> tuple[str, dict[str, list[str]]]:
+    """The usage line of ``diffpo-train COMMAND --help`` and, in order, each section title with the flags it lists."""
+    text = help_text(command)
     sections: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
@@ -78,12 +83,9 @@ def test_advanced_options_still_parse():
 
 def help_entries(command: str) -> dict[str, str]:
     """Each flag of ``diffpo-train COMMAND --help`` with its help text (wrapped lines joined, spaces collapsed)."""
-    with pytest.raises(SystemExit):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            build_parser().parse_args([command, "--help"])
     entries: dict[str, str] = {}
     current = None
-    for line in out.getvalue().splitlines():
+    for line in help_text(command).splitlines():
         m = re.match(r"^  (--[-\w]+)(?:, --[-\w]+)?(?: \S+)?(.*)$", line)
         if m:
             current = m.group(1)
