@@ -342,9 +342,10 @@ def main(argv=None):
                                                     args.eval_examples)})
         if task in per_run:
             algo_rows, diff = auc_comparison(per_run[task], seeds)
-            auc_rows += [{"task": task, "steps": f"0-{windows[task]}", **r} for r in algo_rows]
-            auc_compared.append({"task": task, "steps": f"0-{windows[task]}", **diff})
-            paired.append({"task": task, "steps": f"0-{windows[task]}", **paired_comparison(per_run[task], seeds)})
+            where = {"task": task, "steps": f"0-{windows[task]}"}
+            auc_rows += [{**where, **r} for r in algo_rows]
+            auc_compared.append({**where, **diff})
+            paired.append({**where, **paired_comparison(per_run[task], seeds)})
         ax.set_xlabel("rollouts")
         ax.set_ylabel("greedy test accuracy (mean reward)")
         ax.set_title(task)
