@@ -374,12 +374,13 @@ def test_a_warm_start_alone_is_exported(base_dir, tmp_path):
 def test_warm_start_rounds_add_the_policys_own_states_and_refit_on_all(base_dir, tmp_path, monkeypatch):
     """DAgger rounds: round 1 from EB decodes; round 2 decodes the same prompts with the round-1 policy (greedy, at
     its folded operating point) and refits a new policy on both rounds' data."""
+    import training.commit_policy as cp
     import training.rl as rl
     from training.config import RLConfig
     calls, fits = [], []
-    real_data, real_fit = rl.warm_start_data, rl.fit_warm_start
+    real_data, real_fit = cp.warm_start_data, cp.fit_warm_start
 
-    def data(loaded, prompts, gen_length, behaviour, policy=None, label="full_steps", progress=False):
+    def data(loaded, prompts, gen_length, behaviour, policy=None, label="full_steps", progress=False, bar=None):
         feats, labels = real_data(loaded, prompts, gen_length, behaviour, policy=policy, label=label)
         calls.append((behaviour.sampler, behaviour.threshold, len(prompts), label, policy, len(labels)))
         return feats, labels
@@ -388,8 +389,8 @@ def test_warm_start_rounds_add_the_policys_own_states_and_refit_on_all(base_dir,
         fits.append((policy, len(labels)))  # (the objects kept: no id reuse)
         return real_fit(policy, features, labels, **kw)
 
-    monkeypatch.setattr(rl, "warm_start_data", data)
-    monkeypatch.setattr(rl, "fit_warm_start", fit)
+    monkeypatch.setattr(cp, "warm_start_data", data)
+    monkeypatch.setattr(cp, "fit_warm_start", fit)
     cfg = RLConfig(model=str(base_dir), output_dir=str(tmp_path / "warm"), tasks="sudoku", train_examples=8,
                    max_steps=0, gen_length=8, train="sampler", sampler_kind="policy", warm_start_prompts=4,
                    warm_start_epochs=1, warm_start_rounds=2, warm_start_label="trajectory", warm_start_gamma=0.2)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import training.commit_policy as commit_policy
 import training.distill as distill
 import training.rl as rl
 import training.sft as sft
@@ -101,8 +102,8 @@ def warm_started(base_dir, monkeypatch, point):
     from diffpo_serve.dllm.loading import load_model
     from diffpo_serve.dllm.step_policy import FEATURE_NAMES
     features = torch.linspace(0, 1, 8 * len(FEATURE_NAMES)).view(8, -1)
-    monkeypatch.setattr(rl, "warm_start_data", lambda *a, **kw: (features, torch.ones(8)))
-    monkeypatch.setattr(rl, "fit_warm_start", lambda policy, f, y, **kw: policy.fit_normalisation(f) or 0.25)
+    monkeypatch.setattr(commit_policy, "warm_start_data", lambda *a, **kw: (features, torch.ones(8)))
+    monkeypatch.setattr(commit_policy, "fit_warm_start", lambda policy, f, y, **kw: policy.fit_normalisation(f) or 0.25)
     cfg = RLConfig(model=str(base_dir), tasks="sudoku", train="sampler", sampler_kind="policy", warm_start_prompts=2,
                    warm_start_point=point)
     policy = rl._setup_policy(load_model(base_dir), cfg, base_dir / "none", resuming=False, gen_length=8)

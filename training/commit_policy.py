@@ -83,7 +83,8 @@ def policy_rl_loss(policy: StepPolicy, trace: PolicyTrace, advantages: torch.Ten
 @torch.no_grad()
 def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: int, behaviour: SamplingParams,
                     batch_size: int = 256, policy: StepPolicy | None = None,
-                    label: str = "trajectory", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    label: str = "trajectory", progress: bool = False,
+                    bar: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate features (N, F) and labels (N,) from ``behaviour`` trajectories of ``prompts``.
 
     ``label`` (:data:`WARM_START_LABELS`): ``full_steps`` compares each pass's argmax with the full-step greedy
@@ -96,14 +97,17 @@ def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: i
     there would have put it there too, whether or not the behaviour committed it.
 
     ``policy`` is needed when the behaviour sampler is ``policy`` itself (later rounds of data
-    collection); its feature set also decides whether hidden states are traced. ``progress``: a progress bar.
+    collection); its feature set also decides whether hidden states are traced. ``progress``: a progress bar;
+    ``bar``: one to advance instead (a caller's, over more prompts than these).
     """
     if label not in WARM_START_LABELS:
         raise ValueError(f"label must be one of {', '.join(WARM_START_LABELS)}; got {label!r}")
     kw = dict(mask_id=loaded.mask_id, eos_id=loaded.eos_id, pad_id=loaded.pad_id)
     full = SamplingParams("steps", gen_length, block_length=behaviour.block_length)  # one token per pass, its blocks
     feats, labels = [], []
-    bar = tqdm(total=len(prompts), desc=f"warm start ({behaviour.sampler}, {label} labels)", disable=not progress)
+    own = bar is None
+    if own:
+        bar = tqdm(total=len(prompts), desc=f"warm start ({behaviour.sampler}, {label} labels)", disable=not progress)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         out = generate(loaded.model, chunk, behaviour, **kw, stop_at_eos=False, return_trajectory=True,
@@ -119,7 +123,8 @@ def warm_start_data(loaded: LoadedModel, prompts: list[list[int]], gen_length: i
         feats.append(trace.features[trace.candidates])
         labels.append(label_bits[trace.candidates])
         bar.update(len(chunk))
-    bar.close()
+    if own:
+        bar.close()
     return torch.cat(feats), torch.cat(labels)
 
 

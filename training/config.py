@@ -187,7 +187,8 @@ class RLConfig(Checked):
     dtype: str | None = option(None, "dtype of the trained model's weights (default: the checkpoint's); with LoRA "
                                      "the adapters and their AdamW state stay float32, and the loss is float32 "
                                      "in any case", choices=["float32", "bfloat16", "float16"])
-    resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint")
+    resume: bool = option(False, "continue from OUTPUT_DIR/checkpoint (and an unfinished step-policy warm "
+                          "start from OUTPUT_DIR/warm_start)")
     device: str | None = option(None, "torch device (default: accelerate's choice)")
     is_numerator: str = option("masked", "diffpo: the prompt the importance weight's numerator pi_old sees: "
                                "masked (d1's prompt with p_mask masking, the clipped ratio's surrogate) or unmasked "

@@ -55,6 +55,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -70,7 +71,7 @@ from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.step_policy import StepPolicy, load_policy
 from diffpo_serve.dllm.threshold_head import ThresholdHead, load_head
 from training import canvas_rl
-from training.commit_policy import fit_warm_start, policy_rl_loss, warm_start_data
+from training.commit_policy import policy_rl_loss
 from training.checkpoint import (CheckpointError, export_model, load_trainer_state, recover_interrupted,
                                  save_checkpoint, start_metrics)
 from training.distributed import finish_run
@@ -84,6 +85,7 @@ from training.loss import (group_advantages, policy_loss, sampler_reward, thresh
                            truncated_is_weight)
 from training.rollout import rollout
 from training.tasks import get_task, reward_function
+from training.warm_start import WARM_START_DIR, WarmStartStore, run_warm_start
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
@@ -220,8 +222,18 @@ def _setup_head(base, cfg: RLConfig, ckpt: Path, resuming: bool):
     return ThresholdHead(base.model.config.get_text_config().hidden_size, features=cfg.head_features)
 
 
+def _warm_start_settings(cfg: RLConfig, base: LoadedModel, gen_length: int) -> dict:
+    """What a warm start's data and fits depend on: a resumed one must match (:class:`WarmStartStore`)."""
+    return {"model": str(Path(base.path).resolve()), "tasks": cfg.tasks, "data": cfg.data,
+            "prompts": cfg.warm_start_prompts, "gamma": cfg.warm_start_gamma, "label": cfg.warm_start_label,
+            "epochs": cfg.warm_start_epochs, "point": cfg.warm_start_point, "features": cfg.policy_features,
+            "block_length": cfg.block_length, "gen_length": gen_length, "seed": cfg.seed,
+            "chat_template": cfg.chat_template}
+
+
 def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: int, progress: bool = False):
-    """The step policy to train: resumed, inherited from the model, or new (with its warm start)."""
+    """The step policy to train: resumed, inherited from the model, or new (with its warm start, which
+    ``progress`` (the main process) keeps in OUTPUT_DIR/warm_start until the run ends, for ``--resume``)."""
     if resuming:
         policy = load_policy(ckpt)
         if policy is None:
@@ -239,20 +251,15 @@ def _setup_policy(base, cfg: RLConfig, ckpt: Path, resuming: bool, gen_length: i
         pool = _example_pool(cfg, cfg.warm_start_prompts)
         prompts = [base.encode(ex["prompt"]) for ex in pool]
         behaviour = SamplingParams("eb", gen_length, block_length=cfg.block_length, threshold=cfg.warm_start_gamma)
+        store = WarmStartStore(Path(cfg.output_dir) / WARM_START_DIR, _warm_start_settings(cfg, base, gen_length),
+                               cfg.resume) if progress else None  # the main process keeps it; the others redo it
         t0 = time.perf_counter()
-        features = labels = None
-        for _ in range(cfg.warm_start_rounds):  # after the first, DAgger: add the states the policy itself visits
-            more, more_labels = warm_start_data(base, prompts, gen_length, behaviour, policy=policy,
-                                                label=cfg.warm_start_label, progress=progress)
-            features = more if features is None else torch.cat([features, more])
-            labels = more_labels if labels is None else torch.cat([labels, more_labels])
-            policy = new_policy()
-            loss = fit_warm_start(policy, features, labels, epochs=cfg.warm_start_epochs, seed=cfg.seed)
-            if cfg.warm_start_point:
-                policy.set_operating_point(cfg.warm_start_point)
-            behaviour = SamplingParams("policy", gen_length, block_length=cfg.block_length, threshold=policy.threshold)
+        policy, tokens, loss = run_warm_start(base, prompts, gen_length, behaviour, new_policy,
+                                              rounds=cfg.warm_start_rounds, label=cfg.warm_start_label,
+                                              epochs=cfg.warm_start_epochs, seed=cfg.seed,
+                                              point=cfg.warm_start_point, store=store, progress=progress)
         log.info("step policy warm start: %d prompts, %d round(s), %d tokens, BCE %.4f, %.0f s", len(prompts),
-                 cfg.warm_start_rounds, len(labels), loss, time.perf_counter() - t0)
+                 cfg.warm_start_rounds, tokens, loss, time.perf_counter() - t0)
     return policy.train()
 
 
@@ -395,6 +402,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
                                 else None)
     if accelerator.is_main_process:  # also after 0 steps: e.g. a step policy's warm start alone
         _export(unwrapped, tokenizer, out, head_unwrapped, policy_unwrapped)
+        shutil.rmtree(out / WARM_START_DIR, ignore_errors=True)  # its result is in the export now
     finish_run(accelerator, bar)
     return RLRun(out, unwrapped)
 
