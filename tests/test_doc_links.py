@@ -39,3 +39,44 @@ def test_the_benchmarks_page_stays_short():
     """docs/benchmarks.md holds current results only and reads in minutes: at most 400 lines (the development
     history goes to docs/history.md and docs/results/archive/)."""
     assert len((ROOT / "docs" / "benchmarks.md").read_text().splitlines()) <= 400
+
+
+# Current result files written before results recorded their provenance, each being rebuilt from the commands
+# in docs/benchmarks.md (or to be archived); the list may only shrink.
+WITHOUT_PROVENANCE = {
+    "kv_cache/kv_cache_accuracy_cachekl.md", "kv_cache/kv_cache_accuracy_cachekl_final.md",
+    "samplers/pareto_bundled.md", "step_policy/joint_policy_bundled.md", "step_policy/joint_policy_base_400.md",
+    "step_policy/joint_policy_base_400_n2000.md", "rl/rl_curves_base.md",
+}
+FOOTER = re.compile(r"\n---\nProvenance: commit [0-9a-f]{7,}\S*, \d{4}-\d\d-\d\d \d\d:\d\d UTC.*; `python -m "
+                    r"benchmarks\.[a-z_0-9]+( [^`]*)?`; .+; models \(SHA-256 of the weight files, first 16 hex digits\): "
+                    r"(none loaded|`[^`]+` \([0-9a-f]{16}\)(, `[^`]+` \([0-9a-f]{16}\))*)\.\n$")
+
+
+def current_results() -> list[str]:
+    results = ROOT / "docs" / "results"
+    return sorted(str(p.relative_to(results)) for p in results.rglob("*.md") if "archive" not in p.parts)
+
+
+def test_the_provenance_footer_pattern_by_hand():
+    ok = ("x\n\n---\nProvenance: commit 81d3144+uncommitted, 2026-12-07 18:30 UTC (the run started at d5c663d); "
+          "`python -m benchmarks.kv_cache --n 2`; AMD EPYC, 1 torch threads; models (SHA-256 of the weight files, "
+          "first 16 hex digits): `runs/a` (0123456789abcdef), `b` (fedcba9876543210).\n")
+    assert FOOTER.search(ok)
+    for bad in (ok.replace("commit 81d3144", "commit ?"), ok.replace("`python -m benchmarks.kv_cache --n 2`", "-"),
+                ok.replace("(0123456789abcdef)", "(0123)"), ok + "more text\n"):
+        assert not FOOTER.search(bad)
+
+
+@pytest.mark.parametrize("name", current_results())
+def test_every_current_result_file_records_its_provenance(name):
+    """Commit, date, command, machine and the checksum of every model loaded, as benchmarks/common.py's save
+    writes them; the files still without (:data:`WITHOUT_PROVENANCE`) are listed, and one that gains a footer
+    must leave the list."""
+    has = bool(FOOTER.search((ROOT / "docs" / "results" / name).read_text()))
+    assert has != (name in WITHOUT_PROVENANCE), (f"{name}: no provenance footer" if not has else
+                                                 f"{name} records its provenance now: remove it from WITHOUT_PROVENANCE")
+
+
+def test_the_files_without_provenance_exist():
+    assert WITHOUT_PROVENANCE <= set(current_results())
