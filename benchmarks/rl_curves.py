@@ -10,7 +10,7 @@ diffpo`` in two processes train one algorithm each. Writes docs/results/rl/rl_cu
     python -m benchmarks.rl_curves [--model DIR] [--tasks countdown,sudoku] [--seeds 0,1,2]
         [--max-steps 150 | countdown=240,sudoku=120] [--lr 3e-5] [--num-generations 8] [--p-mask 0.15]
         [--is-numerator masked|unmasked] [--tau-over all|answer] [--temperature 1.0] [--beta 0.04]
-        [--auc-steps 300] [--tag NAME] [--algos d1,diffpo]
+        [--auc-steps 300] [--tag NAME] [--d1-tag NAME] [--algos d1,diffpo]
 
 The comparison protocol, written down before its runs
 -----------------------------------------------------
@@ -52,6 +52,7 @@ Commands (each run resumes; run the two algorithms in two processes to use two c
     python -m benchmarks.rl_curves --tasks countdown --seeds 0,1,2,3,4 --max-steps 300 --eval-every 25 \
         --eval-examples 1000 --beta 0 --p-mask 0 --tag headroom-p0 [--algos d1 | --algos diffpo]
     python -m benchmarks.rl_curves ... --p-mask 0.15 --tag headroom-p15
+    python -m benchmarks.rl_curves ... --is-numerator unmasked --tag headroom-p0-unmasked --d1-tag headroom-p0
 
 Budget, measured before the runs (the 2-core AMD EPYC development machine, shared: load average about 7
 during the measurement, so an idle machine is faster; one torch thread per process; bundled model,
@@ -135,21 +136,25 @@ def comparison(d1: dict, diffpo: dict, seeds: list[int], n_eval: int) -> dict:
 
 
 RESUMABLE = ("max_steps", "resume")  # settings a run may change when it is continued
+DIFFPO_ONLY = ("is_numerator", "tau_over")  # settings d1's loss never reads (training/rl.py's _model_update)
 
 
 def settings_changed(saved: dict, cfg: RLConfig) -> list[str]:
     """The settings of ``cfg`` that differ from a run's saved ``rl_config.json`` (``saved``), other than those a
-    continued run may change (:data:`RESUMABLE`); a setting the saved file predates counts only when ``cfg``
-    moves it off its default."""
+    continued run may change (:data:`RESUMABLE`) and, for a d1 run, DiFFPO's estimator options
+    (:data:`DIFFPO_ONLY`); a setting the saved file predates counts only when ``cfg`` moves it off its default."""
     now = dataclasses.asdict(cfg)
     defaults = dataclasses.asdict(RLConfig())
-    return sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v)
+    free = RESUMABLE + (DIFFPO_ONLY if cfg.algo == "d1" else ())
+    return sorted(k for k, v in now.items() if k not in free and saved.get(k, defaults[k]) != v)
 
 
 def run_one(task: str, algo: str, seed: int, args, max_steps: int) -> list[dict]:
     """Train (or continue) one run up to ``max_steps``; its records up to that step. A run directory that holds
-    a run with other settings is refused (SystemExit naming them): its curve would be mixed into the wrong arm."""
-    out = RUNS / args.tag / f"{task}-{algo}-s{seed}"
+    a run with other settings is refused (SystemExit naming them): its curve would be mixed into the wrong arm.
+    d1 runs live under ``args.d1_tag`` when it is set (an arm that changes DiFFPO's estimator only)."""
+    tag = args.d1_tag if algo == "d1" and getattr(args, "d1_tag", None) else args.tag
+    out = RUNS / tag / f"{task}-{algo}-s{seed}"
     metrics = out / "metrics.jsonl"
     cfg = RLConfig(algo=algo, model=args.model, output_dir=str(out), tasks=task, seed=seed,
                    max_steps=max_steps, eval_every=args.eval_every, eval_examples=args.eval_examples,
@@ -283,6 +288,9 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=RLConfig.beta, help="weight of the KL to the reference model")
     ap.add_argument("--tag", default="", help="a name for this configuration: runs under runs/bench_rl/TAG/, "
                     "results in docs/results/rl/rl_curves_TAG.*")
+    ap.add_argument("--d1-tag", default=None, help="the d1 runs are those of this tag (runs/bench_rl/D1_TAG, "
+                    "trained there if missing): an arm that changes only DiFFPO's estimator (--is-numerator, "
+                    "--tau-over, which d1 never reads) compares with that arm's d1 runs instead of repeating them")
     ap.add_argument("--algos", default="d1,diffpo", help="train only these algorithms (e.g. one per process to "
                     "use two cores); the table and plot are written only when both are given")
     ap.add_argument("--replot", action="store_true", help="rebuild the table and plot from the curves saved in "
@@ -363,6 +371,8 @@ def main(argv=None):
             f"defaults; greedy full-step accuracy on {args.eval_examples} "
             f"held-out test prompts before training and every {args.eval_every} steps. Seeds "
             f"{seeds}; `final_acc_sd` is the sample standard deviation (n - 1) of the seeds' final accuracies. "
+            + (f"The d1 runs are those of `{args.d1_tag}` (d1 reads neither estimator option). "
+               if getattr(args, "d1_tag", None) else "")
             + ("Table and plot rebuilt from the saved curves (`--replot`)." if args.replot else
                f"Machine: {machine()}; {time.time() - t0:.0f} s for this invocation (runs already complete "
                f"under runs/bench_rl are reused, not retrained).") + "\n\n"

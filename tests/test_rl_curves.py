@@ -4,6 +4,7 @@ another's."""
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -138,3 +139,51 @@ def test_main_writes_the_auc_table_and_replot_rebuilds_it(tmp_path, monkeypatch)
     def tables(md):  # everything after the header line, up to the provenance footer
         return md.split("\n\n", 2)[2].split("\n---\n")[0]
     assert tables(again) == tables(text)
+    assert "d1 runs are those of" not in text
+    rc.main(["--tasks", "cd3", "--seeds", "0,1", "--max-steps", "4", "--eval-every", "2", "--tag", "x-opt",
+             "--d1-tag", "x", "--is-numerator", "unmasked"])
+    opt = (tmp_path / "rl" / "rl_curves_x-opt.md").read_text()
+    assert "IS numerator unmasked" in opt and "The d1 runs are those of `x` (d1 reads neither estimator option)" in opt
+
+
+def test_a_d1_tag_reuses_that_arms_d1_runs_whatever_diffpos_options(tmp_path, monkeypatch):
+    """--d1-tag: an option arm's d1 runs are the primary arm's (trained there, continued there), since d1 never reads
+    --is-numerator / --tau-over; DiFFPO's runs stay under the arm's own tag, and a d1 run with another p_mask is
+    still refused."""
+    monkeypatch.setattr(rc, "RUNS", tmp_path)
+    trained = []
+
+    def train(cfg):  # a finished run: its config and last step on disk
+        trained.append(cfg)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "rl_config.json").write_text(json.dumps(vars(cfg)))
+        (Path(cfg.output_dir) / "metrics.jsonl").write_text(json.dumps({"step": cfg.max_steps}) + "\n")
+
+    monkeypatch.setattr(rc, "train_rl", train)
+    out = tmp_path / "base-arm" / "cd3-d1-s0"
+    out.mkdir(parents=True)
+    cfg = RLConfig(algo="d1", output_dir=str(out), tasks="cd3", seed=0, max_steps=100, eval_every=25, save_every=25,
+                   eval_examples=1000, beta=0.0, p_mask=0.0)
+    (out / "rl_config.json").write_text(json.dumps(vars(cfg)))
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 100}) + "\n")
+    args = SimpleNamespace(tag="opt", d1_tag="base-arm", model=None, eval_every=25, eval_examples=1000, lr=3e-5,
+                           num_generations=8, prompts_per_step=16, num_iterations=4, temperature=1.0, beta=0.0,
+                           p_mask=0.0, is_numerator="unmasked", tau_over="answer")
+    assert rc.run_one("cd3", "d1", 0, args, 100) == [{"step": 100}] and trained == []  # complete there: read
+    rc.run_one("cd3", "d1", 0, args, 200)
+    rc.run_one("cd3", "diffpo", 0, args, 200)
+    assert [(Path(c.output_dir).parent.name, c.algo, c.is_numerator) for c in trained] == [
+        ("base-arm", "d1", "unmasked"), ("opt", "diffpo", "unmasked")]
+    with pytest.raises(SystemExit, match=r"other settings \(p_mask\)"):
+        rc.run_one("cd3", "d1", 0, SimpleNamespace(**{**vars(args), "p_mask": 0.15}), 200)
+    # without --d1-tag the d1 run is the arm's own
+    rc.run_one("cd3", "d1", 0, SimpleNamespace(**{**vars(args), "d1_tag": None}), 200)
+    assert Path(trained[-1].output_dir).parent.name == "opt"
+
+
+def test_settings_changed_frees_diffpos_options_for_d1_only():
+    saved = vars(RLConfig(algo="d1"))
+    assert rc.settings_changed(saved, RLConfig(algo="d1", is_numerator="unmasked", tau_over="answer")) == []
+    assert rc.settings_changed({**saved, "algo": "diffpo"}, RLConfig(algo="diffpo", is_numerator="unmasked",
+                                                                     tau_over="answer")) == ["is_numerator", "tau_over"]
+    assert rc.settings_changed(saved, RLConfig(algo="d1", p_mask=0.0, max_steps=5)) == ["p_mask"]
