@@ -40,13 +40,12 @@ The mask token is in neither term. So w_j = min(C, pi_old(y_j | surrogate contex
 corrects exactly the ways the sample differs from the surrogate being trained:
 
 - the prompt: with the masked numerator, pi_old sees a prompt with about p_mask of its tokens hidden, which
-  the sampler never did, and this pulls the mean weight well below 1: with the bundled model at T = 1 the
-  mean was 0.69-0.72 at p_mask 0.15 and 0.89-0.90 at p_mask 0 on its probe's prompts, and 0.47 against 0.64
-  on one step of 128 countdown rollouts (the unmasked numerator gives the p_mask 0 weights for the same
-  rollouts and tau);
+  the sampler never did (the unmasked numerator gives the p_mask 0 weights for the same rollouts and tau);
 - the canvas: the surrogate scores y_j in another context than the sampler drew it in. At T = 1,
   top_p = 1 and an unmasked prompt, a token committed at step 0 (scored by pass A on all masks) or at step
-  tau (pass B on z_tau) is scored in its own context, and w = 1 exactly;
+  tau (pass B on z_tau) is scored in its own context, and w = 1 exactly; the others are not, and on
+  countdown from the bundled model at p_mask 0 the mean weight over a run's last 50 steps was 0.67-0.73
+  (docs/results/rl/rl_curves_headroom-p0.md: the canvas alone keeps it well below 1);
 - the reshaping: at T != 1 the ratio carries pi / pi_T, with pi_T proportional to pi^(1/T) (T < 1 weights
   down the likely tokens the sampler over-drew, up the unlikely ones, capped at C); with top_p < 1 a
   token inside the nucleus gets pi / (pi / nucleus mass) = the nucleus mass < 1 (same context), and the
