@@ -275,7 +275,7 @@ def test_d1_math_format_term_never_finds_a_box():
 
 
 def test_reward_function_kinds_sum_d1s_terms():
-    assert REWARD_KINDS == ("correctness", "d1")
+    assert REWARD_KINDS == ("correctness", "exact", "d1")
     gold = {"answer": "72"}
     assert reward_function("gsm8k")(STRICT, gold) == 1.0
     assert reward_function("gsm8k", "d1")(STRICT, gold) == pytest.approx(0.5 + 0.0 + 0.5 + 0.5 + 2.0)
@@ -288,7 +288,7 @@ def test_reward_function_kinds_sum_d1s_terms():
         assert reward_function(task, "d1")("60 + 87 - 85", CD if task != "sudoku" else EX) == \
             get_task(task).reward("60 + 87 - 85", CD if task != "sudoku" else EX)
     assert reward_function("countdown", "d1")("60 + 87 - 85", CD) == 1.0
-    with pytest.raises(ValueError, match="correctness, d1"):
+    with pytest.raises(ValueError, match="correctness, exact, d1"):
         reward_function("gsm8k", "format")
     with pytest.raises(ValueError, match="unknown task"):
         reward_function("chess")
@@ -303,3 +303,15 @@ def test_rewards_never_raise(task):
         for kind in REWARD_KINDS:
             r = reward_function(task, kind)(junk, ex)
             assert isinstance(r, float) and -1.0 <= r <= 4.0
+
+
+def test_the_exact_reward_gives_no_partial_credit():
+    """kind "exact": 1 only where the task's reward is 1: a sudoku grid with one blank wrong (3 of 4 right: 0.75)
+    and a well-formed wrong countdown expression (0.1) score 0."""
+    one_wrong = ("2" if SOL[0] != "2" else "3") + SOL[1:]
+    assert get_task("sudoku").reward(one_wrong, EX) == 0.75 and reward_function("sudoku", "exact")(one_wrong, EX) == 0.0
+    assert reward_function("sudoku", "exact")(SOL, EX) == 1.0
+    assert get_task("countdown").reward("87 + 85 - 60", CD) == 0.1
+    assert reward_function("countdown", "exact")("87 + 85 - 60", CD) == 0.0
+    assert reward_function("countdown", "exact")("60 + 87 - 85", CD) == 1.0
+    assert reward_function("gsm8k", "exact")("<answer>72</answer>", {"answer": "72"}) == 1.0

@@ -135,7 +135,8 @@ class RLConfig(Checked):
     eval_data: str | None = option(None, EVAL_DATA_HELP)
     train_examples: int = option(20_000, "training prompts generated per task")
     reward: str = option("correctness", "the rollouts' reward: correctness (the task's, as d1's evaluator judges "
-                         "answers) or d1 (d1's training reward: on gsm8k correctness x2 plus its integer, strict and "
+                         "answers; sudoku's is the fraction of blanks right), exact (1 only for a fully right "
+                         "answer) or d1 (d1's training reward: on gsm8k correctness x2 plus its integer, strict and "
                          "soft format and XML-count terms, on math500 correctness x2 plus its format term; the other "
                          "tasks' correctness); accuracy is logged from correctness either way",
                          choices=list(REWARD_KINDS))

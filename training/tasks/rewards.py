@@ -4,6 +4,8 @@
 
 * ``"correctness"``: the task's ``reward`` (1.0 right, 0.0 wrong; countdown gives 0.1 to a well-formed wrong
   expression, as d1's countdown reward does; sudoku the fraction of blank cells right).
+* ``"exact"``: 1.0 when the task's ``reward`` is 1.0 (the whole answer right), else 0.0: no partial credit,
+  e.g. for a sampler that should not trade a sudoku cell for a pass.
 * ``"d1"``: the sum of d1's training reward terms for the task with d1's weights (``diffu-grpo/reward_func.py``
   and ``diffu_grpo_train.py`` of github.com/dllm-reasoning/d1; its config sets no ``reward_weights``, so TRL
   weighs every term 1.0). gsm8k: :func:`xml_count` + :func:`soft_format` + :func:`strict_format` +
@@ -24,7 +26,7 @@ from typing import Callable
 from . import get_task
 
 RewardFn = Callable[[str, dict], float]
-REWARD_KINDS = ("correctness", "d1")
+REWARD_KINDS = ("correctness", "exact", "d1")
 
 
 def _after_last_answer_tag(text: str) -> str:
@@ -115,13 +117,19 @@ def d1_terms(task_name: str) -> tuple[tuple[RewardFn, float], ...]:
 
 def reward_function(task_name: str, kind: str = "correctness") -> RewardFn:
     """``f(completion, example) -> float`` for RL on ``task_name``: ``kind`` "correctness" (the task's
-    reward) or "d1" (d1's weighted sum of terms, :func:`d1_terms`). The function never raises: a term that
+    reward), "exact" (1 for a fully right answer, else 0) or "d1" (d1's weighted sum of terms, :func:`d1_terms`). The function never raises: a term that
     fails on some input counts 0.0."""
     task = get_task(task_name)
     if kind not in REWARD_KINDS:
         raise ValueError(f"unknown reward kind {kind!r}; valid kinds: {', '.join(REWARD_KINDS)}")
     if kind == "correctness":
         return task.reward
+    if kind == "exact":
+        def exact_reward(completion: str, example: dict) -> float:
+            return 1.0 if task.reward(completion, example) == 1.0 else 0.0
+
+        exact_reward.__name__ = f"{task_name}_exact_reward"
+        return exact_reward
     terms = d1_terms(task_name)
 
     def d1_reward(completion: str, example: dict) -> float:
