@@ -304,7 +304,8 @@ def main(argv=None):
     max_steps = steps_per_task(args.max_steps, tasks)
     name = f"rl/rl_curves_{args.tag}" if args.tag else "rl/rl_curves"
     t0 = time.time()
-    curves: dict = {}  # task -> algo -> seed -> [(rollouts, greedy accuracy)]: the plot and the final point
+    curves: dict = {}  # task -> algo -> seed -> [(rollouts, greedy accuracy)]: the final-point comparison
+    exact_curves: dict = {}  # task -> algo -> seed -> [(rollouts, greedy exact match)]: the plot
     per_run: dict = {}  # task -> algo -> seed -> AUC of the exact-match curve, T = 1 accuracy, zero-variance groups
     windows = {t: min(args.auc_steps, n) for t, n in max_steps.items()}
     signal: list[dict] = []  # one row per algorithm and seed
@@ -319,6 +320,8 @@ def main(argv=None):
         per_run = {} if old_format else {t: {a: by_seed(runs, dict) for a, runs in by_algo.items()}
                                          for t, by_algo in saved["per_run"].items()}
         signal = [] if old_format else saved["signal"]
+        exact_curves = {t: {a: by_seed(runs, lambda pts: [tuple(p) for p in pts]) for a, runs in by_algo.items()}
+                        for t, by_algo in saved.get("exact", {}).items()}  # files before it: accuracy plotted
     else:
         for task in tasks:
             for seed in seeds:
@@ -327,6 +330,9 @@ def main(argv=None):
                     key = f"eval_{task}_accuracy"
                     curves.setdefault(task, {}).setdefault(algo, {})[seed] = [(r["rollouts"], r[key]) for r in recs
                                                                               if key in r]
+                    exact_key = f"eval_{task}_exact"
+                    exact_curves.setdefault(task, {}).setdefault(algo, {})[seed] = [
+                        (r["rollouts"], r[exact_key]) for r in recs if exact_key in r]
                     if recs:
                         signal.append({"task": task, "algo": algo, "seed": seed, **training_signal(recs)})
                         exact = [(r["step"], r[f"eval_{task}_exact"]) for r in recs if f"eval_{task}_exact" in r]
@@ -335,17 +341,22 @@ def main(argv=None):
     if set(algos) != {"d1", "diffpo"}:
         print(f"trained {args.algos} only: no table or plot (run again with both algorithms to write them)")
         return
-    rows, compared, auc_rows, auc_compared, paired = [], [], [], [], []
+    rows, exact_rows, compared, auc_rows, auc_compared, paired = [], [], [], [], [], []
     fig = plt.figure(figsize=(5.5 * len(tasks), 4.2))
     for k, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), k + 1)
+        exact = task in exact_curves and all(exact_curves[task][a].get(s) for a in ("d1", "diffpo") for s in seeds)
         for algo, color in (("d1", "tab:blue"), ("diffpo", "tab:red")):
             runs = curves[task][algo]
-            xs, mean = mean_curve(runs, seeds)
+            plotted = exact_curves[task][algo] if exact else runs
+            xs, mean = mean_curve(plotted, seeds)
             for s in seeds:
-                ax.plot(*zip(*runs[s]), color=color, alpha=0.25, lw=1)
+                ax.plot(*zip(*plotted[s]), color=color, alpha=0.25, lw=1)
             ax.plot(xs, mean, color=color, lw=2, label=f"{algo} (mean of {len(seeds)} seeds)")
             rows.append({"task": task, "algo": algo, **summary(runs, seeds)})
+            if exact:
+                exact_rows.append({"task": task, "algo": algo, **{key.replace("acc", "exact"): v for key, v in
+                                                                 summary(plotted, seeds).items()}})
         compared.append({"task": task, **comparison(curves[task]["d1"], curves[task]["diffpo"], seeds,
                                                     args.eval_examples)})
         if task in per_run:
@@ -355,7 +366,7 @@ def main(argv=None):
             auc_compared.append({**where, **diff})
             paired.append({**where, **paired_comparison(per_run[task], seeds)})
         ax.set_xlabel("rollouts")
-        ax.set_ylabel("greedy test accuracy (mean reward)")
+        ax.set_ylabel("greedy test exact match" if exact else "greedy test accuracy (mean reward)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -386,10 +397,12 @@ def main(argv=None):
                 + "\n\nSecondary, not the protocol's (`paired_comparison`; added after the first runs showed a "
                 "seed's two runs rising or staying flat together: a seed fixes every step's prompts for both "
                 "algorithms): the mean over seeds of DiFFPO's AUC minus d1's on the same seed, its standard error "
-                "and z:\n\n" + markdown_table(paired, list(paired[0])) + "\n\nAlong the curve:\n\n")
+                "and z:\n\n" + markdown_table(paired, list(paired[0])) + "\n\n")
                if auc_rows else "")
-            + markdown_table(rows, list(rows[0]))
-            + "\n\nThe issue's criterion (`comparison` in the script): DiFFPO's final gain over the base (the mean "
+            + ("Exact match along the curve (the plot):\n\n" + markdown_table(exact_rows, list(exact_rows[0]))
+               + "\n\n" if exact_rows else "")
+            + "Accuracy (the task's mean reward) along the curve:\n\n" + markdown_table(rows, list(rows[0]))
+            + "\n\nThe final-point comparison (`comparison` in the script): DiFFPO's final gain over the base (the mean "
               "of every run's step-0 accuracy) and DiFFPO - d1 at the final point, with the standard error of that "
               "difference (the larger of the seeds' spread and the test set's binomial noise) and z = difference / "
               "error.\n\n"
@@ -401,7 +414,7 @@ def main(argv=None):
                f"{SIGNAL_WINDOW} steps.\n\n" + markdown_table(signal, list(signal[0]))
                + "\n" if signal else ""))
     record_model(args.model)  # the starting model: its checksum in the result's provenance
-    print(save(name, text, {"accuracy": curves, "per_run": per_run, "signal": signal}))
+    print(save(name, text, {"accuracy": curves, "exact": exact_curves, "per_run": per_run, "signal": signal}))
 
 
 if __name__ == "__main__":

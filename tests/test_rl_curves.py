@@ -99,15 +99,15 @@ def test_a_run_directory_trained_with_other_settings_is_refused(tmp_path, monkey
 
 
 def fake_records(exact: list[float], t1: float, zero: float, eval_every: int = 2) -> list[dict]:
-    """A run's metrics: an evaluation at step 0 and every ``eval_every`` steps (exact = accuracy), update steps with
-    a constant T = 1 accuracy and zero-variance count."""
+    """A run's metrics: an evaluation at step 0 and every ``eval_every`` steps (accuracy = exact + 0.05: partial
+    credit), update steps with a constant T = 1 accuracy and zero-variance count."""
     steps = eval_every * (len(exact) - 1)
-    recs = [{"step": 0, "rollouts": 0, "eval_cd3_accuracy": exact[0], "eval_cd3_exact": exact[0]}]
+    recs = [{"step": 0, "rollouts": 0, "eval_cd3_accuracy": exact[0] + 0.05, "eval_cd3_exact": exact[0]}]
     for k in range(1, steps + 1):
         r = {"step": k, "rollouts": 10 * k, "reward": t1, "accuracy": t1, "zero_variance_groups": zero,
              "mean_is_weight": 1.0, "is_clip_fraction": 0.0}
         if k % eval_every == 0:
-            r.update({"eval_cd3_accuracy": exact[k // eval_every], "eval_cd3_exact": exact[k // eval_every]})
+            r.update({"eval_cd3_accuracy": exact[k // eval_every] + 0.05, "eval_cd3_exact": exact[k // eval_every]})
         recs.append(r)
     return recs
 
@@ -127,18 +127,29 @@ def test_main_writes_the_auc_table_and_replot_rebuilds_it(tmp_path, monkeypatch)
     aucs = {a: [saved["per_run"]["cd3"][a][s]["auc"] for s in ("0", "1")] for a in ("d1", "diffpo")}
     assert aucs == {"d1": [pytest.approx(0.2), pytest.approx(0.35)], "diffpo": [pytest.approx(0.5), pytest.approx(0.6)]}
     assert saved["per_run"]["cd3"]["d1"]["0"]["t1_accuracy"] == 0.5
-    assert saved["accuracy"]["cd3"]["d1"]["1"] == [[0, 0.2], [20, 0.4], [40, 0.4]]
+    assert saved["accuracy"]["cd3"]["d1"]["1"] == [[0, 0.25], [20, 0.45], [40, 0.45]]
+    assert saved["exact"]["cd3"]["d1"]["1"] == [[0, 0.2], [20, 0.4], [40, 0.4]]
     text = (tmp_path / "rl" / "rl_curves_x.md").read_text()
     diff, se = 0.55 - 0.275, math.hypot(0.075, 0.05)  # SE of two values = |a - b| / 2
     assert f"| cd3 | 0-4 | {diff:.3f} | {se:.3f} | {diff / se:.3f} |" in text
     # paired by seed: 0.5 - 0.2 = 0.3 and 0.6 - 0.35 = 0.25, mean 0.275, SE |0.3 - 0.25| / 2 = 0.025, z 11
     assert "| cd3 | 0-4 | 0.275 | 0.025 | 11.000 |" in text
     assert "](rl_curves_x.png)" in text
+    # the plotted curve is exact match: d1's finals 0.2 and 0.4 (mean 0.3, sd 0.141), its mean curve's best 0.3;
+    # the accuracy table has the same runs with the partial credit (finals 0.25 and 0.45)
+    assert "| task | algo | seeds | rollouts | final_exact_mean | final_exact_sd | best_mean |" in text
+    assert "| cd3 | d1 | 2 | 40 | 0.300 | 0.141 | 0.300 |" in text
+    assert "| cd3 | d1 | 2 | 40 | 0.350 | 0.141 | 0.350 |" in text
     rc.main(["--tasks", "cd3", "--seeds", "0,1", "--max-steps", "4", "--eval-every", "2", "--tag", "x", "--replot"])
     again = (tmp_path / "rl" / "rl_curves_x.md").read_text()
     def tables(md):  # everything after the header line, up to the provenance footer
         return md.split("\n\n", 2)[2].split("\n---\n")[0]
     assert tables(again) == tables(text)
+    older = {k: v for k, v in saved.items() if k != "exact"}  # a file from before the exact curves: accuracy plotted
+    (tmp_path / "rl" / "rl_curves_x.json").write_text(json.dumps(older))
+    rc.main(["--tasks", "cd3", "--seeds", "0,1", "--max-steps", "4", "--eval-every", "2", "--tag", "x", "--replot"])
+    old = (tmp_path / "rl" / "rl_curves_x.md").read_text()
+    assert "Exact match along the curve" not in old and "| cd3 | d1 | 2 | 40 | 0.350 | 0.141 | 0.350 |" in old
     assert "d1 runs are those of" not in text
     rc.main(["--tasks", "cd3", "--seeds", "0,1", "--max-steps", "4", "--eval-every", "2", "--tag", "x-opt",
              "--d1-tag", "x", "--is-numerator", "unmasked"])
