@@ -1,6 +1,6 @@
 """Models trained for speed against the model they started from: fixed-gamma fronts and step policies.
 
-The step-policy issue's joint target compares different weights: a model trained jointly with its step
+This comparison is across different weights: a model trained jointly with its step
 policy (``--train joint --sampler-kind policy``) against the starting model's fixed-gamma EB front, and
 against model-only DiFFPO trained with the same rollout budget at its best fixed gamma. Each
 ``--models NAME=DIR`` is decoded greedily on the same generated test prompts (``--seed``) with full

@@ -116,7 +116,7 @@ def summary(runs: dict, seeds: list[int]) -> dict:
 
 
 def comparison(d1: dict, diffpo: dict, seeds: list[int], n_eval: int) -> dict:
-    """The issue's criterion from two algorithms' curves (seed -> [(rollouts, accuracy), ...], step 0 first):
+    """The final-point comparison from two algorithms' curves (seed -> [(rollouts, accuracy), ...], step 0 first):
     the base accuracy (mean of every run's first point), DiFFPO's final gain over it, and DiFFPO - d1 at the
     final point with the standard error of that difference of seed means. The error is the larger of two:
     from the seeds' spread, sqrt(sd_d1^2 / k + sd_diffpo^2 / k) (k seeds, sample sd), and the evaluation's own
