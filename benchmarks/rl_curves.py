@@ -335,7 +335,7 @@ def main(argv=None):
                         (r["rollouts"], r[exact_key]) for r in recs if exact_key in r]
                     if recs:
                         signal.append({"task": task, "algo": algo, "seed": seed, **training_signal(recs)})
-                        exact = [(r["step"], r[f"eval_{task}_exact"]) for r in recs if f"eval_{task}_exact" in r]
+                        exact = [(r["step"], r[exact_key]) for r in recs if exact_key in r]
                         per_run.setdefault(task, {}).setdefault(algo, {})[seed] = {
                             "auc": curve_auc(exact, windows[task]), **window_means(recs, windows[task])}
     if set(algos) != {"d1", "diffpo"}:
@@ -345,16 +345,17 @@ def main(argv=None):
     fig = plt.figure(figsize=(5.5 * len(tasks), 4.2))
     for k, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), k + 1)
-        exact = task in exact_curves and all(exact_curves[task][a].get(s) for a in ("d1", "diffpo") for s in seeds)
+        plot_exact = task in exact_curves and all(exact_curves[task][a].get(s) for a in ("d1", "diffpo")
+                                                  for s in seeds)
         for algo, color in (("d1", "tab:blue"), ("diffpo", "tab:red")):
             runs = curves[task][algo]
-            plotted = exact_curves[task][algo] if exact else runs
+            plotted = exact_curves[task][algo] if plot_exact else runs
             xs, mean = mean_curve(plotted, seeds)
             for s in seeds:
                 ax.plot(*zip(*plotted[s]), color=color, alpha=0.25, lw=1)
             ax.plot(xs, mean, color=color, lw=2, label=f"{algo} (mean of {len(seeds)} seeds)")
             rows.append({"task": task, "algo": algo, **summary(runs, seeds)})
-            if exact:
+            if plot_exact:
                 exact_rows.append({"task": task, "algo": algo, **{key.replace("acc", "exact"): v for key, v in
                                                                  summary(plotted, seeds).items()}})
         compared.append({"task": task, **comparison(curves[task]["d1"], curves[task]["diffpo"], seeds,
@@ -366,7 +367,7 @@ def main(argv=None):
             auc_compared.append({**where, **diff})
             paired.append({**where, **paired_comparison(per_run[task], seeds)})
         ax.set_xlabel("rollouts")
-        ax.set_ylabel("greedy test exact match" if exact else "greedy test accuracy (mean reward)")
+        ax.set_ylabel("greedy test exact match" if plot_exact else "greedy test accuracy (mean reward)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend()

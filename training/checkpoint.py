@@ -104,6 +104,15 @@ def load_trainer_state(directory: Path) -> dict:
         raise CheckpointError(f"{path}: corrupt trainer state: {type(e).__name__}: {e}") from e
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name beside ``path`` and rename it into place: a kill leaves the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def trim_metrics(path: Path, last_step: int) -> int:
     """Drop the lines of a metrics JSONL file whose ``step`` is above ``last_step`` (logged after the
     checkpoint a run resumes from; the resumed run logs those steps again). Rewritten atomically; returns
@@ -122,9 +131,7 @@ def trim_metrics(path: Path, last_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(x + "\n" for x in kept))
     return dropped
 
 

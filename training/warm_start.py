@@ -32,7 +32,7 @@ from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.step_policy import StepPolicy, StepPolicyError, load_policy
 from training import commit_policy
-from training.checkpoint import CheckpointError, atomic_dir
+from training.checkpoint import CheckpointError, atomic_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class WarmStartStore:
             log.warning("discarding the unfinished warm start in %s (no --resume)", self.dir)
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
-        _write_text(run, json.dumps(settings, indent=1))
+        write_text_atomic(run, json.dumps(settings, indent=1))
 
     def _part_file(self, r: int, start: int) -> Path:
         return self.dir / f"round{r}" / f"part{start:09d}.safetensors"
@@ -108,13 +108,7 @@ class WarmStartStore:
         d = self.dir / f"round{r}"
         d.mkdir(parents=True, exist_ok=True)
         atomic_dir(d / "policy", policy.save)
-        _write_text(d / "fit.json", json.dumps({"bce": loss}))  # last: it marks the round's fit as done
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_text_atomic(d / "fit.json", json.dumps({"bce": loss}))  # last: it marks the round's fit as done
 
 
 def run_warm_start(loaded: LoadedModel, prompts: list[list[int]], gen_length: int, behaviour: SamplingParams,

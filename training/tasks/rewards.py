@@ -117,8 +117,8 @@ def d1_terms(task_name: str) -> tuple[tuple[RewardFn, float], ...]:
 
 def reward_function(task_name: str, kind: str = "correctness") -> RewardFn:
     """``f(completion, example) -> float`` for RL on ``task_name``: ``kind`` "correctness" (the task's
-    reward), "exact" (1 for a fully right answer, else 0) or "d1" (d1's weighted sum of terms, :func:`d1_terms`). The function never raises: a term that
-    fails on some input counts 0.0."""
+    reward), "exact" (1 for a fully right answer, else 0) or "d1" (d1's weighted sum of terms,
+    :func:`d1_terms`). The function never raises: a term that fails on some input counts 0.0."""
     task = get_task(task_name)
     if kind not in REWARD_KINDS:
         raise ValueError(f"unknown reward kind {kind!r}; valid kinds: {', '.join(REWARD_KINDS)}")
