@@ -44,7 +44,7 @@ def test_the_benchmarks_page_stays_short():
 # Current result files written before results recorded their provenance, each being rebuilt from the commands
 # in docs/benchmarks.md (or to be archived); the list may only shrink.
 WITHOUT_PROVENANCE = {
-    "samplers/pareto_bundled.md", "step_policy/joint_policy_bundled.md", "step_policy/joint_policy_base_400_n2000.md",
+    "samplers/pareto_bundled.md", "step_policy/joint_policy_bundled.md",
 }
 FOOTER = re.compile(r"\n---\nProvenance: commit [0-9a-f]{7,}\S*, \d{4}-\d\d-\d\d \d\d:\d\d UTC.*; `python -m "
                     r"benchmarks\.[a-z_0-9]+( [^`]*)?`; .+; models \(SHA-256 of the weight files, first 16 hex digits\): "
