@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,13 +105,18 @@ def load_trainer_state(directory: Path) -> dict:
         raise CheckpointError(f"{path}: corrupt trainer state: {type(e).__name__}: {e}") from e
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` under a temporary name beside ``path`` and rename it into place: a kill leaves the old
-    file or the new one, never half of one."""
+def write_file_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` writes the file under a temporary name beside ``path``, which is then renamed into place:
+    a kill leaves the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_file_atomic` for a text file."""
+    write_file_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def trim_metrics(path: Path, last_step: int) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -32,7 +31,7 @@ from diffpo_serve.dllm.loading import LoadedModel
 from diffpo_serve.dllm.sampler import SamplingParams
 from diffpo_serve.dllm.step_policy import StepPolicy, StepPolicyError, load_policy
 from training import commit_policy
-from training.checkpoint import CheckpointError, atomic_dir, write_text_atomic
+from training.checkpoint import CheckpointError, atomic_dir, write_file_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +83,8 @@ class WarmStartStore:
     def save_part(self, r: int, start: int, features: torch.Tensor, labels: torch.Tensor) -> None:
         f = self._part_file(r, start)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f.name + ".tmp")
-        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp))
-        os.replace(tmp, f)
+        tensors = {"features": features.contiguous(), "labels": labels.contiguous()}
+        write_file_atomic(f, lambda tmp: save_file(tensors, str(tmp)))
 
     def policy(self, r: int) -> tuple[StepPolicy, float] | None:
         """The policy fitted after round r and its final BCE, or None if that fit has not finished."""
