@@ -41,11 +41,6 @@ def test_the_benchmarks_page_stays_short():
     assert len((ROOT / "docs" / "benchmarks.md").read_text().splitlines()) <= 400
 
 
-# Current result files written before results recorded their provenance, each being rebuilt from the commands
-# in docs/benchmarks.md (or to be archived); the list may only shrink.
-WITHOUT_PROVENANCE = {
-    "samplers/pareto_bundled.md", "step_policy/joint_policy_bundled.md",
-}
 FOOTER = re.compile(r"\n---\nProvenance: commit [0-9a-f]{7,}\S*, \d{4}-\d\d-\d\d \d\d:\d\d UTC.*; `python -m "
                     r"benchmarks\.[a-z_0-9]+( [^`]*)?`; .+; models \(SHA-256 of the weight files, first 16 hex digits\): "
                     r"(none loaded|`[^`]+` \([0-9a-f]{16}\)(, `[^`]+` \([0-9a-f]{16}\))*)\.\n$")
@@ -69,12 +64,5 @@ def test_the_provenance_footer_pattern_by_hand():
 @pytest.mark.parametrize("name", current_results())
 def test_every_current_result_file_records_its_provenance(name):
     """Commit, date, command, machine and the checksum of every model loaded, as benchmarks/common.py's save
-    writes them; the files still without (:data:`WITHOUT_PROVENANCE`) are listed, and one that gains a footer
-    must leave the list."""
-    has = bool(FOOTER.search((ROOT / "docs" / "results" / name).read_text()))
-    assert has != (name in WITHOUT_PROVENANCE), (f"{name}: no provenance footer" if not has else
-                                                 f"{name} records its provenance now: remove it from WITHOUT_PROVENANCE")
-
-
-def test_the_files_without_provenance_exist():
-    assert WITHOUT_PROVENANCE <= set(current_results())
+    writes them (superseded files go to docs/results/archive/, which is not checked)."""
+    assert FOOTER.search((ROOT / "docs" / "results" / name).read_text()), f"{name}: no provenance footer"
