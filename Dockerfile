@@ -2,7 +2,7 @@
 #   docker build -t diffpo-serve .
 #   docker run --rm -p 8000:8000 diffpo-serve
 #   docker run --rm -p 8000:8000 -e DIFFPO_API_KEY=secret -v /models/mine:/model diffpo-serve --model /model
-#   docker run --rm -p 8000:8000 diffpo-serve --compile --dtype bfloat16   # fastest batches on AMX CPUs
+#   docker run --rm -p 8000:8000 diffpo-serve --compile --dtype bfloat16   # cheaper batched steps (measured on AVX-512)
 # Settings are flags (appended to `docker run ... diffpo-serve`) or DIFFPO_* variables; see `--help`.
 # `docker stop` sends SIGTERM: the server refuses new requests and finishes running ones for up to
 # DIFFPO_DRAIN_TIMEOUT seconds, so give it as long: `docker stop -t 70`.

@@ -104,10 +104,12 @@ def command() -> str:
 
 
 def provenance() -> dict:
-    """What a result file records about how it was made: commit, UTC date, command, machine, model checksums;
+    """What a result file records about how it was made: commit, UTC date, command, machine, the machine's load
+    averages at the save (whether other work shared the cores: a timing needs an idle machine), model checksums;
     ``commit_at_start`` too when the checkout changed between this process's start and the save."""
+    load = "load average {:.2f} / {:.2f} / {:.2f} over 1 / 5 / 15 min at the save".format(*os.getloadavg())
     info = {"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": command(), "machine": machine(), "models": dict(LOADED_MODELS)}
+            "command": command(), "machine": machine(), "load": load, "models": dict(LOADED_MODELS)}
     if COMMIT_AT_START != info["commit"]:
         info["commit_at_start"] = COMMIT_AT_START
     return info
@@ -117,7 +119,7 @@ def provenance_text(info: dict) -> str:
     models = ", ".join(f"`{p}` ({c})" for p, c in info["models"].items()) or "none loaded"
     started = f" (the run started at {info['commit_at_start']})" if "commit_at_start" in info else ""
     return (f"\n\n---\nProvenance: commit {info['commit']}, {info['date']}{started}; `{info['command']}`; "
-            f"{info['machine']}; models (SHA-256 of the weight files, first 16 hex digits): {models}.\n")
+            f"{info['machine']}{', ' + info['load'] if 'load' in info else ''}; models (SHA-256 of the weight files, first 16 hex digits): {models}.\n")
 
 
 def load_saved(name: str):

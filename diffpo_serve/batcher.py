@@ -10,7 +10,7 @@ object; the loop is the same for both::
     drop rows whose request was cancelled (client gone, stop string matched, timeout)
     admit waiting rows up to max_batch_size     -> paradigm.init_state + paradigm.concat  (rows join)
     paradigm.step(state)                        -> one model pass over every active row
-    report rows whose block advanced or that finished, then drop finished rows -> state.select
+    report rows whose block advanced or that finished, then drop finished rows -> paradigm.select
     (rows that asked for steps: first a per-pass event from paradigm.step_updates, every step)
 
 so requests with different prompts, lengths and sampling parameters share every forward pass, and a
@@ -352,7 +352,7 @@ class Batcher:
         if not keep:
             self._state, self._slots = None, []
         else:
-            self._state = self._state.select(keep)
+            self._state = self.paradigm.select(self._state, keep)
             self._slots = [self._slots[i] for i in keep]
         self._publish_rows()
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -498,6 +499,7 @@ def test_save_records_provenance_and_load_saved_strips_it(tmp_path, monkeypatch)
     md = (tmp_path / "topic" / "rows.md").read_text()
     assert md.startswith("# table\n\n---\nProvenance: commit abc1234, ")
     assert "--n 5 --name 'a b'" in md and common.model_checksum(loaded.path) in md and common.machine() in md
+    assert re.search(r"load average \d+\.\d\d / \d+\.\d\d / \d+\.\d\d over 1 / 5 / 15 min at the save; models", md)
     rows = json.loads((tmp_path / "topic" / "rows.json").read_text())
     assert rows["rows"] == [{"x": 1}] and rows["provenance"]["commit"] == "abc1234"
     assert rows["provenance"]["models"] == {str(loaded.path): common.model_checksum(loaded.path)}

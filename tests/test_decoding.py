@@ -6,6 +6,7 @@ pinned by the server tests; the decoded tokens by tests/test_golden_outputs.py."
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny_diffusion_gemma import random_model, write_checkpoint
 
 from diffpo_serve.dllm import canvas, sampler
@@ -93,3 +94,22 @@ def test_canvas_params_seed_nfe_and_results(canvas_model):
     out = decoder.generate([[5, 6, 7], [8]], [params, canvas.CanvasParams(gen_length=5, seed=1)])
     assert out.sequences.shape[1] == 20 and [len(r) for r in out.rows()] == [20, 5]  # cut at each length asked for
     assert out.encoder_passes.tolist() == [3, 1] and out.commit_step is None
+
+
+@pytest.mark.parametrize("which", ["masked", "canvas"])
+def test_select_keeps_just_those_rows_and_their_decode(which, masked_model, canvas_model):
+    """Rows leave a batch through ``decoder.select`` (as the batcher drops finished and cancelled rows): the rows
+    kept, in the order asked, decode to exactly what they decode to alone; a wrong index or order would not."""
+    loaded = masked_model if which == "masked" else canvas_model
+    decoder = decoder_for(loaded)
+    knobs = Knobs(sampler="confidence", threshold=0.5) if which == "masked" else Knobs(block_length=8, top_p=1, seed=3)
+    params = decoder.params_for(knobs, 8)
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    state = decoder.init_state(prompts, [params] * 3)
+    decoder.step(state)
+    state = decoder.select(state, [2, 0])
+    assert state.batch_size == 2
+    while not bool(state.finished.all()):
+        decoder.step(state)
+    alone = decoder.generate([prompts[2], prompts[0]], [params, params])
+    assert decoder.determined(state, torch.arange(2)) == alone.rows()

@@ -121,3 +121,14 @@ def test_readme_playground_and_client_use_the_cards_examples(bundled):
     assert curl in examples
     client = (ROOT / "clients" / "openai_example.py").read_text()
     assert set(re.findall(r'^(?:SUDOKU|COUNTDOWN) = "([^"]+)"', client, re.M)) <= examples
+
+
+def test_the_readme_tour_shows_what_the_default_sampler_answers(bundled):
+    """The README's first request states its answer and its passes (``# -> "TEXT", N passes``): both are what the
+    server's default (the step policy at its default knob) gives for that prompt."""
+    readme = (ROOT / "README.md").read_text()
+    prompt, text, passes = re.search(r'"prompt": "([^"]+)"\}\'\s+# -> "([^"]+)", (\d+) passes', readme).groups()
+    out = generate(bundled.model, [bundled.encode(prompt)], SamplingParams(sampler="policy", gen_length=16,
+                   block_length=16), mask_id=bundled.mask_id, eos_id=bundled.eos_id, pad_id=bundled.pad_id,
+                   head=bundled.threshold_head, policy=bundled.step_policy)
+    assert (bundled.decode(out.sequences[0])[0], int(out.nfe[0])) == (text, int(passes))

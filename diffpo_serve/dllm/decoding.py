@@ -9,8 +9,8 @@ the :class:`Decoder` and never branch on the paradigm's name. A decoder owns:
   leaves a knob to the paradigm) into the paradigm's params (:class:`~diffpo_serve.dllm.sampler.SamplingParams`
   or :class:`~diffpo_serve.dllm.canvas.CanvasParams`), refusing what the paradigm cannot do with a
   :class:`KnobError` (a ValueError) naming the knob; the server maps it onto an HTTP 400, the CLIs onto a flag;
-- **the batch state** (the batcher): ``init_state`` / ``concat`` / ``step`` (one batched model pass; rows join
-  and leave between steps with ``concat`` and ``state.select``);
+- **the batch state** (the batcher): ``init_state`` / ``concat`` / ``select`` / ``step`` (one batched model
+  pass; rows join and leave between steps with ``concat`` and ``select``);
 - **a whole decode** (evaluation, RL): :meth:`~Decoder.generate` with the model's own learned parts, and
   :meth:`~Decoder.explore` (rollouts: the head's bound and the policy's commits sampled, the trajectory kept),
   both returning a :class:`Decoded`;
@@ -179,6 +179,9 @@ class Decoder(Protocol):
 
     def concat(self, states: list): ...
 
+    def select(self, state, rows: list[int]):
+        """The state of just ``rows`` (in that order): the batch once the other rows have left."""
+
     def step(self, state): ...
 
     def generate(self, prompts: list[list[int]], params) -> Decoded: ...
@@ -291,6 +294,9 @@ class MaskedDecoder:
 
     def concat(self, states) -> masked.BatchState:
         return masked.BatchState.concat(states)
+
+    def select(self, state: masked.BatchState, rows: list[int]) -> masked.BatchState:
+        return state.select(rows)
 
     def step(self, state: masked.BatchState) -> masked.StepOutput:
         return masked.denoise_step(self.loaded.model, state)
@@ -480,6 +486,9 @@ class CanvasDecoder:
 
     def concat(self, states) -> cv.CanvasState:
         return cv.CanvasState.concat(states)
+
+    def select(self, state: cv.CanvasState, rows: list[int]) -> cv.CanvasState:
+        return state.select(rows)
 
     def step(self, state: cv.CanvasState) -> cv.CanvasStepOutput:
         return cv.denoise_step(self.denoiser, state)
