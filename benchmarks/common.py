@@ -118,8 +118,9 @@ def provenance() -> dict:
 def provenance_text(info: dict) -> str:
     models = ", ".join(f"`{p}` ({c})" for p, c in info["models"].items()) or "none loaded"
     started = f" (the run started at {info['commit_at_start']})" if "commit_at_start" in info else ""
+    load = f", {info['load']}" if "load" in info else ""  # files written before loads were recorded have none
     return (f"\n\n---\nProvenance: commit {info['commit']}, {info['date']}{started}; `{info['command']}`; "
-            f"{info['machine']}{', ' + info['load'] if 'load' in info else ''}; models (SHA-256 of the weight files, first 16 hex digits): {models}.\n")
+            f"{info['machine']}{load}; models (SHA-256 of the weight files, first 16 hex digits): {models}.\n")
 
 
 def load_saved(name: str):
