@@ -328,7 +328,8 @@ class EvalConfig(Checked):
     trust_remote_code: bool = option(False, "allow model directories that ship their own code (LLaDA, Dream)")
     device: str = option("cpu", "torch device")
     dtype: str | None = option(None, "decode in this dtype (default: the checkpoint's; on the AVX-512 CPU measured, "
-                                     "bfloat16 decoded countdown at 1.5-1.8x float32's tokens/s, sudoku 1.0-1.2x)", choices=["float32", "bfloat16", "float16"])
+                                     "bfloat16 decoded countdown at 1.5-1.8x float32's tokens/s, sudoku 1.0-1.2x)",
+                                     choices=["float32", "bfloat16", "float16"])
     compile: bool = option(False, "compile the model's transformer layers with torch.compile first (faster "
                                   "decoding after a warm-up; on a CPU it needs a C++ compiler)")
     output: str | None = option(None, "also write per-example results as JSONL here")
