@@ -215,6 +215,41 @@ def test_sampler_training_of_the_step_policy(base_dir, tmp_path):
     assert "policy_loss" in json.loads((hidden / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+def test_per_task_lam_penalises_each_row_by_its_own_tasks_lambda(base_dir, tmp_path, monkeypatch):
+    """``--lam cd3=2,sudoku=0``: each rollout's sampler reward uses its own task's lambda (a row of the other task,
+    or one lambda for all rows, fails), and a sudoku row's sampler reward is its task reward untouched."""
+    import training.rl as rl
+    from training.config import RLConfig
+    seen = {}
+    real_rollout, real_update = rl.rollout, rl._policy_update
+
+    def spy_rollout(*args, **kw):
+        seen["tasks"] = [ex["task"] for ex in args[2] for _ in range(args[4])]
+        seen["batch"] = batch = real_rollout(*args, **kw)
+        return batch
+
+    def spy_update(c, policy, optimizer, accelerator, batch, r):
+        seen["r"] = r.clone()
+        return real_update(c, policy, optimizer, accelerator, batch, r)
+
+    monkeypatch.setattr(rl, "_reward", varied_reward)
+    monkeypatch.setattr(rl, "rollout", spy_rollout)
+    monkeypatch.setattr(rl, "_policy_update", spy_update)
+    cfg = RLConfig(model=str(base_dir), output_dir=str(tmp_path / "lam"), tasks="cd3,sudoku", train_examples=32,
+                   num_generations=4, prompts_per_step=6, max_steps=1, save_every=1, gen_length=16, seed=0,
+                   train="sampler", sampler_kind="policy", warm_start_prompts=8, warm_start_epochs=1,
+                   temperature=0.0, lam="cd3=2,sudoku=0")
+    rl.train_rl(cfg)
+    batch, tasks = seen["batch"], seen["tasks"]
+    assert {"cd3", "sudoku"} <= set(tasks)
+    lam = torch.tensor([2.0 if t == "cd3" else 0.0 for t in tasks])
+    expected = batch.rewards * (1 - lam * batch.nfe.float() / 16)
+    assert seen["r"].tolist() == pytest.approx(expected.tolist())
+    cd3 = torch.tensor([t == "cd3" for t in tasks]) & (batch.rewards > 0)
+    assert bool(cd3.any()) and bool((seen["r"][cd3] < batch.rewards[cd3]).all())  # cd3 rows pay for their passes
+    with pytest.raises(ValueError, match="'gsm8k' is not one of the trained tasks"):
+        RLConfig(tasks="cd3,sudoku", lam="gsm8k=1")
+
 # ----------------------------------------------------------------------------- joint: the model and the policy
 
 def joint_cfg(base, out, **kw):

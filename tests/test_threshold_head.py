@@ -63,6 +63,28 @@ def test_sampler_reward_never_pays_for_fast_and_wrong():
     assert r.tolist() == pytest.approx([0.5, 0.9375, 0.0, 0.0])
 
 
+def test_sampler_reward_takes_one_lambda_per_row():
+    r = sampler_reward(torch.tensor([1.0, 1.0, 0.5]), torch.tensor([8, 8, 4]), 16, lam=torch.tensor([2.0, 0.0, 1.0]))
+    assert r.tolist() == pytest.approx([0.0, 1.0, 0.375])
+
+
+@pytest.mark.parametrize("lam, expected", [(0.5, {"cd3": 0.5, "sudoku": 0.5}), ("2", {"cd3": 2.0, "sudoku": 2.0}),
+                                           ("sudoku=0.25", {"cd3": 0.5, "sudoku": 0.25}),
+                                           ("cd3=2,sudoku=0.25", {"cd3": 2.0, "sudoku": 0.25}),
+                                           ("sudoku=0,1.5", {"cd3": 1.5, "sudoku": 0.0})])
+def test_lam_by_task(lam, expected):
+    from training.config import lam_by_task
+    assert lam_by_task(lam, "cd3,sudoku") == expected
+
+
+@pytest.mark.parametrize("lam, message", [("fast", "'fast' is not a number"), ("cd3=-1", "must be >= 0"),
+                                          ("nan", "must be >= 0"), ("countdown=1", "not one of the trained tasks")])
+def test_lam_by_task_names_the_problem(lam, message):
+    from training.config import RLConfig
+    with pytest.raises(ValueError, match=message):
+        RLConfig(tasks="cd3,sudoku", lam=lam)
+
+
 def test_prompt_features_ignore_padding():
     hidden = torch.arange(12.0).view(1, 3, 4).expand(2, 3, 4).clone()
     attention = torch.tensor([[False, True, True], [True, True, True]])

@@ -38,12 +38,37 @@ def check_choices(cfg) -> None:
         flag = f"--{f.name.replace('_', '-')}"
         if choices is not None and value not in choices and not (value is None and f.default is None):
             raise ValueError(f"{flag} {value!r}: expected one of {', '.join(map(str, choices))}")
+        if f.name == "lam":
+            lam_by_task(value, getattr(cfg, "tasks", ""))
         if f.name in ("tasks", "task") and isinstance(value, str):
             for name in value.split(","):
                 try:
                     get_task(name)
                 except ValueError as e:
                     raise ValueError(f"{flag} {value!r}: {e}") from None
+
+
+def lam_by_task(lam: str | float, tasks: str) -> dict[str, float]:
+    """``--lam`` per task of ``tasks`` (comma-separated): a number applies to every task; ``TASK=VALUE`` pairs set
+    single tasks, a bare number among them the rest (default 0.5). A ValueError names the flag and the problem
+    (not a number, negative, or a task that is not trained)."""
+    names = [t for t in str(tasks).split(",") if t]
+    default, per_task = 0.5, {}
+    for item in [x.strip() for x in str(lam).split(",") if x.strip()] or ["0.5"]:
+        task, _, text = item.rpartition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"--lam {lam!r}: {text!r} is not a number") from None
+        if not value >= 0:
+            raise ValueError(f"--lam {lam!r}: lambda must be >= 0; got {value}")
+        if not task:
+            default = value
+        elif task not in names:
+            raise ValueError(f"--lam {lam!r}: {task!r} is not one of the trained tasks ({', '.join(names)})")
+        else:
+            per_task[task] = value
+    return {t: per_task.get(t, default) for t in names}
 
 
 class Checked:
@@ -161,7 +186,9 @@ class RLConfig(Checked):
     sampler_kind: str = option("head", "the learned sampler of --train sampler/joint: head (the per-prompt "
                                "threshold head, sampler `learned`) or policy (the per-step commit policy, sampler "
                                "`policy`)", choices=["head", "policy"])
-    lam: float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / NFE_max)")
+    lam: str | float = option(0.5, "lambda: NFE penalty of the sampler reward r = reward * (1 - lambda * NFE / "
+                              "NFE_max); one number for every task, or per task TASK=VALUE pairs, comma-separated "
+                              "(a bare number among them: the tasks not named; else 0.5), e.g. cd3=2,sudoku=0.25")
     head_lr: float = option(3e-3, "learning rate of the threshold head or step policy (AdamW)")
     gen_length: int | None = option(None, "tokens per completion (default: the task's; 256 through a chat template)")
     block_length: int | None = option(None, "rollout block length (default: gen_length; 32 through a chat template)")

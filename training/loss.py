@@ -145,10 +145,12 @@ def policy_loss(
 
 # ----------------------------------------------------------------------------- the learned threshold (DiFFPO "fast")
 
-def sampler_reward(reward: torch.Tensor, nfe: torch.Tensor, nfe_max: float, lam: float) -> torch.Tensor:
+def sampler_reward(reward: torch.Tensor, nfe: torch.Tensor, nfe_max: float,
+                   lam: float | torch.Tensor) -> torch.Tensor:
     """r = reward * (1 - lam * NFE / NFE_max): correctness first, then fewer forward passes.
 
-    A wrong answer earns nothing however fast it was, so speed is never bought with accuracy.
+    A wrong answer earns nothing however fast it was, so speed is never bought with accuracy. ``lam`` is one
+    number or one per row (a per-task penalty: a task whose accuracy must not move gets a smaller one).
     """
     return reward * (1 - lam * nfe.float() / nfe_max)
 

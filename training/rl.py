@@ -75,7 +75,7 @@ from training.commit_policy import policy_rl_loss
 from training.checkpoint import (CheckpointError, export_model, load_trainer_state, recover_interrupted,
                                  save_checkpoint, start_metrics)
 from training.distributed import finish_run
-from training.config import RLConfig
+from training.config import RLConfig, lam_by_task
 from training.data import eval_sets as eval_sets_of, example_pool
 from training.evaluate import evaluate_tasks
 from training.likelihood import (answer_passes, draw_tau, mean_field_logprobs, prompt_mask, scored,
@@ -352,6 +352,7 @@ def train_rl(cfg: RLConfig) -> RLRun:
             first = evaluate_tasks(loaded, eval_sets, params, cfg.chat_template)
             f.write(json.dumps({"step": 0, "rollouts": 0, **first}) + "\n")
     task_reward = _reward if cfg.reward == "correctness" else TaskReward(cfg.reward)
+    lam_of = lam_by_task(cfg.lam, cfg.tasks)
     for step in bar:
         t0 = time.perf_counter()
         step_seed = (cfg.seed * 1_000_003 + step) * world + rank
@@ -364,7 +365,9 @@ def train_rl(cfg: RLConfig) -> RLRun:
         rollout_seconds = time.perf_counter() - t0
         record = {}
         # the NFE-penalised reward, once per step: the head's, and the model's with --model-reward sampler
-        speed = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, nfe_max, cfg.lam) \
+        lam = torch.tensor([lam_of[pool[i]["task"]] for i in idx for _ in range(cfg.num_generations)],
+                           device=batch.nfe.device)
+        speed = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, nfe_max, lam) \
             if train_head or train_policy or cfg.model_reward == "sampler" else None
         if train_model:
             rewards = batch.rewards if cfg.model_reward == "task" else speed.to(batch.rewards.device)
