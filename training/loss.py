@@ -30,7 +30,7 @@ sampler actually drew it from:
     q(y | z) = nucleus_top_p( softmax(log pi(. | z) / T) )(y),   pi = softmax(logits) without the mask token
 
 (a point mass on the argmax at T = 0), computed by ``sampling_logprobs(policy_logprobs(...))`` in
-``diffpo_serve/dllm/sampler.py`` and recorded by the sampler as ``logp_behaviour_j = log q(y_j | z_{s_j})``.
+``diffpo_serve/dllm/sampler/rules.py`` and recorded by the sampler as ``logp_behaviour_j = log q(y_j | z_{s_j})``.
 The numerator is the surrogate of ``training/likelihood.py`` under the frozen policy: log pi_old(y_j |
 the surrogate's context: the prompt and either all masks or z_tau), from the same ``policy_logprobs`` at
 T = 1 and top_p = 1, because the policy RL trains is the model's own pi. Its prompt is an option

@@ -81,7 +81,7 @@ class LoadedModel:
     step_policy: torch.nn.Module | None = None  # the learned per-step commit policy (sampler `policy`), if any
     eos_ids: tuple[int, ...] = ()  # every id that ends a row; eos_id first (empty: just eos_id)
     kv_cache: bool = False  # the model takes the KV-cache arguments (supports_kv_cache): sampler `cache` works
-    paradigm: str = "masked"  # how it decodes: "masked" (sampler.py) or "canvas" (canvas.py; mask_id is then -1)
+    paradigm: str = "masked"  # how it decodes: "masked" (the sampler) or "canvas" (canvas.py; mask_id is then -1)
     # the checkpoint's generation_config.json as written ({} without one): a masked model has no transformers
     # generation config (it cannot generate), so its decoding defaults are read here (paradigms.masked_defaults)
     generation: dict = field(default_factory=dict)
