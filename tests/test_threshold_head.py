@@ -71,7 +71,8 @@ def test_sampler_reward_takes_one_lambda_per_row():
 @pytest.mark.parametrize("lam, expected", [(0.5, {"cd3": 0.5, "sudoku": 0.5}), ("2", {"cd3": 2.0, "sudoku": 2.0}),
                                            ("sudoku=0.25", {"cd3": 0.5, "sudoku": 0.25}),
                                            ("cd3=2,sudoku=0.25", {"cd3": 2.0, "sudoku": 0.25}),
-                                           ("sudoku=0,1.5", {"cd3": 1.5, "sudoku": 0.0})])
+                                           ("sudoku=0,1.5", {"cd3": 1.5, "sudoku": 0.0}),
+                                           (" cd3 = 3 , sudoku=1", {"cd3": 3.0, "sudoku": 1.0})])
 def test_lam_by_task(lam, expected):
     from training.config import lam_by_task
     assert lam_by_task(lam, "cd3,sudoku") == expected

@@ -55,7 +55,7 @@ def lam_by_task(lam: str | float, tasks: str) -> dict[str, float]:
     names = [t for t in str(tasks).split(",") if t]
     default, per_task = 0.5, {}
     for item in [x.strip() for x in str(lam).split(",") if x.strip()] or ["0.5"]:
-        task, _, text = item.rpartition("=")
+        task, _, text = (part.strip() for part in item.rpartition("="))
         try:
             value = float(text)
         except ValueError:
