@@ -365,10 +365,11 @@ def train_rl(cfg: RLConfig) -> RLRun:
         rollout_seconds = time.perf_counter() - t0
         record = {}
         # the NFE-penalised reward, once per step: the head's, and the model's with --model-reward sampler
-        lam = torch.tensor([lam_of[pool[i]["task"]] for i in idx for _ in range(cfg.num_generations)],
-                           device=batch.nfe.device)
-        speed = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, nfe_max, lam) \
-            if train_head or train_policy or cfg.model_reward == "sampler" else None
+        speed = None
+        if train_head or train_policy or cfg.model_reward == "sampler":
+            row_lam = torch.tensor([lam_of[pool[i]["task"]] for i in idx for _ in range(cfg.num_generations)],
+                                   device=batch.nfe.device)  # rows are grouped by prompt, as rollout() lays them out
+            speed = sampler_reward(batch.rewards.to(batch.nfe.device), batch.nfe, nfe_max, row_lam)
         if train_model:
             rewards = batch.rewards if cfg.model_reward == "task" else speed.to(batch.rewards.device)
             record.update(_model_update(cfg, model, unwrapped, ref_model, optimizer, accelerator, batch, rewards, g,
